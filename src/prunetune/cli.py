@@ -1,0 +1,177 @@
+"""The `prunetune` command: parse, call the API, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Make Hugging Face decoder LLMs smaller and cheaper to adapt: structured pruning and LoRA.",
+)
+out = Console()
+
+MODEL_HELP = "Hub id, local model directory, .gguf file, or the built-in 'smollm2-135m'."
+DTYPE_HELP = "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."
+QUANT_HELP = "Load the frozen base quantized with bitsandbytes: 8bit or nf4."
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+@app.command(epilog="Example: prunetune prune smollm2-135m --method magnitude --ratio 0.2 --out runs/mag20")
+def prune(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out_dir: Path = typer.Option(..., "--out", help="Output directory (written beside, renamed when complete)."),
+    method: str = typer.Option("magnitude", help="Importance criterion: magnitude."),
+    ratio: float = typer.Option(0.2, help="Fraction of prunable parameters to remove, in (0, 1)."),
+    layers: str = typer.Option("all", help="Layers to prune: all (stock-loadable result), paper (all but the first 10% and the last; "
+                               "layers then differ in shape), or e.g. '3-27'."),
+    units: str = typer.Option("heads,channels", help="Unit kinds to prune: heads, channels, or both."),
+    head_unit: str = typer.Option("kv-group", help="kv-group (a key/value head with its query heads) or q-head (equal query heads per group)."),
+    round_to: int = typer.Option(64, help="Keep MLP channel counts a multiple of this (fast GPU shapes)."),
+    eval_data: str = typer.Option("builtin:pydoc", help="Data for perplexity before and after; see `prunetune eval --help`."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity evaluation."),
+    seq_len: int = typer.Option(256, help="Perplexity window length in tokens."),
+    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    quant: Optional[str] = typer.Option(None, help=QUANT_HELP),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Prune a model one-shot to a ratio of its prunable parameters and save the smaller model."""
+    from .methods.oneshot import EvalSettings, PruneSettings
+    from .methods.oneshot import prune as run_prune
+
+    settings = PruneSettings(method=method, ratio=ratio, layers=layers, units=units, head_unit=head_unit, round_to=round_to)
+    evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=seq_len, max_windows=max_windows)
+    record = run_prune(model, out_dir, settings, evaluation, dtype=dtype, device=device, quant=quant,
+                       overwrite=overwrite, log=lambda msg: out.print(f"[dim]{msg}[/dim]"))
+    _print_prune_summary(record, out_dir)
+
+
+def _print_prune_summary(record: dict, out_dir: Path) -> None:
+    params, results = record["parameters"], record["results"]
+    table = Table(title=f"{record['method']} pruning of {record['source_model']}")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    for key, label in (("total", "parameters (total)"), ("non_embedding", "parameters (non-embedding)"),
+                       ("prunable", "prunable parameters")):
+        b, a = params["before"][key], params["after"][key]
+        table.add_row(label, f"{b:,}", f"{a:,}", f"{(a - b) / b:+.1%}")
+    if "perplexity_before" in results:
+        b, a = results["perplexity_before"], results["perplexity_after"]
+        table.add_row(f"perplexity ({b['data']})", f"{b['perplexity']:.2f}", f"{a['perplexity']:.2f}",
+                      f"{(a['perplexity'] - b['perplexity']) / b['perplexity']:+.1%}")
+    out.print(table)
+    out.print(f"ratio of prunable parameters removed: target {params['ratio_target']:.3f}, achieved {params['ratio_achieved']:.3f}")
+    out.print(f"prunable parameters: {record['prunable']}")
+    if "perplexity_before" in results:
+        out.print(f"perplexity protocol: {results['perplexity_before']['protocol']}")
+    arch = record["architecture"]
+    loader = "AutoModelForCausalLM.from_pretrained" if arch["stock_loadable"] else "prunetune.load_model"
+    out.print(f"saved to {out_dir} as {arch['saved_as']} (load with {loader}); took {record['elapsed_seconds']:.0f}s")
+
+
+@app.command("eval", epilog="Example: prunetune eval runs/mag20 --data builtin:pydoc --seq-len 256 --json ppl.json")
+def eval_command(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    data: str = typer.Option("builtin:pydoc", help="builtin:pydoc, builtin:stdlib-code, wikitext2, ptb, c4, or a "
+                             ".txt/.jsonl/.json/.parquet file; append @train or @eval to pick the split (default eval)."),
+    seq_len: int = typer.Option(256, help="Window length in tokens (128 for LLM-Pruner tables, 2048 for most others)."),
+    batch_size: int = typer.Option(1, help="Windows per forward pass."),
+    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result to this JSON file."),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    quant: Optional[str] = typer.Option(None, help=QUANT_HELP),
+) -> None:
+    """Perplexity over non-overlapping windows, with parameter counts and timing."""
+    from .evaluate.perplexity import perplexity
+    from .models import load_model
+    from .structure.units import count_parameters
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    loaded, tokenizer = load_model(model, dtype=dtype, device=device, quant=quant)
+    result = perplexity(loaded, tokenizer, data, seq_len, batch_size=batch_size, max_windows=max_windows)
+    params = count_parameters(loaded)
+    table = Table(title=f"{model}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("perplexity", f"{result.perplexity:.3f}")
+    table.add_row("parameters (total)", f"{params['total']:,}")
+    table.add_row("parameters (non-embedding)", f"{params['non_embedding']:,}")
+    table.add_row("tokens scored", f"{result.tokens_scored:,}")
+    table.add_row("time", f"{result.seconds:.1f}s")
+    out.print(table)
+    out.print(f"protocol: {result.protocol}")
+    if json_path:
+        json_path.write_text(json.dumps({"model": model, "parameters": params} | result.to_dict(), indent=2) + "\n")
+
+
+@app.command(epilog="Example: prunetune info smollm2-135m")
+def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
+    """Show a model's architecture, prunable units per layer and parameter counts."""
+    from .models import load_model
+    from .structure.units import Structure, count_parameters
+
+    loaded, _ = load_model(model, device="cpu")
+    s = Structure.of(loaded)
+    params = count_parameters(loaded)
+    out.print(f"{s.model_type}: {s.num_layers} layers, hidden {s.hidden}, head dim {s.head_dim}, vocab {s.vocab}, "
+              f"tied embeddings: {s.tied_embeddings}, positions: {s.max_positions}")
+    out.print(f"parameters: {params['total']:,} total, {params['non_embedding']:,} non-embedding, "
+              f"{s.prunable_params():,} in attention and MLP projections")
+    table = Table()
+    for column in ("layers", "query heads", "kv heads", "MLP channels"):
+        table.add_column(column, justify="right")
+    start = 0
+    for i in range(1, s.num_layers + 1):
+        if i == s.num_layers or s.layers[i] != s.layers[start]:
+            shape = s.layers[start]
+            span = f"{start}" if start == i - 1 else f"{start}-{i - 1}"
+            table.add_row(span, str(shape.num_heads), str(shape.num_kv_heads), str(shape.intermediate))
+            start = i
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point: user mistakes become one `error:` line and exit code 2; bugs keep tracebacks."""
+    _quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Text sources by spec string, tokenising, packing into blocks, deterministic train/eval splits.
+
+A spec is `SOURCE` or `SOURCE@SPLIT`:
+  builtin:pydoc        English technical prose shipped with every Python (pydoc_data.topics)
+  builtin:stdlib-code  the standard library's top-level modules (Python code)
+  wikitext2, ptb, c4, alpaca       through `datasets` (needs the Hugging Face hub)
+  path/to/file.{txt,jsonl,json,parquet}
+
+Records in json/jsonl/parquet files are `text`, instruction records `instruction`/`input`/`output`,
+or chat `messages`. Instruction and chat records carry which part is the response, so training can
+put the loss on responses only.
+
+Splits: `train` and `eval`. Hub sets use their own splits (eval = wikitext2 test, ptb validation,
+c4 validation); everything else holds out its last 10% of documents (or, for fewer than ten
+documents, the last 10% of lines), so the split never depends on the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+OFFLINE_SOURCES = ("builtin:pydoc", "builtin:stdlib-code")
+HUB_SOURCES = ("wikitext2", "ptb", "c4", "alpaca")
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+SPLITS = ("train", "eval")
+EVAL_FRACTION = 0.1
+OFFLINE_HINT = "offline alternatives: builtin:pydoc, builtin:stdlib-code, or a local .txt/.jsonl/.json/.parquet file"
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{with_input}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One record: `response` always takes the loss; `prompt` only when training on whole text."""
+
+    prompt: str = ""
+    response: str = ""
+    messages: tuple | None = None  # chat records, formatted with the tokenizer's template
+
+    @property
+    def is_plain_text(self) -> bool:
+        return not self.prompt and self.messages is None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str
+    split: str
+
+    @classmethod
+    def parse(cls, spec: str, default_split: str = "train") -> "DataSpec":
+        source, _, split = spec.partition("@")
+        split = split or default_split
+        if split not in SPLITS:
+            raise UserError(f"unknown split '{split}' in '{spec}'; use {' or '.join(SPLITS)}")
+        return cls(source, split)
+
+    def describe(self) -> str:
+        return f"{self.source} ({self.split} split)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources -> documents
+
+
+def _pydoc_documents() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def _stdlib_documents() -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(root.glob("*.py"))]
+
+
+def _record_to_example(record: dict, where: str) -> Example:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: records must be JSON objects, found {type(record).__name__}")
+    if "text" in record:
+        return Example(response=str(record["text"] or ""))
+    if "instruction" in record and "output" in record:
+        extra = str(record.get("input") or "")
+        prompt = ALPACA_PROMPT.format(
+            with_input=", paired with an input that provides further context" if extra else "",
+            instruction=record["instruction"],
+            input_block=f"### Input:\n{extra}\n\n" if extra else "",
+        )
+        return Example(prompt=prompt, response=str(record["output"]))
+    if "messages" in record:
+        messages = tuple((m["role"], m["content"]) for m in record["messages"])
+        if not messages or messages[-1][0] != "assistant":
+            raise UserError(f"{where}: a chat record must end with an assistant message")
+        return Example(messages=messages)
+    raise UserError(f"{where}: records need a 'text' field, 'instruction'/'output' fields, or 'messages'")
+
+
+def _file_examples(path: Path) -> list[Example]:
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return [Example(response=doc) for doc in text.split("\n\n") if doc.strip()]
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+    elif path.suffix == ".json":
+        try:
+            records = json.loads(path.read_text(encoding="utf-8") or "[]")
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if isinstance(records, dict):
+            records = records.get("data", [records])
+    else:
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(path).to_pylist()
+    return [_record_to_example(r, str(path)) for r in records]
+
+
+def _hub_examples(source: str, split: str) -> list[Example]:
+    from datasets import load_dataset
+
+    try:
+        if source == "wikitext2":
+            ds = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test" if split == "eval" else "train")
+            return [Example(response=t) for t in ds["text"]]
+        if source == "ptb":
+            ds = load_dataset("ptb-text-only/ptb_text_only", "penn_treebank", revision="refs/convert/parquet",
+                              split="validation" if split == "eval" else "train")
+            return [Example(response=t) for t in ds["sentence"]]
+        if source == "c4":
+            files = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+            name = "validation" if split == "eval" else "train"
+            ds = load_dataset("allenai/c4", data_files={name: files[name]}, split=name)
+            return [Example(response=t) for t in ds["text"]]
+        ds = load_dataset("tatsu-lab/alpaca", split="train")
+        return [_record_to_example(r, "alpaca") for r in ds]
+    except Exception as exc:  # datasets raises many types for "no network"; all mean the same here
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load '{source}' from the Hugging Face hub ({reason}); {OFFLINE_HINT}") from None
+
+
+def _held_out(examples: list[Example], split: str) -> list[Example]:
+    """Deterministic split: the last 10% of documents, or of lines when there are few documents."""
+    if len(examples) >= 10:
+        cut = len(examples) - max(1, round(len(examples) * EVAL_FRACTION))
+        return examples[cut:] if split == "eval" else examples[:cut]
+    if not all(e.is_plain_text for e in examples):
+        raise UserError(f"need at least 10 records to hold out an evaluation split, found {len(examples)}")
+    lines = "\n\n".join(e.response for e in examples).split("\n")
+    cut = len(lines) - max(1, round(len(lines) * EVAL_FRACTION))
+    part = lines[cut:] if split == "eval" else lines[:cut]
+    return [Example(response="\n".join(part))]
+
+
+def load_examples(spec: str | DataSpec, default_split: str = "train") -> list[Example]:
+    """The records of one split of a source, in a fixed order."""
+    data = spec if isinstance(spec, DataSpec) else DataSpec.parse(spec, default_split)
+    source = data.source
+    if source == "builtin:pydoc":
+        examples = [Example(response=d) for d in _pydoc_documents()]
+    elif source == "builtin:stdlib-code":
+        examples = [Example(response=d) for d in _stdlib_documents()]
+    elif source in HUB_SOURCES:
+        examples = _hub_examples(source, data.split)
+        if source != "alpaca":  # the hub sets bring their own splits
+            return _non_empty(examples, source)
+    elif source.startswith("builtin:"):
+        raise UserError(f"unknown built-in source '{source}'; use {' or '.join(OFFLINE_SOURCES)}")
+    else:
+        path = Path(source).expanduser()
+        if path.suffix not in FILE_SUFFIXES:
+            raise UserError(
+                f"unknown data source '{source}'; use {', '.join(OFFLINE_SOURCES + HUB_SOURCES)} "
+                f"or a {'/'.join(FILE_SUFFIXES)} file"
+            )
+        if not path.is_file():
+            raise UserError(f"no such data file: '{source}'")
+        examples = _file_examples(path)
+    examples = _non_empty(examples, source)
+    return _non_empty(_held_out(examples, data.split), f"{source} ({data.split} split)")
+
+
+def _non_empty(examples: list[Example], what: str) -> list[Example]:
+    examples = [e for e in examples if e.messages is not None or (e.prompt + e.response).strip()]
+    if not examples:
+        raise UserError(f"the corpus '{what}' is empty; {OFFLINE_HINT}")
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents -> token stream -> blocks
+
+
+@dataclass
+class TokenStream:
+    ids: torch.Tensor  # int64 [N]
+    loss_mask: torch.Tensor  # bool [N]: True where the token is a training target
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _chat_parts(example: Example, tokenizer) -> tuple[str, str]:
+    history = [{"role": r, "content": c} for r, c in example.messages[:-1]]
+    answer = example.messages[-1][1]
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    else:
+        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in history) + "assistant: "
+    return prompt, answer
+
+
+def tokenize(examples: list[Example], tokenizer) -> TokenStream:
+    """Plain text is joined with blank lines and tokenised as one text (the published perplexity
+    protocol); instruction and chat records are tokenised one by one, each closed by EOS, with the
+    loss on the response only."""
+    if all(e.is_plain_text for e in examples):
+        ids = tokenizer("\n\n".join(e.response for e in examples), return_tensors="pt").input_ids[0]
+        return TokenStream(ids.long(), torch.ones(len(ids), dtype=torch.bool))
+    pieces, masks = [], []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for e in examples:
+        prompt, response = _chat_parts(e, tokenizer) if e.messages is not None else (e.prompt, e.response)
+        p = tokenizer(prompt, add_special_tokens=True).input_ids if prompt else []
+        r = tokenizer(response, add_special_tokens=not prompt).input_ids + eos
+        pieces.append(torch.tensor(p + r, dtype=torch.long))
+        masks.append(torch.tensor([False] * len(p) + [True] * len(r)))
+    return TokenStream(torch.cat(pieces), torch.cat(masks))
+
+
+def pack(stream: TokenStream, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping blocks of `seq_len` tokens; the tail that does not fill a block is dropped."""
+    n = len(stream) // seq_len
+    if n == 0:
+        raise UserError(f"the text has {len(stream)} tokens, fewer than one block of {seq_len}; use a shorter --seq-len or more data")
+    ids = stream.ids[: n * seq_len].view(n, seq_len)
+    mask = stream.loss_mask[: n * seq_len].view(n, seq_len)
+    return ids, mask
+
+
+def load_blocks(spec: str, tokenizer, seq_len: int, default_split: str = "train", max_blocks: int | None = None):
+    """`(input_ids [N, seq_len], loss_mask [N, seq_len])` for one split of a source."""
+    blocks, mask = pack(tokenize(load_examples(spec, default_split), tokenizer), seq_len)
+    if max_blocks is not None:
+        blocks, mask = blocks[:max_blocks], mask[:max_blocks]
+    return blocks, mask

@@ -1,0 +1,24 @@
+"""Per-unit scores of one layer, and how they combine into the unit that is pruned.
+
+Scores are additive: a unit made of several parts scores the sum of its parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerScores:
+    q_heads: torch.Tensor  # [num_heads]: q rows and o columns of each query head
+    kv_heads: torch.Tensor  # [num_kv_heads]: k and v rows of each key/value head
+    channels: torch.Tensor  # [intermediate]: gate and up rows, down column
+
+    def head_unit_scores(self, head_unit: str) -> torch.Tensor:
+        """Scores of the pruned attention unit: [num_kv_heads] for kv-group, [num_heads] for q-head."""
+        if head_unit == "kv-group":
+            per_group = self.q_heads.reshape(len(self.kv_heads), -1).sum(dim=1)
+            return per_group + self.kv_heads
+        return self.q_heads

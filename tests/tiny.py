@@ -1,0 +1,57 @@
+"""Tiny random models of every supported architecture, small enough for many tests a second."""
+
+from __future__ import annotations
+
+import torch
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=96,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=3,
+    head_dim=16,
+    max_position_embeddings=128,
+)
+
+
+def tiny_config(arch: str, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    kwargs = dict(COMMON, **overrides)
+    if arch == "llama":
+        # Llama-3 style RoPE scaling, so surgery and saving are checked to keep it.
+        kwargs.setdefault("rope_parameters", {
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        })
+        return LlamaConfig(**kwargs)
+    if arch == "mistral":
+        return MistralConfig(sliding_window=None, **kwargs)
+    if arch == "qwen2":
+        kwargs.setdefault("tie_word_embeddings", True)
+        return Qwen2Config(**kwargs)
+    if arch == "qwen3":
+        return Qwen3Config(**kwargs)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
+    # Norm weights start at one; randomise them so a channel mix-up cannot hide behind symmetry.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.1)
+    return model.eval()
+
+
+def tokens(batch: int = 2, length: int = 12, vocab: int = 96, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=generator)
