@@ -157,20 +157,41 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
     out.print(table)
 
 
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Usage-error and abort classes of click and of the copy of click that newer typer vendors."""
+    usage, abort = [click.ClickException], [click.exceptions.Abort]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        pass
+    else:
+        usage.append(vendored.ClickException)
+        if hasattr(vendored, "Abort"):
+            abort.append(vendored.Abort)
+    return tuple(usage), tuple(abort)
+
+
 def main() -> None:
     """Entry point: user mistakes become one `error:` line and exit code 2; bugs keep tracebacks."""
     _quiet_libraries()
+    usage_errors, aborts = _click_exception_types()
     try:
-        app(standalone_mode=False)
+        result = app(standalone_mode=False)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except aborts:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
+    except usage_errors as exc:
+        if getattr(exc, "exit_code", 2) == 0:  # `prunetune` alone prints help by raising a 0-code error
+            sys.exit(0)
+        print(f"error: {exc.format_message()} (see --help)", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

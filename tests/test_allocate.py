@@ -1,0 +1,80 @@
+"""From scores and a ratio to masks: budgets, rounding, layer choice, grouped-query attention."""
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from prunetune.errors import UserError
+from prunetune.importance import magnitude_scores
+from prunetune.structure.allocate import (
+    achieved_ratio, paper_layers, parse_layers, parse_units, round_count, select_masks,
+)
+from prunetune.structure.units import Structure
+
+
+def test_parse_layers():
+    assert parse_layers("all", 30) == list(range(30))
+    assert parse_layers("paper", 30) == list(range(3, 29))  # first 10% and the last layer kept
+    assert paper_layers(32) == list(range(3, 31))
+    assert parse_layers("0,2,5-7", 10) == [0, 2, 5, 6, 7]
+    for bad in ("5-3", "x", "0-30"):
+        with pytest.raises(UserError):
+            parse_layers(bad, 30)
+
+
+def test_parse_units():
+    assert parse_units("heads,channels") == ("heads", "channels")
+    with pytest.raises(UserError):
+        parse_units("neurons")
+
+
+def test_round_count():
+    assert round_count(1297, 64, 1536) == 1280
+    assert round_count(10, 64, 1536) == 64  # never below one multiple
+    assert round_count(2000, 64, 1536) == 1536
+    assert round_count(30, 64, 48) == 48  # a multiple larger than the layer keeps it whole
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_budget_is_met_and_heads_respect_groups(ratio):
+    model = tiny_model("llama", intermediate_size=256, num_hidden_layers=3)
+    s = Structure.of(model)
+    layers = list(range(s.num_layers))
+    masks = select_masks(s, magnitude_scores(model), ratio, layers, round_to=8)
+    masks.validate(s)
+    # Channel rounding to 8 of 256 moves the ratio by at most half a step per layer.
+    slack = 4 * s.params_per_channel / s.prunable_params([0])
+    assert abs(achieved_ratio(s, masks, layers, ("heads", "channels")) - ratio) <= slack + 1e-9
+    for i in layers:
+        assert int(masks.channels[i].sum()) % 8 == 0
+
+
+def test_q_head_unit_keeps_equal_heads_per_group():
+    model = tiny_model("mistral", num_attention_heads=6, num_key_value_heads=2)  # groups of 3
+    s = Structure.of(model)
+    masks = select_masks(s, magnitude_scores(model), 0.4, [0, 1], units=("heads",), head_unit="q-head")
+    for i in (0, 1):
+        per_group = masks.heads[i].reshape(2, 3).sum(dim=1)
+        assert per_group.tolist() == [2, 2]
+    masks.validate(s)
+
+
+def test_magnitude_keeps_the_largest_units():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight[5].mul_(100)
+        model.model.layers[0].self_attn.k_proj.weight[16:32].mul_(100)  # kv head 1
+    s = Structure.of(model)
+    masks = select_masks(s, magnitude_scores(model), 0.5, [0], round_to=1)
+    assert masks.channels[0][5]
+    assert masks.kv_heads(0, s)[1]
+
+
+def test_bad_ratio_and_unit():
+    s = Structure.of(tiny_model("qwen2"))
+    scores = magnitude_scores(tiny_model("qwen2"))
+    for ratio in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(UserError, match="between 0 and 1"):
+            select_masks(s, scores, ratio, [0])
+    with pytest.raises(UserError):
+        select_masks(s, scores, 0.3, [0], head_unit="neuron")
