@@ -114,6 +114,10 @@ def eval_command(
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_windows is not None and max_windows < 1:
+        raise UserError(f"--max-windows must be at least 1, got {max_windows}")
+    if json_path and not json_path.parent.is_dir():
+        raise UserError(f"cannot write --json {json_path}: no directory '{json_path.parent}'")
     loaded, tokenizer = load_model(model, dtype=dtype, device=device, quant=quant)
     result = perplexity(loaded, tokenizer, data, seq_len, batch_size=batch_size, max_windows=max_windows)
     params = count_parameters(loaded)

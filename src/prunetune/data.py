@@ -60,8 +60,12 @@ class DataSpec:
 
     @classmethod
     def parse(cls, spec: str, default_split: str = "train") -> "DataSpec":
-        source, _, split = spec.partition("@")
-        split = split or default_split
+        """`SOURCE` or `SOURCE@SPLIT`; a file whose own name contains '@' still works."""
+        source, sep, split = spec.rpartition("@")
+        if not sep or (split not in SPLITS and Path(spec).expanduser().exists()):
+            return cls(spec, default_split)
+        if not split:  # 'SOURCE@' means the default split
+            return cls(source, default_split)
         if split not in SPLITS:
             raise UserError(f"unknown split '{split}' in '{spec}'; use {' or '.join(SPLITS)}")
         return cls(source, split)
@@ -99,11 +103,21 @@ def _record_to_example(record: dict, where: str) -> Example:
         )
         return Example(prompt=prompt, response=str(record["output"]))
     if "messages" in record:
-        messages = tuple((m["role"], m["content"]) for m in record["messages"])
+        raw = record["messages"]
+        if not isinstance(raw, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in raw):
+            raise UserError(f"{where}: 'messages' must be a list of objects with 'role' and 'content'")
+        messages = tuple((m["role"], m["content"]) for m in raw)
         if not messages or messages[-1][0] != "assistant":
             raise UserError(f"{where}: a chat record must end with an assistant message")
         return Example(messages=messages)
     raise UserError(f"{where}: records need a 'text' field, 'instruction'/'output' fields, or 'messages'")
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (undecodable byte at offset {exc.start})") from None
 
 
 def _file_examples(path: Path) -> list[Example]:
@@ -112,7 +126,7 @@ def _file_examples(path: Path) -> list[Example]:
         return [Example(response=doc) for doc in text.split("\n\n") if doc.strip()]
     if path.suffix == ".jsonl":
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_read_utf8(path).splitlines(), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -120,15 +134,23 @@ def _file_examples(path: Path) -> list[Example]:
                     raise UserError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
     elif path.suffix == ".json":
         try:
-            records = json.loads(path.read_text(encoding="utf-8") or "[]")
+            records = json.loads(_read_utf8(path) or "[]")
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         if isinstance(records, dict):
             records = records.get("data", [records])
+        if not isinstance(records, list):
+            raise UserError(f"{path}: expected a list of records (or an object with a 'data' list), "
+                            f"found {type(records).__name__}")
     else:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        records = pq.read_table(path).to_pylist()
+        try:
+            records = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{path}: cannot read as Parquet ({reason})") from None
     return [_record_to_example(r, str(path)) for r in records]
 
 
@@ -163,6 +185,11 @@ def _held_out(examples: list[Example], split: str) -> list[Example]:
     if not all(e.is_plain_text for e in examples):
         raise UserError(f"need at least 10 records to hold out an evaluation split, found {len(examples)}")
     lines = "\n\n".join(e.response for e in examples).split("\n")
+    # Blank lines at either end (a file's final newline) would otherwise be all a split gets.
+    while lines and not lines[-1].strip():
+        lines.pop()
+    while lines and not lines[0].strip():
+        lines.pop(0)
     cut = len(lines) - max(1, round(len(lines) * EVAL_FRACTION))
     part = lines[cut:] if split == "eval" else lines[:cut]
     return [Example(response="\n".join(part))]
@@ -237,7 +264,8 @@ def tokenize(examples: list[Example], tokenizer) -> TokenStream:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for e in examples:
         prompt, response = _chat_parts(e, tokenizer) if e.messages is not None else (e.prompt, e.response)
-        p = tokenizer(prompt, add_special_tokens=True).input_ids if prompt else []
+        # A chat template already wrote its special tokens; adding BOS again would double it.
+        p = tokenizer(prompt, add_special_tokens=e.messages is None).input_ids if prompt else []
         r = tokenizer(response, add_special_tokens=not prompt).input_ids + eos
         pieces.append(torch.tensor(p + r, dtype=torch.long))
         masks.append(torch.tensor([False] * len(p) + [True] * len(r)))
@@ -256,6 +284,8 @@ def pack(stream: TokenStream, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def load_blocks(spec: str, tokenizer, seq_len: int, default_split: str = "train", max_blocks: int | None = None):
     """`(input_ids [N, seq_len], loss_mask [N, seq_len])` for one split of a source."""
+    if max_blocks is not None and max_blocks < 1:
+        raise UserError(f"the number of windows must be at least 1, got {max_blocks}")
     blocks, mask = pack(tokenize(load_examples(spec, default_split), tokenizer), seq_len)
     if max_blocks is not None:
         blocks, mask = blocks[:max_blocks], mask[:max_blocks]

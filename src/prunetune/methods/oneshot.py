@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..checkpoint import save_model
+from ..data import load_examples
 from ..errors import UserError
 from ..evaluate.perplexity import check_seq_len, perplexity
 from ..importance import CRITERIA
@@ -58,6 +59,10 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     started = time.perf_counter()
     settings.check()
     check_output_dir(Path(out), overwrite)
+    if evaluation.max_windows is not None and evaluation.max_windows < 1:
+        raise UserError(f"--max-windows must be at least 1, got {evaluation.max_windows}")
+    if evaluation.data:
+        load_examples(evaluation.data, default_split="eval")  # a bad data spec fails before the model loads
     model, tokenizer = load_model(model_spec, dtype=dtype, device=device, quant=quant)
     before = Structure.of(model)
     layers = parse_layers(settings.layers, before.num_layers)
