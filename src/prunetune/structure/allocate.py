@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,7 @@ from .masks import Masks
 from .units import HEAD_UNITS, Structure
 
 UNIT_KINDS = ("heads", "channels")
+ALLOCATIONS = ("uniform", "global")
 
 
 def paper_layers(num_layers: int) -> list[int]:
@@ -67,9 +69,13 @@ def check_ratio(ratio: float) -> None:
         raise UserError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
 
 
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+def _top(scores: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask of the k best scores; units outside `allowed` (already pruned) are never chosen."""
+    scores = scores.float().cpu().clone()
+    if allowed is not None:
+        scores[~allowed.cpu()] = -math.inf
     keep = torch.zeros(len(scores), dtype=torch.bool)
-    keep[torch.argsort(scores.float().cpu(), descending=True, stable=True)[:k]] = True
+    keep[torch.argsort(scores, descending=True, stable=True)[:k]] = True
     return keep
 
 
@@ -77,6 +83,121 @@ def round_count(count: float, multiple: int, total: int) -> int:
     """Nearest multiple of `multiple`, at least one multiple and at most `total`."""
     step = max(1, min(multiple, total))
     return int(min(total, max(step, step * round(count / step))))
+
+
+@dataclass(frozen=True)
+class KeepCounts:
+    """What one layer keeps: attention units (kv groups, or query heads per group) and MLP channels."""
+
+    head_units: int
+    channels: int
+
+
+def full_counts(structure: Structure, layers, head_unit: str) -> dict[int, KeepCounts]:
+    def heads(shape):
+        return shape.num_kv_heads if head_unit == "kv-group" else shape.group_size
+    return {i: KeepCounts(heads(structure.layers[i]), structure.layers[i].intermediate) for i in layers}
+
+
+def _check(ratio: float, head_unit: str, round_to: int) -> None:
+    check_ratio(ratio)
+    if head_unit not in HEAD_UNITS:
+        raise UserError(f"unknown head unit '{head_unit}'; use {' or '.join(HEAD_UNITS)}")
+    if round_to < 1:
+        raise UserError(f"--round-to must be at least 1, got {round_to}")
+
+
+def target_counts(structure: Structure, ratio: float, layers, units=UNIT_KINDS, head_unit: str = "kv-group",
+                  round_to: int = 64) -> dict[int, KeepCounts]:
+    """Uniform allocation: every chosen layer keeps (1 - ratio) of its prunable parameters."""
+    _check(ratio, head_unit, round_to)
+    counts = {}
+    for i, full in full_counts(structure, layers, head_unit).items():
+        shape = structure.layers[i]
+        budget = (1.0 - ratio) * structure.prunable_params([i], units)
+        head_units = full.head_units
+        if "heads" in units:
+            head_units = min(full.head_units, max(1, round((1.0 - ratio) * full.head_units)))
+            kept_q, kept_kv = _heads_kept(shape, head_unit, head_units)
+            budget -= kept_q * structure.params_per_q_head + kept_kv * structure.params_per_kv_head
+        channels = full.channels
+        if "channels" in units:
+            channels = round_count(max(0.0, budget) / structure.params_per_channel, round_to, shape.intermediate)
+        counts[i] = KeepCounts(head_units, channels)
+    return counts
+
+
+def _heads_kept(shape, head_unit: str, head_units: int) -> tuple[int, int]:
+    """(query heads, kv heads) kept for a count of attention units."""
+    if head_unit == "kv-group":
+        return head_units * shape.group_size, head_units
+    return head_units * shape.num_kv_heads, shape.num_kv_heads
+
+
+def global_counts(structure: Structure, scores: list[LayerScores], ratio: float, layers, units=UNIT_KINDS,
+                  head_unit: str = "kv-group", round_to: int = 64) -> dict[int, KeepCounts]:
+    """Global allocation: the same totals as uniform, spread over layers by ranking all units together."""
+    uniform = target_counts(structure, ratio, layers, units, head_unit, round_to)
+    full = full_counts(structure, layers, head_unit)
+    head_units = {i: full[i].head_units for i in layers}
+    channels = {i: full[i].channels for i in layers}
+    if "heads" in units:
+        if head_unit == "kv-group":
+            per_layer = {i: scores[i].head_unit_scores(head_unit) for i in layers}
+        else:  # one score per query-head rank inside a group: the layer keeps the same number in every group
+            per_layer = {i: scores[i].q_heads.reshape(structure.layers[i].num_kv_heads, -1).sort(dim=1, descending=True)
+                         .values.mean(dim=0) for i in layers}
+        won = _global_winners(per_layer, sum(c.head_units for c in uniform.values()))
+        head_units = {i: max(1, won[i]) for i in layers}
+    if "channels" in units:
+        won = _global_winners({i: scores[i].channels for i in layers}, sum(c.channels for c in uniform.values()))
+        channels = {i: round_count(won[i], round_to, structure.layers[i].intermediate) for i in layers}
+    return {i: KeepCounts(head_units[i], channels[i]) for i in layers}
+
+
+def _global_winners(per_layer: dict[int, torch.Tensor], total: int) -> dict[int, int]:
+    owners = torch.cat([torch.full((len(v),), i) for i, v in per_layer.items()])
+    values = torch.cat([v.float().cpu() for v in per_layer.values()])
+    best = owners[torch.argsort(values, descending=True, stable=True)[:total]]
+    return {i: int((best == i).sum()) for i in per_layer}
+
+
+def interpolate_counts(full: dict[int, KeepCounts], final: dict[int, KeepCounts], fraction: float, round_to: int,
+                       intermediate: dict[int, int], previous: dict[int, KeepCounts] | None = None) -> dict[int, KeepCounts]:
+    """Counts `fraction` of the way from `full` to `final`, never above `previous` (pruned units stay pruned)."""
+    counts = {}
+    for i in final:
+        f, t = full[i], final[i]
+        heads = max(t.head_units, round(f.head_units - fraction * (f.head_units - t.head_units)))
+        channels = max(t.channels, min(f.channels, round_count(f.channels - fraction * (f.channels - t.channels),
+                                                               round_to, intermediate[i])))
+        if previous is not None:
+            heads, channels = min(heads, previous[i].head_units), min(channels, previous[i].channels)
+        counts[i] = KeepCounts(heads, channels)
+    return counts
+
+
+def masks_from_counts(structure: Structure, scores: list[LayerScores], counts: dict[int, KeepCounts],
+                      head_unit: str = "kv-group", current: Masks | None = None) -> Masks:
+    """Keep each layer's best units at the given counts; units `current` already removed stay removed."""
+    masks = Masks()
+    for i, count in counts.items():
+        shape, layer_scores = structure.layers[i], scores[i]
+        allowed_heads = current.heads.get(i) if current is not None else None
+        unit_scores = layer_scores.head_unit_scores(head_unit)
+        if head_unit == "kv-group":
+            allowed = allowed_heads.reshape(shape.num_kv_heads, -1).any(dim=1) if allowed_heads is not None else None
+            heads = Masks.heads_from_kv(_top(unit_scores, count.head_units, allowed), shape.group_size)
+        else:
+            grouped = unit_scores.reshape(shape.num_kv_heads, shape.group_size)
+            allowed = allowed_heads.reshape(shape.num_kv_heads, -1) if allowed_heads is not None else [None] * len(grouped)
+            heads = torch.cat([_top(g, count.head_units, a) for g, a in zip(grouped, allowed)])
+        if not heads.all():
+            masks.heads[i] = heads
+        if count.channels < shape.intermediate:
+            allowed = current.channels.get(i) if current is not None else None
+            masks.channels[i] = _top(layer_scores.channels, count.channels, allowed)
+    return masks
 
 
 def select_masks(
@@ -87,37 +208,16 @@ def select_masks(
     units: tuple[str, ...] = UNIT_KINDS,
     head_unit: str = "kv-group",
     round_to: int = 64,
+    allocation: str = "uniform",
 ) -> Masks:
-    """Keep the best-scoring units of each chosen layer within that layer's parameter budget."""
-    check_ratio(ratio)
-    if head_unit not in HEAD_UNITS:
-        raise UserError(f"unknown head unit '{head_unit}'; use {' or '.join(HEAD_UNITS)}")
-    if round_to < 1:
-        raise UserError(f"--round-to must be at least 1, got {round_to}")
-    masks = Masks()
-    for i in layers:
-        shape, layer_scores = structure.layers[i], scores[i]
-        budget = (1.0 - ratio) * structure.prunable_params([i], units)
-        if "heads" in units:
-            unit_scores = layer_scores.head_unit_scores(head_unit)
-            if head_unit == "kv-group":
-                kept_kv = min(shape.num_kv_heads, max(1, round((1.0 - ratio) * shape.num_kv_heads)))
-                heads = Masks.heads_from_kv(_top(unit_scores, kept_kv), shape.group_size)
-            else:
-                per_group = min(shape.group_size, max(1, round((1.0 - ratio) * shape.group_size)))
-                grouped = unit_scores.reshape(shape.num_kv_heads, shape.group_size)
-                heads = torch.cat([_top(g, per_group) for g in grouped])
-            if not heads.all():
-                masks.heads[i] = heads
-            kept_q = int(heads.sum())
-            kept_kv = int(heads.reshape(shape.num_kv_heads, -1).any(dim=1).sum())
-            budget -= kept_q * structure.params_per_q_head + kept_kv * structure.params_per_kv_head
-        if "channels" in units:
-            wanted = max(0.0, budget) / structure.params_per_channel
-            kept = round_count(wanted, round_to, shape.intermediate)
-            if kept < shape.intermediate:
-                masks.channels[i] = _top(layer_scores.channels, kept)
-    return masks
+    """Keep the best-scoring units of each chosen layer within its parameter budget (one shot)."""
+    if allocation not in ALLOCATIONS:
+        raise UserError(f"unknown allocation '{allocation}'; use {' or '.join(ALLOCATIONS)}")
+    if allocation == "uniform":
+        counts = target_counts(structure, ratio, layers, units, head_unit, round_to)
+    else:
+        counts = global_counts(structure, scores, ratio, layers, units, head_unit, round_to)
+    return masks_from_counts(structure, scores, counts, head_unit)
 
 
 def achieved_ratio(before: Structure, masks: Masks, layers: list[int], units: tuple[str, ...]) -> float:
