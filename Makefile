@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml | $(PY)
 
 demo: $(STAMP)
 	$(VENV)/bin/prunetune prune smollm2-135m --method magnitude --ratio 0.2 \
-		--eval-data builtin:pydoc --seq-len 256 --out runs/demo --overwrite
+		--eval-data builtin:pydoc --eval-seq-len 256 --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -119,7 +119,7 @@ def test_prune_missing_model_path(work):
 def test_prune_unsupported_architecture(gpt2_dir, work):
     (work / "runs").mkdir()
     out = work / "runs" / "gpt2"
-    done = run_cli("prune", gpt2_dir, "--ratio", "0.2", "--out", out, "--seq-len", "16", cwd=work)
+    done = run_cli("prune", gpt2_dir, "--ratio", "0.2", "--out", out, "--eval-seq-len", "16", cwd=work)
     assert_user_error(done, "unsupported architecture", "gpt2")
     assert_no_output(out)
     (work / "runs").rmdir()  # the run made nothing inside it
@@ -164,7 +164,7 @@ def test_prune_bad_eval_data_fails_before_any_output(model_dir, work):
 def test_prune_then_refuse_to_overwrite(model_dir, tmp_path):
     out = tmp_path / "out"
     args = ("prune", model_dir, "--ratio", "0.5", "--round-to", "8", "--out", out, "--max-windows", "2",
-            "--seq-len", "32")
+            "--eval-seq-len", "32")
     done = run_cli(*args, cwd=tmp_path)
     assert done.returncode == 0, f"stdout: {done.stdout}\nstderr: {done.stderr}"
     assert "Traceback" not in done.stderr

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from prunetune import load_model
 from prunetune.importance import magnitude_scores
-from prunetune.methods.oneshot import EvalSettings, PruneSettings, prune
+from prunetune.methods.prune import EvalSettings, PruneSettings, RunOptions, prune
 from prunetune.structure.allocate import select_masks
 from prunetune.structure.masks import apply_masks
 from prunetune.structure.surgery import cut
@@ -51,8 +51,8 @@ def test_masked_equals_pruned_on_the_real_model(smollm):
 def test_magnitude_20_percent_saves_a_stock_checkpoint(tmp_path):
     out = tmp_path / "mag20"
     record = prune("smollm2-135m", out, PruneSettings(method="magnitude", ratio=0.2),
-                   EvalSettings(data="builtin:pydoc", seq_len=128, max_windows=4), device="cpu", progress=False,
-                   log=lambda _: None)
+                   EvalSettings(data="builtin:pydoc", seq_len=128, max_windows=4),
+                   RunOptions(device="cpu", progress=False), log=lambda _: None)
     stored = json.loads((out / "prunetune.json").read_text())
     assert stored["parameters"]["after"]["total"] == record["parameters"]["after"]["total"]
     assert abs(stored["parameters"]["ratio_achieved"] - 0.2) < 0.02

@@ -38,35 +38,73 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-@app.command(epilog="Example: prunetune prune smollm2-135m --method magnitude --ratio 0.2 --out runs/mag20")
+@app.command(epilog="Examples:\n\n"
+             "prunetune prune smollm2-135m --method loraprune --ratio 0.5 --data builtin:pydoc --steps 200 --out runs/lp50\n\n"
+             "prunetune prune smollm2-135m --method taylor --ratio 0.2 --recover-steps 100 --out runs/taylor20")
 def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out_dir: Path = typer.Option(..., "--out", help="Output directory (written beside, renamed when complete)."),
-    method: str = typer.Option("magnitude", help="Importance criterion: magnitude."),
+    method: str = typer.Option("magnitude", help="loraprune (progressive, LoRA-guided), or one-shot: magnitude, "
+                               "taylor, wanda-sp, random."),
     ratio: float = typer.Option(0.2, help="Fraction of prunable parameters to remove, in (0, 1)."),
-    layers: str = typer.Option("all", help="Layers to prune: all (stock-loadable result), paper (all but the first 10% and the last; "
-                               "layers then differ in shape), or e.g. '3-27'."),
+    layers: Optional[str] = typer.Option(None, help="Layers to prune: all (stock-loadable result; default for one-shot), "
+                                         "paper (all but the first 10% and the last; default for loraprune), or e.g. '3-27'."),
     units: str = typer.Option("heads,channels", help="Unit kinds to prune: heads, channels, or both."),
     head_unit: str = typer.Option("kv-group", help="kv-group (a key/value head with its query heads) or q-head (equal query heads per group)."),
     round_to: int = typer.Option(64, help="Keep MLP channel counts a multiple of this (fast GPU shapes)."),
+    allocation: str = typer.Option("uniform", help="uniform (same ratio in every pruned layer) or global (rank units across layers)."),
+    data: str = typer.Option("builtin:pydoc", help="Training data (loraprune, recovery) and calibration data (taylor, wanda-sp)."),
+    steps: int = typer.Option(100, help="loraprune: optimizer steps of LoRA training while pruning."),
+    recover_steps: int = typer.Option(0, help="One-shot methods: LoRA fine-tuning steps after pruning (merged before saving)."),
+    calib_samples: int = typer.Option(10, help="taylor, wanda-sp: calibration sequences."),
+    score: str = typer.Option("abs", help="loraprune: abs (official code) or square (paper)."),
+    normalize: bool = typer.Option(True, help="loraprune: L2-normalise each module's unit scores (official code)."),
+    prune_every: int = typer.Option(10, help="loraprune: steps between mask updates."),
+    ema: float = typer.Option(0.9, help="loraprune: weight of the old moving-average score."),
+    lora_r: int = typer.Option(8, help="LoRA rank."),
+    lora_alpha: int = typer.Option(16, help="LoRA alpha."),
+    lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
+    batch_size: int = typer.Option(4, help="Sequences per micro-batch (per process)."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    seq_len: int = typer.Option(256, help="Training and calibration sequence length."),
+    lr: float = typer.Option(2e-4, help="Peak learning rate (AdamW, cosine schedule)."),
+    warmup: float = typer.Option(0.05, help="Learning-rate warm-up, as a fraction of the steps."),
+    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping (0: off)."),
+    gradient_checkpointing: bool = typer.Option(False, help="Trade compute for activation memory."),
+    checkpoint_every: int = typer.Option(0, help="Save a resumable checkpoint every N steps (0: never)."),
+    resume: bool = typer.Option(False, help="Continue a killed run from its last checkpoint (same command)."),
+    seed: int = typer.Option(0, help="Seed for data order, LoRA init and the random criterion."),
     eval_data: str = typer.Option("builtin:pydoc", help="Data for perplexity before and after; see `prunetune eval --help`."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity evaluation."),
-    seq_len: int = typer.Option(256, help="Perplexity window length in tokens."),
+    eval_seq_len: int = typer.Option(256, help="Perplexity window length in tokens."),
     max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     quant: Optional[str] = typer.Option(None, help=QUANT_HELP),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
-    """Prune a model one-shot to a ratio of its prunable parameters and save the smaller model."""
-    from .methods.oneshot import EvalSettings, PruneSettings
-    from .methods.oneshot import prune as run_prune
+    """Prune a model to a ratio of its prunable parameters and save the smaller model."""
+    from .lora import LoraSettings
+    from .methods.loraprune import LoRAPruneSettings
+    from .methods.prune import EvalSettings, PruneSettings, RunOptions
+    from .methods.prune import prune as run_prune
+    from .train import TrainSettings
 
-    settings = PruneSettings(method=method, ratio=ratio, layers=layers, units=units, head_unit=head_unit, round_to=round_to)
-    evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=seq_len, max_windows=max_windows)
-    record = run_prune(model, out_dir, settings, evaluation, dtype=dtype, device=device, quant=quant,
-                       overwrite=overwrite, log=lambda msg: out.print(f"[dim]{msg}[/dim]"))
-    _print_prune_summary(record, out_dir)
+    settings = PruneSettings(method=method, ratio=ratio, layers=layers, units=units, head_unit=head_unit,
+                             round_to=round_to, allocation=allocation, data=data, calib_samples=calib_samples,
+                             recover_steps=recover_steps, seed=seed)
+    evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=eval_seq_len, max_windows=max_windows)
+    options = RunOptions(
+        training=TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
+                               warmup=warmup, max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
+                               checkpoint_every=checkpoint_every, seed=seed),
+        lora=LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout),
+        loraprune=LoRAPruneSettings(prune_every=prune_every, ema=ema, score=score, normalize=normalize),
+        dtype=dtype, device=device, quant=quant, overwrite=overwrite, resume=resume,
+    )
+    record = run_prune(model, out_dir, settings, evaluation, options, log=lambda msg: out.print(f"[dim]{msg}[/dim]"))
+    if record.get("architecture"):  # only the main process of a multi-GPU run prints
+        _print_prune_summary(record, out_dir)
 
 
 def _print_prune_summary(record: dict, out_dir: Path) -> None:

@@ -5,9 +5,12 @@ Scores are additive: a unit made of several parts scores the sum of its parts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from ..structure.units import unit_sums
 
 
 @dataclass
@@ -22,3 +25,16 @@ class LayerScores:
             per_group = self.q_heads.reshape(len(self.kv_heads), -1).sum(dim=1)
             return per_group + self.kv_heads
         return self.q_heads
+
+    @classmethod
+    def from_weights(cls, per_weight: Callable[[str], torch.Tensor], head_dim: int) -> "LayerScores":
+        """Scores from a per-weight score of each projection (a weight-shaped tensor), summed per unit."""
+
+        def units(name: str) -> torch.Tensor:
+            return unit_sums(name, per_weight(name), head_dim).cpu()
+
+        return cls(
+            q_heads=units("q_proj") + units("o_proj"),
+            kv_heads=units("k_proj") + units("v_proj"),
+            channels=units("gate_proj") + units("up_proj") + units("down_proj"),
+        )

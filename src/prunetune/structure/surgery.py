@@ -13,7 +13,7 @@ from torch import nn
 
 from ..models import LAYER_SHAPES_KEY
 from .masks import Masks
-from .units import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Structure, base_linear, projection, unwrap
+from .units import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Structure, base_linear, dense_weight, projection, unwrap
 
 
 def _replace_param(owner: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -54,8 +54,6 @@ def _head_rows(keep: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def dequantize(model: nn.Module) -> nn.Module:
     """Replace every bitsandbytes linear (also under a LoRA layer) by an nn.Linear, in place."""
-    from peft.utils.integrations import dequantize_bnb_weight
-
     hf = unwrap(model)
     for layer in hf.model.layers:
         for name in ATTENTION_PROJECTIONS + MLP_PROJECTIONS:
@@ -68,7 +66,7 @@ def dequantize(model: nn.Module) -> nn.Module:
                 continue
             dtype = getattr(quantized, "compute_dtype", None) or (
                 quantized.bias.dtype if quantized.bias is not None else hf.model.embed_tokens.weight.dtype)
-            weight = dequantize_bnb_weight(quantized.weight, getattr(quantized, "state", None)).to(dtype)
+            weight = dense_weight(quantized).to(dtype)
             dense = nn.Linear(quantized.in_features, quantized.out_features, bias=quantized.bias is not None,
                               device=weight.device, dtype=dtype)
             dense.weight = nn.Parameter(weight, requires_grad=False)

@@ -189,8 +189,17 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The frozen weight of a projection as a dense tensor (de-quantizing a bitsandbytes one)."""
     base = base_linear(module)
-    if type(base.weight).__name__ in ("Int8Params", "Params4bit"):
-        from peft.utils.integrations import dequantize_bnb_weight
+    if type(base.weight).__name__ not in ("Int8Params", "Params4bit"):
+        return base.weight.detach()
+    from peft.utils.integrations import dequantize_bnb_weight
 
-        return dequantize_bnb_weight(base.weight, getattr(base, "state", None))
-    return base.weight.detach()
+    weight = base.weight
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes 0.50 repacks an NF4 weight in place on its first CPU forward without gradients
+        # (CPUs with AVX512-BF16), and its de-quantization does not know that layout. Undo it, as
+        # bitsandbytes itself does before saving; the next such forward packs again.
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    return dequantize_bnb_weight(weight, getattr(base, "state", None))

@@ -1,0 +1,42 @@
+"""What the data-driven criteria share: checking the calibration batches, and running the model on them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..structure.units import base_linear, unwrap
+
+QUANTIZED_PARAMS = ("Int8Params", "Params4bit")
+
+
+def require_batches(batches: list[torch.Tensor] | None, criterion: str) -> list[torch.Tensor]:
+    if not batches:
+        raise UserError(f"the {criterion} criterion needs calibration data: pass --data")
+    return list(batches)
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Whether a projection's frozen weight is a bitsandbytes one (int8 or NF4)."""
+    return type(base_linear(module).weight).__name__ in QUANTIZED_PARAMS
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the device of the token embeddings."""
+    return unwrap(model).get_input_embeddings().weight.device
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run without dropout; every module's training flag comes back as it was."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training

@@ -1,0 +1,77 @@
+"""LoRAPrune's criterion: the importance of the frozen weights from LoRA's weights and gradients.
+
+With y = W x + s·B·A x, the gradient the full weight would have is estimated without ever
+computing it (LoRAPrune, eq. 6-8 and the official code):
+
+    G = ∂L/∂B·A + B·∂L/∂A − ∂L/∂B·∂L/∂A  =  ∂L/∂B·(A − ∂L/∂A) + B·∂L/∂A
+    score(w) = |G ⊙ (W + s·B·A)|   (official code)   or   (G ⊙ (W + s·B·A))²   (paper)
+
+summed over every matrix of a unit. The products are formed a block of rows at a time, so besides
+the (de-quantized, if the base is 8-bit or NF4) W itself no weight-sized temporary ever exists, and
+the pretrained weights never get a gradient. The official code L2-normalises each module's unit
+scores before adding them (`normalize=True`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..lora import lora_matrices
+from ..structure.units import decoder_layers, dense_weight, unit_sums
+from .scores import LayerScores
+
+SCORE_KINDS = ("abs", "square")
+ROW_BLOCK = 1024  # rows per block: a few MB of temporaries even for the widest MLPs
+
+
+@torch.no_grad()
+def projection_unit_scores(name: str, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor,
+                           gB: torch.Tensor, scaling: float, head_dim: int, score: str = "abs") -> torch.Tensor:
+    """Unit scores of one projection (one value per head or channel), built block by block."""
+    A, B, gA, gB = (t.float() for t in (A, B, gA, gB))
+    A_minus_gA = A - gA
+    rows_per_block = max(head_dim, ROW_BLOCK // head_dim * head_dim)  # blocks hold whole heads
+    parts, column_total = [], None
+    for start in range(0, W.shape[0], rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        estimate = gB[rows] @ A_minus_gA + B[rows] @ gA  # the gradient W would have, for these rows
+        merged = W[rows].float() + scaling * (B[rows] @ A)
+        per_weight = (estimate * merged).abs_() if score == "abs" else (estimate * merged).square_()
+        if name in ("o_proj", "down_proj"):  # units are columns: accumulate over row blocks
+            sums = unit_sums(name, per_weight, head_dim)
+            column_total = sums if column_total is None else column_total + sums
+        else:
+            parts.append(unit_sums(name, per_weight, head_dim))
+    return column_total if column_total is not None else torch.cat(parts)
+
+
+@torch.no_grad()
+def lora_guided_scores(model: nn.Module, batches=None, *, seed: int = 0, score: str = "abs",
+                       normalize: bool = True) -> list[LayerScores]:
+    """Scores from the gradients already on the LoRA matrices (call after backward)."""
+    if score not in SCORE_KINDS:
+        raise ValueError(f"score must be one of {SCORE_KINDS}")
+    result = []
+    for layer in decoder_layers(model):
+        head_dim = layer.self_attn.head_dim
+        per_module: dict[str, torch.Tensor] = {}
+        for lora in lora_matrices(layer):
+            if lora.A.grad is None or lora.B.grad is None:
+                raise ValueError(f"{lora.name}: LoRA has no gradient; score after backward")
+            W = dense_weight(lora.module)
+            units = projection_unit_scores(lora.name, W, lora.A, lora.B, lora.A.grad, lora.B.grad,
+                                           lora.scaling, head_dim, score).cpu()
+            if normalize:
+                units = units / units.norm().clamp_min(1e-12)
+            per_module[lora.name] = units
+            del W
+        missing = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} - set(per_module)
+        if missing:
+            raise ValueError(f"LoRAPrune needs LoRA on every projection; missing {sorted(missing)}")
+        result.append(LayerScores(
+            q_heads=per_module["q_proj"] + per_module["o_proj"],
+            kv_heads=per_module["k_proj"] + per_module["v_proj"],
+            channels=per_module["gate_proj"] + per_module["up_proj"] + per_module["down_proj"],
+        ))
+    return result

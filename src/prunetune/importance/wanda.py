@@ -1,0 +1,57 @@
+"""Wanda-SP: structured Wanda (the FLAP paper's baseline), |W_ij| · ||X_j||₂ summed per unit.
+
+X_j is the j-th input feature of a projection over every calibration token; its norm comes from
+forward pre-hooks on the projections while the model runs on the calibration batches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..structure.units import PROJECTIONS, base_linear, decoder_layers, dense_weight, linear_shape, projection
+from .calibration import eval_mode, input_device, require_batches
+from .scores import LayerScores
+
+
+def input_norms(model: nn.Module, batches: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Per layer and projection, the L2 norm of each input feature over all tokens of all batches (float32)."""
+    sums: list[dict[str, torch.Tensor]] = []
+    handles = []
+
+    def accumulate(acc: torch.Tensor):
+        def hook(_module, args):
+            x = args[0]
+            acc.add_(x.detach().reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0))
+        return hook
+
+    try:
+        for layer in decoder_layers(model):
+            sums.append({})
+            for name in PROJECTIONS:
+                module = projection(layer, name)
+                device = base_linear(module).weight.device
+                acc = sums[-1][name] = torch.zeros(linear_shape(module)[1], device=device)
+                handles.append(module.register_forward_pre_hook(accumulate(acc)))
+        device = input_device(model)
+        with eval_mode(model), torch.inference_mode():
+            for batch in batches:
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [{name: s.sqrt() for name, s in layer.items()} for layer in sums]
+
+
+def wanda_sp_scores(model: nn.Module, batches: list[torch.Tensor] | None = None, *, seed: int = 0) -> list[LayerScores]:
+    batches = require_batches(batches, "wanda-sp")
+    norms = input_norms(model, batches)
+    scores = []
+    with torch.no_grad():
+        for layer, layer_norms in zip(decoder_layers(model), norms):
+            def per_weight(name: str, layer=layer, layer_norms=layer_norms) -> torch.Tensor:
+                weight = dense_weight(projection(layer, name)).float().abs()
+                return weight * layer_norms[name].to(weight.device)[None, :]
+
+            scores.append(LayerScores.from_weights(per_weight, layer.self_attn.head_dim))
+    return scores

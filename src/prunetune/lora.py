@@ -1,0 +1,60 @@
+"""LoRA through PEFT on the seven projections, and access to the adapter matrices."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .structure.units import PROJECTIONS, decoder_layers, projection
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: tuple[str, ...] = PROJECTIONS
+
+
+def add_lora(model: nn.Module, settings: LoraSettings | None = None) -> nn.Module:
+    """Wrap `model` with a fresh LoRA adapter; only the adapter trains."""
+    from peft import LoraConfig, get_peft_model
+
+    settings = settings or LoraSettings()
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+@dataclass
+class LoraMatrices:
+    """One projection's adapter: y = W x + scaling * B (A x)."""
+
+    name: str
+    module: nn.Module
+    A: nn.Parameter  # [r, in]
+    B: nn.Parameter  # [out, r]
+    scaling: float
+
+
+def lora_matrices(layer: nn.Module) -> Iterator[LoraMatrices]:
+    """The active adapter of every LoRA-wrapped projection of a decoder layer."""
+    for name in PROJECTIONS:
+        module = projection(layer, name)
+        if not hasattr(module, "lora_A"):
+            continue
+        (adapter,) = module.active_adapters
+        yield LoraMatrices(name, module, module.lora_A[adapter].weight, module.lora_B[adapter].weight,
+                           float(module.scaling[adapter]))
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(True for layer in decoder_layers(model) for _ in lora_matrices(layer))
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (LoRA, or all of them in full fine-tuning), by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,217 @@
+"""The pruning pipeline every pruning method shares.
+
+load -> (score once | LoRAPrune training) -> masks -> cut -> (LoRA recovery) -> merge -> save -> evaluate
+
+One-shot criteria (magnitude, taylor, wanda-sp, random) score every unit once from the weights and,
+where they need it, calibration batches; `recover_steps` then fine-tunes a LoRA on the cut model so
+methods compare at the same training budget. LoRAPrune scores while it trains and prunes
+progressively (methods/loraprune.py). Either way the result is cut, LoRA merged, and saved as a
+smaller dense model with prunetune.json and report.md.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..checkpoint import save_model
+from ..data import load_blocks, load_examples
+from ..errors import UserError
+from ..evaluate.perplexity import check_seq_len, perplexity
+from ..importance import CRITERIA
+from ..lora import LoraSettings, add_lora
+from ..models import load_model
+from ..report import check_output_dir, provenance, run_directory, write_json, write_prune_report
+from ..structure.allocate import (
+    ALLOCATIONS, achieved_ratio, check_ratio, describe_prunable, parse_layers, parse_units, select_masks,
+)
+from ..structure.surgery import cut
+from ..structure.units import HEAD_UNITS, Structure, count_parameters
+from ..train import TrainSettings, make_accelerator, train
+from .loraprune import LoRAPruneSettings, LoRAPruner
+
+METHODS = ("loraprune", *CRITERIA)
+NEEDS_CALIBRATION = ("taylor", "wanda-sp")
+
+
+@dataclass
+class PruneSettings:
+    method: str = "magnitude"
+    ratio: float = 0.2
+    layers: str | None = None  # None: 'paper' for loraprune (the official choice), 'all' otherwise
+    units: str = "heads,channels"
+    head_unit: str = "kv-group"
+    round_to: int = 64
+    allocation: str = "uniform"
+    data: str = "builtin:pydoc"  # training data (loraprune, recovery) and calibration batches
+    calib_samples: int = 10  # calibration sequences for taylor and wanda-sp (LLM-Pruner: 10)
+    recover_steps: int = 0  # LoRA steps after a one-shot prune
+    seed: int = 0
+
+    @property
+    def layer_spec(self) -> str:
+        return self.layers or ("paper" if self.method == "loraprune" else "all")
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method '{self.method}'; available: {', '.join(METHODS)}")
+        check_ratio(self.ratio)
+        parse_units(self.units)
+        if self.head_unit not in HEAD_UNITS:
+            raise UserError(f"unknown --head-unit '{self.head_unit}'; use {' or '.join(HEAD_UNITS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise UserError(f"unknown --allocation '{self.allocation}'; use {' or '.join(ALLOCATIONS)}")
+        if self.round_to < 1:
+            raise UserError(f"--round-to must be at least 1, got {self.round_to}")
+        if self.recover_steps < 0 or self.calib_samples < 1:
+            raise UserError("--recover-steps must be 0 or more and --calib-samples at least 1")
+        if self.method == "loraprune" and self.recover_steps:
+            raise UserError("--recover-steps is for one-shot methods; loraprune trains for --steps")
+
+
+@dataclass
+class EvalSettings:
+    data: str | None = "builtin:pydoc"
+    seq_len: int = 256
+    max_windows: int | None = None
+
+
+@dataclass
+class RunOptions:
+    training: TrainSettings = field(default_factory=TrainSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    loraprune: LoRAPruneSettings = field(default_factory=LoRAPruneSettings)
+    dtype: str = "auto"
+    device: str = "auto"
+    quant: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+
+
+def checkpoint_dir_for(out: Path) -> Path:
+    """Where a run keeps its resumable checkpoint: a hidden sibling of the output, removed on success."""
+    return out.parent / f".{out.name}.checkpoint"
+
+
+def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalSettings,
+          options: RunOptions | None = None, log: Callable[[str], None] = print) -> dict:
+    """Prune `model_spec` and save the smaller model in `out`; returns prunetune.json's record."""
+    started = time.perf_counter()
+    options = options or RunOptions()
+    out = Path(out)
+    settings.check()
+    training = options.training
+    trains = settings.method == "loraprune" or settings.recover_steps > 0
+    if trains:
+        training.check()
+    check_output_dir(out, options.overwrite)
+    if evaluation.max_windows is not None and evaluation.max_windows < 1:
+        raise UserError(f"--max-windows must be at least 1, got {evaluation.max_windows}")
+    if evaluation.data:
+        load_examples(evaluation.data, default_split="eval")  # a bad data spec fails before the model loads
+    accelerator = make_accelerator(training)
+    is_main = accelerator.is_main_process
+    quiet_log = log if is_main else (lambda _: None)
+
+    model, tokenizer = load_model(model_spec, dtype=options.dtype,
+                                  device=str(accelerator.device) if options.device == "auto" else options.device,
+                                  quant=options.quant)
+    before = Structure.of(model)
+    layers = parse_layers(settings.layer_spec, before.num_layers)
+    units = parse_units(settings.units)
+    if evaluation.data:
+        check_seq_len(model, evaluation.seq_len)
+    if trains or settings.method in NEEDS_CALIBRATION:
+        check_seq_len(model, training.seq_len)
+    params_before = count_parameters(model) | {"prunable": before.prunable_params(layers, units)}
+
+    def evaluate(when: str) -> dict:
+        result = perplexity(model, tokenizer, evaluation.data, evaluation.seq_len,
+                            max_windows=evaluation.max_windows, progress=options.progress)
+        quiet_log(f"perplexity {when}: {result.perplexity:.3f} ({result.seconds:.1f}s)")
+        return result.to_dict()
+
+    results: dict = {}
+    if evaluation.data and is_main:
+        results["perplexity_before"] = evaluate("before")
+
+    blocks = mask = None
+    if trains or settings.method in NEEDS_CALIBRATION:
+        blocks, mask = load_blocks(settings.data, tokenizer, training.seq_len, default_split="train")
+    checkpoints = checkpoint_dir_for(out)
+    record_training = {}
+
+    if settings.method == "loraprune":
+        model = add_lora(model, options.lora)
+        pruner = LoRAPruner(model, before, ratio=settings.ratio, layers=layers, units=units,
+                            head_unit=settings.head_unit, round_to=settings.round_to,
+                            allocation=settings.allocation, settings=options.loraprune, total_steps=training.steps)
+        run = train(model, blocks, mask, training, hooks=pruner, accelerator=accelerator,
+                    checkpoint_dir=checkpoints, resume=options.resume, progress=options.progress, log=quiet_log)
+        masks = pruner.finish()
+        record_training = {"training": _training_record(run, training) | {"schedule": pruner.history}}
+    else:
+        batches = None
+        if settings.method in NEEDS_CALIBRATION:
+            calib = blocks[: settings.calib_samples].to(accelerator.device)
+            batches = list(calib.split(training.batch_size))
+        scores = CRITERIA[settings.method](model, batches, seed=settings.seed)
+        masks = select_masks(before, scores, settings.ratio, layers, units, settings.head_unit,
+                             settings.round_to, settings.allocation)
+
+    kept = masks.kept_summary(before)
+    ratio = achieved_ratio(before, masks, layers, units)
+    cut(model, masks)
+    if settings.recover_steps:
+        model = add_lora(model, options.lora)
+        recovery = TrainSettings(**{**asdict(training), "steps": settings.recover_steps})
+        run = train(model, blocks, mask, recovery, accelerator=accelerator, checkpoint_dir=checkpoints,
+                    resume=options.resume, progress=options.progress, log=quiet_log)
+        record_training = {"training": _training_record(run, recovery)}
+    after = Structure.of(model)
+    params_after = count_parameters(model) | {"prunable": after.prunable_params(layers, units)}
+    if evaluation.data and is_main:
+        results["perplexity_after"] = evaluate("after")
+
+    record = provenance(
+        "prune",
+        source_model=model_spec,
+        method=settings.method,
+        settings=asdict(settings) | {"layers": layers, "dtype": options.dtype, "quant": options.quant}
+        | ({"lora": asdict(options.lora)} if trains else {})
+        | ({"loraprune": asdict(options.loraprune)} if settings.method == "loraprune" else {}),
+        prunable=describe_prunable(before, layers, units),
+        parameters={"before": params_before, "after": params_after,
+                    "ratio_target": settings.ratio, "ratio_achieved": ratio},
+        kept=kept,
+        results=results,
+        **record_training,
+    )
+    accelerator.wait_for_everyone()
+    if is_main:
+        with run_directory(out, options.overwrite) as tmp:
+            model, saved_as = save_model(model, tokenizer, tmp)
+            record["architecture"] = {"source": before.model_type, "saved_as": saved_as,
+                                      "stock_loadable": after.uniform,
+                                      "layer_shapes": [asdict(s) for s in after.layers]}
+            record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+            write_json(tmp / "prunetune.json", record)
+            write_prune_report(tmp / "report.md", record)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return record
+
+
+def _training_record(run, settings: TrainSettings) -> dict:
+    return {
+        "settings": asdict(settings),
+        "history": run.history,
+        "seconds": round(run.seconds, 1),
+        "peak_memory_bytes": run.peak_memory_bytes,
+        "peak_memory_kind": run.peak_memory_kind,
+        "resumed_from_step": run.resumed_from_step,
+    }

@@ -1,0 +1,259 @@
+"""The one training loop every method uses, on accelerate.
+
+One process by default; `accelerate launch` runs it data-parallel (DDP). AdamW, cosine schedule with
+linear warm-up, gradient accumulation, clipping, bf16 autocast on a GPU and fp32 on the CPU,
+optional gradient checkpointing.
+
+Data order is a pure function of (seed, step): the blocks are shuffled once per epoch by a seeded
+generator, step s takes the next global batch (batch_size x processes x accumulation rows), and
+process p takes its own slice of each micro-batch. So one process with batch 2b and two processes
+with batch b see the same rows, and a resumed run continues exactly where it stopped.
+
+A method plugs in through `TrainHooks`: `before_optimizer_step` sees the synchronised, unclipped
+gradients of the step (where LoRAPrune scores units), and `state_dict`/`load_state_dict` put its
+state (masks, moving averages) into the checkpoint beside the adapter, the optimizer, the schedule
+and the random generators.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UserError
+from .progress import track
+
+CHECKPOINT_NAME = "checkpoint"
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 100
+    batch_size: int = 4  # sequences per process per micro-batch
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 2e-4
+    warmup: float = 0.05  # fraction of the steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0  # steps between checkpoints (0: none)
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise UserError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.checkpoint_every < 0:
+            raise UserError(f"--checkpoint-every must be 0 (off) or positive, got {self.checkpoint_every}")
+
+
+class TrainHooks:
+    """What a method may do inside the loop; the defaults do nothing."""
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Gradients of step `step` (0-based) are synchronised and not yet clipped or applied."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)  # one entry per step: step, loss, lr
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+    resumed_from_step: int = 0
+
+
+def make_accelerator(settings: TrainSettings):
+    from accelerate import Accelerator
+
+    mixed = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=settings.grad_accum)
+
+
+class BlockSampler:
+    """Which rows of the block tensor a process uses for a given step and micro-batch."""
+
+    def __init__(self, num_blocks: int, settings: TrainSettings, num_processes: int, process_index: int):
+        self.n = num_blocks
+        self.settings = settings
+        self.world = num_processes
+        self.rank = process_index
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.settings.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator)
+        return self._perm
+
+    def rows(self, step: int, micro: int) -> torch.Tensor:
+        b = self.settings.batch_size
+        start = (step * self.settings.grad_accum + micro) * b * self.world + self.rank * b
+        flat = torch.arange(start, start + b)
+        return torch.stack([self._permutation(int(i) // self.n)[int(i) % self.n] for i in flat])
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory() -> tuple[int, str]:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, settings: TrainSettings, *,
+          hooks: TrainHooks | None = None, accelerator=None, checkpoint_dir: Path | None = None,
+          resume: bool = False, stop_after: int | None = None, progress: bool = True, log=None) -> TrainResult:
+    """Train the parameters of `model` that require grad for `settings.steps` optimizer steps.
+
+    `checkpoint_dir/checkpoint` holds the latest checkpoint; with `resume` the run continues from it.
+    `stop_after` ends the run early after that many steps (as if killed; used by tests).
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    settings.check()
+    hooks = hooks or TrainHooks()
+    accelerator = accelerator or make_accelerator(settings)
+    if len(blocks) < settings.batch_size * accelerator.num_processes:
+        raise UserError(f"the training data has {len(blocks)} blocks of {blocks.shape[1]} tokens, fewer than one "
+                        f"batch of {settings.batch_size * accelerator.num_processes}; use more data or a smaller --batch-size")
+    torch.manual_seed(settings.seed + accelerator.process_index)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(settings.warmup * settings.steps), settings.steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sampler = BlockSampler(len(blocks), settings, accelerator.num_processes, accelerator.process_index)
+    result = TrainResult()
+    start_step = 0
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+    if resume:
+        if checkpoint is None or not (checkpoint / "state.pt").exists():
+            raise UserError(f"--resume: no checkpoint in '{checkpoint_dir}'")
+        start_step = _load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, hooks, result)
+        result.resumed_from_step = start_step
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    started = time.perf_counter()
+    end = settings.steps if stop_after is None else min(settings.steps, stop_after)
+    steps = range(start_step, end)
+    for step in track(steps, len(steps), "training", enabled=progress and accelerator.is_main_process):
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for micro in range(settings.grad_accum):
+            rows = sampler.rows(step, micro)
+            ids = blocks[rows].to(accelerator.device)
+            labels = ids.masked_fill(~loss_mask[rows].to(accelerator.device), -100)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+                accelerator.backward(loss)
+            loss_sum += loss.detach()
+        hooks.before_optimizer_step(step)
+        if settings.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        hooks.after_optimizer_step(step)
+        mean_loss = accelerator.reduce(loss_sum / settings.grad_accum, reduction="mean").item()
+        result.history.append({"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]})
+        if log and accelerator.is_main_process and ((step + 1) % 10 == 0 or step + 1 == settings.steps):
+            log(f"step {step + 1}/{settings.steps}: loss {mean_loss:.4f}")
+        if checkpoint and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0:
+            _save_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, hooks, step + 1, result)
+    result.seconds = time.perf_counter() - started
+    result.peak_memory_bytes, result.peak_memory_kind = peak_memory()
+    model.eval()
+    if settings.gradient_checkpointing:
+        accelerator.unwrap_model(model).gradient_checkpointing_disable()
+    return result
+
+
+def _save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, hooks, step, result) -> None:
+    """Write the checkpoint beside the old one and swap it in, so a kill never leaves half of one."""
+    accelerator.wait_for_everyone()
+    hooks_state = hooks.state_dict()  # every process computes it (masks are the same everywhere)
+    if accelerator.is_main_process:
+        tmp = path.parent / f".{path.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        unwrapped = accelerator.unwrap_model(model)
+        torch.save({
+            "step": step,
+            "trainable": {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "hooks": hooks_state,
+            "history": result.history,
+            "rng": _rng_state(),
+        }, tmp / "state.pt")
+        old = path.parent / f".{path.name}.old"
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler, hooks, result) -> int:
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    named = dict(model.named_parameters())
+    missing = [n for n in state["trainable"] if n not in named]
+    if missing:
+        raise UserError(f"the checkpoint in '{path}' does not match this model (no parameter {missing[0]})")
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            named[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    hooks.load_state_dict(state["hooks"])
+    result.history = list(state["history"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def settings_dict(settings: TrainSettings) -> dict:
+    return asdict(settings)
