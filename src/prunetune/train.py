@@ -90,8 +90,11 @@ class TrainResult:
 def make_accelerator(settings: TrainSettings):
     from accelerate import Accelerator
 
-    mixed = "bf16" if torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=settings.grad_accum)
+    on_gpu = torch.cuda.is_available()
+    # cpu=True lets several CPU processes (torchrun / `accelerate launch --multi_gpu` on a machine
+    # without GPUs) form a gloo process group instead of each training alone.
+    return Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu,
+                       gradient_accumulation_steps=settings.grad_accum)
 
 
 class BlockSampler:

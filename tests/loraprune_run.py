@@ -1,0 +1,47 @@
+"""A small LoRAPrune run on a tiny model, for tests that need a separate process (accelerate launch).
+
+Usage: python loraprune_run.py OUT.json BATCH_SIZE [STEPS]
+Writes the final masks (as kept indices) and the LoRA weights' checksum from the main process.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+from tiny import tiny_model  # noqa: E402
+
+from prunetune.lora import LoraSettings, add_lora  # noqa: E402
+from prunetune.methods.loraprune import LoRAPruner, LoRAPruneSettings  # noqa: E402
+from prunetune.structure.units import Structure  # noqa: E402
+from prunetune.train import TrainSettings, make_accelerator, train  # noqa: E402
+
+
+def run(batch_size: int, steps: int = 12, **train_kwargs):
+    model = tiny_model("qwen2", intermediate_size=128)
+    structure = Structure.of(model)
+    torch.manual_seed(0)
+    model = add_lora(model, LoraSettings(dropout=0.0))
+    generator = torch.Generator().manual_seed(1)
+    blocks = torch.randint(0, 96, (48, 24), generator=generator)
+    mask = torch.ones_like(blocks, dtype=torch.bool)
+    settings = TrainSettings(steps=steps, batch_size=batch_size, seq_len=24, lr=1e-2, **train_kwargs)
+    pruner = LoRAPruner(model, structure, ratio=0.5, layers=[0, 1, 2], units=("heads", "channels"),
+                        head_unit="kv-group", round_to=8, allocation="uniform",
+                        settings=LoRAPruneSettings(prune_every=2), total_steps=steps)
+    accelerator = make_accelerator(settings)
+    result = train(model, blocks, mask, settings, hooks=pruner, accelerator=accelerator, progress=False)
+    masks = pruner.finish()
+    return accelerator, model, structure, masks, pruner, result
+
+
+if __name__ == "__main__":
+    out, batch = sys.argv[1], int(sys.argv[2])
+    accelerator, model, structure, masks, pruner, result = run(batch)
+    if accelerator.is_main_process:
+        lora = {n: p.detach().double().sum().item() for n, p in model.named_parameters() if "lora_" in n}
+        with open(out, "w") as f:
+            json.dump({"masks": masks.kept_summary(structure), "lora": lora,
+                       "losses": [h["loss"] for h in result.history], "processes": accelerator.num_processes}, f)
