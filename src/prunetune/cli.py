@@ -199,6 +199,95 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
     out.print(table)
 
 
+BENCHMARKS = ("criterion",)
+
+
+def _check_json_path(json_path: Optional[Path]) -> None:
+    if json_path and not json_path.parent.is_dir():
+        raise UserError(f"cannot write --json {json_path}: no directory '{json_path.parent}'")
+
+
+@app.command(epilog="Examples:\n\n"
+             "prunetune bench criterion --shape llama-7b --seq-len 1024 --json criterion-7b.json\n\n"
+             "prunetune bench criterion --shape smollm2-135m --seq-len 256 --gradient-checkpointing")
+def bench(
+    what: str = typer.Argument(..., help="Which benchmark: criterion (the cost of one scoring step: vanilla "
+                               "Taylor, LoRA-guided, LoRA-guided on an 8-bit base)."),
+    shape: str = typer.Option("llama-7b", help="Randomly initialised model of a named shape: llama-7b, llama-13b, "
+                              "llama3-8b, smollm2-135m, tiny (no weights downloaded)."),
+    model: Optional[str] = typer.Option(None, help="Measure this real model instead of --shape. " + MODEL_HELP),
+    batch_size: int = typer.Option(1, help="Sequences per step."),
+    seq_len: int = typer.Option(1024, help="Tokens per sequence (random tokens)."),
+    warmup: int = typer.Option(2, help="Untimed steps before timing."),
+    repeats: int = typer.Option(5, help="Timed steps; the median is reported."),
+    variants: str = typer.Option("taylor,lora-guided,lora-guided-8bit", help="Which variants to run (comma-separated)."),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    gradient_checkpointing: bool = typer.Option(False, help="Enable gradient checkpointing for every variant."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
+) -> None:
+    """Benchmark a part of prunetune; on the CPU each variant runs in its own process to measure its memory."""
+    if what not in BENCHMARKS:
+        raise UserError(f"unknown benchmark '{what}'; available: {', '.join(BENCHMARKS)}")
+    from .evaluate.bench_criterion import BenchSettings, bench_criterion, result_notes, result_table
+    from .report import provenance, write_json
+
+    _check_json_path(json_path)
+    settings = BenchSettings(shape=shape, model=model, batch_size=batch_size, seq_len=seq_len, warmup=warmup,
+                             repeats=repeats, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing,
+                             variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
+    result = bench_criterion(settings, log=lambda msg: out.print(f"[dim]{msg}[/dim]"))
+    out.print(result_table(result))
+    for line in result_notes(result):
+        out.print(line)
+    if json_path:
+        write_json(json_path, provenance("bench criterion", **result.to_dict()))
+
+
+@app.command("masks-agree", epilog="Examples:\n\n"
+             "prunetune masks-agree smollm2-135m --ratios 0.1,0.2,0.3,0.5 --json agree.json\n\n"
+             "prunetune masks-agree smollm2-135m --steps 100 --batches 16 --layers paper")
+def masks_agree_command(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    ratios: str = typer.Option("0.1,0.2,0.3,0.5", help="Pruning ratios to compare at, comma-separated, each in (0, 1)."),
+    batches: int = typer.Option(8, help="Calibration batches; both criteria see the same ones."),
+    batch_size: int = typer.Option(1, help="Sequences per batch."),
+    seq_len: int = typer.Option(128, help="Tokens per sequence."),
+    data: str = typer.Option("builtin:pydoc", help="Calibration (and LoRA training) data; its train split."),
+    layers: str = typer.Option("all", help="Layers to prune: all, paper, or e.g. '3-27'."),
+    units: str = typer.Option("heads,channels", help="Unit kinds: heads, channels, or both."),
+    head_unit: str = typer.Option("kv-group", help="kv-group or q-head."),
+    round_to: int = typer.Option(1, help="Round MLP channel counts to a multiple of this (1: no rounding)."),
+    steps: int = typer.Option(0, help="Train the LoRA this many steps first (0: an untrained LoRA with a random B)."),
+    lr: float = typer.Option(2e-4, help="Learning rate of the LoRA training (--steps)."),
+    lora_r: int = typer.Option(8, help="LoRA rank."),
+    lora_alpha: int = typer.Option(16, help="LoRA alpha."),
+    score: str = typer.Option("abs", help="LoRA-guided score: abs (official code) or square (paper)."),
+    normalize: bool = typer.Option(True, help="LoRA-guided: L2-normalise each module's unit scores (official code)."),
+    seed: int = typer.Option(0, help="Seed of the LoRA init and training."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result to this JSON file."),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Overlap of the units the LoRA-guided criterion and vanilla Taylor keep, from the same batches."""
+    from .methods.masks_agree import AgreeSettings, agreement_table, masks_agree, parse_ratios
+    from .report import write_json
+
+    settings = AgreeSettings(ratios=parse_ratios(ratios), batches=batches, batch_size=batch_size, seq_len=seq_len,
+                             data=data, layers=layers, units=units, head_unit=head_unit, round_to=round_to,
+                             steps=steps, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, score=score,
+                             normalize=normalize, seed=seed)
+    settings.check()
+    _check_json_path(json_path)
+    record = masks_agree(model, settings, dtype=dtype, device=device, log=lambda msg: out.print(f"[dim]{msg}[/dim]"))
+    out.print(agreement_table(record))
+    out.print(f"LoRA: {record['lora']}; gradients: {record['criteria']['gradients']}")
+    out.print("overlap = shared units / units kept (or pruned) by taylor; random = expected overlap of random "
+              f"choices with the same per-layer counts; took {record['elapsed_seconds']:.0f}s")
+    if json_path:
+        write_json(json_path, record)
+
+
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """Usage-error and abort classes of click and of the copy of click that newer typer vendors."""
     usage, abort = [click.ClickException], [click.exceptions.Abort]

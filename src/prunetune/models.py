@@ -143,10 +143,11 @@ def load_model(
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         if source.kind == "hub":
             raise _hub_error(source.path, exc) from None
-        raise UserError(f"no tokenizer in '{source.describe()}' ({str(exc).splitlines()[0][:160]})") from None
+        raise UserError(f"no usable tokenizer in '{source.describe()}' ({str(exc).strip().splitlines()[0][:160]}); "
+                        "save one with tokenizer.save_pretrained(dir)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 

@@ -178,8 +178,23 @@ def sync_config(model: nn.Module) -> None:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold LoRA into the base weights and return the plain transformers model."""
-    if hasattr(model, "merge_and_unload"):
-        dequantize(model)
-        return model.merge_and_unload()
-    return model
+    """Fold LoRA into the base weights (W += s·B·A) and return the plain transformers model.
+
+    Done here rather than by PEFT's merge_and_unload because after a cut the base of a LoRA layer
+    created on a quantized model is a plain Linear, which PEFT's bitsandbytes merge cannot handle.
+    """
+    if not hasattr(model, "get_base_model"):
+        return model
+    dequantize(model)
+    hf = model.get_base_model()
+    for layer in hf.model.layers:
+        for name in ATTENTION_PROJECTIONS + MLP_PROJECTIONS:
+            module = projection(layer, name)
+            if not hasattr(module, "base_layer"):
+                continue
+            base = module.base_layer
+            with torch.no_grad():
+                for adapter in module.active_adapters:
+                    base.weight += module.get_delta_weight(adapter).to(base.weight.dtype)
+            setattr(layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp, name, base)
+    return hf

