@@ -144,3 +144,13 @@ def test_two_processes_prune_like_one_with_the_same_global_batch(tmp_path):
     for name, value in model.named_parameters():
         if "lora_" in name:
             assert two["lora"][name] == pytest.approx(value.detach().double().sum().item(), abs=1e-3)
+
+
+@pytest.mark.parametrize("dtype, expected", [("float32", torch.float32), ("base", torch.bfloat16)])
+def test_lora_dtype(dtype, expected):
+    model = tiny_model("llama").to(torch.bfloat16)
+    peft_model = add_lora(model, LoraSettings(dtype=dtype))
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {expected}
+    x = tokens()
+    peft_model(input_ids=x, labels=x).loss.backward()
+    assert lora_guided_scores(peft_model)[0].channels.dtype == torch.float32

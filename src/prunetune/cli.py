@@ -64,6 +64,8 @@ def prune(
     lora_r: int = typer.Option(8, help="LoRA rank."),
     lora_alpha: int = typer.Option(16, help="LoRA alpha."),
     lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
+    lora_dtype: str = typer.Option("float32", help="LoRA weights in float32 (PEFT's default) or base (the model's "
+                                   "dtype, e.g. bf16: no casts, faster on a GPU)."),
     batch_size: int = typer.Option(4, help="Sequences per micro-batch (per process)."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
     seq_len: int = typer.Option(256, help="Training and calibration sequence length."),
@@ -98,7 +100,7 @@ def prune(
         training=TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                                warmup=warmup, max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
                                checkpoint_every=checkpoint_every, seed=seed),
-        lora=LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout),
+        lora=LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dtype=lora_dtype),
         loraprune=LoRAPruneSettings(prune_every=prune_every, ema=ema, score=score, normalize=normalize),
         dtype=dtype, device=device, quant=quant, overwrite=overwrite, resume=resume,
     )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .structure.units import PROJECTIONS, decoder_layers, projection
+from .structure.units import PROJECTIONS, decoder_layers, projection, unwrap
 
 
 @dataclass
@@ -17,6 +17,9 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.05
     targets: tuple[str, ...] = PROJECTIONS
+    # "float32": PEFT's default, adapters in fp32 and activations cast for every LoRA call;
+    # "base": adapters in the base model's dtype (bf16 on a GPU), no casts, faster (DESIGN.md).
+    dtype: str = "float32"
 
 
 def add_lora(model: nn.Module, settings: LoraSettings | None = None) -> nn.Module:
@@ -24,9 +27,19 @@ def add_lora(model: nn.Module, settings: LoraSettings | None = None) -> nn.Modul
     from peft import LoraConfig, get_peft_model
 
     settings = settings or LoraSettings()
+    if settings.dtype not in ("float32", "base"):
+        from .errors import UserError
+
+        raise UserError(f"unknown --lora-dtype '{settings.dtype}'; use float32 or base")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=settings.dtype == "float32")
+    if settings.dtype == "base":
+        dtype = unwrap(peft_model).model.embed_tokens.weight.dtype
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(dtype)
+    return peft_model
 
 
 @dataclass

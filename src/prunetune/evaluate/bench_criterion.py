@@ -271,26 +271,20 @@ def weights_bytes(model: nn.Module) -> int:
 
 
 def taylor_step(model: nn.Module, batch: torch.Tensor, autocast=nullcontext) -> float:
-    """Forward, backward, |W ⊙ ∂L/∂W| per unit (as importance/taylor.py computes it), drop the gradients.
+    """Forward, backward, |W ⊙ ∂L/∂W| per unit (importance/taylor.py), drop the gradients.
 
     `taylor_scores` itself runs the model in eval mode, where transformers skips gradient
-    checkpointing, so the step repeats its few lines instead of calling it.
+    checkpointing, so the step runs the pass here and reuses only the scoring.
     """
-    from ..importance.scores import LayerScores
-    from ..structure.units import PROJECTIONS, base_linear, decoder_layers, dense_weight, projection
+    from ..importance.taylor import scores_from_weight_gradients
+    from ..structure.units import PROJECTIONS, base_linear, decoder_layers, projection
 
     with autocast():  # the forward only, as in prunetune.train; scoring runs in full precision
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
     loss.backward()
-    layers = decoder_layers(model)
     with torch.no_grad():
-        for layer in layers:
-            def per_weight(name: str, layer=layer) -> torch.Tensor:
-                module = projection(layer, name)
-                return (dense_weight(module).float() * base_linear(module).weight.grad.float()).abs()
-
-            LayerScores.from_weights(per_weight, layer.self_attn.head_dim)
-    for layer in layers:
+        scores_from_weight_gradients(model)
+    for layer in decoder_layers(model):
         for name in PROJECTIONS:
             base_linear(projection(layer, name)).weight.grad = None
     return loss.item()

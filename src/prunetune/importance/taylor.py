@@ -8,6 +8,9 @@ accumulate in the weights' own dtype, as a backward pass does.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -17,40 +20,62 @@ from .calibration import eval_mode, input_device, is_quantized_linear, require_b
 from .scores import LayerScores
 
 
-def taylor_scores(model: nn.Module, batches: list[torch.Tensor] | None = None, *, seed: int = 0) -> list[LayerScores]:
-    batches = require_batches(batches, "taylor")
+def quantized_refusal(model: nn.Module, what: str) -> None:
+    if any(is_quantized_linear(projection(layer, name)) for layer in decoder_layers(model) for name in PROJECTIONS):
+        raise UserError(f"{what} needs gradients of the weights and cannot run on a quantized base; "
+                        "use loraprune or magnitude, or load the model without --quant")
+
+
+@contextmanager
+def weight_gradients(model: nn.Module, batches: list[torch.Tensor], *, also: list[torch.Tensor] = (),
+                     mean: bool = False) -> Iterator[None]:
+    """Back-propagate the batches with only the projection weights (and `also`) requiring grad.
+
+    Inside the block their `.grad` holds the sum (or, with `mean`, the mean) over the batches of the
+    gradient of each batch's mean loss. Afterwards every flag and earlier gradient is as it was.
+    """
     layers = decoder_layers(model)
-    if any(is_quantized_linear(projection(layer, name)) for layer in layers for name in PROJECTIONS):
-        raise UserError("the taylor criterion needs gradients of the weights and cannot run on a quantized "
-                        "base; use loraprune or magnitude, or load the model without --quant")
-    weights = [base_linear(projection(layer, name)).weight for layer in layers for name in PROJECTIONS]
+    trained = [base_linear(projection(layer, name)).weight for layer in layers for name in PROJECTIONS] + list(also)
     params = list(model.parameters())
     requires_grad = [p.requires_grad for p in params]
-    saved_grads = [w.grad for w in weights]
+    saved_grads = [p.grad for p in trained]
     device = input_device(model)
     try:
         for p in params:
             p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-            w.grad = None
+        for p in trained:
+            p.requires_grad_(True)
+            p.grad = None
         with eval_mode(model), torch.enable_grad():
             for batch in batches:
                 batch = batch.to(device)
-                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-        scores = []
-        for layer in layers:
-            def per_weight(name: str, layer=layer) -> torch.Tensor:
-                module = projection(layer, name)
-                grad = base_linear(module).weight.grad
-                if grad is None:  # the weight did not take part in the loss
-                    return torch.zeros(dense_weight(module).shape)
-                return (dense_weight(module).float() * grad.float()).abs()
-
-            scores.append(LayerScores.from_weights(per_weight, layer.self_attn.head_dim))
-        return scores
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                (loss / len(batches) if mean else loss).backward()
+        yield
     finally:
-        for w, grad in zip(weights, saved_grads):
-            w.grad = grad
+        for p, grad in zip(trained, saved_grads):
+            p.grad = grad
         for p, flag in zip(params, requires_grad):
             p.requires_grad_(flag)
+
+
+def scores_from_weight_gradients(model: nn.Module) -> list[LayerScores]:
+    """|W ⊙ ∂L/∂W| per unit, from the gradients now on the projection weights."""
+    scores = []
+    for layer in decoder_layers(model):
+        def per_weight(name: str, layer=layer) -> torch.Tensor:
+            module = projection(layer, name)
+            grad = base_linear(module).weight.grad
+            if grad is None:  # the weight did not take part in the loss
+                return torch.zeros(dense_weight(module).shape)
+            return (dense_weight(module).float() * grad.float()).abs()
+
+        scores.append(LayerScores.from_weights(per_weight, layer.self_attn.head_dim))
+    return scores
+
+
+def taylor_scores(model: nn.Module, batches: list[torch.Tensor] | None = None, *, seed: int = 0) -> list[LayerScores]:
+    batches = require_batches(batches, "taylor")
+    quantized_refusal(model, "the taylor criterion")
+    with weight_gradients(model, batches):
+        return scores_from_weight_gradients(model)

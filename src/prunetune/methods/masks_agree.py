@@ -33,13 +33,13 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..importance.calibration import eval_mode, input_device, is_quantized_linear
 from ..importance.lora_guided import SCORE_KINDS, lora_guided_scores
 from ..importance.scores import LayerScores
+from ..importance.taylor import quantized_refusal, scores_from_weight_gradients, weight_gradients
 from ..lora import LoraSettings, add_lora, lora_matrices
 from ..structure.allocate import achieved_ratio, check_ratio, parse_layers, parse_units, select_masks
 from ..structure.masks import Masks
-from ..structure.units import HEAD_UNITS, PROJECTIONS, Structure, base_linear, decoder_layers, dense_weight, projection
+from ..structure.units import HEAD_UNITS, Structure, decoder_layers
 
 
 @dataclass
@@ -126,46 +126,12 @@ def accumulate_scores(model: nn.Module, batches: list[torch.Tensor], *, score: s
     """(taylor, lora-guided) scores from one forward and backward pass per batch; `model` has LoRA."""
     if not batches:
         raise UserError("masks-agree needs calibration data: pass --data and --batches")
-    layers = decoder_layers(model)
-    if any(is_quantized_linear(projection(layer, name)) for layer in layers for name in PROJECTIONS):
-        raise UserError("masks-agree compares against taylor, which needs gradients of the weights: "
-                        "load the model without quantization")
-    loras = [lora for layer in layers for lora in lora_matrices(layer)]
+    quantized_refusal(model, "masks-agree (it compares against taylor)")
+    loras = [lora for layer in decoder_layers(model) for lora in lora_matrices(layer)]
     if not loras:
         raise ValueError("the model has no LoRA; wrap it with add_lora first")
-    weights = [base_linear(projection(layer, name)).weight for layer in layers for name in PROJECTIONS]
-    trained = weights + [p for lora in loras for p in (lora.A, lora.B)]
-    params = list(model.parameters())
-    requires_grad = [p.requires_grad for p in params]
-    saved_grads = [p.grad for p in trained]
-    device = input_device(model)
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        for p in trained:
-            p.requires_grad_(True)
-            p.grad = None
-        with eval_mode(model), torch.enable_grad():
-            for batch in batches:
-                batch = batch.to(device)
-                (model(input_ids=batch, labels=batch, use_cache=False).loss / len(batches)).backward()
-        lora = lora_guided_scores(model, score=score, normalize=normalize)
-        taylor = []
-        for layer in layers:
-            def per_weight(name: str, layer=layer) -> torch.Tensor:
-                module = projection(layer, name)
-                grad = base_linear(module).weight.grad
-                if grad is None:  # the weight did not take part in the loss
-                    return torch.zeros(dense_weight(module).shape)
-                return (dense_weight(module).float() * grad.float()).abs()
-
-            taylor.append(LayerScores.from_weights(per_weight, layer.self_attn.head_dim))
-        return taylor, lora
-    finally:
-        for p, grad in zip(trained, saved_grads):
-            p.grad = grad
-        for p, flag in zip(params, requires_grad):
-            p.requires_grad_(flag)
+    with weight_gradients(model, batches, also=[p for lora in loras for p in (lora.A, lora.B)], mean=True):
+        return scores_from_weight_gradients(model), lora_guided_scores(model, score=score, normalize=normalize)
 
 
 # ---------------------------------------------------------------------------------------------
