@@ -6,7 +6,7 @@ Prunes the real SmolLM2-135M at 20% and 50% with
   - magnitude + recovery (weight norms, then STEPS LoRA steps)
 on the same training data, layers, batch and learning rate, and prints held-out perplexity,
 parameters and wall time per method. Each run is a separate `prunetune prune` process, so wall time
-and peak memory are the method's own.
+and peak memory (process peak RSS on the CPU, which includes loading the GGUF) are the method's own.
 
     python benchmarks/quality.py [--steps 100] [--out runs/quality]
 
@@ -20,7 +20,6 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 METHODS = [("loraprune", []), ("taylor", ["--recover-steps"]), ("magnitude", ["--recover-steps"])]
@@ -38,6 +37,7 @@ def main() -> None:
     parser.add_argument("--eval-data", default="builtin:pydoc")
     parser.add_argument("--layers", default="paper", help="the same layers for every method")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--reuse", action="store_true", help="keep runs whose output already exists (rerun only the missing ones)")
     args = parser.parse_args()
 
     rows = []
@@ -51,10 +51,9 @@ def main() -> None:
                 "--out", str(out), "--overwrite",
                 *(budget_flag + [str(args.steps)] if budget_flag else ["--steps", str(args.steps)]),
             ]
-            print("$", " ".join(command[2:]), flush=True)
-            started = time.perf_counter()
-            subprocess.run(command, check=True)
-            wall = time.perf_counter() - started
+            if not (args.reuse and (out / "prunetune.json").exists()):
+                print("$", " ".join(command[2:]), flush=True)
+                subprocess.run(command, check=True)
             record = json.loads((out / "prunetune.json").read_text())
             results, params = record["results"], record["parameters"]
             rows.append({
@@ -66,7 +65,7 @@ def main() -> None:
                 "ratio_achieved": params["ratio_achieved"],
                 "train_seconds": record["training"]["seconds"],
                 "peak_memory_gib": record["training"]["peak_memory_bytes"] / 2**30,
-                "wall_seconds": wall,
+                "wall_seconds": record["elapsed_seconds"],  # load, evaluate twice, train, cut, save
                 "protocol": results["perplexity_after"]["protocol"],
             })
 

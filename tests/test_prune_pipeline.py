@@ -81,3 +81,12 @@ def test_taylor_refuses_a_quantized_base(model_dir, tmp_path):
     with pytest.raises(UserError, match="taylor"):
         prune(str(model_dir), tmp_path / "t", _settings("taylor"), EVAL, _options(quant="8bit"), log=lambda _: None)
     assert not (tmp_path / "t").exists()
+
+
+def test_same_seed_same_result(model_dir, tmp_path):
+    """The adapter's initialisation, the data order and dropout all follow --seed."""
+    records = [prune(str(model_dir), tmp_path / f"run{i}", _settings("loraprune"), EVAL, _options(steps=4),
+                     log=lambda _: None) for i in range(2)]
+    assert records[0]["kept"] == records[1]["kept"]
+    assert records[0]["results"]["perplexity_after"] == records[1]["results"]["perplexity_after"] | {
+        "seconds": records[0]["results"]["perplexity_after"]["seconds"]}

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..checkpoint import save_model
 from ..data import load_blocks, load_examples
 from ..errors import UserError
@@ -146,6 +148,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     record_training = {}
 
     if settings.method == "loraprune":
+        torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
         model = add_lora(model, options.lora)
         pruner = LoRAPruner(model, before, ratio=settings.ratio, layers=layers, units=units,
                             head_unit=settings.head_unit, round_to=settings.round_to,
@@ -167,6 +170,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     ratio = achieved_ratio(before, masks, layers, units)
     cut(model, masks)
     if settings.recover_steps:
+        torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
         model = add_lora(model, options.lora)
         recovery = TrainSettings(**{**asdict(training), "steps": settings.recover_steps})
         run = train(model, blocks, mask, recovery, accelerator=accelerator, checkpoint_dir=checkpoints,
