@@ -90,3 +90,35 @@ def test_same_seed_same_result(model_dir, tmp_path):
     assert records[0]["kept"] == records[1]["kept"]
     assert records[0]["results"]["perplexity_after"] == records[1]["results"]["perplexity_after"] | {
         "seconds": records[0]["results"]["perplexity_after"]["seconds"]}
+
+
+def test_killed_run_resumes_to_the_same_model(model_dir, tmp_path, monkeypatch):
+    """A run killed mid-way leaves only its checkpoint; the same command with --resume finishes it."""
+    from prunetune.methods.loraprune import LoRAPruner
+
+    options = dict(steps=8, checkpoint_every=3)
+    whole = prune(str(model_dir), tmp_path / "whole", _settings("loraprune"), EVAL, _options(**options),
+                  log=lambda _: None)
+
+    out = tmp_path / "killed"
+    original = LoRAPruner.before_optimizer_step
+
+    def crash_at_step_5(self, step):
+        if step == 5:
+            raise KeyboardInterrupt
+        original(self, step)
+
+    monkeypatch.setattr(LoRAPruner, "before_optimizer_step", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        prune(str(model_dir), out, _settings("loraprune"), EVAL, _options(**options), log=lambda _: None)
+    assert not out.exists() and checkpoint_dir_for(out).exists()
+    monkeypatch.setattr(LoRAPruner, "before_optimizer_step", original)
+
+    resumed_options = _options(**options)
+    resumed_options.resume = True
+    resumed = prune(str(model_dir), out, _settings("loraprune"), EVAL, resumed_options, log=lambda _: None)
+    assert resumed["training"]["resumed_from_step"] == 3
+    assert resumed["kept"] == whole["kept"]
+    assert resumed["results"]["perplexity_after"]["perplexity"] == pytest.approx(
+        whole["results"]["perplexity_after"]["perplexity"], rel=1e-5)
+    assert not checkpoint_dir_for(out).exists()
