@@ -8,6 +8,8 @@ are GPU targets).
 
     python benchmarks/criterion.py [--shape llama-7b] [--seq-len 1024] [--json criterion.json]
 
+Each run is what `prunetune bench-criterion --shape SHAPE --seq-len N [--gradient-checkpointing]` prints.
+
 Nothing is downloaded: the weights are random; only shapes matter for time and memory.
 """
 

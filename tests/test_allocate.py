@@ -35,6 +35,24 @@ def test_round_count():
     assert round_count(30, 64, 48) == 48  # a multiple larger than the layer keeps it whole
 
 
+def test_default_rounding_is_128_on_wide_mlps_and_64_on_narrow_ones():
+    from prunetune.structure.allocate import DEFAULT_ROUND_TO, parse_round_to, target_counts
+    from prunetune.structure.units import LayerShape
+
+    assert DEFAULT_ROUND_TO == "auto"
+    assert round_count(8738, "auto", 11008) == 8704  # LLaMA-7B at 20%: 68 x 128 (64 would give 8768)
+    assert round_count(1297, "auto", 1536) == 1280  # SmolLM2 at 20%: multiples of 64
+    assert round_count(683, "auto", 1536) == 704
+    llama7b = Structure("llama", 4096, 128, 32000, False, 4096, (LayerShape(32, 32, 11008),), False, False, False)
+    for ratio, heads, channels in ((0.2, 26, 8704), (0.5, 16, 5504)):  # DESIGN.md: 8832 and 5504 were fast
+        counts = target_counts(llama7b, ratio, [0])[0]
+        assert (counts.head_units, counts.channels) == (heads, channels) and channels % 128 == 0
+    assert parse_round_to("auto") == "auto" and parse_round_to("64") == 64 and parse_round_to(8) == 8
+    for bad in ("0", "-8", "x", "6.4"):
+        with pytest.raises(UserError, match="--round-to"):
+            parse_round_to(bad)
+
+
 @pytest.mark.parametrize("ratio", [0.2, 0.5])
 def test_budget_is_met_and_heads_respect_groups(ratio):
     model = tiny_model("llama", intermediate_size=256, num_hidden_layers=3)

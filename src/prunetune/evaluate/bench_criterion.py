@@ -20,10 +20,10 @@ dropout) and, on a GPU in bf16/fp16, its forward runs under autocast, as `prunet
 Memory:
   - CUDA: `torch.cuda.max_memory_allocated()` over the timed and untimed steps, after a peak reset
     that follows building (and quantizing) the model, so it includes the weights.
-  - CPU: the variant runs in a fresh Python process (`python -m prunetune.evaluate.bench_criterion
-    --variant ...`), with glibc's mmap threshold fixed so freed tensors leave the resident set; its
-    peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs once the model is
-    built) minus its resident size before the model was built, i.e. weights plus what the steps
+  - CPU: the variant runs in a fresh Python process (measure.run_isolated), with glibc's mmap
+    threshold fixed so freed tensors leave the resident set; its peak resident set size (Linux
+    VmHWM, reset through /proc/self/clear_refs once the model is built) minus its resident size
+    before the model was built, i.e. weights plus what the steps
     need, without the Python/torch runtime. Where the reset is not possible the whole-process peak
     (`ru_maxrss`) is used and the table says so. CPU step times are for comparing the variants with
     each other, not with a GPU.
@@ -31,14 +31,7 @@ Memory:
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -49,28 +42,13 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .measure import (
+    GIB, device_name, free, isolation_note, peak_rss_bytes, reset_peak_rss, rss_bytes, run_isolated, versions,
+    weights_bytes, worker_main,
+)
+from .shapes import SHAPES, random_model, shape_config
 
 VARIANTS = ("taylor", "lora-guided", "lora-guided-8bit")
-GIB = 1024 ** 3
-MMAP_THRESHOLD = 65536  # bytes; see _run_isolated
-
-# LlamaConfig keyword arguments of each named shape.
-SHAPES: dict[str, dict] = {
-    "llama-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                     intermediate_size=11008, vocab_size=32000, max_position_embeddings=2048,
-                     tie_word_embeddings=False),
-    "llama-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
-                      intermediate_size=13824, vocab_size=32000, max_position_embeddings=2048,
-                      tie_word_embeddings=False),
-    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                      intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192,
-                      tie_word_embeddings=False),
-    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
-                         tie_word_embeddings=True),
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=256, vocab_size=1000, max_position_embeddings=2048, tie_word_embeddings=False),
-}
 
 # What the LoRA-guided criterion should achieve on a GPU (LLaMA-7B shape, bf16), relative to taylor.
 TARGETS = {
@@ -173,40 +151,12 @@ class BenchResult:
             "config": self.config,
             "variants": [asdict(v) | self.ratios(v.variant) for v in self.variants],
             "targets": self.targets(),
-            "versions": _versions(),
+            "versions": versions(),
         }
 
 
 # ---------------------------------------------------------------------------------------------
 # Building the model of one variant
-
-
-def shape_config(shape: str, seq_len: int = 0):
-    from transformers import LlamaConfig
-
-    if shape not in SHAPES:
-        raise UserError(f"unknown shape '{shape}'; available: {', '.join(SHAPES)}")
-    kwargs = dict(SHAPES[shape])
-    kwargs["max_position_embeddings"] = max(kwargs["max_position_embeddings"], seq_len)
-    return LlamaConfig(**kwargs)
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    else:
-        _malloc_trim()
-
-
-def _malloc_trim() -> None:
-    """Give freed heap memory back to the OS (glibc), so the resident size counts live memory only."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _preload(variant: str) -> None:
@@ -224,8 +174,6 @@ def _preload(variant: str) -> None:
 
 def build_model(settings: BenchSettings, variant: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The model of one variant, ready to step: gradients on W (taylor) or on a LoRA (the others)."""
-    from transformers import AutoModelForCausalLM
-
     from ..lora import LoraSettings, add_lora
     from ..models import load_model, quantize_linear_layers
     from ..structure.units import PROJECTIONS, base_linear, decoder_layers, projection
@@ -236,8 +184,7 @@ def build_model(settings: BenchSettings, variant: str, device: torch.device, dty
         model, _ = load_model(settings.model, dtype=str(dtype).removeprefix("torch."), device=str(device),
                               quant="8bit" if quantized else None)
     else:
-        with torch.device(device):  # built in place: no fp32 copy on the CPU first
-            model = AutoModelForCausalLM.from_config(shape_config(settings.shape, settings.seq_len), dtype=dtype)
+        model = random_model(shape_config(settings.shape, settings.seq_len), device, dtype, settings.seed)
         if quantized:
             quantize_linear_layers(model, "8bit", dtype, device)
     for p in model.parameters():
@@ -254,16 +201,6 @@ def build_model(settings: BenchSettings, variant: str, device: torch.device, dty
             model.enable_input_require_grads()
     model.train()  # checkpointing only applies in training mode; no variant has dropout
     return model
-
-
-def weights_bytes(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,41 +245,6 @@ STEPS: dict[str, Callable[..., float]] = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory on the CPU: this process's resident set, peak reset after building
-
-
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Make VmHWM equal to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _proc_status_kib("VmHWM") is not None
-
-
-def _peak_rss_bytes() -> int:
-    hwm = _proc_status_kib("VmHWM")
-    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _rss_bytes() -> int:
-    rss = _proc_status_kib("VmRSS")
-    return rss * 1024 if rss is not None else 0
-
-
-# ---------------------------------------------------------------------------------------------
 # Running variants
 
 
@@ -354,8 +256,8 @@ def run_variant(settings: BenchSettings, variant: str) -> VariantResult:
     dtype = pick_dtype(settings.dtype, device)
     cuda = device.type == "cuda"
     _preload(variant)
-    _free(device)
-    rss_before_build = _rss_bytes()
+    free(device)
+    rss_before_build = rss_bytes()
     try:
         model = build_model(settings, variant, device, dtype)
     except Exception as exc:  # bitsandbytes without kernels for this device, a model too big, and the like
@@ -363,7 +265,7 @@ def run_variant(settings: BenchSettings, variant: str) -> VariantResult:
     else:
         skipped = None
     if skipped:
-        _free(device)  # outside the except block: its traceback holds the tensors
+        free(device)  # outside the except block: its traceback holds the tensors
         return VariantResult(variant, skipped=skipped)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(settings.seed + 1)
@@ -372,17 +274,17 @@ def run_variant(settings: BenchSettings, variant: str) -> VariantResult:
     step = STEPS[variant]
     autocast = ((lambda: torch.autocast("cuda", dtype=dtype)) if cuda and dtype in (torch.bfloat16, torch.float16)
                 else nullcontext)
-    _free(device)
+    free(device)
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         result.memory_measure = "cuda max_memory_allocated (weights included)"
         result.raw["allocated_before_steps"] = torch.cuda.memory_allocated(device)
-    elif _reset_peak_rss():
+    elif reset_peak_rss():
         result.memory_measure = "peak RSS during the steps minus RSS before building (weights included)"
     else:
         result.memory_measure = "process peak RSS (ru_maxrss, includes building) minus RSS before building"
-    rss_after_build = _rss_bytes()
+    rss_after_build = rss_bytes()
     skipped = None
     try:
         for i in range(settings.warmup + settings.repeats):
@@ -398,17 +300,17 @@ def run_variant(settings: BenchSettings, variant: str) -> VariantResult:
         skipped = _skip_reason(exc, variant, device, "stepping")
     if skipped:
         del model, batch
-        _free(device)
+        free(device)
         return VariantResult(variant, skipped=skipped)
     result.step_seconds = statistics.median(result.step_times)
     if cuda:
         result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
     else:
-        peak = _peak_rss_bytes()
+        peak = peak_rss_bytes()
         result.peak_memory_bytes = peak - rss_before_build
         result.raw.update(peak_rss=peak, rss_before_build=rss_before_build, rss_after_build=rss_after_build)
     del model, batch
-    _free(device)
+    free(device)
     return result
 
 
@@ -428,42 +330,8 @@ def _reason(exc: BaseException) -> str:
 
 def _run_isolated(settings: BenchSettings, variant: str) -> VariantResult:
     """Run one variant in a fresh Python process, so its peak memory is its own."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="prunetune-bench-") as tmp:
-        result_path = os.path.join(tmp, "result.json")
-        payload = json.dumps(asdict(settings) | {"variants": list(settings.variants)})
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        # A fixed glibc mmap threshold (no dynamic raise) sends every freed tensor above 64 KiB back to
-        # the OS, so the resident size follows live memory instead of heap fragmentation (measured on
-        # the SmolLM2 shape: LoRA's many small temporaries otherwise added ~250 MiB of freed heap).
-        # It costs CPU step time (~30% there), alike for every variant.
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
-        done = subprocess.run([sys.executable, "-m", "prunetune.evaluate.bench_criterion", "--variant", variant,
-                               "--settings", payload, "--result", result_path],
-                              capture_output=True, text=True, env=env)
-        record = None
-        if os.path.exists(result_path):
-            with open(result_path) as f:
-                record = json.load(f)
-    if record is not None and "error" in record:
-        raise UserError(record["error"])
-    if done.returncode != 0 or record is None:
-        tail = "\n".join(done.stderr.strip().splitlines()[-30:])
-        raise RuntimeError(f"the '{variant}' benchmark process exited with code {done.returncode}:\n{tail}")
-    return VariantResult(**record)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+    payload = {"settings": asdict(settings) | {"variants": list(settings.variants)}, "variant": variant}
+    return VariantResult(**run_isolated("prunetune.evaluate.bench_criterion", payload, f"the '{variant}' variant"))
 
 
 def bench_criterion(settings: BenchSettings, *, isolate: bool | None = None,
@@ -497,8 +365,7 @@ def bench_criterion(settings: BenchSettings, *, isolate: bool | None = None,
     measures = {r.memory_measure for r in results if r.memory_measure}
     measure = " / ".join(sorted(measures))
     if isolate and device.type == "cpu":
-        threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
-        measure += f"; each variant in a fresh process, MALLOC_MMAP_THRESHOLD_={threshold}"
+        measure += "; " + isolation_note("variant")
     return BenchResult(settings, str(device), device_name(device), str(dtype).removeprefix("torch."), measure,
                        results, config=_config_summary(config))
 
@@ -507,18 +374,6 @@ def _config_summary(config) -> dict:
     keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "intermediate_size", "vocab_size", "tie_word_embeddings")
     return {k: getattr(config, k, None) for k in keys}
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for package in ("torch", "transformers", "peft", "bitsandbytes"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            versions[package] = None
-    return versions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,33 +415,14 @@ def result_notes(result: BenchResult) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Worker process: `python -m prunetune.evaluate.bench_criterion --variant X --settings JSON --result FILE`
+# Worker process: `python -m prunetune.evaluate.bench_criterion --payload JSON --result FILE`
 
 
-def _worker(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run one criterion-benchmark variant (used by `prunetune bench`).")
-    parser.add_argument("--variant", required=True, choices=VARIANTS)
-    parser.add_argument("--settings", required=True, help="BenchSettings as JSON")
-    parser.add_argument("--result", required=True, help="where to write the VariantResult as JSON")
-    args = parser.parse_args(argv)
-    import logging
-
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    raw = json.loads(args.settings)
+def _work(payload: dict) -> dict:
+    raw = payload["settings"]
     settings = BenchSettings(**raw | {"variants": tuple(raw["variants"])})
-    try:
-        result = run_variant(settings, args.variant)
-    except UserError as exc:
-        record, code = {"error": str(exc)}, 2
-    else:
-        record, code = asdict(result), 0
-    with open(args.result, "w") as f:
-        json.dump(record, f)
-    return code
+    return asdict(run_variant(settings, payload["variant"]))
 
 
 if __name__ == "__main__":
-    sys.exit(_worker())
+    sys.exit(worker_main(_work, description="One criterion-benchmark variant (for `prunetune bench-criterion`)."))

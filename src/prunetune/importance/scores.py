@@ -38,3 +38,24 @@ class LayerScores:
             kv_heads=units("k_proj") + units("v_proj"),
             channels=units("gate_proj") + units("up_proj") + units("down_proj"),
         )
+
+
+SCORES_FILE = "unit_scores.safetensors"
+
+
+def save_scores(path, scores: list[LayerScores]) -> None:
+    """Per-layer unit scores as safetensors (`layers.{i}.q_heads`, `.kv_heads`, `.channels`)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"layers.{i}.{name}": getattr(s, name).float().contiguous()
+               for i, s in enumerate(scores) for name in ("q_heads", "kv_heads", "channels")}
+    save_file(tensors, str(path))
+
+
+def load_scores(path) -> list[LayerScores]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    count = 1 + max(int(key.split(".")[1]) for key in tensors)
+    return [LayerScores(*(tensors[f"layers.{i}.{name}"] for name in ("q_heads", "kv_heads", "channels")))
+            for i in range(count)]

@@ -47,7 +47,7 @@ class LoRAPruner(TrainHooks):
     """Scores, moving average, schedule and masks of a LoRAPrune run; plugs into the training loop."""
 
     def __init__(self, model: nn.Module, structure: Structure, *, ratio: float, layers: list[int],
-                 units: tuple[str, ...], head_unit: str, round_to: int, allocation: str,
+                 units: tuple[str, ...], head_unit: str, round_to: int | str, allocation: str,
                  settings: LoRAPruneSettings, total_steps: int):
         if settings.score not in SCORE_KINDS:
             from ..errors import UserError

@@ -26,9 +26,11 @@ from ..evaluate.perplexity import check_seq_len, perplexity
 from ..importance import CRITERIA
 from ..lora import LoraSettings, add_lora
 from ..models import load_model
-from ..report import check_output_dir, provenance, run_directory, write_json, write_prune_report
+from ..importance.scores import SCORES_FILE, save_scores
+from ..report import check_output_dir, provenance, run_directory, write_json, write_report
 from ..structure.allocate import (
-    ALLOCATIONS, achieved_ratio, check_ratio, describe_prunable, parse_layers, parse_units, select_masks,
+    ALLOCATIONS, DEFAULT_ROUND_TO, achieved_ratio, check_ratio, describe_prunable, parse_layers, parse_round_to,
+    parse_units, select_masks,
 )
 from ..structure.surgery import cut
 from ..structure.units import HEAD_UNITS, Structure, count_parameters
@@ -46,7 +48,7 @@ class PruneSettings:
     layers: str | None = None  # None: 'paper' for loraprune (the official choice), 'all' otherwise
     units: str = "heads,channels"
     head_unit: str = "kv-group"
-    round_to: int = 64
+    round_to: int | str = DEFAULT_ROUND_TO  # 'auto': 128 on wide MLPs, 64 on narrow ones (allocate.py)
     allocation: str = "uniform"
     data: str = "builtin:pydoc"  # training data (loraprune, recovery) and calibration batches
     calib_samples: int = 10  # calibration sequences for taylor and wanda-sp (LLM-Pruner: 10)
@@ -66,8 +68,7 @@ class PruneSettings:
             raise UserError(f"unknown --head-unit '{self.head_unit}'; use {' or '.join(HEAD_UNITS)}")
         if self.allocation not in ALLOCATIONS:
             raise UserError(f"unknown --allocation '{self.allocation}'; use {' or '.join(ALLOCATIONS)}")
-        if self.round_to < 1:
-            raise UserError(f"--round-to must be at least 1, got {self.round_to}")
+        parse_round_to(self.round_to)
         if self.recover_steps < 0 or self.calib_samples < 1:
             raise UserError("--recover-steps must be 0 or more and --calib-samples at least 1")
         if self.method == "loraprune" and self.recover_steps:
@@ -156,6 +157,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         run = train(model, blocks, mask, training, hooks=pruner, accelerator=accelerator,
                     checkpoint_dir=checkpoints, resume=options.resume, progress=options.progress, log=quiet_log)
         masks = pruner.finish()
+        scores = pruner.average
         record_training = {"training": _training_record(run, training) | {"schedule": pruner.history}}
     else:
         batches = None
@@ -201,10 +203,13 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
             model, saved_as = save_model(model, tokenizer, tmp)
             record["architecture"] = {"source": before.model_type, "saved_as": saved_as,
                                       "stock_loadable": after.uniform,
-                                      "layer_shapes": [asdict(s) for s in after.layers]}
+                                      "layer_shapes": [asdict(s) for s in after.layers],
+                                      "source_layer_shapes": [asdict(s) for s in before.layers],
+                                      "source_hidden": before.hidden}
             record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+            save_scores(tmp / SCORES_FILE, scores)
             write_json(tmp / "prunetune.json", record)
-            write_prune_report(tmp / "report.md", record)
+            write_report(tmp)  # from the JSON just written, exactly as `prunetune report` redraws it
         shutil.rmtree(checkpoints, ignore_errors=True)
     accelerator.wait_for_everyone()
     return record

@@ -1,0 +1,92 @@
+"""Run directories: written to a temporary sibling and renamed when complete, with prunetune.json
+(what was run, on what, with which settings and results)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import UserError
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Fail before any work if the output cannot be written."""
+    if out.exists() and not overwrite:
+        raise UserError(f"'{out}' already exists; pass --overwrite or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"'{out}' is a file, not a directory")
+
+
+@contextmanager
+def run_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; on success it becomes `out`, on failure it goes."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # nearest first; only the ones this run made, and only if empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def provenance(command: str, **fields) -> dict:
+    """The common head of every prunetune.json."""
+    return {
+        "prunetune_version": __version__,
+        "command": command,
+        "argv": sys.argv[1:],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        **fields,
+    }
+
+
+def write_json(path: Path, record: dict) -> None:
+    replace_file(Path(path), json.dumps(record, indent=2, default=_json_default) + "\n")
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write text to a temporary sibling and rename it over `path`: readers never see half a file."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
