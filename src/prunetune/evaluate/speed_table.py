@@ -45,8 +45,8 @@ def result_table(result: SpeedResult):
             table.add_row(row.label, _count(row.parameters), "skipped", "", _count(row.prefill_flops),
                           _ratio(r["flops_ratio"]), "", "", "", "", memory(row.weights_bytes))
             continue
-        decode = "" if row.decode_tokens_per_second is None else f"{row.decode_tokens_per_second:.4g}"
-        table.add_row(row.label, _count(row.parameters), f"{row.prefill_seconds * 1e3:.4g}", _ratio(r["prefill_ratio"]),
+        decode = "" if row.decode_tokens_per_second is None else f"{row.decode_tokens_per_second:.1f}"
+        table.add_row(row.label, _count(row.parameters), f"{row.prefill_seconds * 1e3:.1f}", _ratio(r["prefill_ratio"]),
                       _count(row.prefill_flops), _ratio(r["flops_ratio"]), decode, _ratio(r["decode_ratio"]),
                       memory(row.peak_memory_bytes), _ratio(r["memory_ratio"]), memory(row.weights_bytes))
     return table
