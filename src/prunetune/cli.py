@@ -21,7 +21,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Make Hugging Face decoder LLMs smaller and cheaper to adapt: structured pruning and LoRA.",
 )
-out = Console()
+# Piped output (CI logs, files) gets 120 columns rather than rich's 80, so the wide tables stay whole.
+out = Console(width=120) if not sys.stdout.isatty() and "COLUMNS" not in os.environ else Console()
 
 MODEL_HELP = "Hub id, local model directory, .gguf file, or the built-in 'smollm2-135m'."
 DTYPE_HELP = "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."

@@ -15,8 +15,9 @@ def _count(n: int | None) -> str:
     return str(n)
 
 
-def _ratio(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}"
+def _with_ratio(text: str, ratio: float | None) -> str:
+    """A measurement and, dimmed after it, its ratio to the first row: '646.6 ×0.80'."""
+    return text if not text or ratio is None else f"{text} [dim]×{ratio:.2f}[/dim]"
 
 
 def _bytes_formatter(values: list[int | None]):
@@ -25,7 +26,8 @@ def _bytes_formatter(values: list[int | None]):
 
 
 def result_table(result: SpeedResult):
-    """One row per model: parameters, prefill latency and FLOPs, decode speed, memory; ratios to the first row."""
+    """One row per model: parameters, prefill latency and FLOPs, decode speed, memory, each with its
+    ratio to the first row (compact, so it reads in an 80-column terminal or a CI log)."""
     from rich.table import Table
 
     s = result.settings
@@ -33,22 +35,23 @@ def result_table(result: SpeedResult):
                                            [r.weights_bytes for r in result.rows])
     table = Table(title=f"inference: batch {s.batch_size} x {s.prompt_len}-token prompt, then {s.decode_tokens} "
                         f"decode tokens; {result.dtype}, {result.device_name}",
-                  caption=f"ratio: this row / the first ({result.rows[0].label}); for tok/s above 1 is faster. "
+                  caption=f"×: this row / the first ({result.rows[0].label}); for tok/s above 1 is faster. "
                           f"prefill: ms and FLOPs of the forward pass over the prompt; tok/s: decode; "
-                          f"peak memory and weights in {memory_unit}")
-    table.add_column("model", no_wrap=True)
-    for column in ("params", "prefill ms", "ratio", "FLOPs", "ratio", "tok/s", "ratio", "peak", "ratio", "weights"):
+                          f"peak memory in {memory_unit} (weights included)")
+    table.add_column("model", overflow="fold", min_width=min(16, max(len(r.label) for r in result.rows)))
+    for column in ("params", "prefill ms", "FLOPs", "tok/s", f"peak {memory_unit}"):
         table.add_column(column, justify="right", no_wrap=True)
     for row in result.rows:
         r = result.ratios(row)
+        flops = _with_ratio(_count(row.prefill_flops), r["flops_ratio"])
         if row.skipped:
-            table.add_row(row.label, _count(row.parameters), "skipped", "", _count(row.prefill_flops),
-                          _ratio(r["flops_ratio"]), "", "", "", "", memory(row.weights_bytes))
+            table.add_row(row.label, _count(row.parameters), "skipped", flops, "", "")
             continue
         decode = "" if row.decode_tokens_per_second is None else f"{row.decode_tokens_per_second:.1f}"
-        table.add_row(row.label, _count(row.parameters), f"{row.prefill_seconds * 1e3:.1f}", _ratio(r["prefill_ratio"]),
-                      _count(row.prefill_flops), _ratio(r["flops_ratio"]), decode, _ratio(r["decode_ratio"]),
-                      memory(row.peak_memory_bytes), _ratio(r["memory_ratio"]), memory(row.weights_bytes))
+        table.add_row(row.label, _count(row.parameters),
+                      _with_ratio(f"{row.prefill_seconds * 1e3:.1f}", r["prefill_ratio"]), flops,
+                      _with_ratio(decode, r["decode_ratio"]),
+                      _with_ratio(memory(row.peak_memory_bytes), r["memory_ratio"]))
     return table
 
 
