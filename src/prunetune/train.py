@@ -86,6 +86,17 @@ class TrainResult:
     peak_memory_kind: str = ""
     resumed_from_step: int = 0
 
+    def record(self, settings: TrainSettings) -> dict:
+        """The `training` entry of a run's prunetune.json."""
+        return {
+            "settings": asdict(settings),
+            "history": self.history,
+            "seconds": round(self.seconds, 1),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_memory_kind": self.peak_memory_kind,
+            "resumed_from_step": self.resumed_from_step,
+        }
+
 
 def make_accelerator(settings: TrainSettings):
     from accelerate import Accelerator
@@ -135,9 +146,28 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def peak_memory() -> tuple[int, str]:
+def reset_peak_memory() -> bool:
+    """Start measuring the training's own peak: CUDA's counter, or the process's RSS high-water mark
+    (Linux), so loading the model earlier (a GGUF de-quantizes through big temporaries) is not counted."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    import gc
+
+    from .evaluate.measure import malloc_trim, reset_peak_rss
+
+    gc.collect()
+    malloc_trim()  # hand memory freed after loading back to the OS, so it is not counted as training's
+    return reset_peak_rss()
+
+
+def peak_memory(reset_worked: bool = False) -> tuple[int, str]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
+    if reset_worked:
+        from .evaluate.measure import peak_rss_bytes
+
+        return peak_rss_bytes(), "peak RSS during training"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
@@ -177,8 +207,7 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
             raise UserError(f"--resume: no checkpoint in '{checkpoint_dir}'")
         start_step = _load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, hooks, result)
         result.resumed_from_step = start_step
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    measuring = reset_peak_memory()
     model.train()
     started = time.perf_counter()
     end = settings.steps if stop_after is None else min(settings.steps, stop_after)
@@ -208,7 +237,7 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
         if checkpoint and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0:
             _save_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, hooks, step + 1, result)
     result.seconds = time.perf_counter() - started
-    result.peak_memory_bytes, result.peak_memory_kind = peak_memory()
+    result.peak_memory_bytes, result.peak_memory_kind = peak_memory(measuring)
     model.eval()
     if settings.gradient_checkpointing:
         accelerator.unwrap_model(model).gradient_checkpointing_disable()

@@ -158,7 +158,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
                     checkpoint_dir=checkpoints, resume=options.resume, progress=options.progress, log=quiet_log)
         masks = pruner.finish()
         scores = pruner.average
-        record_training = {"training": _training_record(run, training) | {"schedule": pruner.history}}
+        record_training = {"training": run.record(training) | {"schedule": pruner.history}}
     else:
         batches = None
         if settings.method in NEEDS_CALIBRATION:
@@ -177,7 +177,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         recovery = TrainSettings(**{**asdict(training), "steps": settings.recover_steps})
         run = train(model, blocks, mask, recovery, accelerator=accelerator, checkpoint_dir=checkpoints,
                     resume=options.resume, progress=options.progress, log=quiet_log)
-        record_training = {"training": _training_record(run, recovery)}
+        record_training = {"training": run.record(recovery)}
     after = Structure.of(model)
     params_after = count_parameters(model) | {"prunable": after.prunable_params(layers, units)}
     if evaluation.data and is_main:
@@ -214,13 +214,3 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     accelerator.wait_for_everyone()
     return record
 
-
-def _training_record(run, settings: TrainSettings) -> dict:
-    return {
-        "settings": asdict(settings),
-        "history": run.history,
-        "seconds": round(run.seconds, 1),
-        "peak_memory_bytes": run.peak_memory_bytes,
-        "peak_memory_kind": run.peak_memory_kind,
-        "resumed_from_step": run.resumed_from_step,
-    }

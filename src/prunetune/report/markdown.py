@@ -73,7 +73,7 @@ def _header(record: dict) -> list[str]:
     line = f"Created {record.get('created', '?')} with prunetune {record.get('prunetune_version', '?')} on " \
            f"{record.get('device', '?')}"
     arch = record.get("architecture")
-    if arch:
+    if arch and "saved_as" in arch:
         line += f"; saved as `{arch['saved_as']}`" + (
             " (stock `from_pretrained` loads it)" if arch["stock_loadable"]
             else " (layers differ in shape: load with `prunetune.load_model`)")
@@ -104,8 +104,8 @@ def _short(value) -> str:
 
 def _result(record: dict) -> list[str]:
     params = record.get("parameters")
-    if not params:
-        return []
+    if not params or "before" not in params or "after" not in params:
+        return _perplexities(record.get("results", {}).get("perplexity", []))
     lines = ["## Result", ""]
     if record.get("prunable"):
         lines += [f"Prunable parameters: {record['prunable']}.", ""]
@@ -125,6 +125,14 @@ def _result(record: dict) -> list[str]:
     if "perplexity_before" in results:
         lines += [f"Perplexity protocol: {results['perplexity_before']['protocol']}.", ""]
     return lines
+
+
+def _perplexities(results: list[dict]) -> list[str]:
+    """Perplexities a run measured at its end (LoRAM's align and train)."""
+    if not results:
+        return []
+    rows = [[p["data"], f"{p['perplexity']:.3f}", p["protocol"]] for p in results]
+    return ["## Result", "", markdown_table(["perplexity on", "value", "protocol"], rows), ""]
 
 
 def evaluation_rows(evaluation: dict) -> list[list[str]]:
