@@ -9,10 +9,12 @@ generator, step s takes the next global batch (batch_size x processes x accumula
 process p takes its own slice of each micro-batch. So one process with batch 2b and two processes
 with batch b see the same rows, and a resumed run continues exactly where it stopped.
 
-A method plugs in through `TrainHooks`: `before_optimizer_step` sees the synchronised, unclipped
-gradients of the step (where LoRAPrune scores units), and `state_dict`/`load_state_dict` put its
-state (masks, moving averages) into the checkpoint beside the adapter, the optimizer, the schedule
-and the random generators.
+A method plugs in through `TrainHooks`: `extra_loss` adds a term to every micro-batch's loss (Sheared-
+LLaMA's Lagrangian), `before_optimizer_step` sees the synchronised, unclipped gradients of the step
+(where LoRAPrune scores units), `log_entry` adds fields to the step's history entry, and
+`state_dict`/`load_state_dict` put its state (masks, moving averages, domain weights) into the
+checkpoint beside the adapter, the optimizer, the schedule and the random generators. A method may
+also choose the rows of each batch (`train(..., sampler=...)`, dynamic batch loading).
 """
 
 from __future__ import annotations
@@ -65,17 +67,57 @@ class TrainSettings:
 class TrainHooks:
     """What a method may do inside the loop; the defaults do nothing."""
 
+    def extra_loss(self, step: int) -> torch.Tensor | None:
+        """A term added to the language-model loss of every micro-batch of step `step`."""
+        return None
+
     def before_optimizer_step(self, step: int) -> None:
         """Gradients of step `step` (0-based) are synchronised and not yet clipped or applied."""
 
     def after_optimizer_step(self, step: int) -> None:
         pass
 
+    def log_entry(self, step: int) -> dict:
+        """Fields added to the history entry of step `step` (after its optimizer step)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class ComposedHooks(TrainHooks):
+    """Several methods' hooks in one loop (shearing with dynamic batch loading), called in order."""
+
+    def __init__(self, *hooks: TrainHooks):
+        self.hooks = [h for h in hooks if h is not None]
+
+    def extra_loss(self, step: int) -> torch.Tensor | None:
+        terms = [t for t in (h.extra_loss(step) for h in self.hooks) if t is not None]
+        return sum(terms) if terms else None
+
+    def before_optimizer_step(self, step: int) -> None:
+        for h in self.hooks:
+            h.before_optimizer_step(step)
+
+    def after_optimizer_step(self, step: int) -> None:
+        for h in self.hooks:
+            h.after_optimizer_step(step)
+
+    def log_entry(self, step: int) -> dict:
+        entry: dict = {}
+        for h in self.hooks:
+            entry.update(h.log_entry(step))
+        return entry
+
+    def state_dict(self) -> dict:
+        return {str(i): h.state_dict() for i, h in enumerate(self.hooks)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, h in enumerate(self.hooks):
+            h.load_state_dict(state[str(i)])
 
 
 @dataclass
@@ -173,8 +215,12 @@ def peak_memory(reset_worked: bool = False) -> tuple[int, str]:
 
 def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, settings: TrainSettings, *,
           hooks: TrainHooks | None = None, accelerator=None, checkpoint_dir: Path | None = None,
-          resume: bool = False, stop_after: int | None = None, progress: bool = True, log=None) -> TrainResult:
+          resume: bool = False, stop_after: int | None = None, progress: bool = True, log=None,
+          sampler=None) -> TrainResult:
     """Train the parameters of `model` that require grad for `settings.steps` optimizer steps.
+
+    `sampler` (with `rows(step, micro)`) picks each micro-batch's rows of `blocks`; by default a
+    `BlockSampler`. A sampler with state keeps it in the hooks' state so a resumed run continues it.
 
     `checkpoint_dir/checkpoint` holds the latest checkpoint; with `resume` the run continues from it.
     `stop_after` ends the run early after that many steps (as if killed; used by tests).
@@ -198,7 +244,7 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(settings.warmup * settings.steps), settings.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    sampler = BlockSampler(len(blocks), settings, accelerator.num_processes, accelerator.process_index)
+    sampler = sampler or BlockSampler(len(blocks), settings, accelerator.num_processes, accelerator.process_index)
     result = TrainResult()
     start_step = 0
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
@@ -221,7 +267,8 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss = model(input_ids=ids, labels=labels, use_cache=False).loss
-                accelerator.backward(loss)
+                    extra = hooks.extra_loss(step)
+                accelerator.backward(loss if extra is None else loss + extra)
             loss_sum += loss.detach()
         hooks.before_optimizer_step(step)
         if settings.max_grad_norm > 0:
@@ -231,7 +278,8 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
         optimizer.zero_grad(set_to_none=True)
         hooks.after_optimizer_step(step)
         mean_loss = accelerator.reduce(loss_sum / settings.grad_accum, reduction="mean").item()
-        result.history.append({"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]})
+        result.history.append({"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]}
+                              | hooks.log_entry(step))
         if log and accelerator.is_main_process and ((step + 1) % 10 == 0 or step + 1 == settings.steps):
             log(f"step {step + 1}/{settings.steps}: loss {mean_loss:.4f}")
         if checkpoint and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0:
