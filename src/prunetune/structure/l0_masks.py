@@ -1,0 +1,269 @@
+"""Sheared-LLaMA's learned masks over a whole model, and how they act in its forward pass.
+
+One hard-concrete gate set per mask type, created only where the target is smaller than the source:
+
+  - "layer":        one gate per decoder layer;
+  - "head":         per layer, one gate per key/value group ("kv-group", its query heads share it)
+                    or per query head ("q-head", equal numbers kept in every group at the end);
+  - "intermediate": per layer, one gate per MLP channel;
+  - "hidden":       one gate per residual channel, shared by the whole model.
+
+Where the gates act is the official code's placement, in the conventions of `structure/masks.py`:
+head gates scale the o_proj input per head, intermediate gates the down_proj input, layer and
+hidden gates the o_proj and down_proj outputs; hidden gates also scale the embeddings, and every
+RMSNorm averages over the channels whose gate is non-zero, which is what it computes once they are
+cut. The gates of one forward pass are computed once, by a pre-hook on the `*ForCausalLM` module,
+and only read by the per-module hooks: with gradient checkpointing a layer runs again during
+backward and must see the very same sample. Call backward before the next forward for that reason.
+
+The caller trains: LM loss + `lagrangian(step)`, minimised over the model and `mask_parameters()`
+and maximised over `lagrangian_parameters()` (e.g. `AdamW(..., maximize=True)`). Then `final()`
+gives boolean `Masks` of exactly the target shape, `fold_into` moves the soft kept values into the
+weights, and `structure.surgery.cut` makes the smaller model, which computes what the masked model
+computed in eval mode.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .hard_concrete import HardConcrete
+from .masks import MaskHooks, Masks, _rms_norm_over_kept
+from .target import Target, layer_parameters, outer_parameters
+from .units import Structure, base_linear, projection, unwrap
+
+MASK_TYPES = ("layer", "head", "intermediate", "hidden")
+
+
+class ShearMasks(nn.Module):
+    """Learned masks that shrink a uniform `structure` to `target`; the target sparsity of the
+    Lagrangian is warmed up linearly from 0 over `warmup_steps` (the official `get_target_sparsity`)."""
+
+    def __init__(self, structure: Structure, target: Target, warmup_steps: int):
+        super().__init__()
+        if not structure.uniform:
+            raise ValueError("learned masks need a source whose layers all have the same shape")
+        self.structure, self.target, self.warmup_steps = structure, target, warmup_steps
+        self.distributions = nn.ModuleDict(_distributions(structure, target))
+        self.lambdas = nn.ParameterDict({
+            f"lambda_{k}_{kind}": nn.Parameter(torch.zeros(())) for kind in self.distributions for k in (1, 2)
+        })
+        self._current: dict[str, torch.Tensor | None] | None = None
+
+    # ----------------------------------------------------------------- parameters
+    def mask_parameters(self) -> list[nn.Parameter]:
+        return [d.log_alpha for d in self.distributions.values()]
+
+    def lagrangian_parameters(self) -> list[nn.Parameter]:
+        return list(self.lambdas.values())
+
+    @property
+    def _kv_group_unit(self) -> bool:
+        return self.target.head_unit == "kv-group"
+
+    # ----------------------------------------------------------------- gates in the forward pass
+    def attach(self, model: nn.Module) -> MaskHooks:
+        """Hook the masks into `model` (plain or PEFT-wrapped); the handle's `remove()` takes them off."""
+        if Structure.of(model) != self.structure:
+            raise ValueError("these masks were built for a model of another shape")
+        hf = unwrap(model)
+        handles = [hf.register_forward_pre_hook(self._refresh)]
+        types = self.distributions
+        if "hidden" in types:
+            handles.append(hf.model.embed_tokens.register_forward_hook(self._output_hook("embed", None)))
+            norms = [hf.model.norm] + [n for layer in hf.model.layers
+                                       for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+            handles += [norm.register_forward_hook(self._norm_hook) for norm in norms]
+        for i, layer in enumerate(hf.model.layers):
+            o_proj, down_proj = projection(layer, "o_proj"), projection(layer, "down_proj")
+            if "head" in types:
+                handles.append(o_proj.register_forward_pre_hook(self._input_hook("o_input", i)))
+            if "intermediate" in types:
+                handles.append(down_proj.register_forward_pre_hook(self._input_hook("down_input", i)))
+            if "layer" in types or "hidden" in types:
+                handles += [m.register_forward_hook(self._output_hook("residual", i)) for m in (o_proj, down_proj)]
+        return MaskHooks(handles)
+
+    def _refresh(self, module: nn.Module, args) -> None:
+        """Once per forward: sample the gates (training) or take the deterministic ones (eval)."""
+        gates = {kind: d.sample() if module.training else d.deterministic()
+                 for kind, d in self.distributions.items()}
+        self._current = self._scales(gates)
+
+    def _scales(self, gates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """The gates as the per-module scale vectors the hooks multiply by."""
+        layers, hidden = gates.get("layer"), gates.get("hidden")
+        residual = None
+        if layers is not None or hidden is not None:
+            residual = torch.ones(self.structure.num_layers, self.structure.hidden, device=self._device)
+            residual = residual * (layers.reshape(-1, 1) if layers is not None else 1)
+            residual = residual * (hidden.reshape(1, -1) if hidden is not None else 1)
+        heads = gates.get("head")
+        return {
+            "o_input": None if heads is None else self._per_query_head(heads).repeat_interleave(
+                self.structure.head_dim, dim=1),
+            "down_input": gates.get("intermediate"),
+            "residual": residual,
+            "embed": None if hidden is None else hidden.reshape(-1),
+            "norm_keep": None if hidden is None else hidden.reshape(-1) != 0,
+        }
+
+    def _per_query_head(self, head_values: torch.Tensor) -> torch.Tensor:
+        """[layers, units] -> [layers, query heads]: a kv group's value repeats over its query heads."""
+        if self._kv_group_unit:
+            return head_values.repeat_interleave(self.structure.layers[0].group_size, dim=-1)
+        return head_values
+
+    def _read(self, name: str, row: int | None) -> torch.Tensor:
+        if self._current is None:
+            raise RuntimeError("mask hooks ran without the model's forward (call the *ForCausalLM module)")
+        scale = self._current[name]
+        return scale if row is None else scale[row]
+
+    def _input_hook(self, name: str, row: int):
+        def hook(module, args):
+            x = args[0]
+            return (x * self._read(name, row).to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
+        return hook
+
+    def _output_hook(self, name: str, row: int | None):
+        def hook(module, args, output):
+            return output * self._read(name, row).to(device=output.device, dtype=output.dtype)
+        return hook
+
+    def _norm_hook(self, module, args, output):
+        return _rms_norm_over_kept(self._read("norm_keep", None))(module, args, output)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(iter(self.distributions.values())).log_alpha.device
+
+    # ----------------------------------------------------------------- Lagrangian
+    def keep_probabilities(self) -> dict[str, torch.Tensor]:
+        """P(z > 0) of every unit, by mask type, as [rows, units]; differentiable."""
+        return {kind: d.keep_probability() for kind, d in self.distributions.items()}
+
+    def target_fraction(self, kind: str, step: int) -> float:
+        """Kept fraction the Lagrangian aims at: 1 at step 0, the target's after the warm-up."""
+        d = self.distributions[kind]
+        progress = min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        return 1.0 - (1.0 - d.keep / d.size) * progress
+
+    def lagrangian(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sum over mask types of mean over rows of λ1·(ŝ−t) + λ2·(ŝ−t)², ŝ the expected kept fraction."""
+        probabilities = self.keep_probabilities()
+        loss = torch.zeros((), device=self._device)
+        info: dict[str, float] = {}
+        for kind, p in probabilities.items():
+            size = self.distributions[kind].size
+            target = self.target_fraction(kind, step)
+            gap = p.sum(dim=-1) / size - target
+            l1, l2 = self.lambdas[f"lambda_1_{kind}"], self.lambdas[f"lambda_2_{kind}"]
+            loss = loss + (l1 * gap + l2 * gap.pow(2)).mean()
+            info[f"expected_{kind}"] = p.sum(dim=-1).mean().item()
+            info[f"target_{kind}"] = target * size
+            info[f"lambda_1_{kind}"], info[f"lambda_2_{kind}"] = l1.item(), l2.item()
+        info["expected_parameters"] = self.expected_parameters(probabilities).item()
+        return loss, info
+
+    def expected_parameters(self, probabilities: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Expected parameter count of the model the masks would produce (float64, differentiable).
+
+        Same formula as `target.target_parameters`, fed with expected unit counts; the masks are
+        independent, so the expectation of each product of counts is the product of expectations.
+        `probabilities` (by type, as from `keep_probabilities()`) defaults to the current ones.
+        """
+        p = {k: v.double() for k, v in (probabilities or self.keep_probabilities()).items()}
+        s, shape = self.structure, self.structure.layers[0]
+        full = torch.ones(s.num_layers, dtype=torch.float64, device=self._device)
+        hidden = p["hidden"].sum() if "hidden" in p else torch.tensor(float(s.hidden), dtype=torch.float64, device=self._device)
+        layer_keep = p["layer"].reshape(-1) if "layer" in p else full
+        heads, kv_heads = full * shape.num_heads, full * shape.num_kv_heads
+        if "head" in p:
+            units = p["head"].sum(dim=-1)
+            heads, kv_heads = (units * shape.group_size, units) if self._kv_group_unit else (units, kv_heads)
+        intermediate = p["intermediate"].sum(dim=-1) if "intermediate" in p else full * shape.intermediate
+        per_layer = layer_parameters(s, hidden, heads, kv_heads, intermediate)
+        return outer_parameters(s, hidden) + (layer_keep * per_layer).sum()
+
+    # ----------------------------------------------------------------- the end of pruning
+    def final(self) -> tuple[Masks, dict]:
+        """Boolean masks of exactly the target shape, and the soft values kept units carry in eval."""
+        masks = Masks()
+        values: dict = {"heads": {}, "channels": {}, "hidden": None, "layers": None}
+        d = self.distributions
+        if "layer" in d:
+            masks.layers, values["layers"] = d["layer"].keep_mask()[0], d["layer"].deterministic()[0]
+        if "hidden" in d:
+            masks.hidden, values["hidden"] = d["hidden"].keep_mask()[0], d["hidden"].deterministic()[0]
+        if "head" in d:
+            keep, soft = self._per_query_head(d["head"].keep_mask()), self._per_query_head(d["head"].deterministic())
+            for i in range(self.structure.num_layers):
+                masks.heads[i], values["heads"][i] = keep[i], soft[i]
+        if "intermediate" in d:
+            keep, soft = d["intermediate"].keep_mask(), d["intermediate"].deterministic()
+            for i in range(self.structure.num_layers):
+                masks.channels[i], values["channels"][i] = keep[i], soft[i]
+        masks.validate(self.structure)
+        return masks, values
+
+    @torch.no_grad()
+    def fold_into(self, model: nn.Module, values: dict) -> None:
+        """Multiply the soft kept values of `final()` into a plain model's weights, in place.
+
+        Afterwards `cut(model, masks)` computes what the masked model computed in eval mode. Each
+        scale moves to the weight whose output (or input) the hook scaled. With tied embeddings the
+        lm_head would also see the hidden scale folded into the embeddings; dividing the final
+        norm's weight by it on kept channels cancels that (the norm's output feeds only lm_head).
+        """
+        if hasattr(model, "get_base_model"):
+            raise ValueError("fold_into needs a plain model: merge the LoRA first (surgery.merge_lora)")
+        hf = unwrap(model)
+        hidden, layers = values.get("hidden"), values.get("layers")
+        head_dim = self.structure.head_dim
+        for i, layer in enumerate(hf.model.layers):
+            o_proj, down_proj = (base_linear(projection(layer, n)) for n in ("o_proj", "down_proj"))
+            if i in values.get("heads", {}):
+                _scale_columns(o_proj, values["heads"][i].repeat_interleave(head_dim))
+            if i in values.get("channels", {}):
+                _scale_columns(down_proj, values["channels"][i])
+            residual = torch.ones(self.structure.hidden)
+            if hidden is not None:
+                residual = residual * hidden.cpu()
+            if layers is not None:
+                residual = residual * layers[i].cpu()
+            if hidden is not None or layers is not None:
+                _scale_rows(o_proj, residual)
+                _scale_rows(down_proj, residual)
+        if hidden is not None:
+            embed = hf.model.embed_tokens.weight
+            embed.mul_(hidden.to(embed.device, embed.dtype))
+            if hf.lm_head.weight is embed:
+                norm, kept = hf.model.norm.weight, hidden != 0
+                norm[kept.to(norm.device)] /= hidden[kept].to(norm.device, norm.dtype)
+
+
+def _distributions(structure: Structure, target: Target) -> dict[str, HardConcrete]:
+    shape, n = structure.layers[0], structure.num_layers
+    made = {}
+    if target.layers < n:
+        made["layer"] = HardConcrete(1, n, target.layers)
+    if target.heads < shape.num_heads:
+        made["head"] = (HardConcrete(n, shape.num_kv_heads, target.kv_heads) if target.head_unit == "kv-group"
+                        else HardConcrete(n, shape.num_heads, target.heads, groups=shape.num_kv_heads))
+    if target.intermediate < shape.intermediate:
+        made["intermediate"] = HardConcrete(n, shape.intermediate, target.intermediate)
+    if target.hidden < structure.hidden:
+        made["hidden"] = HardConcrete(1, structure.hidden, target.hidden)
+    return {kind: made[kind] for kind in MASK_TYPES if kind in made}
+
+
+def _scale_columns(linear: nn.Module, scale: torch.Tensor) -> None:
+    linear.weight.mul_(scale.to(linear.weight.device, linear.weight.dtype).reshape(1, -1))
+
+
+def _scale_rows(linear: nn.Module, scale: torch.Tensor) -> None:
+    linear.weight.mul_(scale.to(linear.weight.device, linear.weight.dtype).reshape(-1, 1))
+    if linear.bias is not None:
+        linear.bias.mul_(scale.to(linear.bias.device, linear.bias.dtype))

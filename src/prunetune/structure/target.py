@@ -1,0 +1,167 @@
+"""The target architecture of targeted structured pruning (Sheared-LLaMA), and its parameter count.
+
+Sheared-LLaMA prunes a model down to the shape of an existing smaller model: fewer layers, a
+narrower residual stream, fewer heads and MLP channels, the same head_dim and vocabulary. A
+target is written either as `key=value` pairs (`layers=24,hidden=2560,heads=20`; a missing key
+keeps the source's value) or as the path of a `config.json` (or of a model directory holding one).
+
+The parameter count is written once, as polynomials in the unit counts (`layer_parameters`,
+`outer_parameters`), so that the exact count of a target and the expected count of a set of learned
+masks (prunetune.structure.l0_masks) come from the same formula and cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from .units import Structure
+
+KEYS = ("layers", "hidden", "heads", "kv-heads", "intermediate")
+# Architectures whose attention normalises q and k per head (a head_dim-sized weight each, per layer).
+PER_HEAD_QK_NORM = ("qwen3",)
+
+
+@dataclass(frozen=True)
+class Target:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    # "kv-group": whole key/value groups are pruned with their query heads;
+    # "q-head": every kv head is kept and equal numbers of query heads are pruned inside every group.
+    head_unit: str
+
+    def describe(self) -> str:
+        return (f"layers={self.layers},hidden={self.hidden},heads={self.heads},"
+                f"kv-heads={self.kv_heads},intermediate={self.intermediate}")
+
+
+def parse_target(spec: str, source: Structure) -> Target:
+    """Read a target from `key=value` pairs or a config.json path and check it against `source`."""
+    if not source.uniform:
+        raise UserError("targeted pruning needs a source whose layers all have the same shape; "
+                        "start from the unpruned model")
+    values = _read_spec(spec, source)
+    return _validate(values, source)
+
+
+def _source_values(source: Structure) -> dict[str, int]:
+    shape = source.layers[0]
+    return {"layers": source.num_layers, "hidden": source.hidden, "heads": shape.num_heads,
+            "kv-heads": shape.num_kv_heads, "intermediate": shape.intermediate}
+
+
+def _read_spec(spec: str, source: Structure) -> dict[str, int]:
+    path = Path(spec)
+    if path.exists():
+        return _read_config(path, source)
+    if "=" not in spec:
+        raise UserError(f"target '{spec}' is neither key=value pairs nor an existing path; "
+                        f"write e.g. 'layers=24,hidden=2560' (keys: {', '.join(KEYS)}) or give a config.json")
+    values = _source_values(source)
+    given: set[str] = set()
+    for item in spec.split(","):
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep:
+            raise UserError(f"target item '{item.strip()}' is not key=value; separate pairs with commas")
+        if key not in KEYS:
+            raise UserError(f"unknown target key '{key}'; use {', '.join(KEYS)}")
+        if key in given:
+            raise UserError(f"target key '{key}' is given twice; give it once")
+        given.add(key)
+        values[key] = _positive_int(key, raw)
+    return values
+
+
+def _positive_int(key: str, raw) -> int:
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        value = 0
+    if value < 1 or str(raw).strip().lstrip("+") != str(value):
+        raise UserError(f"target {key}='{raw}' is not a positive integer; give a whole number of at least 1")
+    return value
+
+
+def _read_config(path: Path, source: Structure) -> dict[str, int]:
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"'{path}' holds no config.json; give the directory of a model or its config.json")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read '{file}' as JSON ({error}); give a model's config.json") from None
+    fields = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
+              "intermediate": "intermediate_size"}
+    missing = [name for name in fields.values() if name not in config]
+    if missing:
+        raise UserError(f"'{file}' lacks {', '.join(missing)}; give a decoder model's config.json or key=value pairs")
+    values = {key: _positive_int(key, config[name]) for key, name in fields.items()}
+    values["kv-heads"] = _positive_int("kv-heads", config.get("num_key_value_heads") or values["heads"])
+    head_dim = config.get("head_dim") or values["hidden"] // values["heads"]
+    if head_dim != source.head_dim:
+        raise UserError(f"'{file}' has head_dim {head_dim} but the source has {source.head_dim}; pruning keeps "
+                        "head_dim, so give the target as key=value pairs instead")
+    return values
+
+
+def _validate(values: dict[str, int], source: Structure) -> Target:
+    src = _source_values(source)
+    for key in KEYS:
+        if values[key] > src[key]:
+            raise UserError(f"target {key}={values[key]} is larger than the source's {src[key]}; "
+                            "a target can only shrink the model")
+    if values == src:
+        raise UserError(f"the target is the source's own shape ({_describe(src)}); make at least one size smaller")
+    heads, kv = values["heads"], values["kv-heads"]
+    if heads % kv:
+        raise UserError(f"target heads={heads} is not a multiple of kv-heads={kv}; "
+                        "choose heads divisible by kv-heads")
+    group = src["heads"] // src["kv-heads"]
+    if kv < src["kv-heads"]:
+        if heads != kv * group:
+            raise UserError(
+                f"pruning key/value groups removes their {group} query heads with them, so kv-heads={kv} "
+                f"needs heads={kv * group}, not {heads}; or keep kv-heads={src['kv-heads']} "
+                "and prune query heads inside every group")
+        unit = "kv-group"
+    else:
+        unit = "q-head"
+    return Target(layers=values["layers"], hidden=values["hidden"], heads=heads, kv_heads=kv,
+                  intermediate=values["intermediate"], head_unit=unit)
+
+
+def _describe(values: dict[str, int]) -> str:
+    return ",".join(f"{key}={values[key]}" for key in KEYS)
+
+
+def layer_parameters(source: Structure, hidden, heads, kv_heads, intermediate):
+    """Parameters of one decoder layer of the source's kind at the given widths.
+
+    Bilinear in the unit counts and `hidden`, so it also gives the expected count when the
+    arguments are expected counts of independent masks (plain numbers or tensors).
+    """
+    hd = source.head_dim
+    qkv_bias, o_bias, mlp_bias = int(source.qkv_bias), int(source.o_bias), int(source.mlp_bias)
+    attention = (heads * hd * (hidden + qkv_bias)             # q_proj
+                 + 2 * kv_heads * hd * (hidden + qkv_bias)    # k_proj, v_proj
+                 + hidden * heads * hd + o_bias * hidden)      # o_proj
+    mlp = 3 * intermediate * hidden + mlp_bias * (2 * intermediate + hidden)
+    norms = 2 * hidden + (2 * hd if source.model_type in PER_HEAD_QK_NORM else 0)
+    return attention + mlp + norms
+
+
+def outer_parameters(source: Structure, hidden):
+    """Parameters outside the decoder layers: embeddings, final norm, and lm_head when untied."""
+    embeddings = source.vocab * hidden
+    return embeddings * (1 if source.tied_embeddings else 2) + hidden
+
+
+def target_parameters(target: Target, source: Structure) -> int:
+    """Exact parameter count of a model of the target's shape (vocab, biases, head_dim as the source)."""
+    per_layer = layer_parameters(source, target.hidden, target.heads, target.kv_heads, target.intermediate)
+    return int(outer_parameters(source, target.hidden) + target.layers * per_layer)
