@@ -4,6 +4,7 @@ A spec is `SOURCE` or `SOURCE@SPLIT`:
   builtin:pydoc        English technical prose shipped with every Python (pydoc_data.topics)
   builtin:stdlib-code  the standard library's top-level modules (Python code)
   wikitext2, ptb, c4, alpaca       through `datasets` (needs the Hugging Face hub)
+  hf:OWNER/NAME[:CONFIG]           any hub dataset with a `text` column (or instruction/chat records)
   path/to/file.{txt,jsonl,json,parquet}
 
 Records in json/jsonl/parquet files are `text`, instruction records `instruction`/`input`/`output`,
@@ -11,8 +12,9 @@ or chat `messages`. Instruction and chat records carry which part is the respons
 put the loss on responses only.
 
 Splits: `train` and `eval`. Hub sets use their own splits (eval = wikitext2 test, ptb validation,
-c4 validation); everything else holds out its last 10% of documents (or, for fewer than ten
-documents, the last 10% of lines), so the split never depends on the tokenizer.
+c4 validation, an `hf:` set's `validation` split when it has one); everything else holds out its
+last 10% of documents (or, for fewer than ten documents, the last 10% of lines), so the split never
+depends on the tokenizer.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .errors import UserError
 
 OFFLINE_SOURCES = ("builtin:pydoc", "builtin:stdlib-code")
 HUB_SOURCES = ("wikitext2", "ptb", "c4", "alpaca")
+HF_PREFIX = "hf:"  # hf:OWNER/NAME[:CONFIG], any dataset on the Hugging Face hub
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 SPLITS = ("train", "eval")
 EVAL_FRACTION = 0.1
@@ -177,6 +180,39 @@ def _hub_examples(source: str, split: str) -> list[Example]:
         raise UserError(f"cannot load '{source}' from the Hugging Face hub ({reason}); {OFFLINE_HINT}") from None
 
 
+def _hf_examples(source: str, split: str) -> list[Example]:
+    """`hf:OWNER/NAME[:CONFIG]`: train on its `train` split; evaluate on its `validation` split, or,
+    when it has none, on the held-out last 10% of its train records (then train on the rest)."""
+    name, _, config = source[len(HF_PREFIX):].partition(":")
+    owner, slash, dataset = name.partition("/")
+    if not (owner and slash and dataset) or "/" in dataset:
+        raise UserError(f"'{source}' is not a hub dataset; write hf:OWNER/NAME or hf:OWNER/NAME:CONFIG")
+    from datasets import load_dataset
+
+    try:
+        splits = load_dataset(name, config or None)  # a DatasetDict of every split, cached after once
+        if "train" not in splits:
+            raise UserError(f"'{source}' has no train split (it has {', '.join(splits) or 'none'}); "
+                            "use a dataset with a train split")
+        own_eval = "validation" in splits
+        records = splits["validation" if split == "eval" and own_eval else "train"]
+        columns = records.column_names
+        if "text" in columns:
+            examples = [Example(response=t or "") for t in records["text"]]
+        elif {"instruction", "output"} <= set(columns) or "messages" in columns:
+            examples = [_record_to_example(r, source) for r in records]
+        else:
+            raise UserError(f"'{source}' has no 'text' column (columns: {', '.join(columns)}); "
+                            "use a dataset with a text column or instruction/chat records")
+    except UserError:
+        raise
+    except Exception as exc:  # datasets raises many types for "no network"; all mean the same here
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load '{source}' from the Hugging Face hub ({reason}); {OFFLINE_HINT}") from None
+    examples = _non_empty(examples, source)
+    return examples if own_eval else _held_out(examples, split)
+
+
 def _held_out(examples: list[Example], split: str) -> list[Example]:
     """Deterministic split: the last 10% of documents, or of lines when there are few documents."""
     if len(examples) >= 10:
@@ -207,14 +243,16 @@ def load_examples(spec: str | DataSpec, default_split: str = "train") -> list[Ex
         examples = _hub_examples(source, data.split)
         if source != "alpaca":  # the hub sets bring their own splits
             return _non_empty(examples, source)
+    elif source.startswith(HF_PREFIX):
+        return _non_empty(_hf_examples(source, data.split), f"{source} ({data.split} split)")
     elif source.startswith("builtin:"):
         raise UserError(f"unknown built-in source '{source}'; use {' or '.join(OFFLINE_SOURCES)}")
     else:
         path = Path(source).expanduser()
         if path.suffix not in FILE_SUFFIXES:
             raise UserError(
-                f"unknown data source '{source}'; use {', '.join(OFFLINE_SOURCES + HUB_SOURCES)} "
-                f"or a {'/'.join(FILE_SUFFIXES)} file"
+                f"unknown data source '{source}'; use {', '.join(OFFLINE_SOURCES + HUB_SOURCES)}, "
+                f"hf:OWNER/NAME[:CONFIG] or a {'/'.join(FILE_SUFFIXES)} file"
             )
         if not path.is_file():
             raise UserError(f"no such data file: '{source}'")
