@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prunetune-installed
 
-.PHONY: demo test setup clean
+.PHONY: demo demo-loraprune demo-sheared test setup clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,21 @@ $(STAMP): pyproject.toml | $(PY)
 # The main job at demo size: LoRAPrune removes 20% of SmolLM2-135M's prunable parameters while
 # LoRA trains for 100 steps (a few minutes and under 2 GiB on 2 CPU cores); then a zero-shot task
 # (the offline ten-question task the tests ship) is added to the run's report, and the pruned
-# model's inference speed is measured against its source.
-demo: $(STAMP)
+# model's inference speed is measured against its source. Then Sheared-LLaMA at demo size: learned
+# masks prune SmolLM2 to a named shape on the two built-in domains with dynamic batch loading, and
+# the result continues training on them.
+demo: demo-loraprune demo-sheared
+
+DOMAINS := code=builtin:stdlib-code,prose=builtin:pydoc
+SHEARED_DEMO := --data $(DOMAINS) --dynamic-loading --steps 30 --batch-size 2 --seq-len 128 \
+	--gradient-checkpointing --eval-every 5 --eval-blocks 4 --max-windows 20 --overwrite
+
+demo-sheared: $(STAMP)
+	$(VENV)/bin/prunetune shear smollm2-135m --target layers=24,heads=6,kv-heads=3,intermediate=1024 \
+		$(SHEARED_DEMO) --out runs/demo-sheared
+	$(VENV)/bin/prunetune train runs/demo-sheared $(SHEARED_DEMO) --out runs/demo-sheared-trained
+
+demo-loraprune: $(STAMP)
 	$(VENV)/bin/prunetune prune smollm2-135m --method loraprune --ratio 0.2 --steps 100 \
 		--batch-size 2 --seq-len 128 --gradient-checkpointing --lr 5e-4 \
 		--eval-data builtin:pydoc --eval-seq-len 256 --out runs/demo --overwrite

@@ -623,6 +623,11 @@ def _print_step(record: dict, out_dir: Path) -> None:
     out.print(f"saved to {out_dir}")
 
 
+from .cli_sheared import register as _register_sheared  # noqa: E402 (after `app` and `out` exist)
+
+_register_sheared(app, out)
+
+
 @app.command("report", epilog="Examples:\n\n"
              "prunetune report runs/lp20                  (redraw one run's report.md and plots)\n\n"
              "prunetune report runs/lp20 runs/taylor20 runs/mag20 --out runs/compare")

@@ -46,6 +46,8 @@ def write_report(run_dir: Path, record: dict | None = None) -> Path:
     lines = _header(record)
     lines += _settings(record)
     lines += _result(record)
+    lines += _target(record)
+    lines += _domains(record)
     lines += _evaluations(record.get("evaluations", []))
     lines += _kept_units(record, plot_dir)
     lines += _scores(record, run_dir, plot_dir)
@@ -124,6 +126,33 @@ def _result(record: dict) -> list[str]:
                   f"achieved {params['ratio_achieved']:.3f}.", ""]
     if "perplexity_before" in results:
         lines += [f"Perplexity protocol: {results['perplexity_before']['protocol']}.", ""]
+    return lines
+
+
+def _target(record: dict) -> list[str]:
+    """Sheared-LLaMA: the shape asked for, and how well the masks' expected size predicted the result."""
+    target, params = record.get("target"), record.get("parameters", {})
+    if not target or "expected_by_masks" not in params:
+        return []
+    return [f"Target shape `{target['spec']}` (head unit {target['head_unit']}): {params['after']['total']:,} "
+            f"parameters, {params['target']:,} asked for; the masks' expected count at the end of pruning was "
+            f"{params['expected_by_masks']:,} ({params['expected_error']:+.2%} from the real count).", ""]
+
+
+def _domains(record: dict) -> list[str]:
+    """Training domains: initial and final weights, reference losses, held-out perplexity after."""
+    data = record.get("data")
+    if not isinstance(data, dict) or "domains" not in data:
+        return []
+    perplexities = record.get("results", {}).get("domain_perplexity", {})
+    rows = [[d["name"], f"`{d['data']}`", f"{d['initial_weight']:.3f}", f"{data['final_weights'][d['name']]:.3f}",
+             f"{data['reference_losses'][d['name']]:.3f}",
+             f"{perplexities[d['name']]['perplexity']:.3f}" if d["name"] in perplexities else "–"]
+            for d in data["domains"]]
+    lines = ["## Domains", "", markdown_table(["domain", "data", "initial weight", "final weight", "reference loss",
+                                                "held-out perplexity after"], rows), ""]
+    lines += [f"Dynamic batch loading {'on' if data['dynamic_loading'] else 'off (fixed mixture)'}; reference "
+              f"losses: {data['reference_source']}.", ""]
     return lines
 
 
@@ -242,6 +271,8 @@ def _training(record: dict, plot_dir: Path) -> list[str]:
     lines += _image(plots.plot_training(training, plot_dir / "training.png", ratio), "loss, learning rate, sparsity")
     lines += _image(plots.plot_domain_weights(training["history"], plot_dir / "domain_weights.png"),
                     "domain weights over steps")
+    lines += _image(plots.plot_mask_sizes(training["history"], plot_dir / "masks.png"),
+                    "expected kept units and Lagrange multipliers over steps")
     settings = training.get("settings", {})
     facts = [f"{len(training['history'])} steps"]
     if settings:

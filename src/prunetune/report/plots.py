@@ -162,6 +162,36 @@ def plot_domain_weights(history: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_mask_sizes(history: list[dict], path: Path) -> Path | None:
+    """Sheared-LLaMA's masks over steps: each mask type's expected kept share against its warmed-up
+    target (left), and the Lagrange multipliers (right), from the `masks` entries of the history."""
+    points = [(h["step"], h["masks"]) for h in history if h.get("masks")]
+    if not points:
+        return None
+    steps = [s for s, _ in points]
+    kinds = [k[len("expected_"):] for k in points[0][1] if k.startswith("expected_") and k != "expected_parameters"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.4))
+    for i, kind in enumerate(kinds):
+        color = f"C{i}"
+        left.plot(steps, [m[f"expected_{kind}"] / m[f"full_{kind}"] for _, m in points], color=color,
+                  label=f"{kind} expected")
+        left.plot(steps, [m[f"target_{kind}"] / m[f"full_{kind}"] for _, m in points], color=color, linestyle="--",
+                  label=f"{kind} target")
+        for lam in ("lambda_1", "lambda_2"):
+            key = f"{lam}_{kind}"
+            if key in points[0][1]:
+                right.plot(steps, [m[key] for _, m in points], color=color,
+                           linestyle="-" if lam == "lambda_1" else ":", label=key)
+    left.set_xlabel("step")
+    left.set_ylabel("kept share")
+    left.set_title("expected kept units vs target")
+    left.legend(fontsize=7)
+    right.set_xlabel("step")
+    right.set_title("Lagrange multipliers")
+    right.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_comparison(runs: list[tuple[str, dict]], path: Path) -> Path:
     """One figure for `prunetune report A B ...`: perplexity of each run with its parameter count and
     its source model's perplexity (left), and the training-loss curves of the runs that trained (right)."""

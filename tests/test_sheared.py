@@ -1,0 +1,146 @@
+"""Sheared-LLaMA end to end: shear to a target shape, continue training, resume, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_cli_errors import assert_user_error, run_cli
+from tiny import save_tiny_model_dir, tiny_model
+
+from prunetune.domains import DomainSampler, parse_domains
+from prunetune.methods.dynamic_loading import DynamicLoading
+from prunetune.methods.sheared import ShearHooks, ShearSettings
+from prunetune.structure.l0_masks import ShearMasks
+from prunetune.structure.target import parse_target
+from prunetune.structure.units import Structure
+from prunetune.train import ComposedHooks, TrainSettings, train
+
+TARGET = "layers=3,hidden=64,heads=4,kv-heads=2,intermediate=32"
+DOMAINS = "code=builtin:stdlib-code,prose=builtin:pydoc"
+SMALL = ["--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--eval-blocks", "2", "--max-windows", "2",
+         "--eval-seq-len", "32"]
+
+
+def test_shear_then_train_end_to_end(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
+    sheared = tmp_path / "sheared"
+    done = run_cli("shear", str(source), "--target", TARGET, "--data", DOMAINS, "--dynamic-loading", "--steps", "6",
+                   *SMALL, "--out", str(sheared), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((sheared / "prunetune.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(sheared)  # stock transformers loads the result
+    structure = Structure.of(model)
+    assert (structure.num_layers, structure.hidden) == (3, 64)
+    assert {(s.num_heads, s.num_kv_heads, s.intermediate) for s in structure.layers} == {(4, 2, 32)}
+    params = record["parameters"]
+    assert params["after"]["total"] == params["target"] == sum(p.numel() for p in model.parameters())
+    assert record["checks"]["masked_vs_cut_max_abs_logit_diff"] < 1e-4  # masked model == pruned model
+    assert set(record["data"]["reference_losses"]) == {"code", "prose"}
+    history = record["training"]["history"]
+    assert all("domain_weights" in h and "masks" in h for h in history)
+    assert (sheared / "plots" / "masks.png").exists() and (sheared / "plots" / "domain_weights.png").exists()
+    assert "## Domains" in (sheared / "report.md").read_text()
+
+    trained = tmp_path / "trained"
+    done = run_cli("train", str(sheared), "--data", DOMAINS, "--dynamic-loading", "--steps", "4", *SMALL,
+                   "--out", str(trained), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    again = json.loads((trained / "prunetune.json").read_text())
+    # the references come from the shear run: the source model's own per-domain losses
+    assert again["data"]["reference_losses"] == record["data"]["reference_losses"]
+    assert Structure.of(AutoModelForCausalLM.from_pretrained(trained)).hidden == 64
+
+
+def test_shear_with_lora_cuts_the_merged_model(tmp_path):
+    from prunetune.methods.domain_training import DomainSettings
+    from prunetune.methods.prune import EvalSettings, RunOptions
+    from prunetune.methods.sheared import shear
+
+    source = save_tiny_model_dir(tmp_path / "tiny", "qwen2")  # tied embeddings, q/k/v biases
+    options = RunOptions(training=TrainSettings(steps=4, batch_size=2, seq_len=32, lr=1e-3), progress=False)
+    record = shear(str(source), tmp_path / "out", ShearSettings(target="hidden=64,heads=3,kv-heads=3", lora=True),
+                   DomainSettings(data="prose=builtin:pydoc", eval_every=2, eval_blocks=2),
+                   EvalSettings(data=None, seq_len=32, max_windows=2), options, log=lambda _: None)
+    assert record["checks"]["masked_vs_cut_max_abs_logit_diff"] < 1e-4
+    assert record["architecture"]["layer_shapes"] == [{"num_heads": 3, "num_kv_heads": 3, "intermediate": 48}] * 4
+    assert record["parameters"]["after"]["total"] == record["parameters"]["target"]
+
+
+@pytest.mark.parametrize("target, message", [
+    ("layers=4,hidden=96,heads=6,kv-heads=3,intermediate=48", "own shape"),
+    ("heads=5", "divisible"),
+    ("layers=8", "larger"),
+])
+def test_bad_target_is_one_line_and_leaves_nothing(tmp_path, target, message):
+    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
+    done = run_cli("shear", str(source), "--target", target, "--steps", "2", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert_user_error(done, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_without_references_is_one_line(tmp_path):
+    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
+    done = run_cli("train", str(source), "--data", DOMAINS, "--dynamic-loading", "--steps", "2", *SMALL,
+                   "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert_user_error(done, "reference")
+    assert not (tmp_path / "out").exists()
+
+
+def _shear_setup(seed: int = 0):
+    """A tiny model with masks and a two-domain sampler, as `shear` builds them (random token domains)."""
+    torch.manual_seed(seed)
+    model = tiny_model("qwen3")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    structure = Structure.of(model)
+    target = parse_target("layers=3,heads=3,kv-heads=3,intermediate=32", structure)
+    settings = TrainSettings(steps=8, batch_size=2, seq_len=16, lr=1e-3, checkpoint_every=1, seed=seed)
+    generator = torch.Generator().manual_seed(5)
+    blocks = torch.cat([torch.randint(0, 48, (12, 16), generator=generator),
+                        torch.randint(48, 96, (12, 16), generator=generator)])
+    mask = torch.ones_like(blocks, dtype=torch.bool)
+    domains = parse_domains("a=builtin:pydoc,b=builtin:stdlib-code")
+    sampler = DomainSampler([(0, 12), (12, 24)], settings, 1, 0, domains.weights)
+    eval_sets = {"a": (blocks[:2], mask[:2]), "b": (blocks[12:14], mask[12:14])}
+    dynamic = DynamicLoading(model, sampler, ["a", "b"], eval_sets, {"a": 3.0, "b": 4.0}, eval_every=2,
+                             batch_size=2)
+    masks = ShearMasks(structure, target, warmup_steps=4)
+    handle = masks.attach(model)
+    hooks = ComposedHooks(ShearHooks(masks, ShearSettings(target="x")), dynamic)
+    return model, masks, handle, hooks, sampler, blocks, mask, settings
+
+
+def test_resumed_shear_ends_where_an_uninterrupted_one_does(tmp_path):
+    model, masks, _, hooks, sampler, blocks, mask, settings = _shear_setup()
+    whole = train(model, blocks, mask, settings, hooks=hooks, sampler=sampler, progress=False)
+    expected_alpha = {k: v.clone() for k, v in masks.state_dict().items()}
+    expected_weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, masks, _, hooks, sampler, blocks, mask, settings = _shear_setup()
+    train(model, blocks, mask, settings, hooks=hooks, sampler=sampler, checkpoint_dir=tmp_path, stop_after=5,
+          progress=False)
+    model, masks, _, hooks, sampler, blocks, mask, settings = _shear_setup()  # a fresh process, as after a kill
+    resumed = train(model, blocks, mask, settings, hooks=hooks, sampler=sampler, checkpoint_dir=tmp_path,
+                    resume=True, progress=False)
+    assert resumed.resumed_from_step == 5
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], abs=1e-5)
+    assert [h["domain_weights"] for h in resumed.history] == [h["domain_weights"] for h in whole.history]
+    for key, value in masks.state_dict().items():
+        torch.testing.assert_close(value, expected_alpha[key], atol=1e-5, rtol=0)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected_weights[key], atol=1e-5, rtol=0)
+
+
+def test_shearing_moves_the_masks_towards_the_target():
+    model, masks, _, hooks, sampler, blocks, mask, settings = _shear_setup()
+    settings.steps = 12
+    run = train(model, blocks, mask, settings, hooks=hooks, sampler=sampler, progress=False)
+    last = run.history[-1]["masks"]
+    first = run.history[0]["masks"]
+    # every mask type's expected size has moved from 'keep everything' towards its target
+    for kind in ("layer", "intermediate"):
+        assert last[f"expected_{kind}"] < first[f"expected_{kind}"]
