@@ -1,14 +1,15 @@
 """Sheared-LLaMA on the real SmolLM2-135M: targeted pruning, continued training, dynamic batch loading.
 
-    python benchmarks/sheared.py [--steps 120] [--out runs/sheared-bench]
+    python benchmarks/sheared.py [--steps 120] [--shear-steps 80] [--out runs/sheared-bench]
 
-1. LoRAPrune (the baseline) removes half of the prunable parameters of every layer while its LoRA
+1. LoRAPrune (the baseline) removes rest of the prunable parameters of every layer while its LoRA
    trains for STEPS steps on builtin:pydoc; its result's shape becomes the shear target, so both
-   methods end at the same size (about half of the non-embedding parameters).
-2. `prunetune shear` to that shape for STEPS/2 steps, then `prunetune train` for STEPS/2 steps
+   methods end at the same size (about rest of the non-embedding parameters).
+2. `prunetune shear` to that shape for SHEAR_STEPS steps (the target warmed up over rest of them:
+   the Lagrangian needs steps at the full target to settle), then `prunetune train` for the rest
    (full-parameter), on the same data: the same total number of training steps.
 3. From the sheared model, `prunetune train` on two domains (stdlib code and pydoc prose) for
-   STEPS/2 steps, once with dynamic batch loading and once with the fixed initial mixture; the
+   STEPS - SHEAR_STEPS steps, once with dynamic batch loading and once with the fixed initial mixture; the
    references are the source model's own per-domain losses (the paper's choice for a lone model).
 
 It prints the README's tables and checks the targets: the pruned model has exactly the requested
@@ -62,12 +63,13 @@ def worst_gap(rec: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120, help="LoRAPrune's steps; shear and train take half each")
+    parser.add_argument("--steps", type=int, default=120, help="LoRAPrune's steps; shear and train share them")
+    parser.add_argument("--shear-steps", type=int, default=80)
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/sheared-bench"))
     args = parser.parse_args()
-    half = args.steps // 2
+    rest = args.steps - args.shear_steps
     windows = ["--max-windows", args.max_windows]
 
     lp = once(args.out / "loraprune", "prune", "smollm2-135m", "--method", "loraprune", "--ratio", "0.5",
@@ -77,11 +79,11 @@ def main() -> None:
     target = (f"layers={len(lp['architecture']['layer_shapes'])},heads={shape['num_heads']},"
               f"kv-heads={shape['num_kv_heads']},intermediate={shape['intermediate']}")
     sh = once(args.out / "shear", "shear", "smollm2-135m", "--target", target, "--data", "prose=builtin:pydoc",
-              "--steps", half, "--lr", "1e-4", *TRAIN, *EVAL, *windows)
+              "--steps", args.shear_steps, "--warmup-share", "0.5", "--lr", "1e-4", *TRAIN, *EVAL, *windows)
     trained = once(args.out / "shear-trained", "train", args.out / "shear", "--data", "prose=builtin:pydoc",
-                   "--steps", half, "--lr", "1e-4", *TRAIN, *EVAL, *windows)
+                   "--steps", rest, "--lr", "1e-4", *TRAIN, *EVAL, *windows)
     two = ["--data", "code=builtin:stdlib-code,prose=builtin:pydoc", "--reference-model", "smollm2-135m",
-           "--steps", half, "--lr", "1e-4", "--eval-every", args.eval_every, *TRAIN, *EVAL, *windows]
+           "--steps", rest, "--lr", "1e-4", "--eval-every", args.eval_every, *TRAIN, *EVAL, *windows]
     dynamic = once(args.out / "dynamic", "train", args.out / "shear", "--dynamic-loading", *two)
     fixed = once(args.out / "fixed", "train", args.out / "shear", "--fixed-mixture", *two)
 
@@ -103,13 +105,13 @@ def main() -> None:
           f"{ppl(lp, 'perplexity_before'):.2f} | – |")
     print(f"| LoRAPrune 50% (LoRA, pruning while training) | {args.steps} | "
           f"{lp['parameters']['after']['non_embedding']:,} | {ppl(lp):.2f} | {lp['training']['seconds']:.0f} |")
-    print(f"| Sheared: shear only | {half} | {params['after']['non_embedding']:,} | {ppl(sh):.2f} | "
+    print(f"| Sheared: shear only | {args.shear_steps} | {params['after']['non_embedding']:,} | {ppl(sh):.2f} | "
           f"{sh['training']['seconds']:.0f} |")
-    print(f"| Sheared: shear + continued training | {half} + {half} | {trained['parameters']['non_embedding']:,} | "
+    print(f"| Sheared: shear + continued training | {args.shear_steps} + {rest} | {trained['parameters']['non_embedding']:,} | "
           f"{ppl(trained):.2f} | {sh['training']['seconds'] + trained['training']['seconds']:.0f} |")
 
     references = dynamic["data"]["reference_losses"]
-    print(f"\n| {half} steps from the sheared model | "
+    print(f"\n| {rest} steps from the sheared model | "
           + " | ".join(f"{n} loss (ref {references[n]:.3f})" for n in references)
           + " | worst gap | final weights |")
     print("|---|" + "---|" * (len(references) + 2))
