@@ -2,10 +2,10 @@
 
     python benchmarks/sheared.py [--steps 120] [--shear-steps 80] [--out runs/sheared-bench]
 
-1. LoRAPrune (the baseline) removes rest of the prunable parameters of every layer while its LoRA
+1. LoRAPrune (the baseline) removes half of the prunable parameters of every layer while its LoRA
    trains for STEPS steps on builtin:pydoc; its result's shape becomes the shear target, so both
-   methods end at the same size (about rest of the non-embedding parameters).
-2. `prunetune shear` to that shape for SHEAR_STEPS steps (the target warmed up over rest of them:
+   methods end at the same size (about half of the non-embedding parameters).
+2. `prunetune shear` to that shape for SHEAR_STEPS steps (the target warmed up over half of them:
    the Lagrangian needs steps at the full target to settle), then `prunetune train` for the rest
    (full-parameter), on the same data: the same total number of training steps.
 3. From the sheared model, `prunetune train` on two domains (stdlib code and pydoc prose) for
