@@ -46,8 +46,9 @@ demo-loraprune: $(STAMP)
 	$(VENV)/bin/prunetune eval runs/demo --tasks tiny_task --include-path tests/tasks
 	$(VENV)/bin/prunetune bench smollm2-135m runs/demo --prompt-len 512 --decode-tokens 32 --warmup 1 --repeats 3
 
+# Two workers, one file each at a time (module fixtures are built once), one torch thread each.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info
