@@ -15,6 +15,7 @@ from prunetune.structure.l0_masks import ShearMasks
 from prunetune.structure.surgery import cut
 from prunetune.structure.target import Target, parse_target, target_parameters
 from prunetune.structure.units import LayerShape, Structure, count_parameters
+from prunetune.train import enable_checkpointing
 
 # Sources are the default tiny models: 4 layers, hidden 96, 6 heads over 3 kv heads, MLP 48.
 TARGETS = {
@@ -112,8 +113,8 @@ def test_gradient_checkpointing_sees_the_gates_of_its_forward():
     model.train()
     with masks.attach(model):
         plain = _log_alpha_grads(model, masks, x)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        assert model.is_gradient_checkpointing
+        enable_checkpointing(model)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         checkpointed = _log_alpha_grads(model, masks, x)
     assert len(samples) == 2 * len(masks.distributions)  # once per forward, never during backward
     for a, b in zip(plain, checkpointed):

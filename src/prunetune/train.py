@@ -213,6 +213,23 @@ def peak_memory(reset_worked: bool = False) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing, non-reentrant, with the embeddings' output requiring grad
+    so a frozen base still passes gradients through to the adapters."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+
+
 def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, settings: TrainSettings, *,
           hooks: TrainHooks | None = None, accelerator=None, checkpoint_dir: Path | None = None,
           resume: bool = False, stop_after: int | None = None, progress: bool = True, log=None,
@@ -238,9 +255,7 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        enable_checkpointing(model)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(settings.warmup * settings.steps), settings.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -288,7 +303,7 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
     result.peak_memory_bytes, result.peak_memory_kind = peak_memory(measuring)
     model.eval()
     if settings.gradient_checkpointing:
-        accelerator.unwrap_model(model).gradient_checkpointing_disable()
+        disable_checkpointing(accelerator.unwrap_model(model))
     return result
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..train import enable_checkpointing
 from .measure import (
     GIB, device_name, free, isolation_note, peak_rss_bytes, reset_peak_rss, rss_bytes, run_isolated, versions,
     weights_bytes, worker_main,
@@ -196,9 +197,7 @@ def build_model(settings: BenchSettings, variant: str, device: torch.device, dty
     else:
         model = add_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0))
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        enable_checkpointing(model)
     model.train()  # checkpointing only applies in training mode; no variant has dropout
     return model
 
