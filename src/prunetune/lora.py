@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,10 +33,7 @@ def add_lora(model: nn.Module, settings: LoraSettings | None = None) -> nn.Modul
         raise UserError(f"unknown --lora-dtype '{settings.dtype}'; use float32 or base")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM")
-    with warnings.catch_warnings():
-        # PEFT reads transformers' deprecated `is_gradient_checkpointing`; the warning is theirs to fix.
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        peft_model = get_peft_model(model, config, autocast_adapter_dtype=settings.dtype == "float32")
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=settings.dtype == "float32")
     if settings.dtype == "base":
         dtype = unwrap(peft_model).model.embed_tokens.weight.dtype
         for name, param in peft_model.named_parameters():
