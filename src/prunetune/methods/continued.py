@@ -15,18 +15,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from ..checkpoint import save_model
 from ..errors import UserError
-from ..evaluate.perplexity import check_seq_len, perplexity
-from ..lora import add_lora
+from ..evaluate.perplexity import check_seq_len
 from ..models import load_model
 from ..report import check_output_dir, is_run_directory, provenance, read_record, run_directory, write_json, write_report
 from ..structure.units import Structure, count_parameters
 from ..train import make_accelerator, train
 from ..domains import DomainSet
-from .domain_training import DomainSettings, domain_perplexities, prepare_domains
+from .domain_training import DomainSettings, domain_perplexities, held_out_perplexity, prepare_domains, trainable
 from .dynamic_loading import domain_losses
 from .prune import EvalSettings, RunOptions, checkpoint_dir_for
 
@@ -92,10 +89,7 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
     params = count_parameters(model)
     results: dict = {}
     if evaluation.data and is_main:
-        results["perplexity_before"] = perplexity(model, tokenizer, evaluation.data, evaluation.seq_len,
-                                                  max_windows=evaluation.max_windows,
-                                                  progress=options.progress).to_dict()
-        quiet_log(f"perplexity before: {results['perplexity_before']['perplexity']:.3f}")
+        results["perplexity_before"] = held_out_perplexity(model, tokenizer, evaluation, options.progress, "before", quiet_log)
     whose: list[str] = []
 
     def source_losses(eval_sets: dict) -> dict[str, float]:
@@ -109,21 +103,13 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
         run_domains.reference_source = run_domains.reference_source.replace("source model's loss", whose[0])
     quiet_log("reference losses (" + run_domains.reference_source + "): "
               + ", ".join(f"{k} {v:.3f}" for k, v in run_domains.references.items()))
-    if settings.lora:
-        torch.manual_seed(training.seed)  # the adapter's initialisation depends on the seed alone
-        model = add_lora(model, options.lora)
-    else:
-        for param in model.parameters():
-            param.requires_grad_(True)
+    model = trainable(model, options.lora if settings.lora else None, training.seed)
     run = train(model, run_domains.blocks, run_domains.loss_mask, training, hooks=run_domains.hook,
                 sampler=run_domains.sampler, accelerator=accelerator, checkpoint_dir=checkpoint_dir_for(out),
                 resume=options.resume, progress=options.progress, log=quiet_log)
     model = accelerator.unwrap_model(model)
     if evaluation.data and is_main:
-        results["perplexity_after"] = perplexity(model, tokenizer, evaluation.data, evaluation.seq_len,
-                                                 max_windows=evaluation.max_windows,
-                                                 progress=options.progress).to_dict()
-        quiet_log(f"perplexity after: {results['perplexity_after']['perplexity']:.3f}")
+        results["perplexity_after"] = held_out_perplexity(model, tokenizer, evaluation, options.progress, "after", quiet_log)
     if is_main:
         results["domain_perplexity"] = domain_perplexities(model, tokenizer, domains, evaluation.seq_len,
                                                            evaluation.max_windows, options.progress)

@@ -12,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from ..data import DataSpec
 from ..domains import DomainSampler, DomainSet, load_domain_blocks, parse_domains
 from ..errors import UserError
 from ..evaluate.perplexity import perplexity
+from ..lora import LoraSettings, add_lora
 from ..train import TrainSettings
 from .dynamic_loading import DynamicLoading, domain_losses, resolve_references
 
@@ -98,3 +101,21 @@ def domain_perplexities(model, tokenizer, domains: DomainSet, seq_len: int, max_
     return {d.name: perplexity(model, tokenizer, f"{DataSpec.parse(d.data).source}@eval", seq_len,
                                max_windows=max_windows, progress=progress).to_dict()
             for d in domains.domains}
+
+
+def trainable(model, lora: LoraSettings | None, seed: int):
+    """Every weight trains (`lora` None), or a fresh LoRA whose initialisation depends on the seed alone."""
+    if lora is not None:
+        torch.manual_seed(seed)
+        return add_lora(model, lora)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def held_out_perplexity(model, tokenizer, evaluation, progress: bool, when: str, log: Callable[[str], None]) -> dict:
+    """The run's one comparable perplexity (`evaluation`: the run's EvalSettings), logged as "perplexity WHEN"."""
+    result = perplexity(model, tokenizer, evaluation.data, evaluation.seq_len, max_windows=evaluation.max_windows,
+                        progress=progress).to_dict()
+    log(f"perplexity {when}: {result['perplexity']:.3f}")
+    return result

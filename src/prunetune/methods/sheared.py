@@ -23,8 +23,7 @@ from torch import nn
 
 from ..checkpoint import save_model
 from ..errors import UserError
-from ..evaluate.perplexity import check_seq_len, perplexity
-from ..lora import add_lora
+from ..evaluate.perplexity import check_seq_len
 from ..models import check_architecture, load_config, load_model, resolve_model_spec
 from ..report import check_output_dir, provenance, run_directory, write_json, write_report
 from ..structure.l0_masks import ShearMasks
@@ -32,7 +31,8 @@ from ..structure.surgery import cut, merge_lora
 from ..structure.target import Target, parse_target, target_parameters
 from ..structure.units import Structure, count_parameters
 from ..train import ComposedHooks, TrainHooks, make_accelerator, train
-from .domain_training import DomainSettings, domain_perplexities, model_losses, prepare_domains
+from .domain_training import (DomainSettings, domain_perplexities, held_out_perplexity, model_losses,
+                              prepare_domains, trainable)
 from .prune import EvalSettings, RunOptions, checkpoint_dir_for
 
 
@@ -110,15 +110,6 @@ class ShearHooks(TrainHooks):
         self.lambda_optimizer.load_state_dict(state["lambda_optimizer"])
 
 
-def _prepare_weights(model: nn.Module, settings: ShearSettings, options: RunOptions, seed: int) -> nn.Module:
-    if settings.lora:
-        torch.manual_seed(seed)  # the adapter's initialisation depends on the seed alone
-        return add_lora(model, options.lora)
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model
-
-
 def _check_shape(model: nn.Module, target: Target) -> Structure:
     after = Structure.of(model)
     shape = after.layers[0] if after.layers else None
@@ -162,16 +153,13 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
               f"head unit {target.head_unit}")
     results: dict = {}
     if evaluation.data and is_main:
-        results["perplexity_before"] = perplexity(model, tokenizer, evaluation.data, evaluation.seq_len,
-                                                  max_windows=evaluation.max_windows,
-                                                  progress=options.progress).to_dict()
-        quiet_log(f"perplexity before: {results['perplexity_before']['perplexity']:.3f}")
+        results["perplexity_before"] = held_out_perplexity(model, tokenizer, evaluation, options.progress, "before", quiet_log)
     run_domains = prepare_domains(model, tokenizer, domain_settings, domains, training, accelerator,
                                   target_parameters=goal, source_losses=model_losses(model, training.batch_size))
     quiet_log("reference losses (" + run_domains.reference_source + "): "
               + ", ".join(f"{k} {v:.3f}" for k, v in run_domains.references.items()))
 
-    model = _prepare_weights(model, settings, options, training.seed)
+    model = trainable(model, options.lora if settings.lora else None, training.seed)
     masks = ShearMasks(before, target, warmup_steps=round(settings.warmup * training.steps)).to(accelerator.device)
     handle = masks.attach(model)
     hooks = ShearHooks(masks, settings)
@@ -199,10 +187,7 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
     quiet_log(f"cut to {target.describe()}: {params_after['total']:,} parameters; the masks expected "
               f"{expected:,.0f} ({(expected - params_after['total']) / params_after['total']:+.2%})")
     if evaluation.data and is_main:
-        results["perplexity_after"] = perplexity(model, tokenizer, evaluation.data, evaluation.seq_len,
-                                                 max_windows=evaluation.max_windows,
-                                                 progress=options.progress).to_dict()
-        quiet_log(f"perplexity after: {results['perplexity_after']['perplexity']:.3f}")
+        results["perplexity_after"] = held_out_perplexity(model, tokenizer, evaluation, options.progress, "after", quiet_log)
     if is_main:
         results["domain_perplexity"] = domain_perplexities(model, tokenizer, domains, evaluation.seq_len,
                                                            evaluation.max_windows, options.progress)
