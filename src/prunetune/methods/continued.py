@@ -23,7 +23,7 @@ from ..report import check_output_dir, is_run_directory, provenance, read_record
 from ..structure.units import Structure, count_parameters
 from ..train import make_accelerator, train
 from ..domains import DomainSet
-from .domain_training import DomainSettings, domain_perplexities, held_out_perplexity, prepare_domains, trainable
+from .domain_training import DomainSettings, domain_perplexities, prepare_domains, trainable
 from .dynamic_loading import domain_losses
 from .prune import EvalSettings, RunOptions, checkpoint_dir_for
 
@@ -89,7 +89,7 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
     params = count_parameters(model)
     results: dict = {}
     if evaluation.data and is_main:
-        results["perplexity_before"] = held_out_perplexity(model, tokenizer, evaluation, options.progress, "before", quiet_log)
+        results["perplexity_before"] = evaluation.measure(model, tokenizer, "before", options.progress, quiet_log)
     whose: list[str] = []
 
     def source_losses(eval_sets: dict) -> dict[str, float]:
@@ -109,7 +109,7 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
                 resume=options.resume, progress=options.progress, log=quiet_log)
     model = accelerator.unwrap_model(model)
     if evaluation.data and is_main:
-        results["perplexity_after"] = held_out_perplexity(model, tokenizer, evaluation, options.progress, "after", quiet_log)
+        results["perplexity_after"] = evaluation.measure(model, tokenizer, "after", options.progress, quiet_log)
     if is_main:
         results["domain_perplexity"] = domain_perplexities(model, tokenizer, domains, evaluation.seq_len,
                                                            evaluation.max_windows, options.progress)

@@ -112,10 +112,3 @@ def trainable(model, lora: LoraSettings | None, seed: int):
         param.requires_grad_(True)
     return model
 
-
-def held_out_perplexity(model, tokenizer, evaluation, progress: bool, when: str, log: Callable[[str], None]) -> dict:
-    """The run's one comparable perplexity (`evaluation`: the run's EvalSettings), logged as "perplexity WHEN"."""
-    result = perplexity(model, tokenizer, evaluation.data, evaluation.seq_len, max_windows=evaluation.max_windows,
-                        progress=progress).to_dict()
-    log(f"perplexity {when}: {result['perplexity']:.3f}")
-    return result

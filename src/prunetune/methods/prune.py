@@ -81,6 +81,12 @@ class EvalSettings:
     seq_len: int = 256
     max_windows: int | None = None
 
+    def measure(self, model, tokenizer, when: str, progress: bool, log: Callable[[str], None]) -> dict:
+        """The run's one comparable perplexity, logged as "perplexity WHEN"; as stored in prunetune.json."""
+        result = perplexity(model, tokenizer, self.data, self.seq_len, max_windows=self.max_windows, progress=progress)
+        log(f"perplexity {when}: {result.perplexity:.3f} ({result.seconds:.1f}s)")
+        return result.to_dict()
+
 
 @dataclass
 class RunOptions:
@@ -132,15 +138,9 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         check_seq_len(model, training.seq_len)
     params_before = count_parameters(model) | {"prunable": before.prunable_params(layers, units)}
 
-    def evaluate(when: str) -> dict:
-        result = perplexity(model, tokenizer, evaluation.data, evaluation.seq_len,
-                            max_windows=evaluation.max_windows, progress=options.progress)
-        quiet_log(f"perplexity {when}: {result.perplexity:.3f} ({result.seconds:.1f}s)")
-        return result.to_dict()
-
     results: dict = {}
     if evaluation.data and is_main:
-        results["perplexity_before"] = evaluate("before")
+        results["perplexity_before"] = evaluation.measure(model, tokenizer, "before", options.progress, quiet_log)
 
     blocks = mask = None
     if trains or settings.method in NEEDS_CALIBRATION:
@@ -181,7 +181,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     after = Structure.of(model)
     params_after = count_parameters(model) | {"prunable": after.prunable_params(layers, units)}
     if evaluation.data and is_main:
-        results["perplexity_after"] = evaluate("after")
+        results["perplexity_after"] = evaluation.measure(model, tokenizer, "after", options.progress, quiet_log)
 
     record = provenance(
         "prune",

@@ -31,7 +31,7 @@ from ..structure.surgery import cut, merge_lora
 from ..structure.target import Target, parse_target, target_parameters
 from ..structure.units import Structure, count_parameters
 from ..train import ComposedHooks, TrainHooks, make_accelerator, train
-from .domain_training import (DomainSettings, domain_perplexities, held_out_perplexity, model_losses,
+from .domain_training import (DomainSettings, domain_perplexities, model_losses,
                               prepare_domains, trainable)
 from .prune import EvalSettings, RunOptions, checkpoint_dir_for
 
@@ -153,7 +153,7 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
               f"head unit {target.head_unit}")
     results: dict = {}
     if evaluation.data and is_main:
-        results["perplexity_before"] = held_out_perplexity(model, tokenizer, evaluation, options.progress, "before", quiet_log)
+        results["perplexity_before"] = evaluation.measure(model, tokenizer, "before", options.progress, quiet_log)
     run_domains = prepare_domains(model, tokenizer, domain_settings, domains, training, accelerator,
                                   target_parameters=goal, source_losses=model_losses(model, training.batch_size))
     quiet_log("reference losses (" + run_domains.reference_source + "): "
@@ -187,7 +187,7 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
     quiet_log(f"cut to {target.describe()}: {params_after['total']:,} parameters; the masks expected "
               f"{expected:,.0f} ({(expected - params_after['total']) / params_after['total']:+.2%})")
     if evaluation.data and is_main:
-        results["perplexity_after"] = held_out_perplexity(model, tokenizer, evaluation, options.progress, "after", quiet_log)
+        results["perplexity_after"] = evaluation.measure(model, tokenizer, "after", options.progress, quiet_log)
     if is_main:
         results["domain_perplexity"] = domain_perplexities(model, tokenizer, domains, evaluation.seq_len,
                                                            evaluation.max_windows, options.progress)
