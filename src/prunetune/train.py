@@ -19,6 +19,7 @@ also choose the rows of each batch (`train(..., sampler=...)`, dynamic batch loa
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -33,9 +34,12 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .evaluate.tensor_memory import TensorMemory, module_tensors, optimizer_tensors
+from .lm_loss import ChunkedLoss
 from .progress import track
 
 CHECKPOINT_NAME = "checkpoint"
+TENSOR_MEMORY_KIND = "peak live tensor memory (CPU; weights, activations, gradients, optimizer state)"
 
 
 @dataclass
@@ -126,6 +130,7 @@ class TrainResult:
     seconds: float = 0.0
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
+    peak_rss_bytes: int | None = None  # CPU: the process's resident set, beside the tensor peak
     resumed_from_step: int = 0
 
     def record(self, settings: TrainSettings) -> dict:
@@ -136,6 +141,7 @@ class TrainResult:
             "seconds": round(self.seconds, 1),
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_memory_kind": self.peak_memory_kind,
+            "peak_rss_bytes": self.peak_rss_bytes,
             "resumed_from_step": self.resumed_from_step,
         }
 
@@ -269,38 +275,45 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
         start_step = _load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, hooks, result)
         result.resumed_from_step = start_step
     measuring = reset_peak_memory()
+    tensor_memory = None if torch.cuda.is_available() else TensorMemory(
+        module_tensors(accelerator.unwrap_model(model)) + optimizer_tensors(optimizer))
+    language_model_loss = ChunkedLoss(model)
     model.train()
     started = time.perf_counter()
     end = settings.steps if stop_after is None else min(settings.steps, stop_after)
     steps = range(start_step, end)
-    for step in track(steps, len(steps), "training", enabled=progress and accelerator.is_main_process):
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for micro in range(settings.grad_accum):
-            rows = sampler.rows(step, micro)
-            ids = blocks[rows].to(accelerator.device)
-            labels = ids.masked_fill(~loss_mask[rows].to(accelerator.device), -100)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss = model(input_ids=ids, labels=labels, use_cache=False).loss
-                    extra = hooks.extra_loss(step)
-                accelerator.backward(loss if extra is None else loss + extra)
-            loss_sum += loss.detach()
-        hooks.before_optimizer_step(step)
-        if settings.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        hooks.after_optimizer_step(step)
-        mean_loss = accelerator.reduce(loss_sum / settings.grad_accum, reduction="mean").item()
-        result.history.append({"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]}
-                              | hooks.log_entry(step))
-        if log and accelerator.is_main_process and ((step + 1) % 10 == 0 or step + 1 == settings.steps):
-            log(f"step {step + 1}/{settings.steps}: loss {mean_loss:.4f}")
-        if checkpoint and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0:
-            _save_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, hooks, step + 1, result)
+    with tensor_memory or contextlib.nullcontext():
+        for step in track(steps, len(steps), "training", enabled=progress and accelerator.is_main_process):
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for micro in range(settings.grad_accum):
+                rows = sampler.rows(step, micro)
+                ids = blocks[rows].to(accelerator.device)
+                labels = ids.masked_fill(~loss_mask[rows].to(accelerator.device), -100)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss = language_model_loss(ids, labels)
+                        extra = hooks.extra_loss(step)
+                    accelerator.backward(loss if extra is None else loss + extra)
+                loss_sum += loss.detach()
+            hooks.before_optimizer_step(step)
+            if settings.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            hooks.after_optimizer_step(step)
+            mean_loss = accelerator.reduce(loss_sum / settings.grad_accum, reduction="mean").item()
+            result.history.append({"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]}
+                                  | hooks.log_entry(step))
+            if log and accelerator.is_main_process and ((step + 1) % 10 == 0 or step + 1 == settings.steps):
+                log(f"step {step + 1}/{settings.steps}: loss {mean_loss:.4f}")
+            if checkpoint and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0:
+                _save_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, hooks, step + 1, result)
     result.seconds = time.perf_counter() - started
     result.peak_memory_bytes, result.peak_memory_kind = peak_memory(measuring)
+    if tensor_memory is not None:  # the measure comparable to a GPU's; the resident set stays on record
+        result.peak_rss_bytes = result.peak_memory_bytes
+        result.peak_memory_bytes, result.peak_memory_kind = tensor_memory.peak, TENSOR_MEMORY_KIND
     model.eval()
     if settings.gradient_checkpointing:
         disable_checkpointing(accelerator.unwrap_model(model))

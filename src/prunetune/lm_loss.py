@@ -1,0 +1,82 @@
+"""The next-token loss of a causal LM without its full logits tensor.
+
+`model(input_ids, labels=...)` builds logits for every position over the whole vocabulary, and the
+cross-entropy keeps its log-softmax and gradient the same size: for SmolLM2 (vocabulary 49,152) at
+batch 4 x 256 that is three 200 MB fp32 tensors, more than the memory of the rest of a LoRA step on
+the pruned model LoRAM trains. Here the model runs through its own forward (so DDP, PEFT and mask
+hooks see a normal call) with `logits_to_keep` set to no position; a hook keeps the decoder's last
+hidden states, and the loss is summed over chunks of positions, each chunk's logits built under
+activation checkpointing, so one chunk's logits exist at a time, in the forward and the backward.
+The value is the same mean over labelled positions that transformers' causal-LM loss computes.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+CHUNK_ELEMENTS = 2 ** 24  # logits per chunk: 64 MiB in fp32 (341 positions of a 49k vocabulary)
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM under DDP and PEFT wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        else:
+            return model
+
+
+class ChunkedLoss:
+    """`loss(ids, labels)` for `model`; falls back to the model's own loss where the model has no
+    `logits_to_keep` or no separate decoder (then the full logits are built as before)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        hf = _causal_lm(model)
+        forward = inspect.signature(type(hf).forward).parameters
+        decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
+        self.head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+        self.chunked = "logits_to_keep" in forward and decoder is not None and self.head is not None
+        self.decoder = decoder
+        self._hidden: torch.Tensor | None = None
+
+    def __call__(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.chunked:
+            return self.model(input_ids=ids, labels=labels, use_cache=False).loss
+        handle = self.decoder.register_forward_hook(self._keep_hidden)
+        try:
+            no_position = torch.zeros(0, dtype=torch.long, device=ids.device)
+            self.model(input_ids=ids, use_cache=False, logits_to_keep=no_position)
+        finally:
+            handle.remove()
+        hidden, self._hidden = self._hidden, None
+        return chunked_next_token_loss(hidden, labels, self.head)
+
+    def _keep_hidden(self, module, args, output) -> None:
+        self._hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+def chunked_next_token_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """Mean cross-entropy of predicting labels[:, t+1] from hidden[:, t] (-100: no loss), `head`
+    applied a chunk of positions at a time and recomputed in the backward."""
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    counted = (targets != -100).sum()
+    chunk = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_loss_sum, states[part], targets[part], head, use_reentrant=False)
+    # transformers divides by the count the same way (a batch with no labels gives nan there too)
+    return total / counted
+
+
+def _loss_sum(states: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    return F.cross_entropy(head(states).float(), targets, ignore_index=-100, reduction="sum")
