@@ -1,20 +1,21 @@
 """Sheared-LLaMA on the real SmolLM2-135M: targeted pruning, continued training, dynamic batch loading.
 
-    python benchmarks/sheared.py [--steps 120] [--shear-steps 80] [--settle-steps 300] [--out runs/sheared-bench]
+    python benchmarks/sheared.py [--steps 120] [--shear-steps 80] [--official-start] [--settle-steps 300]
+                                 [--out runs/sheared-bench]
 
 1. LoRAPrune (the baseline) removes half of the prunable parameters of every layer while its LoRA
    trains for STEPS steps on builtin:pydoc; its result's shape becomes the shear target, so both
    methods end at the same size (about half of the non-embedding parameters).
-2. `prunetune shear` to that shape for SHEAR_STEPS steps (the target warmed up over half of them:
-   the Lagrangian needs steps at the full target to settle), then `prunetune train` for the rest
-   (full-parameter), on the same data: the same total number of training steps.
+2. `prunetune shear` to that shape for SHEAR_STEPS steps (the target warmed up over half of them),
+   then `prunetune train` for the rest (full-parameter), on the same data: the same total number of
+   training steps. With --official-start, the same shear again with `--lambda2-init 0` (the official
+   code's start for the multipliers) shows what the stiff default changes in the masks' expected count.
 3. From the sheared model, `prunetune train` on two domains (stdlib code and pydoc prose) for
    STEPS - SHEAR_STEPS steps, once with dynamic batch loading and once with the fixed initial mixture; the
    references are the source model's own per-domain losses (the paper's choice for a lone model).
-4. With --settle-steps N: one more shear to the same target for N steps, with the official 20%
-   warm-up at a smaller batch (2 x 64 tokens, no evaluation), to see whether the masks' expected
-   count lands within 1% when the Lagrangian has the steps to settle (80 steps are too few for its
-   dynamics on this model; 300 are enough).
+4. With --settle-steps N: one more shear from the official start, for N steps, with the official 20%
+   warm-up at a smaller batch (2 x 64 tokens, no evaluation), to see whether the official start
+   lands within 1% when the Lagrangian has the steps to settle.
 
 It prints the README's tables and checks the targets: the pruned model has exactly the requested
 shape and the masks' expected parameter count is within 1% of the real one; the sheared-and-trained
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--settle-steps", type=int, default=0, help="also shear for this many steps (0: skip)")
+    parser.add_argument("--official-start", action="store_true", help="also shear from λ1 = λ2 = 0")
     parser.add_argument("--out", type=Path, default=Path("runs/sheared-bench"))
     args = parser.parse_args()
     rest = args.steps - args.shear_steps
@@ -83,8 +85,10 @@ def main() -> None:
     shape = lp["architecture"]["layer_shapes"][0]
     target = (f"layers={len(lp['architecture']['layer_shapes'])},heads={shape['num_heads']},"
               f"kv-heads={shape['num_kv_heads']},intermediate={shape['intermediate']}")
-    sh = once(args.out / "shear", "shear", "smollm2-135m", "--target", target, "--data", "prose=builtin:pydoc",
-              "--steps", args.shear_steps, "--warmup-share", "0.5", "--lr", "1e-4", *TRAIN, *EVAL, *windows)
+    shear = ["shear", "smollm2-135m", "--target", target, "--data", "prose=builtin:pydoc", "--steps", args.shear_steps,
+             "--warmup-share", "0.5", "--lr", "1e-4", *TRAIN, *EVAL, *windows]
+    sh = once(args.out / "shear", *shear)
+    official = once(args.out / "shear-official-start", *shear, "--lambda2-init", "0") if args.official_start else None
     trained = once(args.out / "shear-trained", "train", args.out / "shear", "--data", "prose=builtin:pydoc",
                    "--steps", rest, "--lr", "1e-4", *TRAIN, *EVAL, *windows)
     two = ["--data", "code=builtin:stdlib-code,prose=builtin:pydoc", "--reference-model", "smollm2-135m",
@@ -97,7 +101,7 @@ def main() -> None:
         settle = once(args.out / f"shear-{args.settle_steps}", "shear", "smollm2-135m", "--target", target,
                       "--data", "prose=builtin:pydoc", "--steps", args.settle_steps, "--warmup-share", "0.2",
                       "--batch-size", "2", "--seq-len", "64", "--no-eval", "--eval-every", args.settle_steps,
-                      "--eval-blocks", "2", "--max-windows", "4")
+                      "--eval-blocks", "2", "--max-windows", "4", "--lambda2-init", "0")
 
     params = sh["parameters"]
     got = sh["architecture"]["layer_shapes"]
@@ -107,6 +111,9 @@ def main() -> None:
     print(f"\ntarget {sh['target']['spec']}: {params['after']['total']:,} parameters "
           f"({params['after']['non_embedding']:,} non-embedding, {params['after']['non_embedding'] / params['before']['non_embedding']:.1%} "
           f"of the source's); masks expected {params['expected_by_masks']:,} ({params['expected_error']:+.2%})")
+    if official is not None:
+        print(f"from the official start (--lambda2-init 0): masks expected {official['parameters']['expected_by_masks']:,} "
+              f"({official['parameters']['expected_error']:+.2%})")
 
     def ppl(rec: dict, key: str = "perplexity_after") -> float:
         return rec["results"][key]["perplexity"]
@@ -141,10 +148,11 @@ def main() -> None:
     ]
     if settle is not None:
         error = settle["parameters"]["expected_error"]
-        print(f"\nshear for {args.settle_steps} steps (batch 2 x 64, warm-up 20%): masks expected "
+        print(f"\nshear from the official start for {args.settle_steps} steps (batch 2 x 64, warm-up 20%): masks expected "
               f"{settle['parameters']['expected_by_masks']:,} of {settle['parameters']['after']['total']:,} ({error:+.2%}), "
               f"{settle['training']['seconds']:.0f} s")
-        checks.append((f"masks' expected parameter count within 1% after {args.settle_steps} steps", abs(error) <= 0.01))
+        checks.append((f"official start: masks' expected count within 1% after {args.settle_steps} steps",
+                       abs(error) <= 0.01))
     print()
     for name, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'} {name}")

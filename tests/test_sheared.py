@@ -82,6 +82,14 @@ def test_bad_target_is_one_line_and_leaves_nothing(tmp_path, target, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_negative_lambda2_init_is_one_line_and_leaves_nothing(tmp_path):
+    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
+    done = run_cli("shear", str(source), "--target", TARGET, "--lambda2-init", "-1", "--steps", "2",
+                   "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert_user_error(done, "--lambda2-init")
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_without_references_is_one_line(tmp_path):
     source = save_tiny_model_dir(tmp_path / "tiny", "llama")
     done = run_cli("train", str(source), "--data", DOMAINS, "--dynamic-loading", "--steps", "2", *SMALL,
@@ -90,7 +98,7 @@ def test_train_without_references_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _shear_setup(seed: int = 0):
+def _shear_setup(seed: int = 0, steps: int = 8, warmup_steps: int = 4, lambda2_init: float = 0.0):
     """A tiny model with masks and a two-domain sampler, as `shear` builds them (random token domains)."""
     torch.manual_seed(seed)
     model = tiny_model("qwen3")
@@ -98,7 +106,7 @@ def _shear_setup(seed: int = 0):
         p.requires_grad_(True)
     structure = Structure.of(model)
     target = parse_target("layers=3,heads=3,kv-heads=3,intermediate=32", structure)
-    settings = TrainSettings(steps=8, batch_size=2, seq_len=16, lr=1e-3, checkpoint_every=1, seed=seed)
+    settings = TrainSettings(steps=steps, batch_size=2, seq_len=16, lr=1e-3, checkpoint_every=1, seed=seed)
     generator = torch.Generator().manual_seed(5)
     blocks = torch.cat([torch.randint(0, 48, (12, 16), generator=generator),
                         torch.randint(48, 96, (12, 16), generator=generator)])
@@ -108,9 +116,9 @@ def _shear_setup(seed: int = 0):
     eval_sets = {"a": (blocks[:2], mask[:2]), "b": (blocks[12:14], mask[12:14])}
     dynamic = DynamicLoading(model, sampler, ["a", "b"], eval_sets, {"a": 3.0, "b": 4.0}, eval_every=2,
                              batch_size=2)
-    masks = ShearMasks(structure, target, warmup_steps=4)
+    masks = ShearMasks(structure, target, warmup_steps=warmup_steps, lambda2_init=lambda2_init)
     handle = masks.attach(model)
-    hooks = ComposedHooks(ShearHooks(masks, ShearSettings(target="x")), dynamic)
+    hooks = ComposedHooks(ShearHooks(masks, ShearSettings(target="x", lambda2_init=lambda2_init)), dynamic)
     return model, masks, handle, hooks, sampler, blocks, mask, settings
 
 
@@ -144,3 +152,20 @@ def test_shearing_moves_the_masks_towards_the_target():
     # every mask type's expected size has moved from 'keep everything' towards its target
     for kind in ("layer", "intermediate"):
         assert last[f"expected_{kind}"] < first[f"expected_{kind}"]
+
+
+def test_a_stiff_lambda2_start_keeps_the_masks_on_the_warming_target():
+    """From the official start (λ1 = λ2 = 0), λ1 winds up while the masks trail the warm-up and the
+    expected count then overshoots; a stiff λ2 start tracks the target (the default, --lambda2-init)."""
+    errors = {}
+    for start in (0.0, ShearSettings().lambda2_init):
+        model, masks, _, hooks, sampler, blocks, mask, settings = _shear_setup(steps=24, warmup_steps=12,
+                                                                                lambda2_init=start)
+        assert masks.lambdas["lambda_2_intermediate"].item() == start
+        assert masks.lambdas["lambda_1_intermediate"].item() == 0
+        run = train(model, blocks, mask, settings, hooks=hooks, sampler=sampler, progress=False)
+        goal = masks.target_fraction("intermediate", settings.steps) * masks.distributions["intermediate"].size
+        after_warmup = [h["masks"]["expected_intermediate"] for h in run.history[12:]]
+        errors[start] = sum(abs(e - goal) for e in after_warmup) / len(after_warmup) / goal
+    official, stiff = errors.values()
+    assert stiff < 0.3 * official, errors

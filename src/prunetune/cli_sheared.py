@@ -94,6 +94,9 @@ def register(app: typer.Typer, out) -> None:
         mask_lr: Annotated[float, typer.Option(help="Learning rate of the mask logits (official: 1.0).")] = 1.0,
         lambda_lr: Annotated[float, typer.Option(help="Learning rate of the Lagrange multipliers, which ascend "
                                                  "(official: 1.0).")] = 1.0,
+        lambda2_init: Annotated[float, typer.Option(help="Starting value of λ2, the quadratic term's multiplier. "
+                                                    "Stiff keeps the masks on the warming target in short runs; "
+                                                    "0 is the official code's start.")] = 5000.0,
         warmup_share: Annotated[float, typer.Option(help="Share of the steps over which the target sparsity warms "
                                                     "up linearly (official: 0.2).")] = 0.2,
         warmup: Warmup = 0.05, lora: Lora = False, lora_r: LoraR = 8,
@@ -111,7 +114,8 @@ def register(app: typer.Typer, out) -> None:
                            warmup=warmup, gradient_checkpointing=gradient_checkpointing,
                            checkpoint_every=checkpoint_every, seed=seed, lora_r=lora_r, dtype=dtype, device=device,
                            overwrite=overwrite, resume=resume)
-        settings = ShearSettings(target=target, mask_lr=mask_lr, lambda_lr=lambda_lr, warmup=warmup_share, lora=lora)
+        settings = ShearSettings(target=target, mask_lr=mask_lr, lambda_lr=lambda_lr, lambda2_init=lambda2_init,
+                                 warmup=warmup_share, lora=lora)
         evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=eval_seq_len, max_windows=max_windows)
         record = run_shear(model, out_dir, settings,
                            _domain_settings(data, weights, references, dynamic, eval_every, eval_blocks, eta, clamp),

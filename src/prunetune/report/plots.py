@@ -188,6 +188,7 @@ def plot_mask_sizes(history: list[dict], path: Path) -> Path | None:
     left.legend(fontsize=7)
     right.set_xlabel("step")
     right.set_title("Lagrange multipliers")
+    right.set_yscale("symlog", linthresh=1.0)  # λ1 is small and changes sign; λ2 starts in the thousands
     right.legend(fontsize=7)
     return _save(fig, path)
 

@@ -38,16 +38,18 @@ MASK_TYPES = ("layer", "head", "intermediate", "hidden")
 
 class ShearMasks(nn.Module):
     """Learned masks that shrink a uniform `structure` to `target`; the target sparsity of the
-    Lagrangian is warmed up linearly from 0 over `warmup_steps` (the official `get_target_sparsity`)."""
+    Lagrangian is warmed up linearly from 0 over `warmup_steps` (the official `get_target_sparsity`).
+    λ1 starts at 0 and λ2 at `lambda2_init` (0 in the official code)."""
 
-    def __init__(self, structure: Structure, target: Target, warmup_steps: int):
+    def __init__(self, structure: Structure, target: Target, warmup_steps: int, lambda2_init: float = 0.0):
         super().__init__()
         if not structure.uniform:
             raise ValueError("learned masks need a source whose layers all have the same shape")
         self.structure, self.target, self.warmup_steps = structure, target, warmup_steps
         self.distributions = nn.ModuleDict(_distributions(structure, target))
         self.lambdas = nn.ParameterDict({
-            f"lambda_{k}_{kind}": nn.Parameter(torch.zeros(())) for kind in self.distributions for k in (1, 2)
+            f"lambda_{k}_{kind}": nn.Parameter(torch.tensor(0.0 if k == 1 else float(lambda2_init)))
+            for kind in self.distributions for k in (1, 2)
         })
         self._current: dict[str, torch.Tensor | None] | None = None
 
