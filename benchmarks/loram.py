@@ -12,6 +12,9 @@
 `--qloram-only` skips the LoRAM run and its ablation: it prunes and aligns the same way, trains the NF4
 adapter and the full-model baseline, and compares those two (about 1 h on 2 CPU cores instead of 1.5).
 
+`--memory-only N` trains each adapter for N steps only, on the (unaligned) pruned model, to read the
+three training peaks quickly: the peak comes in the first steps and does not depend on alignment.
+
 Then it prints the table of the README and checks the targets: the full model with the recovered
 adapter gains at least 80% of the baseline's in-domain perplexity improvement, with at most 60% of
 its peak training memory (35% with NF4); without recovery and without alignment the result is worse.
@@ -94,6 +97,38 @@ def qloram_only(args, run: Path) -> None:
     print(f"{'PASS' if ok else 'FAIL'} QLoRAM training peak memory <= 35% of the baseline's")
 
 
+def memory_only(args, run: Path) -> None:
+    """Training peak memory of the baseline, LoRAM and QLoRAM adapters after `args.memory_only` steps each."""
+    pruned = run / "pruned"
+    if not (pruned / "prunetune.json").exists():
+        prunetune("loram", "prune", "smollm2-135m", "--ratio", "0.5", "--method", "stru", "--data", "builtin:pydoc",
+                  "--out", pruned, "--overwrite")
+    out = args.out / "memory"
+    peaks = {}
+    for name, model, extra in (("full model, LoRA (baseline)", "smollm2-135m", []),
+                               ("pruned model, LoRA (LoRAM)", pruned, []),
+                               ("pruned model, NF4 + LoRA (QLoRAM)", pruned, ["--quant", "nf4"])):
+        adapter = out / name.split(",")[0].replace(" ", "-") / ("nf4" if extra else "lora")
+        if not (adapter / "prunetune.json").exists():
+            prunetune("loram", "train", model, *extra, "--data", "builtin:stdlib-code", "--steps", args.memory_only,
+                      "--lr", "5e-4", *COMMON, "--out", adapter, "--overwrite")
+        record = json.loads((adapter / "prunetune.json").read_text())
+        training = record["training"]
+        peaks[name] = (training["peak_memory_bytes"], training["peak_memory_kind"], record["parameters"],
+                       training.get("peak_rss_bytes"))
+    base, _, _, base_rss = peaks["full model, LoRA (baseline)"]
+    print(f"\n| {args.memory_only} training steps, batch 4 x 256 | reduction ratio | training peak GiB | vs baseline "
+          "| peak RSS GiB | vs baseline |")
+    print("|---|---|---|---|---|---|")
+    for name, (peak, kind, parameters, rss) in peaks.items():
+        rss_cells = f"{rss / 2**30:.2f} | {rss / base_rss:.0%}" if rss and base_rss else "– | –"
+        print(f"| {name} | {parameters['reduction_ratio']:.2f}x | {peak / 2**30:.2f} | {peak / base:.0%} | {rss_cells} |")
+    print(f"\nmemory: {next(iter(peaks.values()))[1]}")
+    for name, limit in (("pruned model, LoRA (LoRAM)", 0.60), ("pruned model, NF4 + LoRA (QLoRAM)", 0.35)):
+        print(f"{'PASS' if peaks[name][0] <= limit * base else 'FAIL'} {name}: training peak <= {limit:.0%} of the "
+              "baseline's")
+
+
 def print_table(rows: dict, baseline: dict, untouched: dict) -> None:
     gain = untouched["in_domain"] - baseline["in_domain"]
     print("\n| configuration | in-domain ppl (stdlib-code) | out-of-domain ppl (pydoc) | share of baseline gain | "
@@ -114,8 +149,13 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("runs/loram-bench"))
     parser.add_argument("--qloram-only", action="store_true", help="only the NF4 adapter against the baseline")
+    parser.add_argument("--memory-only", type=int, default=0, metavar="N",
+                        help="only the three training peaks, after N steps each")
     args = parser.parse_args()
     run = args.out / "loram50"
+    if args.memory_only:
+        memory_only(args, run)
+        return
     if args.qloram_only:
         qloram_only(args, run)
         return

@@ -22,7 +22,8 @@ def _loss_and_grads(model, compute):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_chunked_loss_equals_the_models_own(arch, monkeypatch):
-    monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", 96 * 5)  # 5 positions a chunk: several, the last one short
+    monkeypatch.setattr(lm_loss, "MIN_CHUNK", 5)  # 5 positions a chunk: several, the last one short
+    monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", 96 * 5)
     model = tiny_model(arch).train()
     for p in model.parameters():
         p.requires_grad_(True)
