@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .structure.units import unwrap
+
 # Logits per chunk: 16 MiB in fp32, 85 positions of SmolLM2's 49k vocabulary (measured there on a LoRA
 # step at batch 4 x 256: peak tensor memory 1187 MiB with full logits, 807 at 2**24, 689 at 2**22, at
 # the same speed); at least MIN_CHUNK positions, so a GPU with a large vocabulary keeps GEMMs of a size
@@ -27,24 +29,13 @@ CHUNK_ELEMENTS = 2 ** 22
 MIN_CHUNK = 128
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers *ForCausalLM under DDP and PEFT wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
-            model = model.module
-        elif hasattr(model, "get_base_model"):  # PEFT
-            model = model.get_base_model()
-        else:
-            return model
-
-
 class ChunkedLoss:
     """`loss(ids, labels)` for `model`; falls back to the model's own loss where the model has no
     `logits_to_keep` or no separate decoder (then the full logits are built as before)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        hf = _causal_lm(model)
+        hf = unwrap(model)
         forward = inspect.signature(type(hf).forward).parameters
         decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
         self.head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None

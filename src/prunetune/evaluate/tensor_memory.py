@@ -60,8 +60,8 @@ class TensorMemory(TorchDispatchMode):
             return
         try:
             storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
-            return
+        except (RuntimeError, NotImplementedError):
+            return  # sparse tensors and wrapper subclasses have no storage of their own to count
         if storage in self._storages:
             return
         size = storage.nbytes()

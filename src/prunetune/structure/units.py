@@ -29,7 +29,9 @@ HEAD_UNITS = ("kv-group", "q-head")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers `*ForCausalLM` inside a PEFT wrapper (or the model itself)."""
+    """The transformers `*ForCausalLM` inside DDP and PEFT wrappers (or the model itself)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # what accelerate.prepare returns with processes
+        model = model.module
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
