@@ -73,7 +73,7 @@ def test_progressive_masks_never_revive_and_reach_the_target_exactly():
     model = add_lora(model, LoraSettings(dropout=0.0))
     pruner = LoRAPruner(model, structure, ratio=0.5, layers=[1, 2], units=("heads", "channels"),
                         head_unit="kv-group", round_to=8, allocation="uniform",
-                        settings=LoRAPruneSettings(prune_every=2), total_steps=20)
+                        settings=LoRAPruneSettings(prune_every=2), total_steps=20, split="heads-first")
     seen: list[Masks] = []
     apply = pruner._apply
     pruner._apply = lambda masks: (seen.append(masks), apply(masks))

@@ -29,34 +29,54 @@ CHUNK_ELEMENTS = 2 ** 22
 MIN_CHUNK = 128
 
 
-class ChunkedLoss:
-    """`loss(ids, labels)` for `model`; falls back to the model's own loss where the model has no
-    `logits_to_keep` or no separate decoder (then the full logits are built as before)."""
+class FinalHidden:
+    """`hidden(ids)`: the decoder's last hidden states from `model`'s own forward, with no logits
+    kept; `head` is the output projection that turns them into logits. `available` is False where
+    the model has no `logits_to_keep` or no separate decoder."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         hf = unwrap(model)
         forward = inspect.signature(type(hf).forward).parameters
-        decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
+        self.decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
         self.head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-        self.chunked = "logits_to_keep" in forward and decoder is not None and self.head is not None
-        self.decoder = decoder
+        self.available = "logits_to_keep" in forward and self.decoder is not None and self.head is not None
         self._hidden: torch.Tensor | None = None
 
-    def __call__(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if not self.chunked:
-            return self.model(input_ids=ids, labels=labels, use_cache=False).loss
+    def __call__(self, ids: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """Run `model` (default: the one given at construction, e.g. its DDP wrapper) on `ids`."""
         handle = self.decoder.register_forward_hook(self._keep_hidden)
         try:
             no_position = torch.zeros(0, dtype=torch.long, device=ids.device)
-            self.model(input_ids=ids, use_cache=False, logits_to_keep=no_position)
+            (model or self.model)(input_ids=ids, use_cache=False, logits_to_keep=no_position)
         finally:
             handle.remove()
         hidden, self._hidden = self._hidden, None
-        return chunked_next_token_loss(hidden, labels, self.head)
+        return hidden
 
     def _keep_hidden(self, module, args, output) -> None:
         self._hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+class ChunkedLoss:
+    """`loss(ids, labels)` for `model`; falls back to the model's own loss where the model has no
+    `logits_to_keep` or no separate decoder (then the full logits are built as before).
+    `terms` holds the last call's loss terms, detached, for the training log."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.final_hidden = FinalHidden(model)
+        self.chunked = self.final_hidden.available
+        self.head = self.final_hidden.head
+        self.terms: dict[str, torch.Tensor] = {}
+
+    def __call__(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.chunked:
+            loss = self.model(input_ids=ids, labels=labels, use_cache=False).loss
+        else:
+            loss = chunked_next_token_loss(self.final_hidden(ids), labels, self.head)
+        self.terms = {"lm": loss.detach()}
+        return loss
 
 
 def chunked_next_token_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:

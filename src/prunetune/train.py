@@ -132,6 +132,7 @@ class TrainResult:
     peak_memory_kind: str = ""
     peak_rss_bytes: int | None = None  # CPU: the process's resident set, beside the tensor peak
     resumed_from_step: int = 0
+    distill: dict | None = None  # with a teacher: its settings and what its passes cost
 
     def record(self, settings: TrainSettings) -> dict:
         """The `training` entry of a run's prunetune.json."""
@@ -143,7 +144,7 @@ class TrainResult:
             "peak_memory_kind": self.peak_memory_kind,
             "peak_rss_bytes": self.peak_rss_bytes,
             "resumed_from_step": self.resumed_from_step,
-        }
+        } | ({"distill": self.distill} if self.distill else {})
 
 
 def make_accelerator(settings: TrainSettings):
@@ -239,11 +240,14 @@ def disable_checkpointing(model: nn.Module) -> None:
 def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, settings: TrainSettings, *,
           hooks: TrainHooks | None = None, accelerator=None, checkpoint_dir: Path | None = None,
           resume: bool = False, stop_after: int | None = None, progress: bool = True, log=None,
-          sampler=None) -> TrainResult:
+          sampler=None, teacher=None, distill=None) -> TrainResult:
     """Train the parameters of `model` that require grad for `settings.steps` optimizer steps.
 
     `sampler` (with `rows(step, micro)`) picks each micro-batch's rows of `blocks`; by default a
     `BlockSampler`. A sampler with state keeps it in the hooks' state so a resumed run continues it.
+
+    With a `teacher` (distill.py) and `distill` settings the objective is the distillation loss; the
+    history's `loss` stays the language-model loss, with `distill_loss` beside it.
 
     `checkpoint_dir/checkpoint` holds the latest checkpoint; with `resume` the run continues from it.
     `stop_after` ends the run early after that many steps (as if killed; used by tests).
@@ -277,24 +281,30 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
     measuring = reset_peak_memory()
     tensor_memory = None if torch.cuda.is_available() else TensorMemory(
         module_tensors(accelerator.unwrap_model(model)) + optimizer_tensors(optimizer))
-    language_model_loss = ChunkedLoss(model)
+    if teacher is not None:
+        from .distill import DistillLoss
+
+        objective = DistillLoss(model, teacher, distill)
+    else:
+        objective = ChunkedLoss(model)
     model.train()
     started = time.perf_counter()
     end = settings.steps if stop_after is None else min(settings.steps, stop_after)
     steps = range(start_step, end)
     with tensor_memory or contextlib.nullcontext():
         for step in track(steps, len(steps), "training", enabled=progress and accelerator.is_main_process):
-            loss_sum = torch.zeros((), device=accelerator.device)
+            term_sums: dict[str, torch.Tensor] = {}
             for micro in range(settings.grad_accum):
                 rows = sampler.rows(step, micro)
                 ids = blocks[rows].to(accelerator.device)
                 labels = ids.masked_fill(~loss_mask[rows].to(accelerator.device), -100)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
-                        loss = language_model_loss(ids, labels)
+                        loss = objective(ids, labels)
                         extra = hooks.extra_loss(step)
                     accelerator.backward(loss if extra is None else loss + extra)
-                loss_sum += loss.detach()
+                for name, value in objective.terms.items():
+                    term_sums[name] = term_sums.get(name, 0) + value
             hooks.before_optimizer_step(step)
             if settings.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, settings.max_grad_norm)
@@ -302,14 +312,19 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             hooks.after_optimizer_step(step)
-            mean_loss = accelerator.reduce(loss_sum / settings.grad_accum, reduction="mean").item()
+            means = {name: accelerator.reduce(total / settings.grad_accum, reduction="mean").item()
+                     for name, total in term_sums.items()}
+            mean_loss = means.pop("lm")
             result.history.append({"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]}
+                                  | {f"{name}_loss": value for name, value in means.items()}
                                   | hooks.log_entry(step))
             if log and accelerator.is_main_process and ((step + 1) % 10 == 0 or step + 1 == settings.steps):
                 log(f"step {step + 1}/{settings.steps}: loss {mean_loss:.4f}")
             if checkpoint and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0:
                 _save_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, hooks, step + 1, result)
     result.seconds = time.perf_counter() - started
+    if teacher is not None:
+        result.distill = objective.record(len(steps))
     result.peak_memory_bytes, result.peak_memory_kind = peak_memory(measuring)
     if tensor_memory is not None:  # the measure comparable to a GPU's; the resident set stays on record
         result.peak_rss_bytes = result.peak_memory_bytes

@@ -75,3 +75,33 @@ def lora_guided_scores(model: nn.Module, batches=None, *, seed: int = 0, score: 
             channels=per_module["gate_proj"] + per_module["up_proj"] + per_module["down_proj"],
         ))
     return result
+
+
+def lora_guided_one_shot_scores(model: nn.Module, batches: list[torch.Tensor] | None = None, *,
+                                seed: int = 0) -> list[LayerScores]:
+    """LoRAPrune single-shot: a fresh LoRA (seeded) on every projection, the calibration batches'
+    gradients on its A and B only, scores from them, and the adapter taken off again unmerged.
+
+    With B = 0 at initialisation ∂L/∂A is zero, so the estimate is ∂L/∂B·A: the weight gradient
+    seen through the adapter's random down-projection. Scores are the raw sums (no per-module
+    normalisation), first-order estimates on one scale for heads and channels. The frozen weights
+    get no gradient, so this runs on 8-bit and NF4 bases.
+    """
+    from ..lora import LoraSettings, add_lora
+    from .calibration import eval_mode, input_device, require_batches
+
+    batches = require_batches(batches, "lora-guided")
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    torch.manual_seed(seed)
+    peft_model = add_lora(model, LoraSettings(dropout=0.0))
+    try:
+        device = input_device(peft_model)
+        with eval_mode(peft_model), torch.enable_grad():
+            for batch in batches:
+                batch = batch.to(device)
+                peft_model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        return lora_guided_scores(peft_model, normalize=False)
+    finally:
+        peft_model.unload()  # the original projections back in place, nothing merged
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)

@@ -10,6 +10,7 @@ the removed units; at the end the model is cut, LoRA merged and saved by the sha
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,8 @@ from torch import nn
 from ..importance.lora_guided import SCORE_KINDS, lora_guided_scores
 from ..importance.scores import LayerScores
 from ..structure.allocate import (
-    KeepCounts, full_counts, global_counts, interpolate_counts, masks_from_counts, target_counts,
+    DEFAULT_SPLIT, KeepCounts, final_counts, full_counts, interpolate_counts, masks_from_counts, needs_scores,
+    target_counts,
 )
 from ..structure.masks import Masks, apply_masks
 from ..structure.units import Structure
@@ -30,9 +32,35 @@ class LoRAPruneSettings:
     prune_every: int = 10
     ema: float = 0.9  # weight of the old moving average
     score: str = "abs"  # official code: abs; paper: square
-    normalize: bool = True  # L2-normalise each module's unit scores (official code)
+    # module: L2-normalise each module's unit scores (official code); model: one scale for the whole
+    # model per step (keeps heads and channels comparable, as the "cost" split needs); none: raw.
+    # auto: module under the heads-first split, model under cost.
+    normalize: str = "auto"
     warmup: float = 0.1  # fraction of steps before pruning starts
     cooldown: float = 0.1  # fraction of steps trained at the final shape
+
+    def check(self) -> None:
+        from ..errors import UserError
+
+        if self.normalize not in NORMALIZATIONS:
+            raise UserError(f"unknown --normalize '{self.normalize}'; use {', '.join(NORMALIZATIONS)}")
+        if not (0 <= self.warmup < 1 and 0 <= self.cooldown < 1 and self.warmup + self.cooldown < 1):
+            raise UserError(f"--prune-warmup and --prune-cooldown are fractions of the steps with a sum below 1, "
+                            f"got {self.warmup} and {self.cooldown}")
+        if self.prune_every < 1:
+            raise UserError(f"--prune-every must be at least 1, got {self.prune_every}")
+        if not 0 <= self.ema < 1:
+            raise UserError(f"--ema must be in [0, 1), got {self.ema}")
+        if self.score not in SCORE_KINDS:
+            raise UserError(f"unknown --score '{self.score}'; use {' or '.join(SCORE_KINDS)}")
+
+    def normalization(self, split: str) -> str:
+        if self.normalize != "auto":
+            return self.normalize
+        return "model" if split == "cost" else "module"
+
+
+NORMALIZATIONS = ("auto", "module", "model", "none")
 
 
 def cubic_fraction(step: int, total: int, warmup: float, cooldown: float) -> float:
@@ -43,25 +71,34 @@ def cubic_fraction(step: int, total: int, warmup: float, cooldown: float) -> flo
     return 1.0 - (1.0 - progress) ** 3
 
 
+def scale_to_unit_total(scores: list[LayerScores]) -> list[LayerScores]:
+    """Divide every unit score by one constant, the step's total over all units: each step weighs the
+    same in the moving average, and heads and channels keep their relative scale."""
+    total = sum(float(s.q_heads.sum() + s.kv_heads.sum() + s.channels.sum()) for s in scores)
+    scale = 1.0 / total if total > 0 else 1.0
+    return [LayerScores(s.q_heads * scale, s.kv_heads * scale, s.channels * scale) for s in scores]
+
+
 class LoRAPruner(TrainHooks):
     """Scores, moving average, schedule and masks of a LoRAPrune run; plugs into the training loop."""
 
     def __init__(self, model: nn.Module, structure: Structure, *, ratio: float, layers: list[int],
                  units: tuple[str, ...], head_unit: str, round_to: int | str, allocation: str,
-                 settings: LoRAPruneSettings, total_steps: int):
-        if settings.score not in SCORE_KINDS:
-            from ..errors import UserError
-
-            raise UserError(f"unknown --score '{settings.score}'; use {' or '.join(SCORE_KINDS)}")
+                 settings: LoRAPruneSettings, total_steps: int, split: str = DEFAULT_SPLIT):
+        settings.check()
         self.model = model
         self.structure = structure
         self.ratio, self.layers, self.units = ratio, layers, units
-        self.head_unit, self.round_to, self.allocation = head_unit, round_to, allocation
+        self.head_unit, self.round_to, self.allocation, self.split = head_unit, round_to, allocation, split
         self.settings = settings
+        self.normalization = settings.normalization(split)
         self.total_steps = total_steps
         self.full = full_counts(structure, layers, head_unit)
+        # Counts that depend on the scores (global allocation, the cost split) are fixed once, from the
+        # moving average at the first mask update; the others follow from the shapes alone.
         self.final: dict[int, KeepCounts] | None = (
-            target_counts(structure, ratio, layers, units, head_unit, round_to) if allocation == "uniform" else None)
+            None if needs_scores(allocation, split, units)
+            else target_counts(structure, ratio, layers, units, head_unit, round_to))
         self.average: list[LayerScores] | None = None
         self.counts = dict(self.full)
         self.masks = Masks()
@@ -92,15 +129,19 @@ class LoRAPruner(TrainHooks):
         self._hooks = apply_masks(self.model, masks)
 
     def update_masks(self, step_done: int, fraction: float | None = None) -> None:
-        if self.final is None:  # global allocation: fixed once, from the scores at the first update
-            self.final = global_counts(self.structure, self.average, self.ratio, self.layers, self.units,
-                                       self.head_unit, self.round_to)
+        if self.final is None:  # fixed once, from the scores at the first update
+            self.final = final_counts(self.structure, self.average, self.ratio, self.layers, self.units,
+                                      self.head_unit, self.round_to, self.allocation, self.split)
         if fraction is None:
             fraction = cubic_fraction(step_done, self.total_steps, self.settings.warmup, self.settings.cooldown)
         intermediate = {i: self.structure.layers[i].intermediate for i in self.layers}
         self.counts = interpolate_counts(self.full, self.final, fraction, self.round_to, intermediate, self.counts)
         self._apply(masks_from_counts(self.structure, self.average, self.counts, self.head_unit, self.masks))
         self.history.append({"step": step_done, "fraction": fraction, "kept": self.kept_share()})
+
+    def masks_off(self):
+        """Inside this block the model runs unpruned (the distillation teacher's pass)."""
+        return self._hooks.suspended() if self._hooks is not None else contextlib.nullcontext()
 
     def kept_share(self) -> float:
         """Share of the prunable parameters the current masks keep."""
@@ -121,8 +162,10 @@ class LoRAPruner(TrainHooks):
 
     # -- TrainHooks -----------------------------------------------------------------------------
     def before_optimizer_step(self, step: int) -> None:
-        self._update_average(lora_guided_scores(self.model, score=self.settings.score,
-                                                normalize=self.settings.normalize))
+        scores = lora_guided_scores(self.model, score=self.settings.score, normalize=self.normalization == "module")
+        if self.normalization == "model":
+            scores = scale_to_unit_total(scores)
+        self._update_average(scores)
         if self._due(step + 1):
             self.update_masks(step + 1)
 

@@ -189,8 +189,10 @@ def compare_scores(structure: Structure, scores_a: list[LayerScores], scores_b: 
     """For each ratio: masks from both score sets, and their agreement per unit kind."""
     results = []
     for ratio in ratios:
-        a = select_masks(structure, scores_a, ratio, layers, units, head_unit, round_to)
-        b = select_masks(structure, scores_b, ratio, layers, units, head_unit, round_to)
+        # heads-first: the per-module normalised LoRA-guided scores put heads and channels on no
+        # common scale, and the comparison is of the criteria, not of a split rule
+        a = select_masks(structure, scores_a, ratio, layers, units, head_unit, round_to, split="heads-first")
+        b = select_masks(structure, scores_b, ratio, layers, units, head_unit, round_to, split="heads-first")
         entry = {"ratio": ratio, "ratio_achieved": achieved_ratio(structure, a, layers, units)}
         for kind in units:
             entry[kind] = compare_masks(structure, a, b, layers, kind)
@@ -207,13 +209,16 @@ def masks_agree(model_spec: str, settings: AgreeSettings, *, dtype: str = "auto"
     """Load a model, score it with both criteria on the same batches, and compare their masks."""
     from ..data import load_blocks, load_examples
     from ..evaluate.perplexity import check_seq_len
-    from ..models import load_model
+    from ..models import check_load_options, check_model, load_model
     from ..report import provenance
     from ..train import TrainSettings, train
 
     started = time.perf_counter()
     settings.check()
     load_examples(settings.data)  # a bad data spec fails before the model loads
+    check_load_options(dtype, device)
+    config = check_model(model_spec, {"--seq-len": settings.seq_len})  # ... and so do its layers and length
+    parse_layers(settings.layers, config.num_hidden_layers)
     model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
     structure = Structure.of(model)
     layers = parse_layers(settings.layers, structure.num_layers)

@@ -2,11 +2,15 @@
 
 load -> (score once | LoRAPrune training) -> masks -> cut -> (LoRA recovery) -> merge -> save -> evaluate
 
-One-shot criteria (magnitude, taylor, wanda-sp, random) score every unit once from the weights and,
-where they need it, calibration batches; `recover_steps` then fine-tunes a LoRA on the cut model so
-methods compare at the same training budget. LoRAPrune scores while it trains and prunes
-progressively (methods/loraprune.py). Either way the result is cut, LoRA merged, and saved as a
-smaller dense model with prunetune.json and report.md.
+One-shot criteria (magnitude, taylor, wanda-sp, random, lora-guided) score every unit once from the
+weights and, where they need it, calibration batches; `recover_steps` then fine-tunes a LoRA on the
+cut model so methods compare at the same training budget. LoRAPrune scores while it trains and
+prunes progressively (methods/loraprune.py). Either way the result is cut, LoRA merged, and saved as
+a smaller dense model with prunetune.json and report.md.
+
+With distillation (distill.py) LoRAPrune's teacher is the model it trains, masks suspended: no
+second copy. A one-shot method's distilled recovery loads the source model a second time as its
+teacher, and the record says what that copy costs.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from ..checkpoint import save_model
 from ..data import load_blocks, load_examples
+from ..distill import DistillSettings, ModelTeacher, self_teacher_for
 from ..errors import UserError
 from ..evaluate.perplexity import check_seq_len, perplexity
 from ..importance import CRITERIA
@@ -29,8 +34,8 @@ from ..models import load_model
 from ..importance.scores import SCORES_FILE, save_scores
 from ..report import check_output_dir, provenance, run_directory, write_json, write_report
 from ..structure.allocate import (
-    ALLOCATIONS, DEFAULT_ROUND_TO, achieved_ratio, check_ratio, describe_prunable, parse_layers, parse_round_to,
-    parse_units, select_masks,
+    ALLOCATIONS, DEFAULT_ROUND_TO, DEFAULT_SPLIT, SPLITS, achieved_ratio, check_ratio, describe_prunable, parse_layers,
+    parse_round_to, parse_units, select_masks,
 )
 from ..structure.surgery import cut
 from ..structure.units import HEAD_UNITS, Structure, count_parameters
@@ -38,7 +43,7 @@ from ..train import TrainSettings, make_accelerator, train
 from .loraprune import LoRAPruneSettings, LoRAPruner
 
 METHODS = ("loraprune", *CRITERIA)
-NEEDS_CALIBRATION = ("taylor", "wanda-sp")
+NEEDS_CALIBRATION = ("taylor", "wanda-sp", "lora-guided")
 
 
 @dataclass
@@ -50,6 +55,7 @@ class PruneSettings:
     head_unit: str = "kv-group"
     round_to: int | str = DEFAULT_ROUND_TO  # 'auto': 128 on wide MLPs, 64 on narrow ones (allocate.py)
     allocation: str = "uniform"
+    split: str = DEFAULT_SPLIT  # how a budget is shared by heads and channels (structure/allocate.py)
     data: str = "builtin:pydoc"  # training data (loraprune, recovery) and calibration batches
     calib_samples: int = 10  # calibration sequences for taylor and wanda-sp (LLM-Pruner: 10)
     recover_steps: int = 0  # LoRA steps after a one-shot prune
@@ -68,6 +74,8 @@ class PruneSettings:
             raise UserError(f"unknown --head-unit '{self.head_unit}'; use {' or '.join(HEAD_UNITS)}")
         if self.allocation not in ALLOCATIONS:
             raise UserError(f"unknown --allocation '{self.allocation}'; use {' or '.join(ALLOCATIONS)}")
+        if self.split not in SPLITS:
+            raise UserError(f"unknown --split '{self.split}'; use {' or '.join(SPLITS)}")
         parse_round_to(self.round_to)
         if self.recover_steps < 0 or self.calib_samples < 1:
             raise UserError("--recover-steps must be 0 or more and --calib-samples at least 1")
@@ -93,12 +101,36 @@ class RunOptions:
     training: TrainSettings = field(default_factory=TrainSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     loraprune: LoRAPruneSettings = field(default_factory=LoRAPruneSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
     dtype: str = "auto"
     device: str = "auto"
     quant: str | None = None
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+
+
+def _check_before_loading(settings: PruneSettings, evaluation: EvalSettings, options: RunOptions, trains: bool) -> None:
+    """Everything that can be wrong without the model: a mistake costs seconds, not a model load."""
+    settings.check()
+    if trains:
+        options.training.check()
+    if settings.method == "loraprune":
+        options.loraprune.check()
+    distill = options.distill
+    if distill.enabled:
+        distill.check()
+        if not trains:
+            raise UserError("--distill trains against a teacher: use it with loraprune or with --recover-steps")
+        if settings.method != "loraprune" and distill.teacher == "tuned":
+            raise UserError("--teacher tuned is LoRAPrune's (the unpruned model as it fine-tunes); a one-shot "
+                            "method's recovery distils from the source model: leave --teacher at base")
+    if evaluation.max_windows is not None and evaluation.max_windows < 1:
+        raise UserError(f"--max-windows must be at least 1, got {evaluation.max_windows}")
+    if evaluation.data:
+        load_examples(evaluation.data, default_split="eval")
+    if trains or settings.method in NEEDS_CALIBRATION:
+        load_examples(settings.data, default_split="train")
 
 
 def checkpoint_dir_for(out: Path) -> Path:
@@ -112,16 +144,11 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     started = time.perf_counter()
     options = options or RunOptions()
     out = Path(out)
-    settings.check()
     training = options.training
     trains = settings.method == "loraprune" or settings.recover_steps > 0
-    if trains:
-        training.check()
+    distill = options.distill
+    _check_before_loading(settings, evaluation, options, trains)
     check_output_dir(out, options.overwrite)
-    if evaluation.max_windows is not None and evaluation.max_windows < 1:
-        raise UserError(f"--max-windows must be at least 1, got {evaluation.max_windows}")
-    if evaluation.data:
-        load_examples(evaluation.data, default_split="eval")  # a bad data spec fails before the model loads
     accelerator = make_accelerator(training)
     is_main = accelerator.is_main_process
     quiet_log = log if is_main else (lambda _: None)
@@ -153,9 +180,14 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         model = add_lora(model, options.lora)
         pruner = LoRAPruner(model, before, ratio=settings.ratio, layers=layers, units=units,
                             head_unit=settings.head_unit, round_to=settings.round_to,
-                            allocation=settings.allocation, settings=options.loraprune, total_steps=training.steps)
+                            allocation=settings.allocation, settings=options.loraprune, total_steps=training.steps,
+                            split=settings.split)
+        teacher = self_teacher_for(model, pruner.masks_off, distill) if distill.enabled else None
         run = train(model, blocks, mask, training, hooks=pruner, accelerator=accelerator,
-                    checkpoint_dir=checkpoints, resume=options.resume, progress=options.progress, log=quiet_log)
+                    checkpoint_dir=checkpoints, resume=options.resume, progress=options.progress, log=quiet_log,
+                    teacher=teacher, distill=distill)
+        if run.distill:
+            run.distill |= {"teacher": distill.teacher, "teacher_model_bytes": 0}  # the trained model itself
         masks = pruner.finish()
         scores = pruner.average
         record_training = {"training": run.record(training) | {"schedule": pruner.history}}
@@ -166,18 +198,27 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
             batches = list(calib.split(training.batch_size))
         scores = CRITERIA[settings.method](model, batches, seed=settings.seed)
         masks = select_masks(before, scores, settings.ratio, layers, units, settings.head_unit,
-                             settings.round_to, settings.allocation)
+                             settings.round_to, settings.allocation, settings.split)
 
     kept = masks.kept_summary(before)
     ratio = achieved_ratio(before, masks, layers, units)
     cut(model, masks)
     if settings.recover_steps:
+        teacher = teacher_bytes = None
+        if distill.enabled:  # the unpruned source, loaded a second time: the memory LoRAPrune's teacher saves
+            source, _ = load_model(model_spec, dtype=options.dtype, device=str(next(model.parameters()).device),
+                                   quant=options.quant)
+            teacher = ModelTeacher(source)
+            teacher_bytes = sum(t.numel() * t.element_size() for t in (*source.parameters(), *source.buffers()))
         torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
         model = add_lora(model, options.lora)
         recovery = TrainSettings(**{**asdict(training), "steps": settings.recover_steps})
         run = train(model, blocks, mask, recovery, accelerator=accelerator, checkpoint_dir=checkpoints,
-                    resume=options.resume, progress=options.progress, log=quiet_log)
+                    resume=options.resume, progress=options.progress, log=quiet_log, teacher=teacher, distill=distill)
+        if run.distill:
+            run.distill |= {"teacher": "source", "teacher_model_bytes": teacher_bytes}
         record_training = {"training": run.record(recovery)}
+        del teacher
     after = Structure.of(model)
     params_after = count_parameters(model) | {"prunable": after.prunable_params(layers, units)}
     if evaluation.data and is_main:
@@ -189,7 +230,8 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         method=settings.method,
         settings=asdict(settings) | {"layers": layers, "dtype": options.dtype, "quant": options.quant}
         | ({"lora": asdict(options.lora)} if trains else {})
-        | ({"loraprune": asdict(options.loraprune)} if settings.method == "loraprune" else {}),
+        | ({"loraprune": asdict(options.loraprune)} if settings.method == "loraprune" else {})
+        | ({"distill": asdict(distill)} if trains else {}),
         prunable=describe_prunable(before, layers, units),
         parameters={"before": params_before, "after": params_after,
                     "ratio_target": settings.ratio, "ratio_achieved": ratio},

@@ -5,10 +5,28 @@ weights (and their biases) of the layers chosen for pruning, for the unit kinds 
 Embeddings, norms, lm_head and the layers left alone do not count.
 
 Each pruned layer gets the same budget (uniform allocation): it keeps (1 - ratio) of its prunable
-parameters. Attention units are few (SmolLM2 has three key/value groups a layer), so heads are
-rounded first and MLP channels fill the rest of the budget, rounded to a multiple of `round_to`
-("auto" by default: 128 on wide MLPs, 64 on narrow ones; see DEFAULT_ROUND_TO). The achieved
-ratio is therefore close to, not exactly, the target; the summary prints both.
+parameters; global allocation ranks units across layers instead. How a budget is split between
+attention units and MLP channels is the `split` rule:
+
+- "cost" (the default): importance per parameter decides. A head unit is coarse (on SmolLM2 a
+  key/value group is a third of a layer's attention, 295k parameters, as much as 171 channels), so
+  every possible number of kept head units is tried, channels fill the rest of the budget, and the
+  combination that removes the least total score wins: a head goes only when it is worth less than
+  the channels it would spare. Under uniform allocation the pruned layers choose together (summed
+  scores), so they keep one shape and a model pruned in every layer stays stock-loadable; under
+  global allocation all units of all layers are ranked by score per parameter. This needs scores on one scale for heads and channels: first-order
+  estimates of the loss change (taylor, and LoRAPrune's criterion without per-module normalisation)
+  are, being sums over weights.
+- "heads-first" (the official code and LLM-Pruner): every layer loses `ratio` of its head units,
+  rounded, and MLP channels fill the rest of the budget, whatever the scores say.
+
+MLP channel counts are rounded to a multiple of `round_to` ("auto" by default: 128 on wide MLPs, 64
+on narrow ones; see DEFAULT_ROUND_TO). The achieved ratio is therefore close to, not exactly, the
+target; the summary prints both.
+
+Ties: unit selection sorts scores with a stable descending sort, so among equal scores the unit
+with the lower index (and, in global ranking, the lower layer) is kept; among equally cheap splits
+the one keeping more head units wins.
 """
 
 from __future__ import annotations
@@ -26,6 +44,8 @@ from .units import HEAD_UNITS, Structure
 
 UNIT_KINDS = ("heads", "channels")
 ALLOCATIONS = ("uniform", "global")
+SPLITS = ("cost", "heads-first")
+DEFAULT_SPLIT = "cost"
 
 # Default MLP channel rounding, the one place it lives (PruneSettings, `prune --round-to`, LoRAPrune):
 # "auto" = multiples of 128 where a layer's MLP is at least AUTO_WIDE wide, of 64 below.
@@ -193,6 +213,123 @@ def _global_winners(per_layer: dict[int, torch.Tensor], total: int) -> dict[int,
     return {i: int((best == i).sum()) for i in per_layer}
 
 
+def head_unit_cost(structure: Structure, shape, head_unit: str) -> int:
+    """Parameters one attention unit holds: a key/value group with its query heads, or (q-head) one
+    query head in every group, since a layer keeps the same number of query heads per group."""
+    if head_unit == "kv-group":
+        return shape.group_size * structure.params_per_q_head + structure.params_per_kv_head
+    return shape.num_kv_heads * structure.params_per_q_head
+
+
+def ranked_head_unit_scores(scores: LayerScores, shape, head_unit: str) -> torch.Tensor:
+    """A layer's attention-unit scores, best first. For q-head, unit r is every group's r-th best
+    query head (what a layer keeping r + 1 heads per group keeps), scored by their sum."""
+    if head_unit == "kv-group":
+        return scores.head_unit_scores(head_unit).float().cpu().sort(descending=True, stable=True).values
+    grouped = scores.q_heads.float().cpu().reshape(shape.num_kv_heads, -1)
+    return grouped.sort(dim=1, descending=True, stable=True).values.sum(dim=0)
+
+
+def _kept_score(ranked: torch.Tensor, count: float) -> float:
+    """Total score of the best `count` units (fractional counts interpolate the next unit)."""
+    whole = int(count)
+    total = float(ranked[:whole].sum())
+    if whole < len(ranked):
+        total += (count - whole) * float(ranked[whole])
+    return total
+
+
+def cost_counts(structure: Structure, scores: list[LayerScores], ratio: float, layers, units=UNIT_KINDS,
+                head_unit: str = "kv-group", round_to: int | str = DEFAULT_ROUND_TO,
+                allocation: str = "uniform") -> dict[int, KeepCounts]:
+    """The "cost" split: heads and channels compete on score per parameter (see the module docstring)."""
+    _check(ratio, head_unit, round_to)
+    if set(units) != set(UNIT_KINDS):  # one kind only: nothing to split
+        return (target_counts(structure, ratio, layers, units, head_unit, round_to) if allocation == "uniform"
+                else global_counts(structure, scores, ratio, layers, units, head_unit, round_to))
+    if allocation == "global":
+        return _cost_counts_global(structure, scores, ratio, layers, head_unit, round_to)
+    # Uniform allocation keeps one shape for every pruned layer of a shape (so a model pruned in all
+    # its layers stays stock-loadable): the split is chosen for the layers together, by their total.
+    by_shape: dict = {}
+    for i in layers:
+        by_shape.setdefault(structure.layers[i], []).append(i)
+    counts = {}
+    for shape, group in by_shape.items():
+        budget = (1.0 - ratio) * structure.prunable_params([group[0]], units)
+        unit_cost = head_unit_cost(structure, shape, head_unit)
+        heads = [ranked_head_unit_scores(scores[i], shape, head_unit) for i in group]
+        channels = [scores[i].channels.float().cpu().sort(descending=True, stable=True).values for i in group]
+        best = None  # (infeasible, removed score, head units, channels)
+        for kept in range(len(heads[0]), 0, -1):  # more heads first: an equal loss keeps more heads
+            spare = (budget - kept * unit_cost) / structure.params_per_channel
+            feasible = 0.0 <= spare <= shape.intermediate
+            spare = min(float(shape.intermediate), max(0.0, spare))
+            removed = sum(float(h.sum()) - _kept_score(h, kept) + float(c.sum()) - _kept_score(c, spare)
+                          for h, c in zip(heads, channels))
+            candidate = (not feasible, removed, kept, spare)
+            if best is None or candidate[:2] < best[:2]:
+                best = candidate
+        _, _, kept, spare = best
+        for i in group:
+            counts[i] = KeepCounts(kept, round_count(spare, round_to, shape.intermediate))
+    return {i: counts[i] for i in layers}
+
+
+def _cost_counts_global(structure: Structure, scores: list[LayerScores], ratio: float, layers,
+                        head_unit: str, round_to: int | str) -> dict[int, KeepCounts]:
+    """Rank every unit of every pruned layer by score per parameter; remove the cheapest until the
+    model's prunable parameters are down by `ratio`. Every layer keeps at least one head unit."""
+    owners, kinds, values, costs = [], [], [], []
+    for i in layers:
+        shape = structure.layers[i]
+        ranked = ranked_head_unit_scores(scores[i], shape, head_unit)
+        unit_cost = head_unit_cost(structure, shape, head_unit)
+        # a layer's head units go worst first; the best one is never offered (at least one stays)
+        for value in ranked[1:]:
+            owners.append(i), kinds.append(0), values.append(float(value) / unit_cost), costs.append(unit_cost)
+        for value in scores[i].channels.float().cpu():
+            owners.append(i), kinds.append(1), values.append(float(value) / structure.params_per_channel)
+            costs.append(structure.params_per_channel)
+    order = torch.argsort(torch.tensor(values, dtype=torch.float64), stable=True)  # cheapest first
+    to_remove = ratio * structure.prunable_params(layers, UNIT_KINDS)
+    removed_heads = dict.fromkeys(layers, 0)
+    removed_channels = dict.fromkeys(layers, 0)
+    removed = 0.0
+    for index in order.tolist():
+        if removed >= to_remove:
+            break
+        if kinds[index] == 0:
+            removed_heads[owners[index]] += 1
+        else:
+            removed_channels[owners[index]] += 1
+        removed += costs[index]
+    full = full_counts(structure, layers, head_unit)
+    return {i: KeepCounts(full[i].head_units - removed_heads[i],
+                          round_count(full[i].channels - removed_channels[i], round_to, structure.layers[i].intermediate))
+            for i in layers}
+
+
+def final_counts(structure: Structure, scores: list[LayerScores] | None, ratio: float, layers, units=UNIT_KINDS,
+                 head_unit: str = "kv-group", round_to: int | str = DEFAULT_ROUND_TO, allocation: str = "uniform",
+                 split: str = DEFAULT_SPLIT) -> dict[int, KeepCounts]:
+    """What each pruned layer keeps at the target, under an allocation and a split rule."""
+    if allocation not in ALLOCATIONS:
+        raise UserError(f"unknown allocation '{allocation}'; use {' or '.join(ALLOCATIONS)}")
+    if split not in SPLITS:
+        raise UserError(f"unknown --split '{split}'; use {' or '.join(SPLITS)}")
+    if split == "cost":
+        return cost_counts(structure, scores, ratio, layers, units, head_unit, round_to, allocation)
+    if allocation == "uniform":
+        return target_counts(structure, ratio, layers, units, head_unit, round_to)
+    return global_counts(structure, scores, ratio, layers, units, head_unit, round_to)
+
+
+def needs_scores(allocation: str, split: str, units) -> bool:
+    """Whether the target counts depend on the scores (otherwise they follow from the shapes alone)."""
+    return allocation == "global" or (split == "cost" and set(units) == set(UNIT_KINDS))
+
+
 def interpolate_counts(full: dict[int, KeepCounts], final: dict[int, KeepCounts], fraction: float, round_to: int | str,
                        intermediate: dict[int, int], previous: dict[int, KeepCounts] | None = None) -> dict[int, KeepCounts]:
     """Counts `fraction` of the way from `full` to `final`, never above `previous` (pruned units stay pruned)."""
@@ -240,14 +377,10 @@ def select_masks(
     head_unit: str = "kv-group",
     round_to: int | str = DEFAULT_ROUND_TO,
     allocation: str = "uniform",
+    split: str = DEFAULT_SPLIT,
 ) -> Masks:
     """Keep the best-scoring units of each chosen layer within its parameter budget (one shot)."""
-    if allocation not in ALLOCATIONS:
-        raise UserError(f"unknown allocation '{allocation}'; use {' or '.join(ALLOCATIONS)}")
-    if allocation == "uniform":
-        counts = target_counts(structure, ratio, layers, units, head_unit, round_to)
-    else:
-        counts = global_counts(structure, scores, ratio, layers, units, head_unit, round_to)
+    counts = final_counts(structure, scores, ratio, layers, units, head_unit, round_to, allocation, split)
     return masks_from_counts(structure, scores, counts, head_unit)
 
 

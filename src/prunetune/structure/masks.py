@@ -17,6 +17,8 @@ Where outputs alone are not enough for masked == pruned, the mask acts one step 
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 
 import torch
@@ -136,10 +138,20 @@ def _bool_mask(size: int, keep: list[int]) -> torch.Tensor:
 
 
 class MaskHooks:
-    """Forward hooks that apply masks to a model; `remove()` (or leaving a `with`) takes them off."""
+    """Forward hooks that apply masks to a model; `remove()` (or leaving a `with`) takes them off,
+    and inside `suspended()` they let every output through (the unpruned model, as a teacher)."""
 
-    def __init__(self, handles: list):
-        self._handles = handles
+    def __init__(self, handles: list | None = None):
+        self._handles = handles if handles is not None else []
+        self.active = True
+
+    @contextlib.contextmanager
+    def suspended(self):
+        previous, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = previous
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -153,24 +165,30 @@ class MaskHooks:
         self.remove()
 
 
-def _scale_output(scale: torch.Tensor):
+def _scale_output(scale: torch.Tensor, switch: MaskHooks):
     def hook(module, args, output):
+        if not switch.active:
+            return None
         return output * scale.to(device=output.device, dtype=output.dtype)
     return hook
 
 
-def _scale_input(scale: torch.Tensor):
+def _scale_input(scale: torch.Tensor, switch: MaskHooks):
     def hook(module, args):
+        if not switch.active:
+            return None
         x = args[0]
         return (x * scale.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
     return hook
 
 
-def _rms_norm_over_kept(keep: torch.Tensor):
+def _rms_norm_over_kept(keep: torch.Tensor, switch: MaskHooks):
     """RMSNorm whose mean runs over the kept channels only (the input is zero elsewhere)."""
     kept = keep.float().sum()
 
     def hook(module, args, output):
+        if not switch.active:
+            return None
         x = args[0]
         x32 = x.float()
         variance = x32.pow(2).sum(-1, keepdim=True) / kept.to(x32.device)
@@ -184,17 +202,18 @@ def apply_masks(model: nn.Module, masks: Masks) -> MaskHooks:
     structure = Structure.of(model)
     masks.validate(structure)
     hf = unwrap(model)
-    handles = []
+    hooks = MaskHooks()
+    handles = hooks._handles
 
     def out_hook(module, scale):
-        handles.append(module.register_forward_hook(_scale_output(scale.float())))
+        handles.append(module.register_forward_hook(_scale_output(scale.float(), hooks)))
 
     hidden = masks.hidden
     if hidden is not None:
         out_hook(hf.model.embed_tokens, hidden)
         for norm in [hf.model.norm] + [n for layer in hf.model.layers
                                         for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
-            handles.append(norm.register_forward_hook(_rms_norm_over_kept(hidden)))
+            handles.append(norm.register_forward_hook(_rms_norm_over_kept(hidden, hooks)))
 
     for i, layer in enumerate(decoder_layers(model)):
         head_dim = layer.self_attn.head_dim
@@ -205,7 +224,7 @@ def apply_masks(model: nn.Module, masks: Masks) -> MaskHooks:
             out_hook(projection(layer, "k_proj"), kv.repeat_interleave(head_dim))
             out_hook(projection(layer, "v_proj"), kv.repeat_interleave(head_dim))
             o_proj = projection(layer, "o_proj")
-            handles.append(o_proj.register_forward_pre_hook(_scale_input(heads.repeat_interleave(head_dim).float())))
+            handles.append(o_proj.register_forward_pre_hook(_scale_input(heads.repeat_interleave(head_dim).float(), hooks)))
         channels = masks.channels.get(i)
         if channels is not None:
             out_hook(projection(layer, "gate_proj"), channels)
@@ -219,4 +238,4 @@ def apply_masks(model: nn.Module, masks: Masks) -> MaskHooks:
         if hidden is not None or masks.layers is not None:
             out_hook(projection(layer, "o_proj"), residual)
             out_hook(projection(layer, "down_proj"), residual)
-    return MaskHooks(handles)
+    return hooks

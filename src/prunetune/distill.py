@@ -1,0 +1,186 @@
+"""Distillation from a teacher's next-token distributions, without a full-vocabulary logits tensor.
+
+    objective = α · T² · KL(p_teacher,T ‖ p_student,T) + (1 − α) · cross-entropy
+
+both means over the labelled positions (α `--distill-alpha`, T `--distill-temperature`; T² keeps
+the gradient's size independent of T, as in Hinton et al.). The teacher and the student each run
+their own forward with no logits kept; only their last hidden states are held, and the loss is
+summed over chunks of positions, each chunk's student and teacher logits built under activation
+checkpointing (as lm_loss.py does for the plain loss), so one chunk of logits exists at a time.
+
+Teachers:
+- `SelfTeacher`: the model being trained, run without gradients with its pruning masks suspended:
+  the unpruned model at no memory cost. `adapters=False` (`--teacher base`) also disables the LoRA
+  adapters: the pretrained model, for recovering what pruning removed. `adapters=True`
+  (`--teacher tuned`) keeps them: the unpruned model as it is being fine-tuned.
+- `ModelTeacher`: a second model (the source of a one-shot prune, loaded again for recovery).
+
+Both run in eval mode (no dropout, no checkpointing) and outside DDP's wrapper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import UserError
+from .lm_loss import CHUNK_ELEMENTS, FinalHidden
+
+TEACHERS = ("base", "tuned")
+# Positions per chunk: half the plain loss's (a distillation chunk holds the student's and the
+# teacher's logits and their softmaxes at once), at least 64.
+MIN_CHUNK = 64
+
+
+@dataclass
+class DistillSettings:
+    enabled: bool = False
+    temperature: float = 1.0
+    alpha: float = 1.0  # weight of the distillation term; 1 - alpha goes to the language-model loss
+    teacher: str = "base"  # LoRAPrune: base (adapters off) or tuned (adapters on)
+
+    def check(self) -> None:
+        if self.temperature <= 0:
+            raise UserError(f"--distill-temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"--distill-alpha is the distillation term's weight in [0, 1], got {self.alpha}")
+        if self.teacher not in TEACHERS:
+            raise UserError(f"unknown --teacher '{self.teacher}'; use {' or '.join(TEACHERS)}")
+
+
+class SelfTeacher:
+    """The training model itself with its masks suspended (and, for `base`, its adapters disabled)."""
+
+    def __init__(self, model: nn.Module, masks_off: Callable[[], contextlib.AbstractContextManager],
+                 adapters: bool):
+        self.model = model  # the PEFT model, not a DDP wrapper: the teacher pass needs no gradient sync
+        self.masks_off = masks_off
+        self.adapters = adapters
+        self.final_hidden = FinalHidden(model)
+        self.head = self.final_hidden.head
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        adapters_off = contextlib.nullcontext() if self.adapters else self.model.disable_adapter()
+        with self.masks_off(), adapters_off, _eval_mode(self.model), torch.no_grad():
+            return self.final_hidden(ids)
+
+
+class ModelTeacher:
+    """A separate, frozen model (the unpruned source of a one-shot prune)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.final_hidden = FinalHidden(model)
+        self.head = self.final_hidden.head
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        with _eval_mode(self.model), torch.no_grad():
+            return self.final_hidden(ids)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class DistillLoss:
+    """`loss(ids, labels)`: the distillation objective of `model` against `teacher`; `terms` holds the
+    last call's language-model loss and KL divergence (detached) for the log, `teacher_seconds` the
+    time spent in teacher passes and `teacher_state_bytes` the largest teacher state held."""
+
+    def __init__(self, model: nn.Module, teacher, settings: DistillSettings):
+        self.model = model
+        self.teacher = teacher
+        self.settings = settings
+        self.final_hidden = FinalHidden(model)
+        if not (self.final_hidden.available and teacher.final_hidden.available):
+            raise UserError("distillation needs models whose forward takes logits_to_keep (transformers >= 4.45)")
+        student_vocab = self.final_hidden.head.weight.shape[0]
+        teacher_vocab = teacher.head.weight.shape[0]
+        if student_vocab != teacher_vocab:
+            raise UserError(f"the teacher's vocabulary ({teacher_vocab}) differs from the student's ({student_vocab})")
+        self.terms: dict[str, torch.Tensor] = {}
+        self.teacher_seconds = 0.0
+        self.teacher_state_bytes = 0
+
+    def __call__(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        teacher_hidden = self.teacher.hidden(ids)
+        self.teacher_seconds += time.perf_counter() - started
+        self.teacher_state_bytes = max(self.teacher_state_bytes,
+                                       teacher_hidden.numel() * teacher_hidden.element_size())
+        student_hidden = self.final_hidden(ids)
+        lm, kl = chunked_distillation(student_hidden, teacher_hidden, labels, self.final_hidden.head,
+                                      self.teacher.head, self.settings.temperature)
+        self.terms = {"lm": lm.detach(), "distill": kl.detach()}
+        alpha, t = self.settings.alpha, self.settings.temperature
+        if alpha == 1.0:
+            return t * t * kl
+        return alpha * t * t * kl + (1.0 - alpha) * lm
+
+    def record(self, steps: int) -> dict:
+        """The run record's `distill` entry: what the teacher cost."""
+        return {
+            "temperature": self.settings.temperature, "alpha": self.settings.alpha,
+            "teacher_seconds": round(self.teacher_seconds, 2),
+            "teacher_seconds_per_step": round(self.teacher_seconds / max(1, steps), 3),
+            "teacher_state_bytes": self.teacher_state_bytes,
+        }
+
+
+def chunked_distillation(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, student_head: nn.Module,
+                         teacher_head: nn.Module, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, mean KL(teacher ‖ student) at `temperature`) of predicting labels[:, t+1]
+    from position t, over the labelled positions, one chunk of positions at a time."""
+    width = student.shape[-1]
+    s_states = student[:, :-1].reshape(-1, width)
+    t_states = teacher[:, :-1].reshape(-1, teacher.shape[-1]).detach()
+    targets = labels[:, 1:].reshape(-1)
+    counted = (targets != -100).sum()
+    chunk = max(MIN_CHUNK, CHUNK_ELEMENTS // (2 * student_head.weight.shape[0]))
+    total = student.new_zeros(2, dtype=torch.float32)
+    for start in range(0, len(targets), chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_distill_sums, s_states[part], t_states[part], targets[part], student_head,
+                                   teacher_head, temperature, use_reentrant=False)
+    return total[0] / counted, total[1] / counted
+
+
+def _distill_sums(s_states, t_states, targets, student_head, teacher_head, temperature):
+    """[sum of cross-entropy, sum of KL] over one chunk's labelled positions."""
+    valid = targets != -100
+    logits = student_head(s_states).float()
+    log_norm = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    cross_entropy = ((log_norm - picked) * valid).sum()
+    with torch.no_grad():  # the teacher's side: constants of the student's gradient
+        teacher_logp = teacher_head(t_states).float().div_(temperature).log_softmax(dim=-1)
+        teacher_p = teacher_logp.exp()
+        teacher_neg_entropy = (teacher_p * teacher_logp).sum(dim=-1)
+        del teacher_logp
+    scaled = logits if temperature == 1.0 else logits / temperature
+    scaled_norm = log_norm if temperature == 1.0 else torch.logsumexp(scaled, dim=-1)
+    # KL(p ‖ q) = Σ p log p − Σ p log q, with log q = scaled − logsumexp(scaled)
+    kl = (teacher_neg_entropy - (teacher_p * scaled).sum(dim=-1) + scaled_norm) * valid
+    return torch.stack([cross_entropy, kl.sum()])
+
+
+def self_teacher_for(model: nn.Module, masks_off, settings: DistillSettings) -> SelfTeacher:
+    """The LoRAPrune teacher: `model` must carry its LoRA through PEFT (`disable_adapter`)."""
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("the self-teacher needs a PEFT model (adapters to disable)")
+    return SelfTeacher(model, masks_off, adapters=settings.teacher == "tuned")

@@ -1,0 +1,194 @@
+"""Self-distillation: the chunked KL equals the full-logits one, the teacher is the unpruned (and, for
+`base`, un-adapted) model, and distilled LoRAPrune and recovery runs work, resume and record their cost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import ARCHITECTURES, save_tiny_model_dir, tiny_model, tokens
+
+from prunetune import distill as distill_module
+from prunetune.distill import DistillLoss, DistillSettings, ModelTeacher, chunked_distillation, self_teacher_for
+from prunetune.errors import UserError
+from prunetune.lm_loss import FinalHidden
+from prunetune.lora import LoraSettings, add_lora
+from prunetune.methods.loraprune import LoRAPruneSettings, LoRAPruner
+from prunetune.methods.prune import EvalSettings, PruneSettings, RunOptions, checkpoint_dir_for, prune
+from prunetune.structure.masks import Masks, apply_masks
+from prunetune.structure.units import Structure
+from prunetune.train import TrainSettings
+
+
+def _reference(student_logits, teacher_logits, labels, temperature):
+    """The textbook loss on full logits: mean CE and mean KL(teacher ‖ student) over labelled positions."""
+    s, t, y = student_logits[:, :-1].flatten(0, 1), teacher_logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+    valid = y != -100
+    ce = F.cross_entropy(s, y, ignore_index=-100)
+    kl = F.kl_div(F.log_softmax(s[valid] / temperature, -1), F.log_softmax(t[valid] / temperature, -1),
+                  log_target=True, reduction="batchmean")
+    return ce, kl
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_chunked_distillation_equals_full_logits(arch, temperature, monkeypatch):
+    monkeypatch.setattr(distill_module, "MIN_CHUNK", 5)  # several chunks, the last one short
+    monkeypatch.setattr(distill_module, "CHUNK_ELEMENTS", 96 * 10)
+    student, teacher = tiny_model(arch, seed=0).train(), tiny_model(arch, seed=1).eval()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    ids = tokens(batch=3, length=12)
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.3, -100)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids).logits
+    student.zero_grad()
+    ce_want, kl_want = _reference(student(input_ids=ids).logits, teacher_logits, labels, temperature)
+    (kl_want + ce_want).backward()
+    want = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    s_hidden = FinalHidden(student)(ids)
+    t_hidden = ModelTeacher(teacher).hidden(ids)
+    ce, kl = chunked_distillation(s_hidden, t_hidden, labels, student.lm_head, teacher.lm_head, temperature)
+    (kl + ce).backward()
+    torch.testing.assert_close(ce, ce_want)
+    torch.testing.assert_close(kl, kl_want, rtol=1e-4, atol=1e-6)
+    for name, grad in want.items():
+        torch.testing.assert_close(dict(student.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _pruner(model, structure):
+    return LoRAPruner(model, structure, ratio=0.5, layers=[1, 2], units=("heads", "channels"), head_unit="kv-group",
+                      round_to=8, allocation="uniform", settings=LoRAPruneSettings(), total_steps=10)
+
+
+@pytest.mark.parametrize("teacher", ["base", "tuned"])
+def test_self_teacher_is_the_unpruned_model(teacher):
+    base = tiny_model("llama", intermediate_size=64)
+    ids = tokens()
+    with torch.no_grad():
+        pretrained = base(input_ids=ids).logits
+    structure = Structure.of(base)
+    model = add_lora(base, LoraSettings(dropout=0.0))
+    with torch.no_grad():  # a trained-looking adapter, so base and tuned differ
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+        tuned = model(input_ids=ids).logits
+    pruner = _pruner(model, structure)
+    pruner._apply(Masks(heads={1: torch.tensor([True, True, True, True, False, False])},
+                        channels={2: torch.arange(64) < 16}))
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+    self_teacher = self_teacher_for(model, pruner.masks_off, DistillSettings(enabled=True, teacher=teacher))
+    logits = self_teacher.head(self_teacher.hidden(ids))
+    torch.testing.assert_close(logits, pretrained if teacher == "base" else tuned)
+    assert not torch.allclose(masked, tuned)
+    with torch.no_grad():  # the masks and the adapter are back after the teacher's pass
+        torch.testing.assert_close(model(input_ids=ids).logits, masked)
+
+
+def test_distill_loss_records_both_terms_and_alpha_mixes_them():
+    base = tiny_model("qwen3")
+    structure = Structure.of(base)
+    model = add_lora(base, LoraSettings(dropout=0.0))
+    hooks = apply_masks(model, Masks(channels={0: torch.arange(structure.layers[0].intermediate) < 8}))
+    ids = tokens()
+    for alpha in (1.0, 0.25):
+        settings = DistillSettings(enabled=True, alpha=alpha, temperature=2.0)
+        loss_fn = DistillLoss(model, self_teacher_for(model, hooks.suspended, settings), settings)
+        loss = loss_fn(ids, ids)
+        lm, kl = loss_fn.terms["lm"], loss_fn.terms["distill"]
+        torch.testing.assert_close(loss.detach(), alpha * 4.0 * kl + (1 - alpha) * lm)
+        assert kl > 0 and loss_fn.teacher_state_bytes == ids.numel() * structure.hidden * 4  # fp32
+
+
+def test_a_teacher_of_another_vocabulary_is_refused():
+    with pytest.raises(UserError, match="vocabulary"):
+        DistillLoss(tiny_model("llama"), ModelTeacher(tiny_model("llama", vocab_size=120)), DistillSettings(enabled=True))
+
+
+# -- end to end through `prune` ----------------------------------------------------------------------
+
+EVAL = EvalSettings(data="builtin:pydoc", seq_len=32, max_windows=2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", hidden_size=128, num_attention_heads=8,
+                               num_key_value_heads=4, intermediate_size=128, num_hidden_layers=4)
+
+
+def _options(steps=8, distill=True, quant=None, **kw):
+    return RunOptions(training=TrainSettings(steps=steps, batch_size=2, seq_len=32, lr=1e-3, **kw),
+                      loraprune=LoRAPruneSettings(prune_every=2),
+                      distill=DistillSettings(enabled=distill), quant=quant, progress=False)
+
+
+def test_distilled_loraprune_records_the_teacher_and_resumes_to_the_same_masks(model_dir, tmp_path):
+    settings = PruneSettings(method="loraprune", ratio=0.5, round_to=8)
+    whole = prune(str(model_dir), tmp_path / "whole", settings, EVAL, _options(checkpoint_every=3), log=lambda _: None)
+    training = whole["training"]
+    assert all("distill_loss" in entry for entry in training["history"])
+    assert training["distill"]["teacher"] == "base" and training["distill"]["teacher_model_bytes"] == 0
+    assert training["distill"]["teacher_seconds"] > 0
+    assert whole["settings"]["distill"]["enabled"]
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):  # killed after step 4 (checkpoint at 3)
+        import prunetune.train as train_module
+
+        original = train_module._save_checkpoint
+
+        def save_then_die(path, accelerator, model, optimizer, scheduler, hooks, step, result):
+            original(path, accelerator, model, optimizer, scheduler, hooks, step, result)
+            if step == 3:
+                raise KeyboardInterrupt
+
+        train_module._save_checkpoint = save_then_die
+        try:
+            prune(str(model_dir), out, settings, EVAL, _options(checkpoint_every=3), log=lambda _: None)
+        finally:
+            train_module._save_checkpoint = original
+    assert checkpoint_dir_for(out).exists() and not out.exists()
+    options = _options(checkpoint_every=3)
+    options.resume = True
+    resumed = prune(str(model_dir), out, settings, EVAL, options, log=lambda _: None)
+    assert resumed["kept"] == whole["kept"]
+    assert [e["loss"] for e in resumed["training"]["history"]] == pytest.approx(
+        [e["loss"] for e in training["history"]], rel=1e-5)
+
+
+def test_distilled_recovery_loads_the_source_as_teacher_and_says_what_it_costs(model_dir, tmp_path):
+    record = prune(str(model_dir), tmp_path / "t", PruneSettings(method="magnitude", ratio=0.5, round_to=8,
+                                                                 recover_steps=3), EVAL, _options(), log=lambda _: None)
+    info = record["training"]["distill"]
+    assert info["teacher"] == "source" and info["teacher_model_bytes"] > 0
+    assert json.loads((tmp_path / "t" / "prunetune.json").read_text())["training"]["distill"] == info
+
+
+@pytest.mark.parametrize("quant", ["8bit", "nf4"])
+def test_distilled_loraprune_on_a_quantized_base(model_dir, tmp_path, quant):
+    record = prune(str(model_dir), tmp_path / quant, PruneSettings(method="loraprune", ratio=0.5, round_to=8), EVAL,
+                   _options(steps=4, quant=quant, gradient_checkpointing=True), log=lambda _: None)
+    assert torch.isfinite(torch.tensor([e["distill_loss"] for e in record["training"]["history"]])).all()
+
+
+def test_distill_flags_that_cannot_work_fail_before_loading(tmp_path):
+    missing_model = str(tmp_path / "no-model-here")  # loading it would fail differently
+    cases = [
+        (PruneSettings(method="magnitude"), "use it with loraprune or with --recover-steps"),
+        (PruneSettings(method="taylor", recover_steps=2), "--teacher tuned is LoRAPrune's"),
+    ]
+    for settings, message in cases:
+        options = _options()
+        options.distill.teacher = "tuned" if settings.recover_steps else "base"
+        with pytest.raises(UserError, match=message.replace("(", r"\(")):
+            prune(missing_model, tmp_path / "out", settings, EVAL, options, log=lambda _: None)
+    options = _options()
+    options.distill.temperature = 0
+    with pytest.raises(UserError, match="temperature"):
+        prune(missing_model, tmp_path / "out", PruneSettings(method="loraprune"), EVAL, options, log=lambda _: None)
+    assert not (tmp_path / "out").exists()
