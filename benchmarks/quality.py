@@ -1,28 +1,162 @@
-"""Quality at equal training budgets: LoRAPrune against Taylor and magnitude with LoRA recovery.
+"""Quality at equal training budgets on the real SmolLM2-135M: LoRAPrune (the paper's recipe and
+prunetune's default) against LLM-Pruner's Taylor + LoRA recovery and the other one-shot criteria.
 
-Prunes the real SmolLM2-135M at 20% and 50% with
-  - loraprune            (pruning while LoRA trains for STEPS steps)
-  - taylor + recovery    (LLM-Pruner's first-order criterion, then STEPS LoRA steps)
-  - magnitude + recovery (weight norms, then STEPS LoRA steps)
-on the same training data, layers, batch and learning rate, and prints held-out perplexity,
-parameters and wall time per method. Each run is a separate `prunetune prune` process, so wall time
-and peak memory (process peak RSS on the CPU, which includes loading the GGUF) are the method's own.
+Every cell is one `prunetune prune` process (same data, layers, batch, learning rate and steps for
+every method), then one `prunetune eval` of the result on two held-out sets: the training domain
+(builtin:pydoc's held-out tenth) and the other built-in domain (builtin:stdlib-code's held-out
+tenth), because users prune on one corpus and serve on another. Each finished cell is written at
+once to the results file (benchmarks/results/quality.json by default) and skipped on the next run,
+so the table can be completed across sessions; `--report` prints the README's tables from it.
 
-    python benchmarks/quality.py [--steps 100] [--out runs/quality]
-
-The README's table comes from this script; it writes `quality.md` and `quality.json` in --out.
+    python benchmarks/quality.py                    # run the missing cells, in priority order
+    python benchmarks/quality.py --only 0.5/loraprune-paper/0   # one cell (ratio/config/seed)
+    python benchmarks/quality.py --report           # the tables, mean ± standard deviation over seeds
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-METHODS = [("loraprune", []), ("taylor", ["--recover-steps"]), ("magnitude", ["--recover-steps"])]
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "quality.json"
+
+# config name -> (what it is, `prunetune prune` arguments; {steps} is the training budget)
+CONFIGS = {
+    "loraprune-paper": ("LoRAPrune, the paper's recipe (official code: heads-first split, per-module "
+                        "normalisation, no distillation)",
+                        "--method loraprune --steps {steps} --split heads-first --normalize module --no-distill"),
+    "loraprune-distill": ("LoRAPrune with self-distillation from the unpruned base and the cost split",
+                          "--method loraprune --steps {steps} --split cost --normalize model --distill --teacher base"),
+    "loraprune-cost": ("LoRAPrune with the cost split, no distillation",
+                       "--method loraprune --steps {steps} --split cost --normalize model --no-distill"),
+    "loraprune-distill-early": ("LoRAPrune distilled, cost split, target reached at half the steps "
+                                "(--prune-warmup 0.05 --prune-cooldown 0.5)",
+                                "--method loraprune --steps {steps} --split cost --normalize model --distill "
+                                "--prune-warmup 0.05 --prune-cooldown 0.5"),
+    "taylor": ("Taylor + LoRA recovery, as LLM-Pruner runs it (heads-first split)",
+               "--method taylor --recover-steps {steps} --split heads-first --no-distill"),
+    "taylor-distill": ("Taylor + distilled LoRA recovery (the source model loaded again as teacher)",
+                       "--method taylor --recover-steps {steps} --split heads-first --distill"),
+    "lora-guided": ("LoRA-guided one-shot + LoRA recovery (cost split)",
+                    "--method lora-guided --recover-steps {steps} --split cost --no-distill"),
+    "wanda-sp": ("Wanda-sp + LoRA recovery (heads-first split)",
+                 "--method wanda-sp --recover-steps {steps} --split heads-first --no-distill"),
+    "magnitude": ("magnitude + LoRA recovery (heads-first split)",
+                  "--method magnitude --recover-steps {steps} --split heads-first --no-distill"),
+}
+SEEDED = ("loraprune-distill", "taylor", "loraprune-paper")
+ONE_SEED = ("lora-guided", "taylor-distill", "wanda-sp", "magnitude", "loraprune-cost")
+LONG = ("loraprune-distill", "taylor")  # 3x the steps at 50%, one seed
+EVAL_SETS = {"pydoc": "builtin:pydoc@eval", "stdlib-code": "builtin:stdlib-code@eval"}
+
+
+def plan(ratios: list[float]) -> list[tuple[float, str, int, int]]:
+    """(ratio, config, seed, steps multiplier) in the order they are run: the cells the targets need
+    first (seed 0 at every ratio, then seeds 1 and 2), then the one-seed rows, the long column, the rest."""
+    cells = []
+    for seed in (0, 1, 2):
+        for ratio in sorted(ratios, reverse=True):
+            cells += [(ratio, config, seed, 1) for config in SEEDED]
+    for ratio in sorted(ratios, reverse=True):
+        cells += [(ratio, config, 0, 1) for config in ONE_SEED]
+    cells += [(0.5, config, 0, 3) for config in LONG]
+    cells.append((0.5, "loraprune-distill-early", 0, 1))
+    return cells
+
+
+def cell_key(ratio: float, config: str, seed: int, multiplier: int) -> str:
+    return f"{ratio}/{config}/{seed}" + (f"/x{multiplier}" if multiplier != 1 else "")
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"cells": {}}
+
+
+def save_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate(model: str, args, out_json: Path) -> dict:
+    command = [sys.executable, "-m", "prunetune.cli", "eval", model, "--data", ",".join(EVAL_SETS.values()),
+               "--seq-len", str(args.eval_seq_len), "--max-windows", str(args.eval_windows), "--json", str(out_json)]
+    print("$", " ".join(command[2:]), flush=True)
+    subprocess.run(command, check=True)
+    scored = json.loads(out_json.read_text())["perplexity"]  # one entry per data spec, in order
+    return {name: {"perplexity": r["perplexity"], "tokens": r["tokens_scored"], "protocol": r["protocol"]}
+            for name, r in zip(EVAL_SETS, scored)}
+
+
+def run_cell(ratio: float, config: str, seed: int, multiplier: int, args) -> dict:
+    steps = args.steps * multiplier
+    out = args.runs / cell_key(ratio, config, seed, multiplier).replace("/", "_")
+    command = [sys.executable, "-m", "prunetune.cli", "prune", args.model, "--ratio", str(ratio), "--layers", args.layers,
+               "--data", args.data, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+               "--lr", str(args.lr), "--seed", str(seed), "--no-eval", "--out", str(out), "--overwrite",
+               *CONFIGS[config][1].format(steps=steps).split()]
+    print("$", " ".join(command[2:]), flush=True)
+    started = time.time()
+    subprocess.run(command, check=True)
+    record = json.loads((out / "prunetune.json").read_text())
+    training = record["training"]
+    return {
+        "ratio": ratio, "config": config, "seed": seed, "steps": steps,
+        "command": "prunetune " + " ".join(command[3:]),
+        "perplexity": evaluate(str(out), args, out / "eval.json"),
+        "parameters": record["parameters"]["after"]["total"],
+        "ratio_achieved": record["parameters"]["ratio_achieved"],
+        "kept": record["kept"],
+        "train_seconds": training["seconds"],
+        "seconds_per_step": training["seconds"] / steps,
+        "peak_memory_bytes": training["peak_memory_bytes"],
+        "peak_memory_kind": training["peak_memory_kind"],
+        "distill": training.get("distill"),
+        "wall_seconds": round(time.time() - started, 1),
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "torch": record.get("torch"),
+    }
+
+
+def report(results: dict) -> str:
+    cells = results["cells"]
+    dense = cells.get("dense")
+    lines = []
+    if dense:
+        lines.append("Unpruned: " + ", ".join(f"{name} {v['perplexity']:.2f}" for name, v in dense["perplexity"].items()))
+        lines.append("")
+    groups: dict = {}
+    for key, cell in cells.items():
+        if key == "dense":
+            continue
+        multiplier = cell["steps"] // results["settings"]["steps"]
+        groups.setdefault((cell["ratio"], cell["config"], multiplier), []).append(cell)
+    lines += ["| ratio | method | steps | seeds | perplexity pydoc (trained domain) | perplexity stdlib-code "
+              "(other domain) | parameters | s/step | peak tensor memory MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for (ratio, config, multiplier), group in sorted(groups.items(), key=lambda g: (-g[0][0], g[0][2], g[0][1])):
+        def stat(values):
+            if len(values) == 1:
+                return f"{values[0]:.2f}"
+            return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        ppl = {name: [c["perplexity"][name]["perplexity"] for c in group] for name in EVAL_SETS}
+        lines.append(f"| {ratio:.0%} | {config} | {group[0]['steps']} | {len(group)} | {stat(ppl['pydoc'])} | "
+                     f"{stat(ppl['stdlib-code'])} | {group[0]['parameters']:,} | "
+                     f"{statistics.mean(c['seconds_per_step'] for c in group):.2f} | "
+                     f"{max(c['peak_memory_bytes'] for c in group) / 2**20:.0f} |")
+    lines += ["", "Configurations:"] + [f"- `{name}`: {text}; `{args}`" for name, (text, args) in CONFIGS.items()]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -34,58 +168,49 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--data", default="builtin:pydoc")
-    parser.add_argument("--eval-data", default="builtin:pydoc")
     parser.add_argument("--layers", default="paper", help="the same layers for every method")
-    parser.add_argument("--out", type=Path, default=Path("runs/quality"))
-    parser.add_argument("--reuse", action="store_true", help="keep runs whose output already exists (rerun only the missing ones)")
+    parser.add_argument("--eval-seq-len", type=int, default=256)
+    parser.add_argument("--eval-windows", type=int, default=60)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--only", action="append", help="run just this cell (ratio/config/seed[/xN]); repeatable")
+    parser.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
+    parser.add_argument("--report", action="store_true", help="print the tables from the results file and stop")
     args = parser.parse_args()
 
-    rows = []
-    for ratio in [float(r) for r in args.ratios.split(",")]:
-        for method, budget_flag in METHODS:
-            out = args.out / f"{method}-{int(ratio * 100)}"
-            command = [
-                sys.executable, "-m", "prunetune.cli", "prune", args.model, "--method", method,
-                "--ratio", str(ratio), "--layers", args.layers, "--data", args.data, "--eval-data", args.eval_data,
-                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
-                "--out", str(out), "--overwrite",
-                *(budget_flag + [str(args.steps)] if budget_flag else ["--steps", str(args.steps)]),
-            ]
-            if not (args.reuse and (out / "prunetune.json").exists()):
-                print("$", " ".join(command[2:]), flush=True)
-                subprocess.run(command, check=True)
-            record = json.loads((out / "prunetune.json").read_text())
-            results, params = record["results"], record["parameters"]
-            rows.append({
-                "ratio": ratio,
-                "method": method if method == "loraprune" else f"{method} + recovery",
-                "perplexity": results["perplexity_after"]["perplexity"],
-                "perplexity_before": results["perplexity_before"]["perplexity"],
-                "parameters": params["after"]["total"],
-                "ratio_achieved": params["ratio_achieved"],
-                "train_seconds": record["training"]["seconds"],
-                "peak_memory_gib": record["training"]["peak_memory_bytes"] / 2**30,
-                "wall_seconds": record["elapsed_seconds"],  # load, evaluate twice, train, cut, save
-                "protocol": results["perplexity_after"]["protocol"],
-            })
-
-    machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, " \
-              f"{record['device']}, torch {record['torch']}"
-    header = (f"SmolLM2-135M ({args.model}), {args.steps} training steps for every method "
-              f"(batch {args.batch_size} x {args.seq_len} tokens of {args.data}, lr {args.lr}, layers '{args.layers}'); "
-              f"machine: {machine}")
-    lines = [header, "", "| ratio | method | held-out perplexity | parameters | achieved ratio | train s | wall s | peak memory GiB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['ratio']:.0%} | {r['method']} | {r['perplexity']:.2f} | {r['parameters']:,} | "
-                     f"{r['ratio_achieved']:.3f} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} | {r['peak_memory_gib']:.2f} |")
-    lines += ["", f"Unpruned: perplexity {rows[0]['perplexity_before']:.2f}. Protocol: {rows[0]['protocol']}."]
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.md").write_text(table + "\n")
-    (args.out / "quality.json").write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)},
-                                                        "machine": machine, "rows": rows}, indent=2) + "\n")
+    results = load_results(args.results)
+    settings = {k: v for k, v in vars(args).items() if k in ("model", "steps", "batch_size", "seq_len", "lr", "data",
+                                                             "layers", "eval_seq_len", "eval_windows")}
+    if args.report:
+        print(report(results))
+        return
+    if results.get("settings", settings) != settings:
+        raise SystemExit(f"{args.results} holds cells of other settings ({results['settings']}); use another --results")
+    results["settings"] = settings
+    args.runs.mkdir(parents=True, exist_ok=True)
+    if "dense" not in results["cells"]:
+        results["cells"]["dense"] = {"perplexity": evaluate(args.model, args, args.runs / "dense-eval.json"),
+                                     "date": time.strftime("%Y-%m-%d"), "machine": machine()}
+        save_results(args.results, results)
+    cells = plan([float(r) for r in args.ratios.split(",")])
+    if args.only:
+        wanted = set(args.only)
+        cells = [c for c in cells if cell_key(*c) in wanted] + [
+            (float(k.split("/")[0]), k.split("/")[1], int(k.split("/")[2]),
+             int(k.split("/")[3][1:]) if len(k.split("/")) > 3 else 1)
+            for k in wanted if k not in {cell_key(*c) for c in cells}]
+    done = 0
+    for cell in cells:
+        key = cell_key(*cell)
+        if key in results["cells"]:
+            continue
+        if args.max_cells is not None and done >= args.max_cells:
+            break
+        print(f"== cell {key}", flush=True)
+        results["cells"][key] = run_cell(*cell, args)
+        save_results(args.results, results)
+        done += 1
+    print(report(results))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A small LoRAPrune run on a tiny model, for tests that need a separate process (accelerate launch).
 
-Usage: python loraprune_run.py OUT.json BATCH_SIZE [STEPS]
+Usage: python loraprune_run.py OUT.json BATCH_SIZE [distill]
 Writes the final masks (as kept indices) and the LoRA weights' checksum from the main process.
 """
 
@@ -13,13 +13,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 
+from prunetune.distill import DistillSettings, self_teacher_for  # noqa: E402
 from prunetune.lora import LoraSettings, add_lora  # noqa: E402
 from prunetune.methods.loraprune import LoRAPruner, LoRAPruneSettings  # noqa: E402
 from prunetune.structure.units import Structure  # noqa: E402
 from prunetune.train import TrainSettings, make_accelerator, train  # noqa: E402
 
 
-def run(batch_size: int, steps: int = 12, **train_kwargs):
+def run(batch_size: int, steps: int = 12, distill: bool = False, **train_kwargs):
     model = tiny_model("qwen2", intermediate_size=128)
     structure = Structure.of(model)
     torch.manual_seed(0)
@@ -32,14 +33,19 @@ def run(batch_size: int, steps: int = 12, **train_kwargs):
                         head_unit="kv-group", round_to=8, allocation="uniform",
                         settings=LoRAPruneSettings(prune_every=2), total_steps=steps)
     accelerator = make_accelerator(settings)
-    result = train(model, blocks, mask, settings, hooks=pruner, accelerator=accelerator, progress=False)
+    teacher = None
+    distill_settings = DistillSettings(enabled=distill)
+    if distill:  # the unpruned base as teacher, run once per micro-batch in every process
+        teacher = self_teacher_for(model, pruner.masks_off, distill_settings)
+    result = train(model, blocks, mask, settings, hooks=pruner, accelerator=accelerator, progress=False,
+                   teacher=teacher, distill=distill_settings)
     masks = pruner.finish()
     return accelerator, model, structure, masks, pruner, result
 
 
 if __name__ == "__main__":
     out, batch = sys.argv[1], int(sys.argv[2])
-    accelerator, model, structure, masks, pruner, result = run(batch)
+    accelerator, model, structure, masks, pruner, result = run(batch, distill=sys.argv[3:] == ["distill"])
     if accelerator.is_main_process:
         lora = {n: p.detach().double().sum().item() for n, p in model.named_parameters() if "lora_" in n}
         with open(out, "w") as f:

@@ -96,3 +96,76 @@ def test_bad_ratio_and_unit():
             select_masks(s, scores, ratio, [0])
     with pytest.raises(UserError):
         select_masks(s, scores, 0.3, [0], head_unit="neuron")
+
+
+def _synthetic_scores(structure, head_value: float, channel_value: float, weak_group: int | None = None):
+    """Per-unit scores proportional to each unit's parameters times a value per parameter."""
+    from prunetune.importance.scores import LayerScores
+
+    scores = []
+    for shape in structure.layers:
+        q = torch.full((shape.num_heads,), head_value * structure.params_per_q_head)
+        kv = torch.full((shape.num_kv_heads,), head_value * structure.params_per_kv_head)
+        if weak_group is not None:
+            q.view(shape.num_kv_heads, -1)[weak_group] = 0.0
+            kv[weak_group] = 0.0
+        channels = channel_value * structure.params_per_channel * torch.linspace(0.5, 1.5, shape.intermediate)
+        scores.append(LayerScores(q, kv, channels))
+    return scores
+
+
+def test_cost_split_keeps_heads_worth_more_per_parameter_than_channels():
+    from prunetune.structure.allocate import final_counts, target_counts
+
+    structure = Structure.of(tiny_model("llama", intermediate_size=256))
+    layers = [0, 1, 2]
+    heads_first = target_counts(structure, 0.3, layers, head_unit="kv-group", round_to=8)
+    precious_heads = final_counts(structure, _synthetic_scores(structure, 10.0, 1.0), 0.3, layers,
+                                  head_unit="kv-group", round_to=8, split="cost")
+    assert all(c.head_units == 3 for c in precious_heads.values())  # every head stays; channels pay
+    assert all(h.head_units < 3 for h in heads_first.values())  # heads-first removes a group whatever the scores
+    weak_group = final_counts(structure, _synthetic_scores(structure, 10.0, 1.0, weak_group=1), 0.3, layers,
+                              head_unit="kv-group", round_to=8, split="cost")
+    assert all(c.head_units == 2 for c in weak_group.values())  # a worthless group goes, channels are spared
+    assert all(w.channels > p.channels for w, p in zip(weak_group.values(), precious_heads.values()))
+    for counts in (precious_heads, weak_group):  # within the budget's rounding
+        masks = select_masks(structure, _synthetic_scores(structure, 10.0, 1.0), 0.3, layers, head_unit="kv-group",
+                             round_to=1, split="cost")
+        assert abs(achieved_ratio(structure, masks, layers, ("heads", "channels")) - 0.3) < 0.02
+
+
+def test_cost_split_under_uniform_allocation_gives_every_pruned_layer_one_shape():
+    structure = Structure.of(tiny_model("mistral", intermediate_size=128))
+    scores = magnitude_scores(tiny_model("mistral", intermediate_size=128))
+    masks = select_masks(structure, scores, 0.4, list(range(structure.num_layers)), head_unit="q-head", round_to=8,
+                         split="cost")
+    kept = {(int(masks.heads[i].sum()) if i in masks.heads else -1, int(masks.channels[i].sum()) if i in masks.channels
+             else -1) for i in range(structure.num_layers)}
+    assert len(kept) == 1
+
+
+def test_cost_split_with_global_allocation_ranks_every_unit_by_score_per_parameter():
+    from prunetune.structure.allocate import final_counts
+
+    structure = Structure.of(tiny_model("qwen2", intermediate_size=128))
+    scores = _synthetic_scores(structure, 1.0, 1.0)
+    for unit in ("q_heads", "kv_heads", "channels"):  # layer 0 is worth little, layer 1 a lot
+        setattr(scores[0], unit, getattr(scores[0], unit) * 0.01)
+        setattr(scores[1], unit, getattr(scores[1], unit) * 100)
+    counts = final_counts(structure, scores, 0.3, [0, 1, 2], head_unit="kv-group", round_to=1, allocation="global",
+                          split="cost")
+    assert counts[0].head_units == 1  # every layer keeps a head unit, even the cheapest
+    assert counts[1].head_units == 3 and counts[1].channels == 128  # the valuable layer is untouched
+    masks = select_masks(structure, scores, 0.3, [0, 1, 2], head_unit="kv-group", round_to=1, allocation="global",
+                         split="cost")
+    assert achieved_ratio(structure, masks, [0, 1, 2], ("heads", "channels")) >= 0.3 - 0.01
+
+
+def test_one_kind_of_unit_ignores_the_split():
+    from prunetune.structure.allocate import final_counts, target_counts
+
+    structure = Structure.of(tiny_model("llama", intermediate_size=128))
+    scores = _synthetic_scores(structure, 10.0, 1.0)
+    for units in (("channels",), ("heads",)):
+        assert final_counts(structure, scores, 0.3, [0, 1], units, round_to=8, split="cost") == \
+            target_counts(structure, 0.3, [0, 1], units, round_to=8)

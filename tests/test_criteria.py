@@ -182,7 +182,7 @@ def test_random_is_seeded():
     assert not torch.equal(a[0].channels, a[1].channels)  # layers differ too
 
 
-@pytest.mark.parametrize("criterion", ["taylor", "wanda-sp"])
+@pytest.mark.parametrize("criterion", ["taylor", "wanda-sp", "lora-guided"])
 def test_data_criteria_need_batches(criterion):
     model = tiny_model("llama", num_hidden_layers=1)
     for missing in (None, []):
@@ -214,3 +214,30 @@ def test_nf4_base_refuses_taylor_and_scores_with_wanda_sp_and_magnitude():
     # weights read after it must be the same ones.
     for a, b in zip(magnitude_scores(model), magnitude):
         torch.testing.assert_close(a.channels, b.channels, rtol=1e-2, atol=0)
+
+
+def test_lora_guided_one_shot_matches_its_estimate_and_leaves_the_model_as_it_was():
+    """With B = 0 the estimated weight gradient is ∂L/∂B·A; the adapter goes again, nothing merged."""
+    from prunetune.importance import lora_guided_one_shot_scores
+    from prunetune.importance.lora_guided import lora_guided_scores
+    from prunetune.lora import LoraSettings, add_lora
+
+    model = tiny_model("qwen2", num_hidden_layers=2)
+    ids = batches()
+    with torch.no_grad():
+        before = model(input_ids=ids[0]).logits
+    flags = [p.requires_grad for p in model.parameters()]
+    got = lora_guided_one_shot_scores(model, ids, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids[0]).logits, before)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+    reference = copy.deepcopy(model)
+    torch.manual_seed(3)
+    peft_model = add_lora(reference, LoraSettings(dropout=0.0))
+    for batch in ids:
+        peft_model(input_ids=batch, labels=batch).loss.backward()
+    assert_same_scores(got, lora_guided_scores(peft_model, normalize=False))
+    again = lora_guided_one_shot_scores(model, ids, seed=3)
+    assert_same_scores(got, again)  # seeded: the same adapter, the same scores

@@ -128,14 +128,16 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], abs=1e-6)
 
 
-def test_two_processes_prune_like_one_with_the_same_global_batch(tmp_path):
-    """`accelerate launch` with two CPU processes (gloo DDP), batch 2 each, against one process with batch 4."""
-    _, model, structure, masks, _, _ = run(batch_size=4)
+@pytest.mark.parametrize("distill", [False, True], ids=["plain", "distilled"])
+def test_two_processes_prune_like_one_with_the_same_global_batch(tmp_path, distill):
+    """`accelerate launch` with two CPU processes (gloo DDP), batch 2 each, against one process with batch 4;
+    distilled, each process runs the teacher (the unpruned base) on its own half of the batch."""
+    _, model, structure, masks, _, _ = run(batch_size=4, distill=distill)
     out = tmp_path / "two.json"
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         str(HERE / "loraprune_run.py"), str(out), "2"],
+         str(HERE / "loraprune_run.py"), str(out), "2", *(["distill"] if distill else [])],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads(out.read_text())

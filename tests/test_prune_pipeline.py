@@ -48,7 +48,7 @@ def test_loraprune_end_to_end(model_dir, tmp_path):
     assert "report.md" in os.listdir(out)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "taylor", "wanda-sp", "random"])
+@pytest.mark.parametrize("method", ["magnitude", "taylor", "wanda-sp", "random", "lora-guided"])
 def test_one_shot_methods_with_recovery_save_stock_checkpoints(method, model_dir, tmp_path):
     out = tmp_path / method
     record = prune(str(model_dir), out, _settings(method, recover_steps=3), EVAL, _options(), log=lambda _: None)

@@ -1,0 +1,91 @@
+"""How a layer's budget is shared by heads and channels: the cost split against heads-first.
+
+Scores every unit of the real SmolLM2-135M once (taylor: LLM-Pruner's first-order criterion, and
+lora-guided: LoRAPrune's criterion from one fresh adapter, both from the same 10 calibration
+sequences of 128 tokens), then for each ratio, head unit and split rule masks the model (no training,
+so the split's own effect is seen) and measures held-out perplexity on builtin:pydoc and
+builtin:stdlib-code. Layers 'paper' and uniform allocation, as LoRAPrune's defaults.
+
+    python benchmarks/allocation.py [--ratios 0.2,0.5] [--windows 20] [--json runs/allocation.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+
+import torch
+
+from prunetune import load_model
+from prunetune.data import load_blocks
+from prunetune.evaluate.perplexity import perplexity
+from prunetune.importance import CRITERIA
+from prunetune.structure.allocate import SPLITS, achieved_ratio, parse_layers, select_masks
+from prunetune.structure.masks import apply_masks
+from prunetune.structure.units import HEAD_UNITS, Structure
+
+EVAL_SETS = ("builtin:pydoc@eval", "builtin:stdlib-code@eval")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratios", default="0.2,0.5")
+    parser.add_argument("--criteria", default="taylor,lora-guided")
+    parser.add_argument("--windows", type=int, default=20, help="perplexity windows of 256 tokens per data set")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    model, tokenizer = load_model(args.model)
+    structure = Structure.of(model)
+    layers = parse_layers("paper", structure.num_layers)
+    blocks, _ = load_blocks("builtin:pydoc", tokenizer, 128, default_split="train")
+    batches = list(blocks[:10].split(2))
+
+    def ppl() -> dict:
+        return {spec: perplexity(model, tokenizer, spec, 256, max_windows=args.windows, progress=False).perplexity
+                for spec in EVAL_SETS}
+
+    rows = [{"criterion": "dense", "perplexity": ppl()}]
+    for criterion in args.criteria.split(","):
+        scores = CRITERIA[criterion](model, batches, seed=0)
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            for head_unit in HEAD_UNITS:
+                for split in SPLITS:
+                    masks = select_masks(structure, scores, ratio, layers, ("heads", "channels"), head_unit, "auto",
+                                         "uniform", split)
+                    with apply_masks(model, masks):
+                        result = ppl()
+                    kv = masks.kv_heads(layers[0], structure)
+                    heads = masks.heads.get(layers[0])
+                    channels = masks.channels.get(layers[0])
+                    row = {"criterion": criterion, "ratio": ratio, "head_unit": head_unit, "split": split,
+                           "ratio_achieved": achieved_ratio(structure, masks, layers, ("heads", "channels")),
+                           "layer_shape": {
+                               "q_heads": structure.layers[0].num_heads if heads is None else int(heads.sum()),
+                               "kv_heads": structure.layers[0].num_kv_heads if kv is None else int(kv.sum()),
+                               "channels": structure.layers[0].intermediate if channels is None else int(channels.sum())},
+                           "perplexity": result}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; masks only (no "
+          f"training), layers 'paper', uniform allocation; perplexity over {args.windows} windows of 256 tokens")
+    print("| criterion | ratio | head unit | split | pruned layer keeps (q / kv heads, channels) | achieved | "
+          "pydoc | stdlib-code |\n|---|---|---|---|---|---|---|---|")
+    dense = rows[0]["perplexity"]
+    print(f"| dense | | | | 9 / 3, 1536 | 0 | {dense[EVAL_SETS[0]]:.2f} | {dense[EVAL_SETS[1]]:.2f} |")
+    for r in rows[1:]:
+        shape = r["layer_shape"]
+        print(f"| {r['criterion']} | {r['ratio']:.0%} | {r['head_unit']} | {r['split']} | {shape['q_heads']} / "
+              f"{shape['kv_heads']}, {shape['channels']} | {r['ratio_achieved']:.3f} | "
+              f"{r['perplexity'][EVAL_SETS[0]]:.2f} | {r['perplexity'][EVAL_SETS[1]]:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "settings": vars(args)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
