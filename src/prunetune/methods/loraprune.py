@@ -2,10 +2,13 @@
 
 After every optimizer step the LoRA-guided scores (see importance/lora_guided.py) update a moving
 average, I <- λ·I + (1 − λ)·score (λ = 0.9). Every `prune_every` steps the kept counts move along
-a cubic schedule from the full model to the target: nothing is pruned during the first 10% of the
-steps, the target is reached (exactly, after rounding) at 90%, and the last 10% train at the final
-shape. A pruned unit never comes back. Masks act by output masking, so LoRA keeps training around
-the removed units; at the end the model is cut, LoRA merged and saved by the shared pipeline.
+a cubic schedule from the full model to the target: nothing is pruned during the first `warmup`
+of the steps (10%), the target is reached (exactly, after rounding) at 1 − `cooldown` (90%), and
+the rest train at the final shape. A pruned unit never comes back. Masks act by output masking, so
+LoRA keeps training around the removed units; at the end the model is cut, LoRA merged and saved
+by the shared pipeline. Where the target counts depend on the scores (the "cost" split, global
+allocation) they are fixed at the first mask update. `masks_off()` suspends the masks: the
+unpruned model, which distillation uses as its teacher (distill.py).
 """
 
 from __future__ import annotations
