@@ -11,11 +11,15 @@ so the table can be completed across sessions; `--report` prints the README's ta
     python benchmarks/quality.py                    # run the missing cells, in priority order
     python benchmarks/quality.py --only 0.5/loraprune-paper/0   # one cell (ratio/config/seed)
     python benchmarks/quality.py --report           # the tables, mean ± standard deviation over seeds
+
+Several workers may share the plan (each claims the next free cell), e.g. one per core:
+    OMP_NUM_THREADS=1 python benchmarks/quality.py & OMP_NUM_THREADS=1 python benchmarks/quality.py &
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -84,11 +88,37 @@ def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"cells": {}}
 
 
-def save_results(path: Path, results: dict) -> None:
+def save_cell(path: Path, key: str, cell: dict, settings: dict) -> None:
+    """Add one cell to the results file, merged with what other workers wrote meanwhile."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results(path)
+        results["settings"] = settings
+        results["cells"][key] = cell
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+def claim(runs: Path, key: str) -> bool:
+    """Take a cell for this worker, so several workers (one per core) can share the plan; a claim
+    whose process is gone is stale."""
+    claims = runs / ".claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    marker = claims / key.replace("/", "_")
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(marker.read_text() or 0), 0)
+            return False  # its worker is alive
+        except (ProcessLookupError, ValueError):
+            marker.unlink(missing_ok=True)
+            return claim(runs, key)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
 
 
 def evaluate(model: str, args, out_json: Path) -> dict:
@@ -108,10 +138,15 @@ def run_cell(ratio: float, config: str, seed: int, multiplier: int, args) -> dic
                "--data", args.data, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                "--lr", str(args.lr), "--seed", str(seed), "--no-eval", "--out", str(out), "--overwrite",
                *CONFIGS[config][1].format(steps=steps).split()]
-    print("$", " ".join(command[2:]), flush=True)
     started = time.time()
-    subprocess.run(command, check=True)
-    record = json.loads((out / "prunetune.json").read_text())
+    finished = out / "prunetune.json"
+    if finished.exists() and json.loads(finished.read_text())["settings"]["seed"] == seed and \
+            len(json.loads(finished.read_text())["training"]["history"]) == steps:
+        print(f"reusing the finished prune in {out}", flush=True)  # a worker stopped before its evaluation
+    else:
+        print("$", " ".join(command[2:]), flush=True)
+        subprocess.run(command, check=True)
+    record = json.loads(finished.read_text())
     training = record["training"]
     return {
         "ratio": ratio, "config": config, "seed": seed, "steps": steps,
@@ -186,12 +221,10 @@ def main() -> None:
         return
     if results.get("settings", settings) != settings:
         raise SystemExit(f"{args.results} holds cells of other settings ({results['settings']}); use another --results")
-    results["settings"] = settings
     args.runs.mkdir(parents=True, exist_ok=True)
-    if "dense" not in results["cells"]:
-        results["cells"]["dense"] = {"perplexity": evaluate(args.model, args, args.runs / "dense-eval.json"),
-                                     "date": time.strftime("%Y-%m-%d"), "machine": machine()}
-        save_results(args.results, results)
+    if "dense" not in results["cells"] and claim(args.runs, "dense"):
+        save_cell(args.results, "dense", {"perplexity": evaluate(args.model, args, args.runs / "dense-eval.json"),
+                                          "date": time.strftime("%Y-%m-%d"), "machine": machine()}, settings)
     cells = plan([float(r) for r in args.ratios.split(",")])
     if args.only:
         wanted = set(args.only)
@@ -202,15 +235,17 @@ def main() -> None:
     done = 0
     for cell in cells:
         key = cell_key(*cell)
-        if key in results["cells"]:
+        if key in load_results(args.results)["cells"]:
             continue
         if args.max_cells is not None and done >= args.max_cells:
             break
+        if not claim(args.runs, key):
+            continue
         print(f"== cell {key}", flush=True)
-        results["cells"][key] = run_cell(*cell, args)
-        save_results(args.results, results)
+        save_cell(args.results, key, run_cell(*cell, args), settings)
+        (args.runs / ".claims" / key.replace("/", "_")).unlink(missing_ok=True)
         done += 1
-    print(report(results))
+    print(report(load_results(args.results)))
 
 
 if __name__ == "__main__":
