@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_cli_errors import assert_user_error, run_cli
+from test_cli_errors import assert_user_error, no_model_load, run_cli  # noqa: F401 (a fixture)
 from tiny import save_tiny_model_dir, tiny_model, tokens
 
 from prunetune.errors import UserError
@@ -121,7 +121,7 @@ def test_cli_bench_in_a_fresh_process(tmp_path):
     (("masks-agree", "smollm2-135m", "--ratios", "0.1,1.5"), ("--ratios", "1.5")),
     (("masks-agree", "smollm2-135m", "--ratios", "0,0.5"), ("--ratios",)),
 ])
-def test_cli_mistakes_are_one_line(args, fragments, tmp_path):
+def test_cli_mistakes_are_one_line(args, fragments, tmp_path, no_model_load):
     assert_user_error(run_cli(*args, cwd=tmp_path), *fragments)
 
 

@@ -82,6 +82,61 @@ def test_empty_split_suffix_means_the_default_split():
     assert texts(load_examples("builtin:pydoc@", default_split="eval")) == texts(load_examples("builtin:pydoc@eval"))
 
 
+def test_unknown_split_names_all_three():
+    with pytest.raises(UserError, match="use train, eval or all"):
+        DataSpec.parse("notes.txt@test")
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole source (@all), and what `prunetune eval` scores
+
+
+def test_all_is_the_whole_source():
+    for source in ("builtin:pydoc", "builtin:stdlib-code"):
+        everything = texts(load_examples(f"{source}@all"))
+        assert everything == texts(load_examples(f"{source}@train")) + texts(load_examples(f"{source}@eval"))
+
+
+@pytest.mark.parametrize("paragraphs", [20, 3])  # held out by documents, and by lines
+def test_all_of_a_file_is_every_paragraph(tmp_path, paragraphs):
+    path = tmp_path / "notes.txt"
+    text = "\n\n".join(f"paragraph {i}, line one\nparagraph {i}, line two" for i in range(paragraphs))
+    path.write_text(text + "\n")
+    assert "\n\n".join(texts(load_examples(f"{path}@all"))).strip() == text
+    assert load_examples(str(path), default_split="all") == load_examples(f"{path}@all")
+
+
+def test_all_of_few_instruction_records_needs_no_held_out_split(tmp_path):
+    path = tmp_path / "few.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(3)))
+    assert len(load_examples(f"{path}@all")) == 3
+    with pytest.raises(UserError, match="at least 10 records"):
+        load_examples(f"{path}@eval")
+
+
+@pytest.mark.parametrize("spec, scored", [
+    ("my_test.txt", "my_test.txt@all"),  # the user's test set, whole
+    ("data/my_test.jsonl", "data/my_test.jsonl@all"),
+    ("my_test.txt@eval", "my_test.txt@eval"),  # the held-out tenth of a file also trained on
+    ("my_test.txt@train", "my_test.txt@train"),
+    ("my_test.txt@", "my_test.txt@all"),
+    ("builtin:pydoc", "builtin:pydoc@eval"),  # built-in and hub sources keep their eval split
+    ("builtin:stdlib-code@all", "builtin:stdlib-code@all"),
+    ("wikitext2", "wikitext2@eval"),
+    ("c4", "c4@eval"),
+    ("hf:owner/name:config", "hf:owner/name:config@eval"),
+])
+def test_eval_command_scores_a_local_file_whole(spec, scored):
+    assert data.eval_command_spec(spec) == scored
+
+
+def test_eval_command_spec_of_a_file_with_at_in_its_name(tmp_path):
+    path = tmp_path / "notes@v2.txt"
+    path.write_text("\n\n".join(f"paragraph {i}" for i in range(20)))
+    scored = data.eval_command_spec(str(path))
+    assert scored == f"{path}@all" and len(load_examples(scored)) == 20
+
+
 # ---------------------------------------------------------------------------------------------
 # Built-in sources
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from test_cli_errors import no_model_load  # noqa: F401 (a fixture)
 from tiny import save_tiny_model_dir
 
 from prunetune import load_model
@@ -183,7 +184,7 @@ def test_loram_run_end_to_end_compares_every_configuration(full, tmp_path):
     (("loram", "prune", "{full}", "--method", "semi", "--ratio", "0.3", "--out", "x"), "semi"),
     (("loram", "recover", "{full}", "--pruned", "{full}", "--full", "{full}", "--out", "x"), "not a prunetune run directory"),
 ])
-def test_loram_mistakes_are_one_line_errors(full, tmp_path, args, fragment):
+def test_loram_mistakes_are_one_line_errors(full, tmp_path, args, fragment, no_model_load):
     from test_cli_errors import assert_user_error, run_cli
 
     done = run_cli(*(str(a).format(full=full) for a in args), cwd=tmp_path)

@@ -30,11 +30,11 @@ QUANT_HELP = "Load the frozen base quantized with bitsandbytes: 8bit or nf4."
 
 
 def _quiet_libraries() -> None:
+    # Through the environment, read when transformers and huggingface_hub are first imported: importing
+    # them here would cost --help and every argument error seconds.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # what transformers' disable_progress_bar() sets
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
@@ -45,7 +45,8 @@ def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out_dir: Path = typer.Option(..., "--out", help="Output directory (written beside, renamed when complete)."),
     method: str = typer.Option("magnitude", help="loraprune (progressive, LoRA-guided), or one-shot: magnitude, "
-                               "taylor, wanda-sp, random."),
+                               "taylor, wanda-sp, random, lora-guided (LoRAPrune's criterion once, from "
+                               "calibration batches)."),
     ratio: float = typer.Option(0.2, help="Fraction of prunable parameters to remove, in (0, 1)."),
     layers: Optional[str] = typer.Option(None, help="Layers to prune: all (stock-loadable result; default for one-shot), "
                                          "paper (all but the first 10% and the last; default for loraprune), or e.g. '3-27'."),
@@ -55,13 +56,31 @@ def prune(
                                            "this (fast GPU shapes): a number (1: no rounding) or auto, the default "
                                            "(128 on MLPs 4096 or more wide, 64 on narrower ones)."),
     allocation: str = typer.Option("uniform", help="uniform (same ratio in every pruned layer) or global (rank units across layers)."),
+    split: str = typer.Option("cost", help="How a budget is shared by heads and channels: cost (rank them by "
+                              "importance per parameter; a head goes only when it is worth less than the "
+                              "channels it spares) or heads-first (every layer loses --ratio of its heads, "
+                              "channels fill the rest: the official code and LLM-Pruner)."),
     data: str = typer.Option("builtin:pydoc", help="Training data (loraprune, recovery) and calibration data (taylor, wanda-sp)."),
     steps: int = typer.Option(100, help="loraprune: optimizer steps of LoRA training while pruning."),
     recover_steps: int = typer.Option(0, help="One-shot methods: LoRA fine-tuning steps after pruning (merged before saving)."),
     calib_samples: int = typer.Option(10, help="taylor, wanda-sp: calibration sequences."),
     score: str = typer.Option("abs", help="loraprune: abs (official code) or square (paper)."),
-    normalize: bool = typer.Option(True, help="loraprune: L2-normalise each module's unit scores (official code)."),
+    normalize: str = typer.Option("auto", help="loraprune: module (L2-normalise each module's unit scores: the "
+                                  "official code), model (one scale per step for the whole model, which keeps heads "
+                                  "and channels comparable), none; auto: model with --split cost, module with heads-first."),
     prune_every: int = typer.Option(10, help="loraprune: steps between mask updates."),
+    prune_warmup: float = typer.Option(0.1, help="loraprune: fraction of the steps before pruning starts."),
+    prune_cooldown: float = typer.Option(0.1, help="loraprune: fraction of the steps trained at the final shape "
+                                         "(the cubic schedule reaches the target at 1 - this)."),
+    distill: bool = typer.Option(False, "--distill/--no-distill", help="Train against the unpruned model's "
+                                 "next-token distributions (KL divergence). loraprune: the teacher is the model "
+                                 "itself with its masks off, no second copy; --recover-steps: the source model, "
+                                 "loaded a second time."),
+    teacher: str = typer.Option("base", help="--distill with loraprune: base (adapters off: the pretrained model) "
+                                "or tuned (adapters on: the unpruned model as it fine-tunes)."),
+    distill_temperature: float = typer.Option(1.0, help="--distill: softmax temperature of both sides."),
+    distill_alpha: float = typer.Option(1.0, help="--distill: weight of the distillation term; the language-model "
+                                        "loss gets 1 - this."),
     ema: float = typer.Option(0.9, help="loraprune: weight of the old moving-average score."),
     lora_r: int = typer.Option(8, help="LoRA rank."),
     lora_alpha: int = typer.Option(16, help="LoRA alpha."),
@@ -88,6 +107,7 @@ def prune(
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Prune a model to a ratio of its prunable parameters and save the smaller model."""
+    from .distill import DistillSettings
     from .lora import LoraSettings
     from .methods.loraprune import LoRAPruneSettings
     from .methods.prune import EvalSettings, PruneSettings, RunOptions
@@ -97,14 +117,17 @@ def prune(
 
     settings = PruneSettings(method=method, ratio=ratio, layers=layers, units=units, head_unit=head_unit,
                              round_to=parse_round_to(round_to or DEFAULT_ROUND_TO), allocation=allocation,
-                             data=data, calib_samples=calib_samples, recover_steps=recover_steps, seed=seed)
+                             split=split, data=data, calib_samples=calib_samples, recover_steps=recover_steps,
+                             seed=seed)
     evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=eval_seq_len, max_windows=max_windows)
     options = RunOptions(
         training=TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                                warmup=warmup, max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
                                checkpoint_every=checkpoint_every, seed=seed),
         lora=LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dtype=lora_dtype),
-        loraprune=LoRAPruneSettings(prune_every=prune_every, ema=ema, score=score, normalize=normalize),
+        loraprune=LoRAPruneSettings(prune_every=prune_every, ema=ema, score=score, normalize=normalize,
+                                    warmup=prune_warmup, cooldown=prune_cooldown),
+        distill=DistillSettings(enabled=distill, temperature=distill_temperature, alpha=distill_alpha, teacher=teacher),
         dtype=dtype, device=device, quant=quant, overwrite=overwrite, resume=resume,
     )
     record = run_prune(model, out_dir, settings, evaluation, options, log=lambda msg: out.print(f"[dim]{msg}[/dim]"))
@@ -146,8 +169,10 @@ def eval_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
     data: Optional[str] = typer.Option(None, show_default=False, help="Perplexity data, comma-separated: "
                                        "builtin:pydoc, builtin:stdlib-code, wikitext2, ptb, c4, or a .txt/.jsonl/"
-                                       ".json/.parquet file; append @train or @eval to pick the split (default "
-                                       "eval). Default: builtin:pydoc, or none when --tasks is given."),
+                                       ".json/.parquet file; append @train, @eval or @all to pick the split. A "
+                                       "file is scored whole (your test set; FILE@eval: its held-out tenth), "
+                                       "the others on their eval split. Default: builtin:pydoc, or none when "
+                                       "--tasks is given."),
     tasks: Optional[str] = typer.Option(None, show_default=False, help="lm-evaluation-harness tasks, "
                                         "comma-separated (e.g. piqa,hellaswag,boolq or mmlu); needs "
                                         "pip install 'prunetune\\[eval]'."),
@@ -173,14 +198,15 @@ def eval_command(
     """Perplexity over non-overlapping windows and zero-/few-shot tasks (lm-evaluation-harness)."""
     import time
 
-    from .evaluate.adapter import check_adapter_dir, load_adapter
+    from .data import eval_command_spec, load_examples
+    from .evaluate.adapter import adapter_mismatch, adapter_modules, check_adapter_dir, load_adapter
     from .evaluate.harness import AVERAGES, evaluate_model, parse_list, task_manager
-    from .models import load_model
-    from .report import add_evaluation, is_run_directory, provenance, write_json
+    from .models import check_load_options, check_model, load_model, resolve_model_spec
     from .structure.units import count_parameters
 
     task_list = parse_list(tasks)
-    data_list = parse_list(data) or ([] if task_list else ["builtin:pydoc"])
+    # A file given here is the user's test set, scored whole unless a split is named.
+    data_list = [eval_command_spec(d) for d in parse_list(data) or ([] if task_list else ["builtin:pydoc"])]
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if max_windows is not None and max_windows < 1:
@@ -196,8 +222,21 @@ def eval_command(
     if lora is not None:
         check_adapter_dir(lora)
     _check_json_path(json_path)
+    # Everything else before the model loads, cheapest first: a mistake costs seconds, not a load.
+    resolve_model_spec(model)
+    check_load_options(dtype, device, quant)
+    for spec in data_list:
+        load_examples(spec)  # unknown source or split, missing, empty or malformed file
+    config = check_model(model, {"--seq-len": seq_len} if data_list else {})
+    if lora is not None:
+        misfit = adapter_mismatch(adapter_modules(str(lora)), config)
+        if misfit:
+            raise UserError(f"the adapter in '{lora}' does not fit {model} ({misfit}); load it on the model it "
+                            "was trained on")
     if task_list:
-        task_manager(task_list, include_path)  # lm-eval installed, every task known: before loading anything
+        task_manager(task_list, include_path)  # lm-eval installed, every task known
+    from .report import add_evaluation, is_run_directory, provenance, write_json  # matplotlib: not for mistakes
+
     start = time.perf_counter()
     loaded, tokenizer = load_model(model, dtype=dtype, device=device, quant=quant)
     params = count_parameters(loaded)
@@ -275,9 +314,10 @@ def _eval_notes(record: dict) -> list[str]:
 @app.command(epilog="Example: prunetune info smollm2-135m")
 def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
     """Show a model's architecture, prunable units per layer and parameter counts."""
-    from .models import load_model
+    from .models import check_model, load_model
     from .structure.units import Structure, count_parameters
 
+    check_model(model)  # a missing model or unsupported architecture, from the config alone
     loaded, _ = load_model(model, device="cpu")
     s = Structure.of(loaded)
     params = count_parameters(loaded)

@@ -106,9 +106,11 @@ def register(app: typer.Typer, out) -> None:
         device: Device = "auto", overwrite: Overwrite = False,
     ) -> None:
         """Prune a model to a chosen architecture with learned hard-concrete masks (Sheared-LLaMA)."""
+        from .methods.domain_training import check_before_loading
         from .methods.prune import EvalSettings
-        from .methods.sheared import ShearSettings
+        from .methods.sheared import ShearSettings, source_structure
         from .methods.sheared import shear as run_shear
+        from .structure.target import parse_target
 
         options = _options(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                            warmup=warmup, gradient_checkpointing=gradient_checkpointing,
@@ -117,6 +119,12 @@ def register(app: typer.Typer, out) -> None:
         settings = ShearSettings(target=target, mask_lr=mask_lr, lambda_lr=lambda_lr, lambda2_init=lambda2_init,
                                  warmup=warmup_share, lora=lora)
         evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=eval_seq_len, max_windows=max_windows)
+        # shear() checks its settings, domains, target and --out before the model loads, but the
+        # sequence lengths and the before/after perplexity's data only after: the settings and the
+        # target first (as shear() would), then those.
+        settings.check()
+        parse_target(settings.target, source_structure(model))
+        check_before_loading(model, evaluation, options)
         record = run_shear(model, out_dir, settings,
                            _domain_settings(data, weights, references, dynamic, eval_every, eval_blocks, eta, clamp),
                            evaluation, options, log=log)

@@ -11,10 +11,12 @@ Records in json/jsonl/parquet files are `text`, instruction records `instruction
 or chat `messages`. Instruction and chat records carry which part is the response, so training can
 put the loss on responses only.
 
-Splits: `train` and `eval`. Hub sets use their own splits (eval = wikitext2 test, ptb validation,
-c4 validation, an `hf:` set's `validation` split when it has one); everything else holds out its
-last 10% of documents (or, for fewer than ten documents, the last 10% of lines), so the split never
-depends on the tokenizer.
+Splits: `train`, `eval` and `all`. Hub sets use their own splits (eval = wikitext2 test, ptb
+validation, c4 validation, an `hf:` set's `validation` split when it has one); everything else holds
+out its last 10% of documents (or, for fewer than ten documents, the last 10% of lines), so the split
+never depends on the tokenizer. `all` is the whole source (a hub set's train and eval splits together).
+Which split a spec without one means depends on its use: training reads `train`, evaluations `eval`,
+except `prunetune eval`, which scores a local file whole (`eval_command_spec`): it is the user's test set.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ OFFLINE_SOURCES = ("builtin:pydoc", "builtin:stdlib-code")
 HUB_SOURCES = ("wikitext2", "ptb", "c4", "alpaca")
 HF_PREFIX = "hf:"  # hf:OWNER/NAME[:CONFIG], any dataset on the Hugging Face hub
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "all")
 EVAL_FRACTION = 0.1
 OFFLINE_HINT = "offline alternatives: builtin:pydoc, builtin:stdlib-code, or a local .txt/.jsonl/.json/.parquet file"
 
@@ -70,11 +72,24 @@ class DataSpec:
         if not split:  # 'SOURCE@' means the default split
             return cls(source, default_split)
         if split not in SPLITS:
-            raise UserError(f"unknown split '{split}' in '{spec}'; use {' or '.join(SPLITS)}")
+            raise UserError(f"unknown split '{split}' in '{spec}'; use {', '.join(SPLITS[:-1])} or {SPLITS[-1]}")
         return cls(source, split)
 
     def describe(self) -> str:
         return f"{self.source} ({self.split} split)"
+
+
+def is_local_file(source: str) -> bool:
+    """Whether a spec's source names a file (anything not built-in or on the hub)."""
+    return not (source.startswith(("builtin:", HF_PREFIX)) or source in HUB_SOURCES)
+
+
+def eval_command_spec(spec: str) -> str:
+    """The spec `prunetune eval` scores: a local file without a split is the user's test set, scored
+    whole (`@all`); `@eval` picks the held-out tenth of a file that was also trained on. Built-in and
+    hub sources keep their eval split."""
+    data = DataSpec.parse(spec, default_split="")
+    return f"{data.source}@{data.split or ('all' if is_local_file(data.source) else 'eval')}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +173,8 @@ def _file_examples(path: Path) -> list[Example]:
 
 
 def _hub_examples(source: str, split: str) -> list[Example]:
+    if split == "all" and source != "alpaca":  # alpaca has one split, held out like a file
+        return _hub_examples(source, "train") + _hub_examples(source, "eval")
     from datasets import load_dataset
 
     try:
@@ -182,7 +199,8 @@ def _hub_examples(source: str, split: str) -> list[Example]:
 
 def _hf_examples(source: str, split: str) -> list[Example]:
     """`hf:OWNER/NAME[:CONFIG]`: train on its `train` split; evaluate on its `validation` split, or,
-    when it has none, on the held-out last 10% of its train records (then train on the rest)."""
+    when it has none, on the held-out last 10% of its train records (then train on the rest); `all`
+    reads both."""
     name, _, config = source[len(HF_PREFIX):].partition(":")
     owner, slash, dataset = name.partition("/")
     if not (owner and slash and dataset) or "/" in dataset:
@@ -195,15 +213,18 @@ def _hf_examples(source: str, split: str) -> list[Example]:
             raise UserError(f"'{source}' has no train split (it has {', '.join(splits) or 'none'}); "
                             "use a dataset with a train split")
         own_eval = "validation" in splits
-        records = splits["validation" if split == "eval" and own_eval else "train"]
-        columns = records.column_names
-        if "text" in columns:
-            examples = [Example(response=t or "") for t in records["text"]]
-        elif {"instruction", "output"} <= set(columns) or "messages" in columns:
-            examples = [_record_to_example(r, source) for r in records]
-        else:
-            raise UserError(f"'{source}' has no 'text' column (columns: {', '.join(columns)}); "
-                            "use a dataset with a text column or instruction/chat records")
+        names = {"train": ["train"], "eval": ["validation" if own_eval else "train"],
+                 "all": ["train", "validation"] if own_eval else ["train"]}[split]
+        examples = []
+        for records in (splits[name] for name in names):
+            columns = records.column_names
+            if "text" in columns:
+                examples += [Example(response=t or "") for t in records["text"]]
+            elif {"instruction", "output"} <= set(columns) or "messages" in columns:
+                examples += [_record_to_example(r, source) for r in records]
+            else:
+                raise UserError(f"'{source}' has no 'text' column (columns: {', '.join(columns)}); "
+                                "use a dataset with a text column or instruction/chat records")
     except UserError:
         raise
     except Exception as exc:  # datasets raises many types for "no network"; all mean the same here
@@ -215,6 +236,8 @@ def _hf_examples(source: str, split: str) -> list[Example]:
 
 def _held_out(examples: list[Example], split: str) -> list[Example]:
     """Deterministic split: the last 10% of documents, or of lines when there are few documents."""
+    if split == "all":
+        return examples
     if len(examples) >= 10:
         cut = len(examples) - max(1, round(len(examples) * EVAL_FRACTION))
         return examples[cut:] if split == "eval" else examples[:cut]

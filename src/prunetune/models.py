@@ -13,6 +13,7 @@ quantization); layers stay ordinary `bnb.nn` modules so PEFT can wrap them.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -110,17 +111,54 @@ def _hub_error(spec: str, exc: Exception) -> UserError:
     )
 
 
+# Local configs read before, by file and its modification time: the early checks read the config that
+# load_model reads again, and a GGUF file's takes seconds (its whole vocabulary is parsed).
+_CONFIGS: dict[tuple, object] = {}
+
+
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
+    key = None
+    if source.kind != "hub":
+        file = Path(source.path) / (source.gguf_file or "config.json")
+        if file.is_file():
+            key = (str(file.resolve()), file.stat().st_mtime_ns, file.stat().st_size)
+    if key in _CONFIGS:
+        return copy.deepcopy(_CONFIGS[key])  # a copy: a model built from it may change it (pruning does)
     try:
-        return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
     except (OSError, ValueError) as exc:
         if source.kind == "hub":
             raise _hub_error(source.path, exc) from None
         if "model type" in str(exc) or "model_type" in str(exc):
             raise UserError(f"unsupported architecture in '{source.describe()}': {str(exc).splitlines()[0][:200]}") from None
         raise
+    if key is not None:
+        _CONFIGS[key] = copy.deepcopy(config)
+    return config
+
+
+def check_load_options(dtype: str = "auto", device: str = "auto", quant: str | None = None) -> None:
+    """load_model's options, checked before anything loads."""
+    if quant is not None and quant not in QUANT_CHOICES:
+        raise UserError(f"unknown quantization '{quant}'; use {' or '.join(QUANT_CHOICES)}")
+    pick_dtype(dtype, pick_device(device))
+
+
+def check_model(spec: str, seq_lens: dict[str, int] | None = None):
+    """The config of the model `spec` names, read without its weights, so that a missing model, an
+    unsupported architecture or a sequence length beyond its positions fails before it loads.
+    `seq_lens`: {"--seq-len": 256, ...}, the lengths the command will run at, by flag."""
+    config = load_config(resolve_model_spec(spec))
+    check_architecture(config)
+    limit = int(getattr(config, "max_position_embeddings", 0) or 0)
+    for flag, seq_len in (seq_lens or {}).items():
+        if seq_len < 2:
+            raise UserError(f"{flag} must be at least 2, got {seq_len}")
+        if limit and seq_len > limit:
+            raise UserError(f"{flag} {seq_len} is beyond the model's {limit} positions; use {flag} {limit} or less")
+    return config
 
 
 def load_model(
@@ -131,15 +169,21 @@ def load_model(
     quant: str | None = None,
 ):
     """Load `(model, tokenizer)` for a spec; see the module docstring for what a spec can be."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if quant is not None and quant not in QUANT_CHOICES:
         raise UserError(f"unknown quantization '{quant}'; use {' or '.join(QUANT_CHOICES)}")
-    source = resolve_model_spec(spec)
+    source = resolve_model_spec(spec)  # a mistyped path fails before transformers is imported
     config = load_config(source)
     check_architecture(config)
     target_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, target_device)
+    return _load_weights(source, config, torch_dtype, target_device, quant)
+
+
+def _load_weights(source: ModelSource, config, torch_dtype: torch.dtype, target_device: torch.device,
+                  quant: str | None):
+    """The tokenizer and the weights, once load_model's checks have passed. Every model load goes
+    through here (the tests replace it to assert that a bad input fails before any load)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)

@@ -18,12 +18,12 @@ from pathlib import Path
 from ..checkpoint import save_model
 from ..errors import UserError
 from ..evaluate.perplexity import check_seq_len
-from ..models import load_model
+from ..models import check_model, load_model
 from ..report import check_output_dir, is_run_directory, provenance, read_record, run_directory, write_json, write_report
 from ..structure.units import Structure, count_parameters
 from ..train import make_accelerator, train
 from ..domains import DomainSet
-from .domain_training import DomainSettings, domain_perplexities, prepare_domains, trainable
+from .domain_training import DomainSettings, check_before_loading, domain_perplexities, prepare_domains, trainable
 from .dynamic_loading import domain_losses
 from .prune import EvalSettings, RunOptions, checkpoint_dir_for
 
@@ -79,6 +79,9 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
     reference_losses = _source_losses(model_spec, settings, domain_settings, domains, options, training.batch_size)
     if options.quant:
         raise UserError("prunetune train saves a dense model; --quant is not supported here (use --lora)")
+    check_before_loading(model_spec, evaluation, options)
+    if settings.reference_model:
+        check_model(settings.reference_model)  # it loads after the model; a bad spec fails now
     accelerator = make_accelerator(training)
     is_main = accelerator.is_main_process
     quiet_log = log if is_main else (lambda _: None)

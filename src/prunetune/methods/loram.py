@@ -26,7 +26,7 @@ from ..data import load_blocks, load_examples
 from ..errors import UserError
 from ..evaluate.perplexity import check_seq_len, perplexity
 from ..lora import LoraSettings, add_lora
-from ..models import load_model
+from ..models import check_load_options, check_model, load_model, resolve_model_spec
 from ..report import check_output_dir, provenance, read_record, run_directory, write_json, write_report
 from ..structure.sparsity import reduction_ratio
 from ..structure.units import count_parameters
@@ -54,6 +54,21 @@ class LoramPruneSettings:
     def check(self) -> None:
         if self.method not in PRUNE_METHODS:
             raise UserError(f"unknown --method '{self.method}'; use {', '.join(PRUNE_METHODS)}")
+        if self.method == "rand" and self.criterion not in (None, "random"):
+            raise UserError("--method rand prunes random units; --criterion applies to stru")
+        if self.method in STRUCTURED:  # the shared pipeline's checks (`loram run` runs it in another process)
+            PruneSettings(method=self.criterion or STRUCTURED[self.method], ratio=self.ratio,
+                          calib_samples=self.calib_samples).check()
+        else:
+            from ..importance.wanda_unstructured import SPARSE_CRITERIA
+            from ..structure.sparsity import check_pattern
+
+            check_pattern(self.method, self.ratio)
+            if (self.criterion or "wanda") not in SPARSE_CRITERIA:
+                raise UserError(f"unknown --criterion '{self.criterion}' for {self.method}; use "
+                                f"{' or '.join(SPARSE_CRITERIA)}")
+        if self.calib_samples < 1 or self.seq_len < 2:
+            raise UserError("--calib-samples must be at least 1 and --seq-len at least 2")
 
 
 def _annotate(out: Path, **fields) -> dict:
@@ -71,8 +86,6 @@ def prune_for_loram(model_spec: str, out: Path, settings: LoramPruneSettings, op
     options = options or RunOptions()
     if settings.method in STRUCTURED:
         criterion = settings.criterion or STRUCTURED[settings.method]
-        if settings.method == "rand" and settings.criterion not in (None, "random"):
-            raise UserError("--method rand prunes random units; --criterion applies to stru")
         options.training.seq_len = settings.seq_len
         record = prune(model_spec, out, PruneSettings(method=criterion, ratio=settings.ratio,
                                                       layers=settings.layers or "paper",
@@ -120,6 +133,19 @@ class StepOptions:
     resume: bool = False
     progress: bool = True
 
+    def check(self, model_spec: str, training: TrainSettings, quant: str | None = None) -> None:
+        """Everything align and train can check before the model loads: the evaluation after training
+        included, which would otherwise fail only once the training is done."""
+        training.check()
+        if self.max_windows is not None and self.max_windows < 1:
+            raise UserError(f"--max-windows must be at least 1, got {self.max_windows}")
+        check_load_options(self.dtype, self.device, quant)
+        load_examples(self.data, default_split="train")
+        for spec in self.eval_data:
+            load_examples(spec, default_split="eval")
+        check_model(model_spec, {"--seq-len": training.seq_len}
+                    | ({"--eval-seq-len": self.eval_seq_len} if self.eval_data else {}))
+
 
 def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
           log: Callable[[str], None] = print) -> dict:
@@ -127,9 +153,8 @@ def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
     started = time.perf_counter()
     pruned, out = Path(pruned), Path(out)
     carried = _source_fields(pruned)
-    training.check()
     check_output_dir(out, step.overwrite)
-    load_examples(step.data, default_split="train")
+    step.check(str(pruned), training)
     accelerator = make_accelerator(training)
     model, tokenizer = load_model(str(pruned), dtype=step.dtype, device=str(accelerator.device)
                                   if step.device == "auto" else step.device)
@@ -167,11 +192,10 @@ def train_adapter(model_spec: str, out: Path, training: TrainSettings, lora: Lor
     baseline), saved as a PEFT adapter directory with prunetune.json."""
     started = time.perf_counter()
     out = Path(out)
-    training.check()
     if quant not in QUANT_BITS:
         raise UserError(f"unknown --quant '{quant}'; use {' or '.join(q for q in QUANT_BITS if q)}")
     check_output_dir(out, step.overwrite)
-    load_examples(step.data, default_split="train")
+    step.check(model_spec, training, quant)
     carried = _source_fields(Path(model_spec)) if (Path(model_spec) / "prunetune.json").is_file() else {}
     if "architecture" in carried:  # an adapter directory is not a model: keep only what the report draws from
         carried["architecture"] = {"source_layer_shapes": carried["architecture"].get("source_layer_shapes")}
@@ -223,6 +247,9 @@ def recover(adapter: Path, pruned: Path, full_spec: str, out: Path, *, merge: bo
     started = time.perf_counter()
     adapter, pruned, out = Path(adapter), Path(pruned), Path(out)
     check_output_dir(out, overwrite)
+    resolve_model_spec(full_spec)  # a mistyped --full fails here rather than being written into the adapter
+    if merge:
+        check_load_options(dtype, "cpu")
     carried = _source_fields(pruned)
     structured = carried["loram"].get("structured", True)
     tensors, config = read_adapter(adapter)

@@ -26,9 +26,10 @@ from pathlib import Path
 from ..data import load_examples
 from ..errors import UserError
 from ..evaluate.perplexity import perplexity
-from ..models import load_model
+from ..models import check_model, load_model
 from ..report import check_output_dir, markdown_table, provenance, read_record, replace_file, run_directory, write_json
-from .loram import PRUNE_METHODS
+from ..structure.allocate import parse_layers
+from .loram import PRUNE_METHODS, QUANT_BITS, LoramPruneSettings
 
 
 @dataclass
@@ -68,6 +69,14 @@ class LoramRunSettings:
         for name in ("align_steps", "steps", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.align_lr <= 0:
+            raise UserError("--lr and --align-lr must be positive")
+        if self.quant not in QUANT_BITS:
+            raise UserError(f"unknown --quant '{self.quant}'; use {' or '.join(q for q in QUANT_BITS if q)}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise UserError(f"--max-windows must be at least 1, got {self.max_windows}")
+        # the prune step's own checks, so that they fail now rather than in its process
+        LoramPruneSettings(method=self.method, ratio=self.ratio, criterion=self.criterion, layers=self.layers).check()
         for spec in (self.align_data, self.data, self.out_of_domain):
             load_examples(spec, default_split="train")  # a bad data spec fails before any work
 
@@ -100,6 +109,9 @@ def loram_run(model_spec: str, out: Path, s: LoramRunSettings, *, overwrite: boo
     out = Path(out)
     s.check()
     check_output_dir(out, overwrite)
+    config = check_model(model_spec, {"--seq-len": s.seq_len, "--eval-seq-len": s.eval_seq_len})
+    if s.layers:
+        parse_layers(s.layers, config.num_hidden_layers)
     with run_directory(out, overwrite) as tmp:
         prune_args = ["loram", "prune", model_spec, "--out", tmp / "pruned", "--ratio", s.ratio, "--method", s.method,
                       "--data", s.align_data, "--seed", s.seed, *(["--layers", s.layers] if s.layers else [])]

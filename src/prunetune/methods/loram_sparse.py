@@ -13,9 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..checkpoint import save_model
-from ..data import load_blocks
+from ..data import load_blocks, load_examples
 from ..importance.wanda_unstructured import sparsify
-from ..models import load_model
+from ..models import check_load_options, check_model, load_model
 from ..report import check_output_dir, provenance, run_directory, write_json, write_report
 from ..structure.allocate import parse_layers
 from ..structure.sparsity import check_pattern, reduction_ratio, sparsity_summary
@@ -29,6 +29,12 @@ def prune_sparse(model_spec: str, out: Path, settings, options, log: Callable[[s
     ratio = settings.ratio  # semi (2:4) must be 0.5: check_pattern says so otherwise
     check_pattern(settings.method, ratio)
     check_output_dir(out, options.overwrite)
+    # Everything else before the model loads: the calibration data, the layers, the sequence length.
+    check_load_options(options.dtype, options.device)
+    if criterion == "wanda":
+        load_examples(settings.data, default_split="train")
+    config = check_model(model_spec, {"--seq-len": settings.seq_len} if criterion == "wanda" else {})
+    parse_layers(settings.layers or "all", config.num_hidden_layers)
     model, tokenizer = load_model(model_spec, dtype=options.dtype, device=options.device)
     layers = parse_layers(settings.layers or "all", len(model.model.layers))
     before = count_parameters(model)
