@@ -99,6 +99,7 @@ def _log_alpha_grads(model, masks, x):
     for p in masks.mask_parameters():
         p.grad = None
     torch.manual_seed(123)
+    masks.set_rng_state(torch.Generator().manual_seed(123).get_state())  # the gates draw from their own generator
     model(x, labels=x, use_cache=False).loss.backward()
     return [p.grad.clone() for p in masks.mask_parameters()]
 

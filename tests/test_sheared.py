@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_cli_errors import assert_user_error, run_cli
+from test_cli_errors import assert_user_error, no_model_load, run_cli  # noqa: F401 (a fixture)
 from tiny import save_tiny_model_dir, tiny_model
 
 from prunetune.domains import DomainSampler, parse_domains
@@ -75,14 +75,14 @@ def test_shear_with_lora_cuts_the_merged_model(tmp_path):
     ("heads=5", "divisible"),
     ("layers=8", "larger"),
 ])
-def test_bad_target_is_one_line_and_leaves_nothing(tmp_path, target, message):
+def test_bad_target_is_one_line_and_leaves_nothing(tmp_path, target, message, no_model_load):
     source = save_tiny_model_dir(tmp_path / "tiny", "llama")
     done = run_cli("shear", str(source), "--target", target, "--steps", "2", "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert_user_error(done, message)
     assert not (tmp_path / "out").exists()
 
 
-def test_negative_lambda2_init_is_one_line_and_leaves_nothing(tmp_path):
+def test_negative_lambda2_init_is_one_line_and_leaves_nothing(tmp_path, no_model_load):
     source = save_tiny_model_dir(tmp_path / "tiny", "llama")
     done = run_cli("shear", str(source), "--target", TARGET, "--lambda2-init", "-1", "--steps", "2",
                    "--out", str(tmp_path / "out"), cwd=tmp_path)
@@ -90,7 +90,7 @@ def test_negative_lambda2_init_is_one_line_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_train_without_references_is_one_line(tmp_path):
+def test_train_without_references_is_one_line(tmp_path, no_model_load):
     source = save_tiny_model_dir(tmp_path / "tiny", "llama")
     done = run_cli("train", str(source), "--data", DOMAINS, "--dynamic-loading", "--steps", "2", *SMALL,
                    "--out", str(tmp_path / "out"), cwd=tmp_path)

@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..evaluate.perplexity import check_seq_len, perplexity
 from ..importance import CRITERIA
 from ..lora import LoraSettings, add_lora
-from ..models import load_model
+from ..models import check_load_options, check_model, load_model
 from ..importance.scores import SCORES_FILE, save_scores
 from ..report import check_output_dir, provenance, run_directory, write_json, write_report
 from ..structure.allocate import (
@@ -110,8 +110,9 @@ class RunOptions:
     progress: bool = True
 
 
-def _check_before_loading(settings: PruneSettings, evaluation: EvalSettings, options: RunOptions, trains: bool) -> None:
-    """Everything that can be wrong without the model: a mistake costs seconds, not a model load."""
+def _check_before_loading(model_spec: str, settings: PruneSettings, evaluation: EvalSettings, options: RunOptions,
+                          trains: bool) -> None:
+    """Everything that can be wrong without the weights: a mistake costs seconds, not a model load."""
     settings.check()
     if trains:
         options.training.check()
@@ -131,6 +132,12 @@ def _check_before_loading(settings: PruneSettings, evaluation: EvalSettings, opt
         load_examples(evaluation.data, default_split="eval")
     if trains or settings.method in NEEDS_CALIBRATION:
         load_examples(settings.data, default_split="train")
+    check_load_options(options.dtype, options.device, options.quant)
+    seq_lens = {"--eval-seq-len": evaluation.seq_len} if evaluation.data else {}
+    if trains or settings.method in NEEDS_CALIBRATION:
+        seq_lens["--seq-len"] = options.training.seq_len
+    config = check_model(model_spec, seq_lens)  # a missing model, an unknown architecture, too long a sequence
+    parse_layers(settings.layer_spec, int(config.num_hidden_layers))
 
 
 def checkpoint_dir_for(out: Path) -> Path:
@@ -147,7 +154,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     training = options.training
     trains = settings.method == "loraprune" or settings.recover_steps > 0
     distill = options.distill
-    _check_before_loading(settings, evaluation, options, trains)
+    _check_before_loading(model_spec, settings, evaluation, options, trains)
     check_output_dir(out, options.overwrite)
     accelerator = make_accelerator(training)
     is_main = accelerator.is_main_process

@@ -109,12 +109,14 @@ class ShearHooks(TrainHooks):
 
     def state_dict(self) -> dict:
         return {"masks": self.masks.state_dict(), "mask_optimizer": self.mask_optimizer.state_dict(),
-                "lambda_optimizer": self.lambda_optimizer.state_dict()}
+                "lambda_optimizer": self.lambda_optimizer.state_dict(), "mask_rng": self.masks.rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.masks.load_state_dict(state["masks"])
         self.mask_optimizer.load_state_dict(state["mask_optimizer"])
         self.lambda_optimizer.load_state_dict(state["lambda_optimizer"])
+        if "mask_rng" in state:  # checkpoints from before the masks had their own generator lack it
+            self.masks.set_rng_state(state["mask_rng"])
 
 
 def _check_shape(model: nn.Module, target: Target) -> Structure:
@@ -168,7 +170,7 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
 
     model = trainable(model, options.lora if settings.lora else None, training.seed)
     masks = ShearMasks(before, target, warmup_steps=round(settings.warmup * training.steps),
-                       lambda2_init=settings.lambda2_init).to(accelerator.device)
+                       lambda2_init=settings.lambda2_init, seed=training.seed).to(accelerator.device)
     handle = masks.attach(model)
     hooks = ShearHooks(masks, settings)
     run = train(model, run_domains.blocks, run_domains.loss_mask, training,

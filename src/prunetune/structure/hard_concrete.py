@@ -7,6 +7,13 @@ princeton-nlp/LLM-Shearing llmshearing/models/l0_module.py: stretch limits (-0.1
 2/3, log_alpha initialised N(5, 0.01) and clamped to [log 1e-2, log 1e2] before every use; the
 deterministic gate keeps exactly the target number of units with the largest log_alpha, valued
 sigmoid(log_alpha / temperature * 0.8) (the code's "magical number", from Wang et al. 2020).
+
+Reproducibility: the initial log_alpha and every sample's noise come from the `generator` the gates
+are given (a CPU `torch.Generator`; the noise is drawn on the CPU and moved to log_alpha's device, so
+a seed gives the same noise on every device and every process), never from torch's global generator,
+which model loading, dropout and evaluation also draw from. Ties in the final selection are broken
+by a stated rule: among equal log_alpha the unit with the lower index is kept (a stable descending
+sort). Many units sit exactly on the clamp at the end of a short shear, so the rule matters.
 """
 
 from __future__ import annotations
@@ -33,12 +40,14 @@ class HardConcrete(nn.Module):
     (query heads inside key/value groups); `keep` must then be a multiple of `groups`.
     """
 
-    def __init__(self, rows: int, size: int, keep: int, groups: int = 1):
+    def __init__(self, rows: int, size: int, keep: int, groups: int = 1, generator: torch.Generator | None = None):
         super().__init__()
         if size % groups or keep % groups or not 0 < keep <= size:
             raise ValueError(f"cannot keep {keep} of {size} units in {groups} equal groups")
         self.size, self.keep, self.groups = size, keep, groups
-        self.log_alpha = nn.Parameter(torch.empty(rows, size).normal_(INIT_MEAN, INIT_STD))
+        # Initial values and sample noise; None: torch's global generator (not reproducible by itself).
+        self.generator = generator
+        self.log_alpha = nn.Parameter(torch.empty(rows, size).normal_(INIT_MEAN, INIT_STD, generator=generator))
 
     def constrain(self) -> None:
         """Clamp log_alpha in place (the official `constrain_parameters`), outside autograd."""
@@ -48,7 +57,8 @@ class HardConcrete(nn.Module):
     def sample(self) -> torch.Tensor:
         """A fresh reparameterised sample z in [0, 1], differentiable in log_alpha."""
         self.constrain()
-        u = torch.empty_like(self.log_alpha).uniform_(EPSILON, 1 - EPSILON)
+        u = torch.empty(self.log_alpha.shape).uniform_(EPSILON, 1 - EPSILON, generator=self.generator)
+        u = u.to(self.log_alpha.device)
         s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + self.log_alpha) / TEMPERATURE)
         return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
 
@@ -59,11 +69,13 @@ class HardConcrete(nn.Module):
         return 1 - closed
 
     def keep_mask(self) -> torch.Tensor:
-        """Boolean final mask: the `keep` units of each row with the largest log_alpha, equal per group."""
+        """Boolean final mask: the `keep` units of each row with the largest log_alpha, equal per group;
+        among equal log_alpha the lower index is kept (stable descending sort, unlike topk, whose
+        order among ties is unspecified)."""
         self.constrain()
         rows = self.log_alpha.shape[0]
         blocks = self.log_alpha.detach().reshape(rows, self.groups, self.size // self.groups)
-        top = blocks.topk(self.keep // self.groups, dim=-1).indices
+        top = blocks.argsort(dim=-1, descending=True, stable=True)[..., : self.keep // self.groups]
         mask = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, top, True)
         return mask.reshape(rows, self.size)
 

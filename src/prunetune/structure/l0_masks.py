@@ -21,9 +21,17 @@ and maximised over `lagrangian_parameters()` (e.g. `AdamW(..., maximize=True)`).
 gives boolean `Masks` of exactly the target shape, `fold_into` moves the soft kept values into the
 weights, and `structure.surgery.cut` makes the smaller model, which computes what the masked model
 computed in eval mode.
+
+Every random draw (the initial log_alpha, each training forward's gate noise) comes from one CPU
+generator seeded by `seed` alone, not from torch's global generator, so two runs with one seed sample
+the same gates whatever else drew random numbers before or between (model loading, LoRA dropout,
+evaluation); with several processes every process samples the same gates, as one process with the
+whole batch would. The generator's state is `rng_state()`, checkpointed by the shear hooks.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from torch import nn
@@ -34,19 +42,24 @@ from .target import Target, layer_parameters, outer_parameters
 from .units import Structure, base_linear, projection, unwrap
 
 MASK_TYPES = ("layer", "head", "intermediate", "hidden")
+_ALWAYS_ON = MaskHooks([])  # the switch masks.py's norm hook reads; these hooks are never suspended
 
 
 class ShearMasks(nn.Module):
     """Learned masks that shrink a uniform `structure` to `target`; the target sparsity of the
     Lagrangian is warmed up linearly from 0 over `warmup_steps` (the official `get_target_sparsity`).
-    λ1 starts at 0 and λ2 at `lambda2_init` (0 in the official code)."""
+    λ1 starts at 0 and λ2 at `lambda2_init` (0 in the official code). `seed` alone decides the
+    initial log_alpha and the sequence of sampled gates."""
 
-    def __init__(self, structure: Structure, target: Target, warmup_steps: int, lambda2_init: float = 0.0):
+    def __init__(self, structure: Structure, target: Target, warmup_steps: int, lambda2_init: float = 0.0,
+                 seed: int = 0):
         super().__init__()
         if not structure.uniform:
             raise ValueError("learned masks need a source whose layers all have the same shape")
         self.structure, self.target, self.warmup_steps = structure, target, warmup_steps
-        self.distributions = nn.ModuleDict(_distributions(structure, target))
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(_mask_seed(seed))
+        self.distributions = nn.ModuleDict(_distributions(structure, target, self.generator))
         self.lambdas = nn.ParameterDict({
             f"lambda_{k}_{kind}": nn.Parameter(torch.tensor(0.0 if k == 1 else float(lambda2_init)))
             for kind in self.distributions for k in (1, 2)
@@ -59,6 +72,13 @@ class ShearMasks(nn.Module):
 
     def lagrangian_parameters(self) -> list[nn.Parameter]:
         return list(self.lambdas.values())
+
+    def rng_state(self) -> torch.Tensor:
+        """The state of the generator the gates are sampled from (for checkpoints)."""
+        return self.generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
 
     @property
     def _kv_group_unit(self) -> bool:
@@ -135,7 +155,7 @@ class ShearMasks(nn.Module):
         return hook
 
     def _norm_hook(self, module, args, output):
-        return _rms_norm_over_kept(self._read("norm_keep", None))(module, args, output)
+        return _rms_norm_over_kept(self._read("norm_keep", None), _ALWAYS_ON)(module, args, output)
 
     @property
     def _device(self) -> torch.device:
@@ -246,18 +266,28 @@ class ShearMasks(nn.Module):
                 norm[kept.to(norm.device)] /= hidden[kept].to(norm.device, norm.dtype)
 
 
-def _distributions(structure: Structure, target: Target) -> dict[str, HardConcrete]:
+def _mask_seed(seed: int) -> int:
+    """A 63-bit seed for the masks' generator, a fixed function of the run's seed that differs from
+    the seed itself (train() seeds torch's global generator, used by dropout, with the seed)."""
+    digest = hashlib.blake2b(f"shear-masks,{int(seed)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _distributions(structure: Structure, target: Target, generator: torch.Generator) -> dict[str, HardConcrete]:
+    """The gate sets in MASK_TYPES order, initialised from `generator` in that order."""
     shape, n = structure.layers[0], structure.num_layers
     made = {}
     if target.layers < n:
-        made["layer"] = HardConcrete(1, n, target.layers)
+        made["layer"] = HardConcrete(1, n, target.layers, generator=generator)
     if target.heads < shape.num_heads:
-        made["head"] = (HardConcrete(n, shape.num_kv_heads, target.kv_heads) if target.head_unit == "kv-group"
-                        else HardConcrete(n, shape.num_heads, target.heads, groups=shape.num_kv_heads))
+        made["head"] = (HardConcrete(n, shape.num_kv_heads, target.kv_heads, generator=generator)
+                        if target.head_unit == "kv-group"
+                        else HardConcrete(n, shape.num_heads, target.heads, groups=shape.num_kv_heads,
+                                          generator=generator))
     if target.intermediate < shape.intermediate:
-        made["intermediate"] = HardConcrete(n, shape.intermediate, target.intermediate)
+        made["intermediate"] = HardConcrete(n, shape.intermediate, target.intermediate, generator=generator)
     if target.hidden < structure.hidden:
-        made["hidden"] = HardConcrete(1, structure.hidden, target.hidden)
+        made["hidden"] = HardConcrete(1, structure.hidden, target.hidden, generator=generator)
     return {kind: made[kind] for kind in MASK_TYPES if kind in made}
 
 
