@@ -180,6 +180,10 @@ class BlockSampler:
         return torch.stack([self._permutation(int(i) // self.n)[int(i) % self.n] for i in flat])
 
 
+def step_seed(seed: int, process_index: int, step: int) -> int:
+    return (seed * 1_000_003 + process_index * 10_007 + step) % (2 ** 63)
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -293,6 +297,9 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
     steps = range(start_step, end)
     with tensor_memory or contextlib.nullcontext():
         for step in track(steps, len(steps), "training", enabled=progress and accelerator.is_main_process):
+            # dropout's draws depend on (seed, process, step) alone: a resumed run, in every process,
+            # continues exactly as the uninterrupted one (checkpoints hold only the main process's state)
+            torch.manual_seed(step_seed(settings.seed, accelerator.process_index, step))
             term_sums: dict[str, torch.Tensor] = {}
             for micro in range(settings.grad_accum):
                 rows = sampler.rows(step, micro)

@@ -291,12 +291,14 @@ def _cost_counts_global(structure: Structure, scores: list[LayerScores], ratio: 
         for value in scores[i].channels.float().cpu():
             owners.append(i), kinds.append(1), values.append(float(value) / structure.params_per_channel)
             costs.append(structure.params_per_channel)
-    order = torch.argsort(torch.tensor(values, dtype=torch.float64), stable=True)  # cheapest first
+    # cheapest first; among equal values the higher layer, channels before heads and the higher
+    # index go first, so the stated tie rule (lower index and layer kept, more heads kept) holds
+    order = sorted(range(len(values)), key=lambda j: (values[j], -owners[j], -kinds[j], -j))
     to_remove = ratio * structure.prunable_params(layers, UNIT_KINDS)
     removed_heads = dict.fromkeys(layers, 0)
     removed_channels = dict.fromkeys(layers, 0)
     removed = 0.0
-    for index in order.tolist():
+    for index in order:
         if removed >= to_remove:
             break
         if kinds[index] == 0:
