@@ -6,7 +6,10 @@ sequences of 128 tokens), then for each ratio, head unit and split rule masks th
 so the split's own effect is seen) and measures held-out perplexity on builtin:pydoc and
 builtin:stdlib-code. Layers 'paper' and uniform allocation, as LoRAPrune's defaults.
 
-    python benchmarks/allocation.py [--ratios 0.2,0.5] [--windows 20] [--json runs/allocation.json]
+    python benchmarks/allocation.py [--ratios 0.2,0.5] [--head-units kv-group,q-head] [--windows 10]
+
+Rows are merged into benchmarks/results/allocation.json by (criterion, ratio, head unit, split), so
+a rerun of some rows keeps the others; the table printed is the file's.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -27,6 +31,11 @@ from prunetune.structure.masks import apply_masks
 from prunetune.structure.units import HEAD_UNITS, Structure
 
 EVAL_SETS = ("builtin:pydoc@eval", "builtin:stdlib-code@eval")
+RESULTS = Path(__file__).resolve().parent / "results" / "allocation.json"
+
+
+def row_key(row: dict) -> str:
+    return "/".join(str(row.get(k, "")) for k in ("criterion", "ratio", "head_unit", "split"))
 
 
 def main() -> None:
@@ -35,7 +44,8 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.2,0.5")
     parser.add_argument("--criteria", default="taylor,lora-guided")
     parser.add_argument("--windows", type=int, default=20, help="perplexity windows of 256 tokens per data set")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--head-units", default=",".join(HEAD_UNITS))
+    parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
@@ -52,7 +62,7 @@ def main() -> None:
     for criterion in args.criteria.split(","):
         scores = CRITERIA[criterion](model, batches, seed=0)
         for ratio in (float(r) for r in args.ratios.split(",")):
-            for head_unit in HEAD_UNITS:
+            for head_unit in args.head_units.split(","):
                 for split in SPLITS:
                     masks = select_masks(structure, scores, ratio, layers, ("heads", "channels"), head_unit, "auto",
                                          "uniform", split)
@@ -71,6 +81,14 @@ def main() -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
 
+    path = Path(args.results)
+    stored = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+    for row in rows:
+        stored["rows"][row_key(row)] = row | {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                                             "windows": args.windows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    rows = [stored["rows"]["dense///"]] + [r for k, r in sorted(stored["rows"].items()) if k != "dense///"]
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; masks only (no "
           f"training), layers 'paper', uniform allocation; perplexity over {args.windows} windows of 256 tokens")
     print("| criterion | ratio | head unit | split | pruned layer keeps (q / kv heads, channels) | achieved | "
@@ -82,9 +100,6 @@ def main() -> None:
         print(f"| {r['criterion']} | {r['ratio']:.0%} | {r['head_unit']} | {r['split']} | {shape['q_heads']} / "
               f"{shape['kv_heads']}, {shape['channels']} | {r['ratio_achieved']:.3f} | "
               f"{r['perplexity'][EVAL_SETS[0]]:.2f} | {r['perplexity'][EVAL_SETS[1]]:.2f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "settings": vars(args)}, f, indent=1)
 
 
 if __name__ == "__main__":

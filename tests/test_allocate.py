@@ -169,3 +169,14 @@ def test_one_kind_of_unit_ignores_the_split():
     for units in (("channels",), ("heads",)):
         assert final_counts(structure, scores, 0.3, [0, 1], units, round_to=8, split="cost") == \
             target_counts(structure, 0.3, [0, 1], units, round_to=8)
+
+
+@pytest.mark.parametrize("head_unit", ["kv-group", "q-head"])
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_cost_split_meets_the_budget_with_either_head_unit(head_unit, ratio):
+    """The kept key/value heads of q-head pruning count against the budget (they once did not)."""
+    structure = Structure.of(tiny_model("llama", intermediate_size=256))
+    for head_value in (10.0, 0.001):  # heads precious or worthless: channels pay, or heads go
+        masks = select_masks(structure, _synthetic_scores(structure, head_value, 1.0), ratio, [0, 1, 2],
+                             head_unit=head_unit, round_to=1, split="cost")
+        assert abs(achieved_ratio(structure, masks, [0, 1, 2], ("heads", "channels")) - ratio) < 0.01

@@ -221,6 +221,11 @@ def head_unit_cost(structure: Structure, shape, head_unit: str) -> int:
     return shape.num_kv_heads * structure.params_per_q_head
 
 
+def fixed_attention(structure: Structure, shape, head_unit: str) -> int:
+    """Attention parameters no head unit removes: with q-head units every key/value head stays."""
+    return 0 if head_unit == "kv-group" else shape.num_kv_heads * structure.params_per_kv_head
+
+
 def ranked_head_unit_scores(scores: LayerScores, shape, head_unit: str) -> torch.Tensor:
     """A layer's attention-unit scores, best first. For q-head, unit r is every group's r-th best
     query head (what a layer keeping r + 1 heads per group keeps), scored by their sum."""
@@ -256,7 +261,7 @@ def cost_counts(structure: Structure, scores: list[LayerScores], ratio: float, l
         by_shape.setdefault(structure.layers[i], []).append(i)
     counts = {}
     for shape, group in by_shape.items():
-        budget = (1.0 - ratio) * structure.prunable_params([group[0]], units)
+        budget = (1.0 - ratio) * structure.prunable_params([group[0]], units) - fixed_attention(structure, shape, head_unit)
         unit_cost = head_unit_cost(structure, shape, head_unit)
         heads = [ranked_head_unit_scores(scores[i], shape, head_unit) for i in group]
         channels = [scores[i].channels.float().cpu().sort(descending=True, stable=True).values for i in group]
