@@ -192,3 +192,10 @@ def test_distill_flags_that_cannot_work_fail_before_loading(tmp_path):
     with pytest.raises(UserError, match="temperature"):
         prune(missing_model, tmp_path / "out", PruneSettings(method="loraprune"), EVAL, options, log=lambda _: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_distillation_is_loraprunes_default_and_off_for_one_shot_recovery():
+    assert DistillSettings().resolved("loraprune").enabled
+    assert not DistillSettings().resolved("taylor").enabled
+    assert not DistillSettings(enabled=False).resolved("loraprune").enabled  # --no-distill: the paper's recipe
+    assert DistillSettings(enabled=True).resolved("taylor").enabled

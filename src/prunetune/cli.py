@@ -72,10 +72,12 @@ def prune(
     prune_warmup: float = typer.Option(0.1, help="loraprune: fraction of the steps before pruning starts."),
     prune_cooldown: float = typer.Option(0.1, help="loraprune: fraction of the steps trained at the final shape "
                                          "(the cubic schedule reaches the target at 1 - this)."),
-    distill: bool = typer.Option(False, "--distill/--no-distill", help="Train against the unpruned model's "
-                                 "next-token distributions (KL divergence). loraprune: the teacher is the model "
-                                 "itself with its masks off, no second copy; --recover-steps: the source model, "
-                                 "loaded a second time."),
+    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", show_default=False,
+                                           help="Train against the unpruned model's next-token distributions "
+                                           "(KL divergence). loraprune: on by default, the teacher is the model "
+                                           "itself with its masks off, no second copy (--no-distill: the paper's "
+                                           "exact recipe); --recover-steps: off by default, the teacher is the "
+                                           "source model, loaded a second time."),
     teacher: str = typer.Option("base", help="--distill with loraprune: base (adapters off: the pretrained model) "
                                 "or tuned (adapters on: the unpruned model as it fine-tunes)."),
     distill_temperature: float = typer.Option(1.0, help="--distill: softmax temperature of both sides."),

@@ -41,10 +41,17 @@ MIN_CHUNK = 64
 
 @dataclass
 class DistillSettings:
-    enabled: bool = False
+    # None: on for LoRAPrune (its teacher costs no memory; measured better off the training domain,
+    # README), off for one-shot recovery (its teacher is a second copy of the model)
+    enabled: bool | None = None
     temperature: float = 1.0
     alpha: float = 1.0  # weight of the distillation term; 1 - alpha goes to the language-model loss
     teacher: str = "base"  # LoRAPrune: base (adapters off) or tuned (adapters on)
+
+    def resolved(self, method: str) -> "DistillSettings":
+        """These settings with `enabled` decided for a pruning method."""
+        enabled = (method == "loraprune") if self.enabled is None else self.enabled
+        return DistillSettings(enabled, self.temperature, self.alpha, self.teacher)
 
     def check(self) -> None:
         if self.temperature <= 0:

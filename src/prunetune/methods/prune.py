@@ -153,6 +153,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     out = Path(out)
     training = options.training
     trains = settings.method == "loraprune" or settings.recover_steps > 0
+    options.distill = options.distill.resolved(settings.method)
     distill = options.distill
     _check_before_loading(model_spec, settings, evaluation, options, trains)
     check_output_dir(out, options.overwrite)
