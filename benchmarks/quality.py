@@ -140,8 +140,8 @@ def run_cell(ratio: float, config: str, seed: int, multiplier: int, args) -> dic
                *CONFIGS[config][1].format(steps=steps).split()]
     started = time.time()
     finished = out / "prunetune.json"
-    if finished.exists() and json.loads(finished.read_text())["settings"]["seed"] == seed and \
-            len(json.loads(finished.read_text())["training"]["history"]) == steps:
+    previous = json.loads(finished.read_text()) if finished.exists() else None
+    if previous and previous["settings"]["seed"] == seed and len(previous["training"]["history"]) == steps:
         print(f"reusing the finished prune in {out}", flush=True)  # a worker stopped before its evaluation
     else:
         print("$", " ".join(command[2:]), flush=True)

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
+from .importance.calibration import eval_mode
 from .lm_loss import CHUNK_ELEMENTS, FinalHidden
 
 TEACHERS = ("base", "tuned")
@@ -75,7 +76,7 @@ class SelfTeacher:
 
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         adapters_off = contextlib.nullcontext() if self.adapters else self.model.disable_adapter()
-        with self.masks_off(), adapters_off, _eval_mode(self.model), torch.no_grad():
+        with self.masks_off(), adapters_off, eval_mode(self.model), torch.no_grad():
             return self.final_hidden(ids)
 
 
@@ -90,18 +91,8 @@ class ModelTeacher:
         self.head = self.final_hidden.head
 
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             return self.final_hidden(ids)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class DistillLoss:
