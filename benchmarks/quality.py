@@ -101,6 +101,18 @@ def save_cell(path: Path, key: str, cell: dict, settings: dict) -> None:
         os.replace(tmp, path)
 
 
+def worker_alive(pid_text: str) -> bool:
+    """Whether the claim's process is a live quality worker. A bare pid check is not enough: a pid
+    is reused after a reboot (a claim left holding "1" would look alive for ever)."""
+    try:
+        pid = int(pid_text)
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError, ValueError):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    return not cmdline.exists() or b"quality.py" in cmdline.read_bytes()
+
+
 def claim(runs: Path, key: str) -> bool:
     """Take a cell for this worker, so several workers (one per core) can share the plan; a claim
     whose process is gone is stale."""
@@ -110,12 +122,10 @@ def claim(runs: Path, key: str) -> bool:
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        try:
-            os.kill(int(marker.read_text() or 0), 0)
-            return False  # its worker is alive
-        except (ProcessLookupError, ValueError):
-            marker.unlink(missing_ok=True)
-            return claim(runs, key)
+        if worker_alive(marker.read_text()):
+            return False
+        marker.unlink(missing_ok=True)
+        return claim(runs, key)
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
     return True
