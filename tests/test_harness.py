@@ -181,7 +181,7 @@ def test_zero_b_adapter_scores_exactly_like_the_base_model(model_dir, zero_adapt
 
 
 def test_adapter_on_a_pruned_model_with_layers_of_different_shapes(model_dir, tmp_path):
-    from prunetune.checkpoint import save_model
+    from prunetune.export.hf import save_model
     from prunetune.structure.masks import Masks
     from prunetune.structure.surgery import cut
     from prunetune.structure.units import Structure

@@ -7,7 +7,7 @@ import torch
 from tiny import ARCHITECTURES, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
-from prunetune.checkpoint import save_model
+from prunetune.export.hf import save_model
 from prunetune.errors import UserError
 from prunetune.lora import add_lora
 from prunetune.structure.hard_concrete import LOG_ALPHA_MAX, LOG_ALPHA_MIN

@@ -6,7 +6,7 @@ from tiny import tiny_model, tokens
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from prunetune import load_model
-from prunetune.checkpoint import save_model
+from prunetune.export.hf import save_model
 from prunetune.errors import UserError
 from prunetune.importance import magnitude_scores
 from prunetune.models import is_quantized, resolve_model_spec

@@ -37,8 +37,8 @@ def images_in(report: str) -> list[str]:
 
 
 @pytest.mark.parametrize("run, expected", [
-    ("lp", ["plots/kept_units.png", "plots/unit_scores.png", "plots/training.png"]),
-    ("taylor", ["plots/kept_units.png", "plots/unit_scores.png", "plots/training.png"]),
+    ("lp", ["run/plots/kept_units.png", "run/plots/unit_scores.png", "run/plots/training.png"]),
+    ("taylor", ["run/plots/kept_units.png", "run/plots/unit_scores.png", "run/plots/training.png"]),
 ])
 def test_every_pruning_run_has_a_report_with_its_plots(runs, run, expected):
     report = (runs / run / "report.md").read_text()
@@ -58,7 +58,7 @@ def test_kept_heatmap_and_score_groups_follow_the_masks(runs):
     for entry in record["kept"]["layers"]:
         source = record["architecture"]["source_layer_shapes"][entry["layer"]]
         assert grid[2, entry["layer"]] == entry["num_channels"] / source["intermediate"]
-    scores = load_scores(runs / "taylor" / SCORES_FILE)
+    scores = load_scores(runs / "taylor" / "run" / SCORES_FILE)
     assert len(scores) == 4 and scores[1].channels.shape == (128,)
     groups = score_groups(record, scores)
     kept = [e for e in record["kept"]["layers"] if e["layer"] in (1, 2, 3)]
@@ -107,13 +107,45 @@ def test_report_redraws_a_run_in_place(runs, tmp_path):
 
     run = tmp_path / "taylor"
     shutil.copytree(runs / "taylor", run)
-    shutil.rmtree(run / "plots")
+    shutil.rmtree(run / "run" / "plots")
     (run / "report.md").unlink()
     done = run_cli("report", run, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (run / "report.md").read_text() == (runs / "taylor" / "report.md").read_text().replace(
         str(runs / "taylor"), str(run))
-    assert sorted(p.name for p in (run / "plots").iterdir()) == ["kept_units.png", "training.png", "unit_scores.png"]
+    assert sorted(p.name for p in (run / "run" / "plots").iterdir()) == ["kept_units.png", "training.png", "unit_scores.png"]
+
+
+def test_output_top_level_holds_only_what_engines_read(runs):
+    """vLLM loads every *.safetensors at the top of a model directory: scores and plots live in run/."""
+    engine_files = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                    "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt"}
+    for name in ("lp", "taylor"):
+        top = {p.name for p in (runs / name).iterdir()}
+        assert top - engine_files == {"prunetune.json", "report.md", "run"}, top
+        assert {"config.json", "model.safetensors"} <= top
+        assert sorted(p.name for p in (runs / name / "run").iterdir()) == ["plots", SCORES_FILE]
+        config = json.loads((runs / name / "config.json").read_text())
+        per_layer = "prunetune_layer_shapes" in config
+        assert config["architectures"] == (["PrunetuneForCausalLM"] if per_layer else ["LlamaForCausalLM"])
+        assert not [k for k in config if k.startswith("_")]
+
+
+def test_report_still_reads_a_run_of_the_older_layout(runs, tmp_path):
+    """Runs made before run/ existed kept scores and plots at the top; report redraws them there."""
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(runs / "taylor", run)
+    (run / "run" / SCORES_FILE).rename(run / SCORES_FILE)
+    (run / "run" / "plots").rename(run / "plots")
+    (run / "run").rmdir()
+    (run / "report.md").unlink()
+    done = run_cli("report", run, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert images_in((run / "report.md").read_text()) == [
+        "plots/kept_units.png", "plots/unit_scores.png", "plots/training.png"]
+    assert not (run / "run").exists() and (run / "plots" / "unit_scores.png").is_file()
 
 
 def test_report_compares_runs_in_one_table_and_one_figure(runs, tmp_path):

@@ -42,7 +42,7 @@ def test_shear_then_train_end_to_end(tmp_path):
     assert set(record["data"]["reference_losses"]) == {"code", "prose"}
     history = record["training"]["history"]
     assert all("domain_weights" in h and "masks" in h for h in history)
-    assert (sheared / "plots" / "masks.png").exists() and (sheared / "plots" / "domain_weights.png").exists()
+    assert (sheared / "run" / "plots" / "masks.png").exists() and (sheared / "run" / "plots" / "domain_weights.png").exists()
     assert "## Domains" in (sheared / "report.md").read_text()
 
     trained = tmp_path / "trained"

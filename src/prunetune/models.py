@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .layer_shapes import LAYER_SHAPES_KEY
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 BUILTIN_MODELS = {
@@ -32,7 +33,6 @@ BUILTIN_MODELS = {
 QUANT_CHOICES = ("8bit", "nf4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Config key under which prunetune stores per-layer shapes of a non-uniformly pruned model.
-LAYER_SHAPES_KEY = "prunetune_layer_shapes"
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ def _load_weights(source: ModelSource, config, torch_dtype: torch.dtype, target_
 
     if getattr(config, LAYER_SHAPES_KEY, None):
         # Layers of different shapes: stock transformers cannot build this; we can.
-        from .checkpoint import load_nonuniform
+        from .layer_shapes import load_nonuniform
 
         model = load_nonuniform(source.path, config, torch_dtype)
         if quant:

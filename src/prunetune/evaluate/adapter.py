@@ -42,7 +42,7 @@ def adapter_modules(path: str) -> dict[str, tuple[int, int]]:
 
 def adapter_mismatch(modules: dict[str, tuple[int, int]], config) -> str | None:
     """None if every adapted module exists in a model of `config` with the expected shape; else why not."""
-    from ..checkpoint import empty_model
+    from ..layer_shapes import empty_model
 
     model = empty_model(config)  # on the meta device: shapes only
     for name, (out_features, in_features) in sorted(modules.items()):

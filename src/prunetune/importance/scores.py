@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -49,6 +50,7 @@ def save_scores(path, scores: list[LayerScores]) -> None:
 
     tensors = {f"layers.{i}.{name}": getattr(s, name).float().contiguous()
                for i, s in enumerate(scores) for name in ("q_heads", "kv_heads", "channels")}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
 
 

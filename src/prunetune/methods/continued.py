@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..checkpoint import save_model
+from ..export.hf import save_model
 from ..errors import UserError
 from ..evaluate.perplexity import check_seq_len
 from ..models import check_model, load_model

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_model
+from ..export.hf import save_model
 from ..data import load_blocks, load_examples
 from ..errors import UserError
 from ..evaluate.perplexity import check_seq_len, perplexity

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from ..checkpoint import save_model
+from ..export.hf import save_model
 from ..data import load_blocks, load_examples
 from ..importance.wanda_unstructured import sparsify
 from ..models import check_load_options, check_model, load_model

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_model
+from ..export.hf import save_model
 from ..data import load_blocks, load_examples
 from ..distill import DistillSettings, ModelTeacher, self_teacher_for
 from ..errors import UserError
@@ -32,7 +32,7 @@ from ..importance import CRITERIA
 from ..lora import LoraSettings, add_lora
 from ..models import check_load_options, check_model, load_model
 from ..importance.scores import SCORES_FILE, save_scores
-from ..report import check_output_dir, provenance, run_directory, write_json, write_report
+from ..report import check_output_dir, extra_file, provenance, run_directory, write_json, write_report
 from ..structure.allocate import (
     ALLOCATIONS, DEFAULT_ROUND_TO, DEFAULT_SPLIT, SPLITS, achieved_ratio, check_ratio, describe_prunable, parse_layers,
     parse_round_to, parse_units, select_masks,
@@ -257,7 +257,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
                                       "source_layer_shapes": [asdict(s) for s in before.layers],
                                       "source_hidden": before.hidden}
             record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
-            save_scores(tmp / SCORES_FILE, scores)
+            save_scores(extra_file(tmp, SCORES_FILE), scores)
             write_json(tmp / "prunetune.json", record)
             write_report(tmp)  # from the JSON just written, exactly as `prunetune report` redraws it
         shutil.rmtree(checkpoints, ignore_errors=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import save_model
+from ..export.hf import save_model
 from ..errors import UserError
 from ..evaluate.perplexity import check_seq_len
 from ..models import check_architecture, load_config, load_model, resolve_model_spec

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import UserError
 from ..importance.scores import SCORES_FILE, load_scores
 from . import plots
-from .rundir import markdown_table, replace_file, write_json
+from .rundir import extra_file, markdown_table, replace_file, write_json
 
 RECORD_FILE = "prunetune.json"
 REPORT_FILE = "report.md"
@@ -38,11 +38,11 @@ def read_record(run_dir: Path) -> dict:
 
 # -- one run ----------------------------------------------------------------------------------------
 def write_report(run_dir: Path, record: dict | None = None) -> Path:
-    """Draw the plots into DIR/plots and write DIR/report.md; returns the report's path."""
+    """Draw the plots into DIR/run/plots and write DIR/report.md; returns the report's path."""
     run_dir = Path(run_dir)
     record = record if record is not None else read_record(run_dir)
-    plot_dir = run_dir / PLOTS_DIR
-    plot_dir.mkdir(exist_ok=True)
+    plot_dir = extra_file(run_dir, PLOTS_DIR)
+    plot_dir.mkdir(parents=True, exist_ok=True)
     lines = _header(record)
     lines += _settings(record)
     lines += _result(record)
@@ -53,7 +53,9 @@ def write_report(run_dir: Path, record: dict | None = None) -> Path:
     lines += _scores(record, run_dir, plot_dir)
     lines += _training(record, plot_dir)
     path = run_dir / REPORT_FILE
-    replace_file(path, "\n".join(lines).rstrip() + "\n")
+    # images are linked relative to report.md (DIR/run/plots, or DIR/plots in an older run)
+    text = "\n".join(lines).rstrip().replace("](" + PLOTS_DIR + "/", "](" + plot_dir.relative_to(run_dir).as_posix() + "/")
+    replace_file(path, text + "\n")
     return path
 
 
@@ -250,7 +252,7 @@ def score_groups(record: dict, scores) -> dict[str, tuple[np.ndarray, np.ndarray
 
 
 def _scores(record: dict, run_dir: Path, plot_dir: Path) -> list[str]:
-    path = run_dir / SCORES_FILE
+    path = extra_file(run_dir, SCORES_FILE)
     if not path.is_file() or not record.get("kept"):
         return []
     criterion = record.get("method", "?")
@@ -259,7 +261,7 @@ def _scores(record: dict, run_dir: Path, plot_dir: Path) -> list[str]:
     image = plots.plot_unit_scores(score_groups(record, load_scores(path)), plot_dir / "unit_scores.png", criterion)
     return ["## Unit scores", "", *_image(image, "distribution of unit scores"),
             f"Scores of every candidate unit, divided by the median of its layer; the raw scores are in "
-            f"`{SCORES_FILE}`.", ""]
+            f"`{path.relative_to(run_dir).as_posix()}`.", ""]
 
 
 def _training(record: dict, plot_dir: Path) -> list[str]:

@@ -18,6 +18,19 @@ from .. import __version__
 from ..errors import UserError
 
 
+# Everything in a run directory that no serving engine reads (unit scores, plots) goes in this
+# subfolder: vLLM loads every *.safetensors file at the top of a model directory, so the top holds
+# only the model, its config and tokenizer files, prunetune.json and report.md.
+EXTRAS_DIR = "run"
+
+
+def extra_file(run_dir: Path, name: str) -> Path:
+    """Where a run keeps `name` (a file or folder no engine reads): DIR/run/NAME. Runs made before that
+    folder existed kept it at the top level; for them this finds it there."""
+    new, old = Path(run_dir) / EXTRAS_DIR / name, Path(run_dir) / name
+    return old if old.exists() and not new.exists() else new
+
+
 def check_output_dir(out: Path, overwrite: bool) -> None:
     """Fail before any work if the output cannot be written."""
     if out.exists() and not overwrite:

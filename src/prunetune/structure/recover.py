@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import LAYER_SHAPES_KEY
+from ..layer_shapes import LAYER_SHAPES_KEY
 from ..report import run_directory
 from .units import LayerShape, Structure
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import LAYER_SHAPES_KEY
+from ..layer_shapes import LAYER_SHAPES_KEY
 from .masks import Masks
 from .units import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Structure, base_linear, dense_weight, projection, unwrap
 

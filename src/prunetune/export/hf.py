@@ -1,4 +1,4 @@
-"""Save a pruned model so it loads again, with stock transformers wherever that is possible.
+"""The Hugging Face form: save a pruned model so it loads again, with stock transformers wherever that is possible.
 
 - Every layer the same shape: a standard checkpoint; `AutoModelForCausalLM.from_pretrained(dir)`
   loads it with no custom code. transformers 5 `LlamaConfig` refuses a head count that does not
@@ -8,20 +8,32 @@
   model needs `--round-to`/ratios that keep the head count a divisor of the hidden size.
 - Layers of different shapes: the same files plus `prunetune_layer_shapes` in config.json; its
   top-level sizes are the widest layer's, so stock loading fails loudly on a size mismatch, and
-  `prunetune.load_model(dir)` builds each layer at its own shape.
+  `prunetune.load_model(dir)` builds each layer at its own shape. Its `architectures` names
+  prunetune's vLLM plugin class, so `vllm serve DIR` runs it with prunetune installed beside vLLM.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import UserError
-from .models import LAYER_SHAPES_KEY
-from .structure.surgery import dequantize, merge_lora, sync_config
-from .structure.units import Structure, unwrap
+from ..errors import UserError
+from ..layer_shapes import LAYER_SHAPES_KEY, is_uniform
+from ..structure.surgery import dequantize, merge_lora, sync_config
+from ..structure.units import Structure, unwrap
+
+# What a source format leaves in the config that means nothing in the saved model: the quantization
+# of an 8-bit/NF4 base (the saved weights are de-quantized), and the name a GGUF file's metadata
+# gave the model (transformers' GGUF loader keeps it as `_model_name_or_path`).
+_LEFTOVERS = ("quantization_config", "_name_or_path", "_model_name_or_path")
+
+# The architecture a per-layer model's config.json names: no stock engine can build layers of
+# different shapes, so vLLM finds prunetune's plugin under this name (export/vllm_plugin.py);
+# transformers reads model_type, not this, so the config still parses as Llama, Mistral or Qwen.
+VLLM_ARCHITECTURE = "PrunetuneForCausalLM"
 
 # Fields a Llama config shares with Mistral's.
 _MISTRAL_FIELDS = (
@@ -61,7 +73,7 @@ def save_model(model: nn.Module, tokenizer, out_dir: Path) -> tuple[nn.Module, s
     hf = unwrap(model)
     structure = Structure.of(hf)
     config = hf.config
-    for stale in ("quantization_config", "_name_or_path"):
+    for stale in _LEFTOVERS:
         if hasattr(config, stale):
             try:
                 delattr(config, stale)
@@ -80,55 +92,10 @@ def save_model(model: nn.Module, tokenizer, out_dir: Path) -> tuple[nn.Module, s
         saved_as = "mistral"
     else:
         hf.save_pretrained(out_dir)
+    if not is_uniform(config):  # save_pretrained writes the class's own name; the file names the plugin's
+        path = Path(out_dir) / "config.json"
+        saved = json.loads(path.read_text())
+        saved["architectures"] = [VLLM_ARCHITECTURE]
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(out_dir)
     return hf, saved_as
-
-
-def empty_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model of `config` with its parameters on the meta device (no memory, no weights), every
-    layer at its own shape where config.json lists `prunetune_layer_shapes`; buffers (RoPE) are real."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    shapes = getattr(config, LAYER_SHAPES_KEY, None)
-    if not shapes:
-        return model
-    if len(shapes) != len(model.model.layers):
-        raise UserError(f"config.json lists {len(shapes)} layer shapes for {len(model.model.layers)} layers")
-    hidden = config.hidden_size
-    for layer, shape in zip(model.model.layers, shapes):
-        attn, mlp = layer.self_attn, layer.mlp
-        q, kv, inter = shape["num_attention_heads"], shape["num_key_value_heads"], shape["intermediate_size"]
-        hd = attn.head_dim
-        for parent, name, out_f, in_f in (
-            (attn, "q_proj", q * hd, hidden), (attn, "k_proj", kv * hd, hidden), (attn, "v_proj", kv * hd, hidden),
-            (attn, "o_proj", hidden, q * hd), (mlp, "gate_proj", inter, hidden), (mlp, "up_proj", inter, hidden),
-            (mlp, "down_proj", hidden, inter),
-        ):
-            old = getattr(parent, name)
-            setattr(parent, name, nn.Linear(in_f, out_f, bias=old.bias is not None, device="meta", dtype=dtype))
-        attn.num_key_value_groups = q // kv
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = inter
-    return model
-
-
-def load_nonuniform(path: str, config, dtype: torch.dtype) -> nn.Module:
-    """Build a model whose layers have different shapes and load its weights."""
-    from safetensors.torch import load_file
-
-    model = empty_model(config, dtype)
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(path).glob("model*.safetensors")):  # not other files, e.g. unit_scores.safetensors
-        state.update(load_file(str(file)))
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = getattr(config, "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise UserError(f"weights in '{path}' do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model

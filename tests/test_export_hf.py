@@ -9,7 +9,7 @@ from tiny import ARCHITECTURES, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 from prunetune import load_model
-from prunetune.checkpoint import save_model
+from prunetune.export.hf import save_model
 from prunetune.structure.masks import Masks
 from prunetune.structure.surgery import cut
 from prunetune.structure.units import Structure, count_parameters
@@ -79,7 +79,7 @@ def test_nonuniform_prune_loads_with_prunetune(arch, tmp_path):
     # Stock loading must fail loudly rather than build the wrong model.
     with pytest.raises(Exception):
         AutoModelForCausalLM.from_pretrained(tmp_path)
-    from prunetune.checkpoint import load_nonuniform
+    from prunetune.layer_shapes import load_nonuniform
     from prunetune.models import load_config, resolve_model_spec
 
     loaded = load_nonuniform(str(tmp_path), load_config(resolve_model_spec(str(tmp_path))), torch.float32).eval()
