@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cli_export import ExportOption, check_export_shape, export_after_run, parse_export
 from .errors import UserError
 
 app = typer.Typer(
@@ -107,8 +108,10 @@ def prune(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     quant: Optional[str] = typer.Option(None, help=QUANT_HELP),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    export: ExportOption = None,
 ) -> None:
     """Prune a model to a ratio of its prunable parameters and save the smaller model."""
+    gguf_outtype = parse_export(export)
     from .distill import DistillSettings
     from .lora import LoraSettings
     from .methods.loraprune import LoRAPruneSettings
@@ -132,9 +135,11 @@ def prune(
         distill=DistillSettings(enabled=distill, temperature=distill_temperature, alpha=distill_alpha, teacher=teacher),
         dtype=dtype, device=device, quant=quant, overwrite=overwrite, resume=resume,
     )
-    record = run_prune(model, out_dir, settings, evaluation, options, log=lambda msg: out.print(f"[dim]{msg}[/dim]"))
+    check_export_shape(gguf_outtype, model, per_layer=(layers or ("paper" if method == "loraprune" else "all")) != "all")
+    record = run_prune(model, out_dir, settings, evaluation, options, log=_log)
     if record.get("architecture"):  # only the main process of a multi-GPU run prints
         _print_prune_summary(record, out_dir)
+        export_after_run(out_dir, gguf_outtype, _log)
 
 
 def _print_prune_summary(record: dict, out_dir: Path) -> None:
@@ -603,11 +608,17 @@ def loram_recover(
     merge: bool = typer.Option(False, help="Write the full model with the adapter merged instead."),
     dtype: str = typer.Option("auto", help="--merge: " + DTYPE_HELP),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    export: ExportOption = None,
 ) -> None:
     """Put the adapter trained on the pruned model back at the full model's shapes."""
     from .methods.loram import recover
 
+    gguf_outtype = parse_export(export)
+    if gguf_outtype and not merge:
+        raise UserError("--export gguf needs --merge: without it the output is an adapter, not a model")
+    check_export_shape(gguf_outtype, full, per_layer=False)
     record = recover(adapter, pruned, full, out_dir, merge=merge, overwrite=overwrite, dtype=dtype, log=_log)
+    export_after_run(out_dir, gguf_outtype, _log)
     what = "the full model with the adapter merged" if merge else "a PEFT adapter for the full model"
     out.print(f"recovered ({record['recovery']}); wrote {what} to {out_dir}")
     if not merge:
@@ -665,9 +676,11 @@ def _print_step(record: dict, out_dir: Path) -> None:
     out.print(f"saved to {out_dir}")
 
 
-from .cli_sheared import register as _register_sheared  # noqa: E402 (after `app` and `out` exist)
+from .cli_export import register as _register_export  # noqa: E402 (after `app` and `out` exist)
+from .cli_sheared import register as _register_sheared  # noqa: E402
 
 _register_sheared(app, out)
+_register_export(app, out)
 
 
 @app.command("report", epilog="Examples:\n\n"

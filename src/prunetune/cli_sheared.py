@@ -12,6 +12,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from .cli_export import ExportOption, check_export_shape, export_after_run, parse_export
+
 MODEL_HELP = "Hub id, local model directory, .gguf file, or the built-in 'smollm2-135m'."
 DOMAINS_DEFAULT = "code=builtin:stdlib-code,prose=builtin:pydoc"
 
@@ -103,9 +105,10 @@ def register(app: typer.Typer, out) -> None:
         gradient_checkpointing: Checkpointing = False, checkpoint_every: CheckpointEvery = 0, resume: Resume = False,
         seed: Seed = 0, eval_data: EvalData = "builtin:pydoc", no_eval: NoEval = False,
         eval_seq_len: EvalSeqLen = 256, max_windows: MaxWindows = None, dtype: Dtype = "auto",
-        device: Device = "auto", overwrite: Overwrite = False,
+        device: Device = "auto", overwrite: Overwrite = False, export: ExportOption = None,
     ) -> None:
         """Prune a model to a chosen architecture with learned hard-concrete masks (Sheared-LLaMA)."""
+        gguf_outtype = parse_export(export)  # a shear target has one shape for every layer: GGUF holds it
         from .methods.domain_training import check_before_loading
         from .methods.prune import EvalSettings
         from .methods.sheared import ShearSettings, source_structure
@@ -130,6 +133,7 @@ def register(app: typer.Typer, out) -> None:
                            evaluation, options, log=log)
         if record.get("architecture"):
             _print_summary(out, record, out_dir)
+            export_after_run(out_dir, gguf_outtype, log)
 
     @app.command(epilog="Examples:\n\n"
                  "prunetune train runs/shear --data code=builtin:stdlib-code,prose=builtin:pydoc --dynamic-loading "
@@ -149,9 +153,10 @@ def register(app: typer.Typer, out) -> None:
         gradient_checkpointing: Checkpointing = False, checkpoint_every: CheckpointEvery = 0, resume: Resume = False,
         seed: Seed = 0, eval_data: EvalData = "builtin:pydoc", no_eval: NoEval = False,
         eval_seq_len: EvalSeqLen = 256, max_windows: MaxWindows = None, dtype: Dtype = "auto",
-        device: Device = "auto", overwrite: Overwrite = False,
+        device: Device = "auto", overwrite: Overwrite = False, export: ExportOption = None,
     ) -> None:
         """Continue pre-training a model on several domains (fixed mixture or dynamic batch loading)."""
+        gguf_outtype = parse_export(export)
         from .methods.continued import ContinueSettings, continue_training
         from .methods.prune import EvalSettings
 
@@ -160,12 +165,18 @@ def register(app: typer.Typer, out) -> None:
                            checkpoint_every=checkpoint_every, seed=seed, lora_r=lora_r, dtype=dtype, device=device,
                            overwrite=overwrite, resume=resume)
         evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=eval_seq_len, max_windows=max_windows)
+        from .layer_shapes import is_uniform
+        from .models import check_model
+
+        if gguf_outtype:  # training keeps the shape it is given
+            check_export_shape(gguf_outtype, model, per_layer=not is_uniform(check_model(model)))
         record = continue_training(model, out_dir, ContinueSettings(lora=lora, reference_model=reference_model),
                                    _domain_settings(data, weights, references, dynamic, eval_every, eval_blocks, eta,
                                                     clamp),
                                    evaluation, options, log=log)
         if record.get("architecture"):
             _print_summary(out, record, out_dir)
+            export_after_run(out_dir, gguf_outtype, log)
 
 
 def _print_summary(out, record: dict, out_dir: Path) -> None:

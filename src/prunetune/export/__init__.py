@@ -5,3 +5,6 @@
 - `vllm_plugin`: the vLLM plugin that serves layers of different shapes (an entry point of the
   `vllm.general_plugins` group; vLLM imports it, prunetune never does).
 """
+
+# Here, not in gguf.py, so that checking a command line needs neither numpy nor torch.
+GGUF_OUTTYPES = ("f32", "f16", "q8_0")

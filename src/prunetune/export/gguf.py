@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import UserError
 from ..layer_shapes import is_uniform, layer_shapes
 
-OUTTYPES = ("f32", "f16", "q8_0")
+from . import GGUF_OUTTYPES as OUTTYPES  # noqa: E402
 Q8_0_BLOCK = 32  # a q8_0 row is a whole number of 32-value blocks; other rows are written f16, as llama.cpp does
 
 # transformers module names -> gguf.MODEL_TENSOR members, per decoder layer.

@@ -56,6 +56,9 @@ def write_report(run_dir: Path, record: dict | None = None) -> Path:
     # images are linked relative to report.md (DIR/run/plots, or DIR/plots in an older run)
     text = "\n".join(lines).rstrip().replace("](" + PLOTS_DIR + "/", "](" + plot_dir.relative_to(run_dir).as_posix() + "/")
     replace_file(path, text + "\n")
+    for folder in (plot_dir, plot_dir.parent):  # a run with nothing to plot keeps no empty folders
+        if folder != run_dir and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     return path
 
 
