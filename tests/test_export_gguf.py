@@ -61,15 +61,16 @@ def _uniform(model, kv_keep=(True, False, True), channels: int = 20):
     return cut(model, _uniform_masks(Structure.of(model), list(kv_keep), channels))
 
 
-# name -> (how to build it, the llama.cpp architecture it must become)
+# name -> (how to build it at a vocabulary size, the llama.cpp architecture it must become)
 MODELS = {
-    "llama": (lambda: _uniform(tiny_model("llama", vocab_size=VOCAB)), "llama"),
-    "mistral": (lambda: _uniform(tiny_model("mistral", vocab_size=VOCAB)), "llama"),
-    "qwen2-full-heads": (lambda: _uniform(tiny_model("qwen2", vocab_size=VOCAB), (True, True, True), 32), "qwen2"),
-    "qwen2": (lambda: _uniform(tiny_model("qwen2", vocab_size=VOCAB)), "deci"),  # q narrower than hidden
-    "qwen3": (lambda: _uniform(tiny_model("qwen3", vocab_size=VOCAB)), "qwen3"),
-    "llama-per-layer": (lambda: _per_layer(tiny_model("llama", vocab_size=VOCAB)), "deci"),
-    "qwen2-per-layer": (lambda: _per_layer(tiny_model("qwen2", vocab_size=VOCAB)), "deci"),
+    "llama": (lambda vocab: _uniform(tiny_model("llama", vocab_size=vocab)), "llama"),  # with llama3 RoPE
+    "mistral": (lambda vocab: _uniform(tiny_model("mistral", vocab_size=vocab)), "llama"),
+    "qwen2-full-heads": (lambda vocab: _uniform(tiny_model("qwen2", vocab_size=vocab), (True, True, True), 32),
+                         "qwen2"),
+    "qwen2": (lambda vocab: _uniform(tiny_model("qwen2", vocab_size=vocab)), "deci"),  # q narrower than hidden
+    "qwen3": (lambda vocab: _uniform(tiny_model("qwen3", vocab_size=vocab)), "qwen3"),
+    "llama-per-layer": (lambda vocab: _per_layer(tiny_model("llama", vocab_size=vocab)), "deci"),
+    "qwen2-per-layer": (lambda vocab: _per_layer(tiny_model("qwen2", vocab_size=vocab)), "deci"),
 }
 
 
@@ -119,7 +120,7 @@ def exported(request, tokenizer, tmp_path_factory):
     """One model written at f32, f16 and q8_0, with the readers of the three files."""
     build, arch = MODELS[request.param]
     torch.manual_seed(0)
-    model = build()
+    model = build(VOCAB)
     directory = tmp_path_factory.mktemp(request.param)
     files, summaries = {}, {}
     for outtype in ("f32", "f16", "q8_0"):
