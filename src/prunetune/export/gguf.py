@@ -83,9 +83,11 @@ def check_gguf_export(config, out: Path, outtype: str, overwrite: bool) -> str:
         arch = "llama" if uniform else "deci"
 
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type not in ("default", "llama3") or (rope_type == "llama3" and arch != "llama" and arch != "deci"):
-        raise UserError(f"RoPE scaling '{rope_type}' is not supported by the GGUF export of a {model_type} model "
-                        "(default and llama3 are); export with --format hf instead")
+    if rope_type not in ("default", "llama3"):
+        raise UserError(f"RoPE scaling '{rope_type}' is not supported by the GGUF export (default and llama3 are); "
+                        "export with --format hf instead")
+    if rope_type == "llama3" and arch in ("qwen2", "qwen3"):  # their graphs take no RoPE frequency factors
+        raise UserError(f"llama.cpp's {arch} graph has no Llama-3 RoPE scaling; export with --format hf instead")
     return arch
 
 
