@@ -59,7 +59,7 @@ def make_models(root: Path) -> dict[str, Path]:
         if not (out / "model-f16.gguf").is_file():
             subprocess.run([*PRUNETUNE, "export", str(out), "--format", "gguf", "--outtype", "f16",
                             "--out", str(out / "model-f16.gguf"), "--overwrite"], check=True)
-        dirs[name] = out
+        dirs[name] = out.resolve()
     return dirs
 
 

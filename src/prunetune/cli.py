@@ -163,7 +163,8 @@ def _print_prune_summary(record: dict, out_dir: Path) -> None:
     if "perplexity_before" in results:
         out.print(f"perplexity protocol: {results['perplexity_before']['protocol']}")
     arch = record["architecture"]
-    loader = "AutoModelForCausalLM.from_pretrained" if arch["stock_loadable"] else "prunetune.load_model"
+    loader = ("AutoModelForCausalLM.from_pretrained, vLLM" if arch["stock_loadable"] else
+              "prunetune.load_model, or vLLM with prunetune installed beside it")
     out.print(f"saved to {out_dir} as {arch['saved_as']} (load with {loader}); took {record['elapsed_seconds']:.0f}s")
 
 
