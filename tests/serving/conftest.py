@@ -4,6 +4,7 @@ The outputs are made by the `prunetune` command itself, on the real SmolLM2-135M
 - `uniform_dir`: 20% pruned with every layer pruned (one shape for every layer: stock engines load it);
 - `per_layer_dir`: LoRAPrune's default `--layers paper` output (the first 10% and the last layer stay
   whole, so the layers have different shapes), after a few training steps.
+- `per_layer_heads_dir`: a per-layer output whose layers also differ in heads and key/value heads.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ def per_layer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("serving") / "loraprune20"
     prunetune("prune", "smollm2-135m", "--method", "loraprune", "--ratio", "0.2", "--layers", "paper",
               "--steps", "4", "--batch-size", "1", "--seq-len", "64", "--no-eval", "--out", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def per_layer_heads_dir(tmp_path_factory) -> Path:
+    """Per-layer shapes that differ in key/value heads too (the 20% outputs above prune only MLP
+    channels): layers 3-28 keep 2 of 3 key/value groups and 1024 channels, the rest stay whole."""
+    out = tmp_path_factory.mktemp("serving") / "heads34"
+    prunetune("prune", "smollm2-135m", "--method", "magnitude", "--ratio", "0.34", "--layers", "paper",
+              "--split", "heads-first", "--no-eval", "--out", str(out))
     return out
 
 
