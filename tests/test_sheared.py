@@ -47,12 +47,14 @@ def test_shear_then_train_end_to_end(tmp_path):
 
     trained = tmp_path / "trained"
     done = run_cli("train", str(sheared), "--data", DOMAINS, "--dynamic-loading", "--steps", "4", *SMALL,
-                   "--out", str(trained), cwd=tmp_path)
+                   "--export", "gguf:q8_0", "--out", str(trained), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     again = json.loads((trained / "prunetune.json").read_text())
     # the references come from the shear run: the source model's own per-domain losses
     assert again["data"]["reference_losses"] == record["data"]["reference_losses"]
     assert Structure.of(AutoModelForCausalLM.from_pretrained(trained)).hidden == 64
+    assert [(e["architecture"], e["outtype"]) for e in again["exports"]] == [("llama", "q8_0")]
+    assert (trained / "model.gguf").is_file()
 
 
 def test_shear_with_lora_cuts_the_merged_model(tmp_path):
