@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -92,7 +93,7 @@ def parameters(model_dir: Path) -> int:
     from safetensors import safe_open
 
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 LLAMA_CPP = '''
@@ -226,13 +227,6 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
-
-
-def _numel(shape) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import UserError
+from .export import GGUF_OUTTYPES  # a constant; the package imports nothing heavy
 
 FORMATS = ("gguf", "hf")
 HF_OUTTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
@@ -18,12 +19,6 @@ GGUF_FILE = "model.gguf"  # what --export gguf writes inside the run directory
 EXPORT_HELP = ("Also write the result for llama.cpp/Ollama when the run ends: gguf (f32) or gguf:f16, "
                f"gguf:q8_0; the file is DIR/{GGUF_FILE}.")
 ExportOption = Annotated[Optional[str], typer.Option("--export", help=EXPORT_HELP, show_default=False)]
-
-
-def gguf_outtypes() -> tuple[str, ...]:
-    from .export import GGUF_OUTTYPES
-
-    return GGUF_OUTTYPES
 
 
 def parse_export(value: str | None) -> str | None:
@@ -35,8 +30,8 @@ def parse_export(value: str | None) -> str | None:
         raise UserError(f"--export takes gguf or gguf:OUTTYPE, not '{value}' (the run directory is the Hugging Face "
                         "form already)")
     outtype = outtype or "f32"
-    if outtype not in gguf_outtypes():
-        raise UserError(f"unknown GGUF outtype '{outtype}' in --export; use {', '.join(gguf_outtypes())}")
+    if outtype not in GGUF_OUTTYPES:
+        raise UserError(f"unknown GGUF outtype '{outtype}' in --export; use {', '.join(GGUF_OUTTYPES)}")
     return outtype
 
 
@@ -85,8 +80,8 @@ def register(app: typer.Typer, out) -> None:
     ) -> None:
         """Write a model in the form a serving engine loads."""
         if fmt == "gguf":
-            if outtype not in gguf_outtypes():
-                raise UserError(f"unknown --outtype '{outtype}' for gguf; use {', '.join(gguf_outtypes())}")
+            if outtype not in GGUF_OUTTYPES:
+                raise UserError(f"unknown --outtype '{outtype}' for gguf; use {', '.join(GGUF_OUTTYPES)}")
             from .export.gguf import write_gguf
 
             summary = write_gguf(model, out_path, outtype, overwrite)
