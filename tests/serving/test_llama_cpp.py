@@ -6,10 +6,14 @@ each written at f32 and f16; and tiny random models of the architectures those d
 
 Tolerances (measured on the 2-core development machine; max |logit difference| over PROMPTS, logits
 of magnitude 30-41, residual activations up to ~25000):
-- f32: uniform 1.7e-3, per-layer 9.4e-5, per-layer with heads 2.1e-4, dense 1.2e-4. llama.cpp's CPU
-  kernels sum in other orders and blocks; the uniform model (magnitude-pruned, no recovery)
-  amplifies rounding the most. F32_TOL = 1e-2 leaves a margin of ~6 and is far below what a wrong
-  permutation, bias or RoPE frequency does (whole units).
+- f32: uniform 1.7e-3 on one machine and 1.04e-2 on another (AVX-512 with AMX), per-layer 9.4e-5, per-layer
+  with heads 2.1e-4, dense 1.2e-4. llama.cpp's CPU kernels sum in other orders and blocks, and the
+  uniform model (magnitude-pruned, no recovery, activations near 19,000) amplifies rounding the most:
+  transformers' own fp32 logits of it differ from its fp64 logits by 3.7e-3 (dense: 6.3e-5). So the
+  bound is relative to that fp32 error, as f16's is to f16 rounding: F32_FACTOR times transformers'
+  fp32-vs-fp64 distance plus F32_FLOOR (two fp32 sums in different orders each sit about that far
+  from the exact value). It stays far below what a wrong permutation, bias or RoPE frequency does
+  (whole units).
 - f16: llama.cpp rounds the weights and, in its f16 matrix products, the activations to f16. The
   same rounding done in transformers (f16 weights, f16 inputs to every Linear) already moves the
   uniform model's logits by up to 1.15 (per-layer 0.11 and 0.15, dense 0.13): that model is
@@ -33,11 +37,33 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from prunetune.export.gguf import export_gguf, write_gguf  # noqa: E402
 from prunetune.models import load_model  # noqa: E402
 
-F32_TOL = 1e-2  # max |logit difference| at f32
+F32_FACTOR, F32_FLOOR = 10.0, 1e-3  # f32: max diff <= F32_FACTOR * transformers' own fp32 error + F32_FLOOR
 F16_FACTOR, F16_FLOOR = 2.0, 0.05  # f16: max diff <= F16_FACTOR * transformers' own f16 rounding's + F16_FLOOR
 F16_TOP1 = 0.95  # share of positions whose top token agrees at f16
 NEW_TOKENS = 24
 N_CTX = 256
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_amx_repacking():
+    """On CPUs with AMX, llama.cpp repacks quantized weights into AMX buffers and its AMX matrix product
+    segfaults (ggml-org/llama.cpp#20824, closed unfixed): here, with llama-cpp-python 0.3.36, on
+    llama.cpp's own q8_0 quantization of SmolLM2, on the shipped Q4_1 GGUF, and on our q8_0 exports
+    alike. On such CPUs the checks load models without the extra buffer types (what llama.cpp's
+    `--no-repack` does), so they test the files, not that kernel. Elsewhere nothing changes."""
+    if "AMX_INT8 = 1" not in llama_cpp.llama_print_system_info().decode():
+        yield
+        return
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", without_extra_buffers)
+        yield
 
 
 def _llama(path, f32_cache: bool, n_ctx: int = N_CTX):
@@ -105,14 +131,16 @@ def test_tokenizer_gives_the_same_ids(case, prompts):
 
 def test_f32_logits_match(case, prompts, record_property):
     name, model, tokenizer, files = case
-    worst = 0.0
+    exact = copy.deepcopy(model).double()
+    worst, worst_fp32 = 0.0, 0.0
     with contextlib.closing(_llama(files["f32"], f32_cache=True)) as llm:
         for ids in (tokenizer.encode(prompt) for prompt in prompts):
             ours, theirs = _hf_logits(model, ids), _llama_logits(llm, ids)
             worst = max(worst, float(np.abs(ours - theirs).max()))
-    print(f"\n{name} f32: max |logit diff| {worst:.2e}")
+            worst_fp32 = max(worst_fp32, float(np.abs(ours - _hf_logits(exact, ids)).max()))
+    print(f"\n{name} f32: max |logit diff| {worst:.2e} (transformers' fp32 against fp64: {worst_fp32:.2e})")
     record_property("max_abs_diff", worst)
-    assert worst <= F32_TOL
+    assert worst <= F32_FACTOR * worst_fp32 + F32_FLOOR
 
 
 @torch.no_grad()

@@ -1,0 +1,295 @@
+"""LoRAM: train the LoRA on a pruned model, serve it on the full one (Zhang, Wang et al., ICLR 2025).
+
+    prune    MODEL -> PRUNED       structured (stru: Taylor by default, rand: random units) through the
+                                   shared pruning pipeline, or unstructured / 2:4 (unst, semi: weights keep
+                                   their shapes, pruned entries zero)
+    align    PRUNED -> ALIGNED     full-parameter next-token training on a general corpus, once
+    train    PRUNED -> ADAPTER     LoRA on the (aligned) pruned model, optionally on an NF4 base (QLoRAM)
+    recover  ADAPTER -> FULL       the adapter at the full model's shapes (structure/recover.py)
+
+Every step writes a run directory (prunetune.json, report.md); a pruned or aligned directory carries
+the kept units of its source, so `recover` can find them from either.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ...export.hf import save_model
+from ...data import load_blocks, load_examples
+from ...errors import UserError
+from ...evaluate.perplexity import check_seq_len, perplexity
+from ...lora import LoraSettings, add_lora
+from ...models import check_load_options, check_model, load_model, resolve_model_spec
+from ...report import check_output_dir, provenance, read_record, run_directory, write_json, write_report
+from ...structure.sparsity import reduction_ratio
+from ...structure.units import count_parameters
+from ...train import TrainSettings, make_accelerator, train
+from ..prune import EvalSettings, PruneSettings, RunOptions, checkpoint_dir_for, prune
+
+PRUNE_METHODS = ("stru", "rand", "semi", "unst")
+STRUCTURED = {"stru": "taylor", "rand": "random"}  # LoRAM method -> the shared criterion it uses
+QUANT_BITS = {None: 16, "8bit": 8, "nf4": 4}
+
+
+@dataclass
+class LoramPruneSettings:
+    method: str = "stru"
+    ratio: float = 0.5
+    criterion: str | None = None  # stru: taylor (the paper, via LLM-Pruner); semi/unst: wanda
+    # None: 'paper' for stru/rand (first 10% and the last layer whole; LLM-Pruner also spares the
+    # ends), 'all' for semi/unst (as Wanda and SparseGPT)
+    layers: str | None = None
+    data: str = "builtin:pydoc"  # calibration data
+    calib_samples: int = 10
+    seq_len: int = 128
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.method not in PRUNE_METHODS:
+            raise UserError(f"unknown --method '{self.method}'; use {', '.join(PRUNE_METHODS)}")
+        if self.method == "rand" and self.criterion not in (None, "random"):
+            raise UserError("--method rand prunes random units; --criterion applies to stru")
+        if self.method in STRUCTURED:  # the shared pipeline's checks (`loram run` runs it in another process)
+            PruneSettings(method=self.criterion or STRUCTURED[self.method], ratio=self.ratio,
+                          calib_samples=self.calib_samples).check()
+        else:
+            from ...importance.wanda_unstructured import SPARSE_CRITERIA
+            from ...structure.sparsity import check_pattern
+
+            check_pattern(self.method, self.ratio)
+            if (self.criterion or "wanda") not in SPARSE_CRITERIA:
+                raise UserError(f"unknown --criterion '{self.criterion}' for {self.method}; use "
+                                f"{' or '.join(SPARSE_CRITERIA)}")
+        if self.calib_samples < 1 or self.seq_len < 2:
+            raise UserError("--calib-samples must be at least 1 and --seq-len at least 2")
+
+
+def _annotate(out: Path, **fields) -> dict:
+    """Add fields to a finished run directory's prunetune.json and redraw its report."""
+    record = read_record(out) | fields
+    write_json(out / "prunetune.json", record)
+    write_report(out, record)
+    return record
+
+
+def prune_for_loram(model_spec: str, out: Path, settings: LoramPruneSettings, options: RunOptions | None = None,
+                    log: Callable[[str], None] = print) -> dict:
+    """Step 1: the pruned model LoRAM trains on, with its parameter reduction ratio."""
+    settings.check()
+    options = options or RunOptions()
+    if settings.method in STRUCTURED:
+        criterion = settings.criterion or STRUCTURED[settings.method]
+        options.training.seq_len = settings.seq_len
+        record = prune(model_spec, out, PruneSettings(method=criterion, ratio=settings.ratio,
+                                                      layers=settings.layers or "paper",
+                                                      data=settings.data, calib_samples=settings.calib_samples,
+                                                      seed=settings.seed),
+                       EvalSettings(data=None), options, log=log)
+        params = record["parameters"]
+        loram = {"method": settings.method, "criterion": criterion, "structured": True,
+                 "original_parameters": params["before"]["total"],
+                 "reduction_ratio": reduction_ratio(params["before"]["total"], params["after"]["total"])}
+        return _annotate(Path(out), command="loram prune", loram=loram)
+    from .sparse import prune_sparse
+
+    return prune_sparse(model_spec, Path(out), settings, options, log=log)
+
+
+def _source_fields(pruned: Path) -> dict:
+    """What a LoRAM step carries forward from the pruned directory it started from."""
+    record = read_record(pruned)
+    if "loram" not in record and "kept" not in record:
+        raise UserError(f"'{pruned}' is not a pruned model from `prunetune loram prune` or `prunetune prune`")
+    carried = {key: record[key] for key in ("kept", "architecture", "loram", "source_model", "prunable")
+               if key in record}
+    carried.setdefault("loram", {"method": "stru", "structured": True})
+    carried["pruned_from"] = record.get("pruned_from", str(pruned))
+    return carried
+
+
+def _evaluate(model, tokenizer, specs: list[str], seq_len: int, max_windows: int | None, progress: bool) -> list[dict]:
+    return [perplexity(model, tokenizer, spec, seq_len, max_windows=max_windows, progress=progress).to_dict()
+            for spec in specs]
+
+
+@dataclass
+class StepOptions:
+    """What align and train share besides the training settings."""
+
+    data: str = "builtin:pydoc"
+    eval_data: list[str] = field(default_factory=list)  # held-out perplexity after training
+    eval_seq_len: int = 256
+    max_windows: int | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+
+    def check(self, model_spec: str, training: TrainSettings, quant: str | None = None) -> None:
+        """Everything align and train can check before the model loads: the evaluation after training
+        included, which would otherwise fail only once the training is done."""
+        training.check()
+        if self.max_windows is not None and self.max_windows < 1:
+            raise UserError(f"--max-windows must be at least 1, got {self.max_windows}")
+        check_load_options(self.dtype, self.device, quant)
+        load_examples(self.data, default_split="train")
+        for spec in self.eval_data:
+            load_examples(spec, default_split="eval")
+        check_model(model_spec, {"--seq-len": training.seq_len}
+                    | ({"--eval-seq-len": self.eval_seq_len} if self.eval_data else {}))
+
+
+def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
+          log: Callable[[str], None] = print) -> dict:
+    """Step 2: full-parameter next-token training of the pruned model (done once, by a publisher)."""
+    started = time.perf_counter()
+    pruned, out = Path(pruned), Path(out)
+    carried = _source_fields(pruned)
+    check_output_dir(out, step.overwrite)
+    step.check(str(pruned), training)
+    accelerator = make_accelerator(training)
+    model, tokenizer = load_model(str(pruned), dtype=step.dtype, device=str(accelerator.device)
+                                  if step.device == "auto" else step.device)
+    check_seq_len(model, training.seq_len)
+    blocks, mask = load_blocks(step.data, tokenizer, training.seq_len, default_split="train")
+    for param in model.parameters():
+        param.requires_grad_(True)
+    hooks = None
+    if not carried["loram"].get("structured", True):
+        from ...structure.sparsity import KeepZeros
+
+        hooks = KeepZeros.from_zeros(model)  # full training must not revive the pruned weights
+    run = train(model, blocks, mask, training, hooks=hooks, accelerator=accelerator,
+                checkpoint_dir=checkpoint_dir_for(out), resume=step.resume, progress=step.progress, log=log)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    results = {"perplexity": _evaluate(model, tokenizer, step.eval_data, step.eval_seq_len, step.max_windows,
+                                       step.progress)}
+    record = provenance("loram align", source=str(pruned), **carried, data=step.data,
+                        training=run.record(training), results=results,
+                        parameters={"after": count_parameters(model)})
+    if accelerator.is_main_process:
+        with run_directory(out, step.overwrite) as tmp:
+            save_model(model, tokenizer, tmp)
+            record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+            write_json(tmp / "prunetune.json", record)
+            write_report(tmp)
+        shutil.rmtree(checkpoint_dir_for(out), ignore_errors=True)
+    return record
+
+
+def train_adapter(model_spec: str, out: Path, training: TrainSettings, lora: LoraSettings, step: StepOptions,
+                  quant: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """Step 3: a LoRA on `model_spec` (the pruned or aligned model; or the full model, for the
+    baseline), saved as a PEFT adapter directory with prunetune.json."""
+    started = time.perf_counter()
+    out = Path(out)
+    if quant not in QUANT_BITS:
+        raise UserError(f"unknown --quant '{quant}'; use {' or '.join(q for q in QUANT_BITS if q)}")
+    check_output_dir(out, step.overwrite)
+    step.check(model_spec, training, quant)
+    carried = _source_fields(Path(model_spec)) if (Path(model_spec) / "prunetune.json").is_file() else {}
+    if "architecture" in carried:  # an adapter directory is not a model: keep only what the report draws from
+        carried["architecture"] = {"source_layer_shapes": carried["architecture"].get("source_layer_shapes")}
+    accelerator = make_accelerator(training)
+    model, tokenizer = load_model(model_spec, dtype=step.dtype, device=str(accelerator.device)
+                                  if step.device == "auto" else step.device, quant=quant)
+    check_seq_len(model, training.seq_len)
+    blocks, mask = load_blocks(step.data, tokenizer, training.seq_len, default_split="train")
+    params = count_parameters(model)
+    if not carried.get("loram", {}).get("structured", True):  # unst/semi: the zeros do not count
+        from ...structure.sparsity import sparsity_summary
+
+        params["nonzero"] = sparsity_summary(model)["parameters"]["nonzero"]
+    torch.manual_seed(training.seed)  # the adapter's initialisation depends on the seed alone
+    model = add_lora(model, lora)
+    run = train(model, blocks, mask, training, accelerator=accelerator, checkpoint_dir=checkpoint_dir_for(out),
+                resume=step.resume, progress=step.progress, log=log)
+    results = {"perplexity": _evaluate(model, tokenizer, step.eval_data, step.eval_seq_len, step.max_windows,
+                                       step.progress)}
+    # the full model's size: from the pruning record, or this model itself (the full-model baseline)
+    original = carried.get("loram", {}).get("original_parameters", params["total"])
+    record = provenance(
+        "loram train", base_model=model_spec, **carried, data=step.data, quant=quant,
+        lora=asdict(lora), training=run.record(training), results=results,
+        parameters={"base": params, "original": original,
+                    "reduction_ratio": reduction_ratio(original, params.get("nonzero", params["total"]),
+                                                       QUANT_BITS[quant])},
+    )
+    if accelerator.is_main_process:
+        with run_directory(out, step.overwrite) as tmp:
+            accelerator.unwrap_model(model).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+            write_json(tmp / "prunetune.json", record)
+            write_report(tmp)
+        shutil.rmtree(checkpoint_dir_for(out), ignore_errors=True)
+    return record
+
+
+
+def recover(adapter: Path, pruned: Path, full_spec: str, out: Path, *, merge: bool = False, overwrite: bool = False,
+            dtype: str = "auto", log: Callable[[str], None] = print) -> dict:
+    """Step 4: the adapter at the full model's shapes (a PEFT adapter directory), or with `merge` the
+    full model with it merged. Structured pruning: trained B rows / A columns go back to their
+    original positions, zeros elsewhere. Unstructured / 2:4: the shapes never changed, so the adapter
+    is re-targeted unchanged (the pruned weights come back in the full model)."""
+    from ...structure.recover import read_adapter, read_pruned_run, recover_tensors, save_adapter
+
+    started = time.perf_counter()
+    adapter, pruned, out = Path(adapter), Path(pruned), Path(out)
+    check_output_dir(out, overwrite)
+    resolve_model_spec(full_spec)  # a mistyped --full fails here rather than being written into the adapter
+    if merge:
+        check_load_options(dtype, "cpu")
+    carried = _source_fields(pruned)
+    structured = carried["loram"].get("structured", True)
+    tensors, config = read_adapter(adapter)
+    if structured:
+        run = read_pruned_run(pruned)
+        _check_full_model(full_spec, run.full)
+        tensors = recover_tensors(tensors, run.kept, run.full)
+    record = provenance("loram recover", adapter=str(adapter), pruned=str(pruned), full_model=full_spec,
+                        loram=carried["loram"], merged=merge, structured=structured,
+                        recovery="B rows of q,k,v,gate,up and A columns of o,down back at their original positions, "
+                                 "zero elsewhere" if structured else "unchanged: the pruned weights keep their shapes")
+    with run_directory(out, overwrite) as tmp:
+        if merge:
+            model, tokenizer = load_model(full_spec, dtype=dtype, device="cpu")
+            staging = tmp / ".adapter"
+            staging.mkdir()
+            save_adapter(staging, tensors, config | {"base_model_name_or_path": full_spec})
+            from ...structure.recover import merge_into
+
+            model = merge_into(model, staging)
+            shutil.rmtree(staging)
+            save_model(model, tokenizer, tmp)
+            log(f"merged the recovered adapter into {full_spec}")
+        else:
+            save_adapter(tmp, tensors, config | {"base_model_name_or_path": full_spec})
+        record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+        write_json(tmp / "prunetune.json", record)
+    return record
+
+
+def _check_full_model(full_spec: str, full) -> None:
+    """Where the full model is a local directory, its config must match the shapes pruning started from."""
+    config_file = Path(full_spec) / "config.json"
+    if not config_file.is_file():
+        return  # a hub id, .gguf or built-in alias: loading it would cost the whole model; PEFT checks at load
+    from transformers import AutoConfig
+
+    from ...structure.recover import FullShapes
+
+    shapes = FullShapes.of(AutoConfig.from_pretrained(full_spec))
+    if shapes.layers != full.layers or shapes.hidden != full.hidden:
+        raise UserError(f"'{full_spec}' is not the model this adapter's pruned model came from (its layer shapes "
+                        "differ from those recorded when pruning); pass --full the source model")

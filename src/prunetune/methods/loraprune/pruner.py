@@ -1,0 +1,189 @@
+"""LoRAPrune: prune heads and MLP channels progressively while LoRA fine-tunes.
+
+After every optimizer step the LoRA-guided scores (see importance/lora_guided.py) update a moving
+average, I <- λ·I + (1 − λ)·score (λ = 0.9). Every `prune_every` steps the kept counts move along
+a cubic schedule from the full model to the target: nothing is pruned during the first `warmup`
+of the steps (10%), the target is reached (exactly, after rounding) at 1 − `cooldown` (90%), and
+the rest train at the final shape. A pruned unit never comes back. Masks act by output masking, so
+LoRA keeps training around the removed units; at the end the model is cut, LoRA merged and saved
+by the shared pipeline. Where the target counts depend on the scores (the "cost" split, global
+allocation) they are fixed at the first mask update. `masks_off()` suspends the masks: the
+unpruned model, which distillation uses as its teacher (distill.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...importance.lora_guided import SCORE_KINDS, lora_guided_scores
+from ...importance.scores import LayerScores
+from ...structure.allocate import (
+    DEFAULT_SPLIT, KeepCounts, final_counts, full_counts, interpolate_counts, masks_from_counts, needs_scores,
+    target_counts,
+)
+from ...structure.masks import Masks, apply_masks
+from ...structure.units import Structure
+from ...train import TrainHooks
+
+
+@dataclass
+class LoRAPruneSettings:
+    prune_every: int = 10
+    ema: float = 0.9  # weight of the old moving average
+    score: str = "abs"  # official code: abs; paper: square
+    # module: L2-normalise each module's unit scores (official code); model: one scale for the whole
+    # model per step (keeps heads and channels comparable, as the "cost" split needs); none: raw.
+    # auto: module under the heads-first split, model under cost.
+    normalize: str = "auto"
+    warmup: float = 0.1  # fraction of steps before pruning starts
+    cooldown: float = 0.1  # fraction of steps trained at the final shape
+
+    def check(self) -> None:
+        from ...errors import UserError
+
+        if self.normalize not in NORMALIZATIONS:
+            raise UserError(f"unknown --normalize '{self.normalize}'; use {', '.join(NORMALIZATIONS)}")
+        if not (0 <= self.warmup < 1 and 0 <= self.cooldown < 1 and self.warmup + self.cooldown < 1):
+            raise UserError(f"--prune-warmup and --prune-cooldown are fractions of the steps with a sum below 1, "
+                            f"got {self.warmup} and {self.cooldown}")
+        if self.prune_every < 1:
+            raise UserError(f"--prune-every must be at least 1, got {self.prune_every}")
+        if not 0 <= self.ema < 1:
+            raise UserError(f"--ema must be in [0, 1), got {self.ema}")
+        if self.score not in SCORE_KINDS:
+            raise UserError(f"unknown --score '{self.score}'; use {' or '.join(SCORE_KINDS)}")
+
+    def normalization(self, split: str) -> str:
+        if self.normalize != "auto":
+            return self.normalize
+        return "model" if split == "cost" else "module"
+
+
+NORMALIZATIONS = ("auto", "module", "model", "none")
+
+
+def cubic_fraction(step: int, total: int, warmup: float, cooldown: float) -> float:
+    """How far (0..1) the kept counts have moved from full to target after `step` steps."""
+    begin = round(total * warmup)
+    end = max(begin + 1, round(total * (1.0 - cooldown)))
+    progress = min(1.0, max(0.0, (step - begin) / (end - begin)))
+    return 1.0 - (1.0 - progress) ** 3
+
+
+def scale_to_unit_total(scores: list[LayerScores]) -> list[LayerScores]:
+    """Divide every unit score by one constant, the step's total over all units: each step weighs the
+    same in the moving average, and heads and channels keep their relative scale."""
+    total = sum(float(s.q_heads.sum() + s.kv_heads.sum() + s.channels.sum()) for s in scores)
+    scale = 1.0 / total if total > 0 else 1.0
+    return [LayerScores(s.q_heads * scale, s.kv_heads * scale, s.channels * scale) for s in scores]
+
+
+class LoRAPruner(TrainHooks):
+    """Scores, moving average, schedule and masks of a LoRAPrune run; plugs into the training loop."""
+
+    def __init__(self, model: nn.Module, structure: Structure, *, ratio: float, layers: list[int],
+                 units: tuple[str, ...], head_unit: str, round_to: int | str, allocation: str,
+                 settings: LoRAPruneSettings, total_steps: int, split: str = DEFAULT_SPLIT):
+        settings.check()
+        self.model = model
+        self.structure = structure
+        self.ratio, self.layers, self.units = ratio, layers, units
+        self.head_unit, self.round_to, self.allocation, self.split = head_unit, round_to, allocation, split
+        self.settings = settings
+        self.normalization = settings.normalization(split)
+        self.total_steps = total_steps
+        self.full = full_counts(structure, layers, head_unit)
+        # Counts that depend on the scores (global allocation, the cost split) are fixed once, from the
+        # moving average at the first mask update; the others follow from the shapes alone.
+        self.final: dict[int, KeepCounts] | None = (
+            None if needs_scores(allocation, split, units)
+            else target_counts(structure, ratio, layers, units, head_unit, round_to))
+        self.average: list[LayerScores] | None = None
+        self.counts = dict(self.full)
+        self.masks = Masks()
+        self.history: list[dict] = []  # per mask update: step, fraction, kept prunable share
+        self._hooks = None
+
+    # -- the moving average -------------------------------------------------------------------
+    def _update_average(self, scores: list[LayerScores]) -> None:
+        lam = self.settings.ema
+        if self.average is None:
+            self.average = [LayerScores(torch.zeros_like(s.q_heads), torch.zeros_like(s.kv_heads),
+                                        torch.zeros_like(s.channels)) for s in scores]
+        for avg, new in zip(self.average, scores):
+            for field in ("q_heads", "kv_heads", "channels"):
+                setattr(avg, field, lam * getattr(avg, field) + (1.0 - lam) * getattr(new, field))
+
+    # -- the schedule -------------------------------------------------------------------------
+    def _due(self, step_done: int) -> bool:
+        begin = round(self.total_steps * self.settings.warmup)
+        end = max(begin + 1, round(self.total_steps * (1.0 - self.settings.cooldown)))
+        return step_done > begin and (step_done % self.settings.prune_every == 0 or step_done == end
+                                      or step_done == self.total_steps)
+
+    def _apply(self, masks: Masks) -> None:
+        if self._hooks is not None:
+            self._hooks.remove()
+        self.masks = masks
+        self._hooks = apply_masks(self.model, masks)
+
+    def update_masks(self, step_done: int, fraction: float | None = None) -> None:
+        if self.final is None:  # fixed once, from the scores at the first update
+            self.final = final_counts(self.structure, self.average, self.ratio, self.layers, self.units,
+                                      self.head_unit, self.round_to, self.allocation, self.split)
+        if fraction is None:
+            fraction = cubic_fraction(step_done, self.total_steps, self.settings.warmup, self.settings.cooldown)
+        intermediate = {i: self.structure.layers[i].intermediate for i in self.layers}
+        self.counts = interpolate_counts(self.full, self.final, fraction, self.round_to, intermediate, self.counts)
+        self._apply(masks_from_counts(self.structure, self.average, self.counts, self.head_unit, self.masks))
+        self.history.append({"step": step_done, "fraction": fraction, "kept": self.kept_share()})
+
+    def masks_off(self):
+        """Inside this block the model runs unpruned (the distillation teacher's pass)."""
+        return self._hooks.suspended() if self._hooks is not None else contextlib.nullcontext()
+
+    def kept_share(self) -> float:
+        """Share of the prunable parameters the current masks keep."""
+        from ...structure.allocate import achieved_ratio
+
+        return 1.0 - achieved_ratio(self.structure, self.masks, self.layers, self.units)
+
+    def finish(self) -> Masks:
+        """Make sure the target is reached (short runs), take the hooks off, return the final masks."""
+        if self.average is None:
+            raise ValueError("no scores yet: LoRAPrune needs at least one training step")
+        if self.counts != self.final:
+            self.update_masks(self.total_steps, fraction=1.0)
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        return self.masks
+
+    # -- TrainHooks -----------------------------------------------------------------------------
+    def before_optimizer_step(self, step: int) -> None:
+        scores = lora_guided_scores(self.model, score=self.settings.score, normalize=self.normalization == "module")
+        if self.normalization == "model":
+            scores = scale_to_unit_total(scores)
+        self._update_average(scores)
+        if self._due(step + 1):
+            self.update_masks(step + 1)
+
+    def state_dict(self) -> dict:
+        return {
+            "average": [vars(s).copy() for s in self.average] if self.average else None,
+            "counts": {i: vars(c).copy() for i, c in self.counts.items()},
+            "final": {i: vars(c).copy() for i, c in self.final.items()} if self.final else None,
+            "masks": self.masks.kept_summary(self.structure),
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.average = [LayerScores(**s) for s in state["average"]] if state["average"] else None
+        self.counts = {int(i): KeepCounts(**c) for i, c in state["counts"].items()}
+        self.final = {int(i): KeepCounts(**c) for i, c in state["final"].items()} if state["final"] else None
+        self.history = list(state["history"])
+        self._apply(Masks.from_summary(state["masks"], self.structure))
