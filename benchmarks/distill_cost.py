@@ -21,7 +21,7 @@ from prunetune import load_model
 from prunetune.data import load_blocks
 from prunetune.distill import DistillSettings, self_teacher_for
 from prunetune.lora import LoraSettings, add_lora
-from prunetune.methods.loraprune import LoRAPruneSettings, LoRAPruner
+from prunetune.methods.loraprune.pruner import LoRAPruneSettings, LoRAPruner
 from prunetune.structure.allocate import parse_layers
 from prunetune.structure.units import Structure
 from prunetune.train import TrainSettings, train

@@ -45,6 +45,14 @@ CONFIGS = {
                                 "(--prune-warmup 0.05 --prune-cooldown 0.5)",
                                 "--method loraprune --steps {steps} --split cost --normalize model --distill "
                                 "--prune-warmup 0.05 --prune-cooldown 0.5"),
+    "loraprune-distill-early-mix": ("LoRAPrune distilled with the language-model loss mixed in half and half "
+                                    "(--distill-alpha 0.5), cost split, target reached at half the steps",
+                                    "--method loraprune --steps {steps} --split cost --normalize model --distill "
+                                    "--distill-alpha 0.5 --prune-warmup 0.05 --prune-cooldown 0.5"),
+    "loraprune-distill-earlier": ("LoRAPrune distilled, cost split, target reached at 30% of the steps "
+                                  "(--prune-warmup 0.05 --prune-cooldown 0.7)",
+                                  "--method loraprune --steps {steps} --split cost --normalize model --distill "
+                                  "--prune-warmup 0.05 --prune-cooldown 0.7"),
     "taylor": ("Taylor + LoRA recovery, as LLM-Pruner runs it (heads-first split)",
                "--method taylor --recover-steps {steps} --split heads-first --no-distill"),
     "taylor-distill": ("Taylor + distilled LoRA recovery (the source model loaded again as teacher)",
@@ -56,7 +64,7 @@ CONFIGS = {
     "magnitude": ("magnitude + LoRA recovery (heads-first split)",
                   "--method magnitude --recover-steps {steps} --split heads-first --no-distill"),
 }
-SEEDED = ("loraprune-distill", "taylor", "loraprune-paper")
+SEEDED = ("loraprune-distill-early-mix", "loraprune-distill", "taylor", "loraprune-paper")
 ONE_SEED = ("lora-guided", "taylor-distill", "wanda-sp", "magnitude", "loraprune-cost")
 LONG = ("loraprune-distill", "taylor")  # 3x the steps at 50%, one seed
 EVAL_SETS = {"pydoc": "builtin:pydoc@eval", "stdlib-code": "builtin:stdlib-code@eval"}

@@ -1,7 +1,8 @@
 """A small LoRAPrune run on a tiny model, for tests that need a separate process (accelerate launch).
 
 Usage: python loraprune_run.py OUT.json BATCH_SIZE [distill]
-Writes the final masks (as kept indices) and the LoRA weights' checksum from the main process.
+Writes, from the main process: the final masks (as kept indices), the moving average of the unit
+scores, and the LoRA weights' checksum.
 """
 
 import json
@@ -15,7 +16,7 @@ from tiny import tiny_model  # noqa: E402
 
 from prunetune.distill import DistillSettings, self_teacher_for  # noqa: E402
 from prunetune.lora import LoraSettings, add_lora  # noqa: E402
-from prunetune.methods.loraprune import LoRAPruner, LoRAPruneSettings  # noqa: E402
+from prunetune.methods.loraprune.pruner import LoRAPruner, LoRAPruneSettings  # noqa: E402
 from prunetune.structure.units import Structure  # noqa: E402
 from prunetune.train import TrainSettings, make_accelerator, train  # noqa: E402
 
@@ -47,7 +48,10 @@ if __name__ == "__main__":
     out, batch = sys.argv[1], int(sys.argv[2])
     accelerator, model, structure, masks, pruner, result = run(batch, distill=sys.argv[3:] == ["distill"])
     if accelerator.is_main_process:
+        model = result.model  # under FSDP the weights gathered on the main process
         lora = {n: p.detach().double().sum().item() for n, p in model.named_parameters() if "lora_" in n}
         with open(out, "w") as f:
             json.dump({"masks": masks.kept_summary(structure), "lora": lora,
-                       "losses": [h["loss"] for h in result.history], "processes": accelerator.num_processes}, f)
+                       "losses": [h["loss"] for h in result.history], "processes": accelerator.num_processes,
+                       "average": [{k: v.tolist() for k, v in vars(s).items()} for s in pruner.average],
+                       "distributed": str(accelerator.distributed_type)}, f)

@@ -15,7 +15,7 @@ from prunetune.evaluate.bench_criterion import (
 )
 from prunetune.importance import taylor_scores
 from prunetune.lora import LoraSettings, add_lora, lora_matrices
-from prunetune.methods.masks_agree import (
+from prunetune.methods.loraprune.masks_agree import (
     AgreeSettings, accumulate_scores, compare_masks, compare_scores, masks_agree, overlap, parse_ratios,
     random_overlap, randomize_lora_b,
 )

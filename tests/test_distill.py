@@ -15,7 +15,7 @@ from prunetune.distill import DistillLoss, DistillSettings, ModelTeacher, chunke
 from prunetune.errors import UserError
 from prunetune.lm_loss import FinalHidden
 from prunetune.lora import LoraSettings, add_lora
-from prunetune.methods.loraprune import LoRAPruneSettings, LoRAPruner
+from prunetune.methods.loraprune.pruner import LoRAPruneSettings, LoRAPruner
 from prunetune.methods.prune import EvalSettings, PruneSettings, RunOptions, checkpoint_dir_for, prune
 from prunetune.structure.masks import Masks, apply_masks
 from prunetune.structure.units import Structure

@@ -1,4 +1,4 @@
-"""prunetune.domains: parsing domains, per-domain blocks, the domain sampler; data.py's hf: source."""
+"""prunetune.methods.sheared.domains: parsing domains, per-domain blocks, the domain sampler; data.py's hf: source."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prunetune.data import load_examples
-from prunetune.domains import DomainSampler, load_domain_blocks, parse_domains
+from prunetune.methods.sheared.domains import DomainSampler, load_domain_blocks, parse_domains
 from prunetune.errors import UserError
 from prunetune.train import TrainSettings
 

@@ -1,4 +1,4 @@
-"""methods/dynamic_loading.py: the update rule, scaling-law references, per-domain losses, the hook."""
+"""methods/sheared/dynamic_loading.py: the update rule, scaling-law references, per-domain losses, the hook."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from prunetune.domains import DomainSampler, parse_domains
+from prunetune.methods.sheared.domains import DomainSampler, parse_domains
 from prunetune.errors import UserError
-from prunetune.methods.dynamic_loading import (
+from prunetune.methods.sheared.dynamic_loading import (
     DynamicLoading, domain_losses, fit_scaling_law, predict_loss, resolve_references, update_weights, worst_gap,
 )
 from prunetune.train import TrainSettings, train

@@ -135,7 +135,7 @@ def test_limit_and_few_shot(model_dir):
     record = evaluate_model(model, tokenizer, tasks=["tiny_task"], include_path=TASKS, limit=3, num_fewshot=2)
     check_tiny_task(record["tasks"][0], samples=3, n_shot=2)
     assert record["limit"] == 3 and record["num_fewshot"] == 2
-    from prunetune.cli import _eval_notes
+    from prunetune.cli.evaluation import _eval_notes
 
     assert any("warning: --limit 3" in note and "not comparable" in note for note in _eval_notes(record))
 

@@ -7,7 +7,7 @@ from tiny import save_tiny_model_dir
 
 from prunetune import load_model
 from prunetune.lora import LoraSettings
-from prunetune.methods.loram import (
+from prunetune.methods.loram.pipeline import (
     LoramPruneSettings, StepOptions, align, prune_for_loram, recover, reduction_ratio, train_adapter,
 )
 from prunetune.methods.prune import RunOptions

@@ -88,7 +88,7 @@ def test_same_seed_same_result(model_dir, tmp_path):
 
 def test_killed_run_resumes_to_the_same_model(model_dir, tmp_path, monkeypatch):
     """A run killed mid-way leaves only its checkpoint; the same command with --resume finishes it."""
-    from prunetune.methods.loraprune import LoRAPruner
+    from prunetune.methods.loraprune.pruner import LoRAPruner
 
     options = dict(steps=8, checkpoint_every=3)
     whole = prune(str(model_dir), tmp_path / "whole", _settings("loraprune"), EVAL, _options(**options),

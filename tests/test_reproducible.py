@@ -14,10 +14,10 @@ import torch
 from tiny import save_tiny_model_dir, tiny_model
 
 from prunetune.importance.scores import LayerScores
-from prunetune.methods.continued import ContinueSettings, continue_training
-from prunetune.methods.domain_training import DomainSettings
+from prunetune.methods.sheared.continued import ContinueSettings, continue_training
+from prunetune.methods.sheared.domain_training import DomainSettings
 from prunetune.methods.prune import EvalSettings, PruneSettings, RunOptions, prune
-from prunetune.methods.sheared import ShearSettings, shear
+from prunetune.methods.sheared.shear import ShearSettings, shear
 from prunetune.structure.allocate import KeepCounts, global_counts, masks_from_counts
 from prunetune.structure.hard_concrete import LOG_ALPHA_MAX, HardConcrete
 from prunetune.structure.l0_masks import ShearMasks

@@ -9,9 +9,9 @@ import torch
 from test_cli_errors import assert_user_error, no_model_load, run_cli  # noqa: F401 (a fixture)
 from tiny import save_tiny_model_dir, tiny_model
 
-from prunetune.domains import DomainSampler, parse_domains
-from prunetune.methods.dynamic_loading import DynamicLoading
-from prunetune.methods.sheared import ShearHooks, ShearSettings
+from prunetune.methods.sheared.domains import DomainSampler, parse_domains
+from prunetune.methods.sheared.dynamic_loading import DynamicLoading
+from prunetune.methods.sheared.shear import ShearHooks, ShearSettings
 from prunetune.structure.l0_masks import ShearMasks
 from prunetune.structure.target import parse_target
 from prunetune.structure.units import Structure
@@ -58,9 +58,9 @@ def test_shear_then_train_end_to_end(tmp_path):
 
 
 def test_shear_with_lora_cuts_the_merged_model(tmp_path):
-    from prunetune.methods.domain_training import DomainSettings
+    from prunetune.methods.sheared.domain_training import DomainSettings
     from prunetune.methods.prune import EvalSettings, RunOptions
-    from prunetune.methods.sheared import shear
+    from prunetune.methods.sheared.shear import shear
 
     source = save_tiny_model_dir(tmp_path / "tiny", "qwen2")  # tied embeddings, q/k/v biases
     options = RunOptions(training=TrainSettings(steps=4, batch_size=2, seq_len=32, lr=1e-3), progress=False)

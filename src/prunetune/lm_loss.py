@@ -48,10 +48,17 @@ class FinalHidden:
         handle = self.decoder.register_forward_hook(self._keep_hidden)
         try:
             no_position = torch.zeros(0, dtype=torch.long, device=ids.device)
-            (model or self.model)(input_ids=ids, use_cache=False, logits_to_keep=no_position)
+            output = (model or self.model)(input_ids=ids, use_cache=False, logits_to_keep=no_position)
         finally:
             handle.remove()
         hidden, self._hidden = self._hidden, None
+        logits = getattr(output, "logits", None)
+        if logits is not None and logits.requires_grad:
+            # Tie the loss to the model's own (empty) output, adding exactly zero. FSDP2 starts a root
+            # module's backward from hooks on its outputs; a loss built from the hidden states alone
+            # never fires them, and its backward then reads freed parameter storage (a segfault on 2
+            # CPU processes). DDP and one process are unaffected.
+            hidden = hidden + logits.sum()
         return hidden
 
     def _keep_hidden(self, module, args, output) -> None:

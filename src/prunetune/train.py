@@ -1,8 +1,10 @@
 """The one training loop every method uses, on accelerate.
 
-One process by default; `accelerate launch` runs it data-parallel (DDP). AdamW, cosine schedule with
-linear warm-up, gradient accumulation, clipping, bf16 autocast on a GPU and fp32 on the CPU,
-optional gradient checkpointing.
+One process by default; `accelerate launch` runs it data-parallel: DDP (every process holds the
+whole model), or FSDP2 with an FSDP config (parameters, gradients and optimizer state sharded across
+the processes, one unit per decoder layer; sharding.py). AdamW, cosine schedule with linear warm-up,
+gradient accumulation, clipping, bf16 autocast on a GPU and fp32 on the CPU, optional gradient
+checkpointing.
 
 Data order is a pure function of (seed, step): the blocks are shuffled once per epoch by a seeded
 generator, step s takes the next global batch (batch_size x processes x accumulation rows), and
@@ -37,8 +39,10 @@ from .errors import UserError
 from .evaluate.tensor_memory import TensorMemory, module_tensors, optimizer_tensors
 from .lm_loss import ChunkedLoss
 from .progress import track
+from .sharding import gather_to_main, is_fsdp, load_sharded, meta_twin, save_sharded, state_bytes
 
 CHECKPOINT_NAME = "checkpoint"
+SHARDS = "shards"  # under FSDP: each process's shards of the weights and optimizer state (torch.distributed.checkpoint)
 TENSOR_MEMORY_KIND = "peak live tensor memory (CPU; weights, activations, gradients, optimizer state)"
 
 
@@ -133,6 +137,11 @@ class TrainResult:
     peak_rss_bytes: int | None = None  # CPU: the process's resident set, beside the tensor peak
     resumed_from_step: int = 0
     distill: dict | None = None  # with a teacher: its settings and what its passes cost
+    processes: dict | None = None  # several processes: how they ran, each one's peak and held state
+    held_bytes: dict | None = None  # this process's parameters, gradients and optimizer state at the end
+    # The trained model to use afterwards: the unwrapped model, or under FSDP a plain model with the
+    # gathered weights on the main process and None on the others.
+    model: nn.Module | None = field(default=None, repr=False)
 
     def record(self, settings: TrainSettings) -> dict:
         """The `training` entry of a run's prunetune.json."""
@@ -144,17 +153,21 @@ class TrainResult:
             "peak_memory_kind": self.peak_memory_kind,
             "peak_rss_bytes": self.peak_rss_bytes,
             "resumed_from_step": self.resumed_from_step,
-        } | ({"distill": self.distill} if self.distill else {})
+        } | ({"distill": self.distill} if self.distill else {}) | ({"processes": self.processes} if self.processes else {})
 
 
 def make_accelerator(settings: TrainSettings):
     from accelerate import Accelerator
 
+    from .sharding import enable_on_cpu
+
     on_gpu = torch.cuda.is_available()
     # cpu=True lets several CPU processes (torchrun / `accelerate launch --multi_gpu` on a machine
     # without GPUs) form a gloo process group instead of each training alone.
-    return Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu,
-                       gradient_accumulation_steps=settings.grad_accum)
+    accelerator = Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu,
+                              gradient_accumulation_steps=settings.grad_accum)
+    enable_on_cpu(accelerator)
+    return accelerator
 
 
 class BlockSampler:
@@ -270,9 +283,12 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
         raise ValueError("nothing to train: no parameter requires grad")
     if settings.gradient_checkpointing:
         enable_checkpointing(model)
+    sharded = is_fsdp(accelerator)
+    twin = meta_twin(model) if sharded and accelerator.is_main_process else None
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(settings.warmup * settings.steps), settings.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them with their shards
     sampler = sampler or BlockSampler(len(blocks), settings, accelerator.num_processes, accelerator.process_index)
     result = TrainResult()
     start_step = 0
@@ -280,7 +296,8 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
     if resume:
         if checkpoint is None or not (checkpoint / "state.pt").exists():
             raise UserError(f"--resume: no checkpoint in '{checkpoint_dir}'")
-        start_step = _load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, hooks, result)
+        start_step = _load_checkpoint(checkpoint, model if sharded else accelerator.unwrap_model(model), optimizer,
+                                      scheduler, hooks, result, sharded)
         result.resumed_from_step = start_step
     measuring = reset_peak_memory()
     tensor_memory = None if torch.cuda.is_available() else TensorMemory(
@@ -336,25 +353,48 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
     if tensor_memory is not None:  # the measure comparable to a GPU's; the resident set stays on record
         result.peak_rss_bytes = result.peak_memory_bytes
         result.peak_memory_bytes, result.peak_memory_kind = tensor_memory.peak, TENSOR_MEMORY_KIND
+    result.held_bytes = state_bytes(model, optimizer)
+    if accelerator.num_processes > 1:
+        result.processes = _per_process(accelerator, result.peak_memory_bytes, result.held_bytes)
+        result.peak_memory_bytes = max(result.processes["peak_memory_bytes"])
     model.eval()
     if settings.gradient_checkpointing:
         disable_checkpointing(accelerator.unwrap_model(model))
+    result.model = gather_to_main(accelerator, model, twin) if sharded else accelerator.unwrap_model(model)
     return result
 
 
+def _per_process(accelerator, peak: int, held: dict[str, int]) -> dict:
+    """Every process's training peak and the state it holds (parameters, gradients, optimizer), in
+    process order, so that what sharding saves shows in the run record."""
+    gathered: list = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, {"peak": peak, "held": held})
+    return {"count": accelerator.num_processes, "mode": str(accelerator.distributed_type.value).lower(),
+            "peak_memory_bytes": [g["peak"] for g in gathered],
+            "state_bytes": [g["held"] for g in gathered]}
+
+
 def _save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, hooks, step, result) -> None:
-    """Write the checkpoint beside the old one and swap it in, so a kill never leaves half of one."""
+    """Write the checkpoint beside the old one and swap it in, so a kill never leaves half of one.
+    Under FSDP every process writes its own shards of the weights and the optimizer state (`shards/`)."""
     accelerator.wait_for_everyone()
     hooks_state = hooks.state_dict()  # every process computes it (masks are the same everywhere)
+    sharded = is_fsdp(accelerator)
+    tmp = path.parent / f".{path.name}.partial"
     if accelerator.is_main_process:
-        tmp = path.parent / f".{path.name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if sharded:
+        save_sharded(tmp / SHARDS, model, optimizer)
+    if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         torch.save({
             "step": step,
-            "trainable": {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad},
-            "optimizer": optimizer.state_dict(),
+            "sharded": sharded,
+            "trainable": {} if sharded else {n: p.detach().cpu() for n, p in unwrapped.named_parameters()
+                                            if p.requires_grad},
+            "optimizer": None if sharded else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "hooks": hooks_state,
             "history": result.history,
@@ -368,16 +408,22 @@ def _save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, hooks
     accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, hooks, result) -> int:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, hooks, result, sharded: bool) -> int:
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    named = dict(model.named_parameters())
-    missing = [n for n in state["trainable"] if n not in named]
-    if missing:
-        raise UserError(f"the checkpoint in '{path}' does not match this model (no parameter {missing[0]})")
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            named[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("sharded", False) != sharded:
+        saved, now = ("FSDP" if s else "one process or DDP" for s in (state.get("sharded", False), sharded))
+        raise UserError(f"the checkpoint in '{path}' was written under {saved}; resume it under {saved}, not {now}")
+    if sharded:
+        load_sharded(path / SHARDS, model, optimizer)
+    else:
+        named = dict(model.named_parameters())
+        missing = [n for n in state["trainable"] if n not in named]
+        if missing:
+            raise UserError(f"the checkpoint in '{path}' does not match this model (no parameter {missing[0]})")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                named[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     hooks.load_state_dict(state["hooks"])
     result.history = list(state["history"])

@@ -20,6 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..sharding import local_tensor
+
 
 def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     """Parameters and buffers, and the tensors quantized weights keep beside their data (bitsandbytes'
@@ -58,18 +60,37 @@ class TensorMemory(TorchDispatchMode):
     def _count(self, tensor) -> None:
         if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
             return
+        tensor = local_tensor(tensor)  # an FSDP parameter: the shard this process holds
         try:
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):
             return  # sparse tensors and wrapper subclasses have no storage of their own to count
         if storage in self._storages:
             return
-        size = storage.nbytes()
-        self._storages[storage] = weakref.ref(storage, partial(self._freed, size))
-        self.current += size
+        size = [storage.nbytes()]  # mutable: FSDP resizes storages in place (see _follow_fsdp_storage)
+        self._storages[storage] = (weakref.ref(storage, partial(self._freed, size)), size)
+        self.current += size[0]
 
-    def _freed(self, size: int, _ref) -> None:
-        self.current -= size
+    def _freed(self, size: list[int], _ref) -> None:
+        self.current -= size[0]
+
+    def _resized(self, storage) -> None:
+        entry = self._storages.get(storage)
+        if entry is None:
+            return
+        new = storage.nbytes()
+        self.current += new - entry[1][0]
+        entry[1][0] = new
+        self.peak = max(self.peak, self.current)
+
+    def __enter__(self):
+        self._undo = _follow_fsdp_storage(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for undo in self._undo:
+            undo()
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -77,3 +98,28 @@ class TensorMemory(TorchDispatchMode):
             self._count(tensor)
         self.peak = max(self.peak, self.current)
         return out
+
+
+def _follow_fsdp_storage(memory: TensorMemory) -> list:
+    """FSDP2 frees a layer's gathered weights by resizing their storage to 0 bytes, and grows it back for
+    the next all-gather (`free_storage` and `alloc_storage` in its private `_fsdp_param`, called there
+    and from `_fsdp_param_group`). Anywhere else a storage keeps its size, so only these two calls
+    need following; they are wrapped while the measure runs. Returns the undo functions."""
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+    except ImportError:
+        return []
+    undo = []
+    for module in (_fsdp_param, _fsdp_param_group):
+        for name in ("free_storage", "alloc_storage"):
+            original = getattr(module, name, None)
+            if original is None:
+                continue
+
+            def wrapped(tensor, _original=original):
+                _original(tensor)
+                memory._resized(tensor.untyped_storage())
+
+            setattr(module, name, wrapped)
+            undo.append(partial(setattr, module, name, original))
+    return undo

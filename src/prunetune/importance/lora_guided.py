@@ -19,6 +19,7 @@ from torch import nn
 
 from ..lora import lora_matrices
 from ..structure.units import decoder_layers, dense_weight, unit_sums
+from ..sharding import is_sharded, row_slice, sum_across_processes
 from .scores import LayerScores
 
 SCORE_KINDS = ("abs", "square")
@@ -29,6 +30,8 @@ ROW_BLOCK = 1024  # rows per block: a few MB of temporaries even for the widest 
 def projection_unit_scores(name: str, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor,
                            gB: torch.Tensor, scaling: float, head_dim: int, score: str = "abs") -> torch.Tensor:
     """Unit scores of one projection (one value per head or channel), built block by block."""
+    if is_sharded(W):
+        return _sharded_unit_scores(name, W, A, B, gA, gB, scaling, head_dim, score)
     A, B, gA, gB = (t.float() for t in (A, B, gA, gB))
     A_minus_gA = A - gA
     rows_per_block = max(head_dim, ROW_BLOCK // head_dim * head_dim)  # blocks hold whole heads
@@ -44,6 +47,35 @@ def projection_unit_scores(name: str, W: torch.Tensor, A: torch.Tensor, B: torch
         else:
             parts.append(unit_sums(name, per_weight, head_dim))
     return column_total if column_total is not None else torch.cat(parts)
+
+
+def _sharded_unit_scores(name: str, W, A, B, gA, gB, scaling: float, head_dim: int, score: str) -> torch.Tensor:
+    """The same unit scores under FSDP, where each process holds some rows of W, of B and of B's gradient
+    (sharding.py). It gathers only A and its gradient (rank x input: the adapter's, small), scores its
+    own rows, and sums them into units: the units made of rows (q, k, v heads, gate and up channels)
+    from the rows it holds, those made of columns (o heads, down channels) as partial column sums.
+    The partial unit sums of all processes then add up to the whole, on every process."""
+    W_rows, first = row_slice(W)
+    B_rows, gB_rows = row_slice(B)[0].float(), row_slice(gB)[0].float()
+    A, gA = A.full_tensor().float(), gA.full_tensor().float()
+    A_minus_gA = A - gA
+    row_sums = torch.zeros(W.shape[0]) if name not in ("o_proj", "down_proj") else None
+    column_total = None
+    for start in range(0, W_rows.shape[0], ROW_BLOCK):
+        rows = slice(start, start + ROW_BLOCK)
+        estimate = gB_rows[rows] @ A_minus_gA + B_rows[rows] @ gA
+        merged = W_rows[rows].float() + scaling * (B_rows[rows] @ A)
+        per_weight = (estimate * merged).abs_() if score == "abs" else (estimate * merged).square_()
+        if row_sums is None:
+            sums = unit_sums(name, per_weight, head_dim)
+            column_total = sums if column_total is None else column_total + sums
+        else:
+            begin = first + start
+            row_sums[begin:begin + per_weight.shape[0]] = per_weight.sum(dim=1).cpu()
+    partial = column_total.cpu() if row_sums is None else unit_sums(name, row_sums, head_dim)
+    if column_total is None and row_sums is None:  # a process that holds no rows
+        partial = torch.zeros(W.shape[1] // head_dim if name == "o_proj" else W.shape[1])
+    return sum_across_processes(partial.to(W_rows.device)).cpu()
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ load -> (score once | LoRAPrune training) -> masks -> cut -> (LoRA recovery) -> 
 One-shot criteria (magnitude, taylor, wanda-sp, random, lora-guided) score every unit once from the
 weights and, where they need it, calibration batches; `recover_steps` then fine-tunes a LoRA on the
 cut model so methods compare at the same training budget. LoRAPrune scores while it trains and
-prunes progressively (methods/loraprune.py). Either way the result is cut, LoRA merged, and saved as
+prunes progressively (methods/loraprune/pruner.py). Either way the result is cut, LoRA merged, and saved as
 a smaller dense model with prunetune.json and report.md.
 
 With distillation (distill.py) LoRAPrune's teacher is the model it trains, masks suspended: no
@@ -32,6 +32,7 @@ from ..importance import CRITERIA
 from ..lora import LoraSettings, add_lora
 from ..models import check_load_options, check_model, load_model
 from ..importance.scores import SCORES_FILE, save_scores
+from ..sharding import fsdp_requested
 from ..report import check_output_dir, extra_file, provenance, run_directory, write_json, write_report
 from ..structure.allocate import (
     ALLOCATIONS, DEFAULT_ROUND_TO, DEFAULT_SPLIT, SPLITS, achieved_ratio, check_ratio, describe_prunable, parse_layers,
@@ -40,7 +41,7 @@ from ..structure.allocate import (
 from ..structure.surgery import cut
 from ..structure.units import HEAD_UNITS, Structure, count_parameters
 from ..train import TrainSettings, make_accelerator, train
-from .loraprune import LoRAPruneSettings, LoRAPruner
+from .loraprune.pruner import LoRAPruneSettings, LoRAPruner
 
 METHODS = ("loraprune", *CRITERIA)
 NEEDS_CALIBRATION = ("taylor", "wanda-sp", "lora-guided")
@@ -145,6 +146,14 @@ def checkpoint_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.checkpoint"
 
 
+def _leave_to_main(accelerator) -> dict:
+    """Under FSDP a process other than the main one is done when training is: it waits, as the main
+    process does before and after writing the run directory, and returns no record."""
+    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()
+    return {}
+
+
 def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalSettings,
           options: RunOptions | None = None, log: Callable[[str], None] = print) -> dict:
     """Prune `model_spec` and save the smaller model in `out`; returns prunetune.json's record."""
@@ -157,6 +166,9 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     distill = options.distill
     _check_before_loading(model_spec, settings, evaluation, options, trains)
     check_output_dir(out, options.overwrite)
+    if fsdp_requested() and options.quant:
+        raise UserError("FSDP shards plain weights; --quant (a bitsandbytes base) runs in one process or under DDP "
+                        "(configs/accelerate/ddp.yaml)")
     accelerator = make_accelerator(training)
     is_main = accelerator.is_main_process
     quiet_log = log if is_main else (lambda _: None)
@@ -196,6 +208,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
                     teacher=teacher, distill=distill)
         if run.distill:
             run.distill |= {"teacher": distill.teacher, "teacher_model_bytes": 0}  # the trained model itself
+        model = run.model  # under FSDP: gathered on the main process, None on the others
         masks = pruner.finish()
         scores = pruner.average
         record_training = {"training": run.record(training) | {"schedule": pruner.history}}
@@ -208,6 +221,8 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         masks = select_masks(before, scores, settings.ratio, layers, units, settings.head_unit,
                              settings.round_to, settings.allocation, settings.split)
 
+    if model is None:  # FSDP: the main process holds the trained model and writes the run
+        return _leave_to_main(accelerator)
     kept = masks.kept_summary(before)
     ratio = achieved_ratio(before, masks, layers, units)
     cut(model, masks)
@@ -227,6 +242,9 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
             run.distill |= {"teacher": "source", "teacher_model_bytes": teacher_bytes}
         record_training = {"training": run.record(recovery)}
         del teacher
+        model = run.model
+        if model is None:
+            return _leave_to_main(accelerator)
     after = Structure.of(model)
     params_after = count_parameters(model) | {"prunable": after.prunable_params(layers, units)}
     if evaluation.data and is_main:

@@ -27,6 +27,7 @@ from ...errors import UserError
 from ...evaluate.perplexity import check_seq_len, perplexity
 from ...lora import LoraSettings, add_lora
 from ...models import check_load_options, check_model, load_model, resolve_model_spec
+from ...sharding import refuse_fsdp
 from ...report import check_output_dir, provenance, read_record, run_directory, write_json, write_report
 from ...structure.sparsity import reduction_ratio
 from ...structure.units import count_parameters
@@ -154,6 +155,7 @@ def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
     pruned, out = Path(pruned), Path(out)
     carried = _source_fields(pruned)
     check_output_dir(out, step.overwrite)
+    refuse_fsdp("prunetune loram align")
     step.check(str(pruned), training)
     accelerator = make_accelerator(training)
     model, tokenizer = load_model(str(pruned), dtype=step.dtype, device=str(accelerator.device)
@@ -195,6 +197,7 @@ def train_adapter(model_spec: str, out: Path, training: TrainSettings, lora: Lor
     if quant not in QUANT_BITS:
         raise UserError(f"unknown --quant '{quant}'; use {' or '.join(q for q in QUANT_BITS if q)}")
     check_output_dir(out, step.overwrite)
+    refuse_fsdp("prunetune loram train")
     step.check(model_spec, training, quant)
     carried = _source_fields(Path(model_spec)) if (Path(model_spec) / "prunetune.json").is_file() else {}
     if "architecture" in carried:  # an adapter directory is not a model: keep only what the report draws from

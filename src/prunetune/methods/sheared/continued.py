@@ -110,7 +110,7 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
     run = train(model, run_domains.blocks, run_domains.loss_mask, training, hooks=run_domains.hook,
                 sampler=run_domains.sampler, accelerator=accelerator, checkpoint_dir=checkpoint_dir_for(out),
                 resume=options.resume, progress=options.progress, log=quiet_log)
-    model = accelerator.unwrap_model(model)
+    model = run.model  # under FSDP: the gathered model on the main process, None on the others
     if evaluation.data and is_main:
         results["perplexity_after"] = evaluation.measure(model, tokenizer, "after", options.progress, quiet_log)
     if is_main:

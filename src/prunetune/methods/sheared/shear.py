@@ -25,6 +25,7 @@ from ...export.hf import save_model
 from ...errors import UserError
 from ...evaluate.perplexity import check_seq_len
 from ...models import check_architecture, load_config, load_model, resolve_model_spec
+from ...sharding import refuse_fsdp
 from ...report import check_output_dir, provenance, run_directory, write_json, write_report
 from ...structure.l0_masks import ShearMasks
 from ...structure.surgery import cut, merge_lora
@@ -141,6 +142,7 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
     training.check()
     domains = domain_settings.check()
     check_output_dir(out, options.overwrite)
+    refuse_fsdp("prunetune shear")
     if options.quant:
         raise UserError("shearing trains the mask logits through every weight; --quant is not supported here "
                         "(use --lora to save memory)")

@@ -9,8 +9,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import UserError
-from .export import GGUF_OUTTYPES  # a constant; the package imports nothing heavy
+from ..errors import UserError
+from ..export import GGUF_OUTTYPES  # a constant; the package imports nothing heavy
+from .common import out
+
+commands = typer.Typer()
 
 FORMATS = ("gguf", "hf")
 HF_OUTTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
@@ -40,7 +43,7 @@ def check_export_shape(outtype: str | None, model_spec: str, per_layer: bool) ->
     shapes, where llama.cpp has no graph for its architecture (Qwen3's q/k norms)."""
     if outtype is None:
         return
-    from .models import load_config, resolve_model_spec
+    from ..models import load_config, resolve_model_spec
 
     config = load_config(resolve_model_spec(model_spec))
     if per_layer and config.model_type == "qwen3":
@@ -53,8 +56,8 @@ def export_after_run(out_dir: Path, outtype: str | None, log) -> dict | None:
     """Write DIR/model.gguf from the finished run directory and note it in its prunetune.json."""
     if outtype is None:
         return None
-    from .export.gguf import write_gguf
-    from .report import read_record, write_json
+    from ..export.gguf import write_gguf
+    from ..report import read_record, write_json
 
     summary = write_gguf(str(out_dir), Path(out_dir) / GGUF_FILE, outtype, overwrite=True)
     record = read_record(out_dir)
@@ -65,34 +68,33 @@ def export_after_run(out_dir: Path, outtype: str | None, log) -> dict | None:
     return summary
 
 
-def register(app: typer.Typer, out) -> None:
-    @app.command("export", epilog="Examples:\n\n"
-                 "prunetune export runs/lp20 --format gguf --outtype f16 --out lp20.gguf   (llama.cpp, Ollama)\n\n"
-                 "prunetune export smollm2-135m --format hf --out runs/smollm2-hf   (transformers, vLLM)")
-    def export_command(
-        model: Annotated[str, typer.Argument(help="A prunetune run directory, any Hugging Face model directory or "
-                                             "hub id, a .gguf file, or the built-in 'smollm2-135m'.")],
-        out_path: Annotated[Path, typer.Option("--out", help="The .gguf file (gguf) or directory (hf) to write; "
-                                               "written beside and renamed when complete.")],
-        fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama) or hf (transformers, vLLM).")] = "gguf",
-        outtype: Annotated[str, typer.Option(help="Weight type: gguf: f32, f16 or q8_0; hf: f32, f16 or bf16.")] = "f32",
-        overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
-    ) -> None:
-        """Write a model in the form a serving engine loads."""
-        if fmt == "gguf":
-            if outtype not in GGUF_OUTTYPES:
-                raise UserError(f"unknown --outtype '{outtype}' for gguf; use {', '.join(GGUF_OUTTYPES)}")
-            from .export.gguf import write_gguf
+@commands.command("export", epilog="Examples:\n\n"
+             "prunetune export runs/lp20 --format gguf --outtype f16 --out lp20.gguf   (llama.cpp, Ollama)\n\n"
+             "prunetune export smollm2-135m --format hf --out runs/smollm2-hf   (transformers, vLLM)")
+def export_command(
+    model: Annotated[str, typer.Argument(help="A prunetune run directory, any Hugging Face model directory or "
+                                         "hub id, a .gguf file, or the built-in 'smollm2-135m'.")],
+    out_path: Annotated[Path, typer.Option("--out", help="The .gguf file (gguf) or directory (hf) to write; "
+                                           "written beside and renamed when complete.")],
+    fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama) or hf (transformers, vLLM).")] = "gguf",
+    outtype: Annotated[str, typer.Option(help="Weight type: gguf: f32, f16 or q8_0; hf: f32, f16 or bf16.")] = "f32",
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Write a model in the form a serving engine loads."""
+    if fmt == "gguf":
+        if outtype not in GGUF_OUTTYPES:
+            raise UserError(f"unknown --outtype '{outtype}' for gguf; use {', '.join(GGUF_OUTTYPES)}")
+        from ..export.gguf import write_gguf
 
-            summary = write_gguf(model, out_path, outtype, overwrite)
-            out.print(f"wrote {out_path} ({summary['architecture']}, {outtype}, {summary['tensors']} tensors, "
-                      f"{summary['bytes'] / 2**20:.0f} MiB); run it with llama.cpp: llama-cli -m {out_path}")
-        elif fmt == "hf":
-            if outtype not in HF_OUTTYPES:
-                raise UserError(f"unknown --outtype '{outtype}' for hf; use {', '.join(HF_OUTTYPES)}")
-            from .export.hf import write_hf
+        summary = write_gguf(model, out_path, outtype, overwrite)
+        out.print(f"wrote {out_path} ({summary['architecture']}, {outtype}, {summary['tensors']} tensors, "
+                  f"{summary['bytes'] / 2**20:.0f} MiB); run it with llama.cpp: llama-cli -m {out_path}")
+    elif fmt == "hf":
+        if outtype not in HF_OUTTYPES:
+            raise UserError(f"unknown --outtype '{outtype}' for hf; use {', '.join(HF_OUTTYPES)}")
+        from ..export.hf import write_hf
 
-            saved_as = write_hf(model, out_path, HF_OUTTYPES[outtype], overwrite)
-            out.print(f"wrote {out_path} ({saved_as}, {outtype})")
-        else:
-            raise UserError(f"unknown --format '{fmt}'; use {' or '.join(FORMATS)}")
+        saved_as = write_hf(model, out_path, HF_OUTTYPES[outtype], overwrite)
+        out.print(f"wrote {out_path} ({saved_as}, {outtype})")
+    else:
+        raise UserError(f"unknown --format '{fmt}'; use {' or '.join(FORMATS)}")
