@@ -117,14 +117,39 @@ def test_fsdp_loraprune_scores_and_keeps_like_one_process(tmp_path, distill):
     assert two["masks"] == masks.kept_summary(structure)
 
 
-def test_fsdp_prune_command_saves_the_cut_model(tmp_path):
+def test_fsdp_one_shot_criteria_score_their_shards_like_one_process(tmp_path):
+    """Taylor and Wanda-sp with the model sharded: each process scores the rows it holds and the partial unit
+    sums add up to the one-process scores; every process gets the plain model back, weights unchanged."""
+    from sharded_scores_run import ARCH, calibration, checksums, scores_dict
+    from tiny import tiny_model
+
+    from prunetune.importance import CRITERIA
+
+    out = tmp_path / "scores.json"
+    done = _launch(str(HERE / "sharded_scores_run.py"), str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert two["distributed"] == "DistributedType.FSDP"
+    for name in ("taylor", "wanda-sp"):
+        model = tiny_model(ARCH, intermediate_size=128)
+        one = scores_dict(CRITERIA[name](model, calibration()))
+        for one_layer, two_layer in zip(one, two[name]["scores"]):
+            for field, values in one_layer.items():
+                assert two_layer[field] == pytest.approx(values, rel=1e-4, abs=1e-9), (name, field)
+        for weights in two[name]["weights"]:  # on both processes
+            assert weights == pytest.approx(checksums(model), rel=1e-6, abs=1e-9)
+        assert two[name]["requires_grad"] == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method", [["loraprune", "--steps", "4"], ["taylor", "--recover-steps", "2"]],
+                         ids=["loraprune", "taylor-recovered"])
+def test_fsdp_prune_command_saves_the_cut_model(tmp_path, method):
     from transformers import AutoModelForCausalLM
 
     source = save_tiny_model_dir(tmp_path / "tiny", "llama")
     out = tmp_path / "pruned"
-    done = _launch("-m", "prunetune.cli", "prune", str(source), "--method", "loraprune", "--ratio", "0.5",
-                   "--layers", "all", "--steps", "4", "--batch-size", "1", "--seq-len", "32", "--no-eval",
-                   "--out", str(out))
+    done = _launch("-m", "prunetune.cli", "prune", str(source), "--method", *method, "--ratio", "0.5",
+                   "--layers", "all", "--batch-size", "1", "--seq-len", "32", "--no-eval", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((out / "prunetune.json").read_text())
     assert record["training"]["processes"]["mode"] == "fsdp"
@@ -132,12 +157,72 @@ def test_fsdp_prune_command_saves_the_cut_model(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == record["parameters"]["after"]["total"]
 
 
-@pytest.mark.parametrize("command", [["prune", "--method", "taylor", "--quant", "8bit", "--recover-steps", "2"],
-                                     ["shear", "--target", "layers=2"]])
-def test_commands_not_sharded_yet_refuse_fsdp_before_loading(tmp_path, command, monkeypatch, no_model_load):
+SHEAR = ["--target", "layers=3,hidden=64,heads=4,kv-heads=2,intermediate=32", "--data",
+         "code=builtin:stdlib-code,prose=builtin:pydoc", "--dynamic-loading", "--steps", "6", "--seq-len", "32",
+         "--eval-every", "2", "--eval-blocks", "2", "--max-windows", "2", "--eval-seq-len", "32", "--no-eval"]
+
+
+def test_fsdp_shear_ends_with_the_masks_and_shape_of_one_process(tmp_path):
+    """All weights, the mask logits and the Lagrange multipliers trained under FSDP: the masks stay the same
+    in every process, and the cut model the main process saves has the kept units and the exact shape of
+    a one-process run with the same global batch."""
+    from transformers import AutoModelForCausalLM
+
+    from prunetune.structure.units import Structure
+
+    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
+    records = {}
+    for name, processes, batch in (("one", 1, "2"), ("two", 2, "1")):
+        out = tmp_path / name
+        done = _launch("-m", "prunetune.cli", "shear", str(source), *SHEAR, "--batch-size", batch, "--out", str(out),
+                       processes=processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+        records[name] = json.loads((out / "prunetune.json").read_text())
+    one, two = records["one"], records["two"]
+    assert two["training"]["processes"]["mode"] == "fsdp"
+    assert two["kept"] == one["kept"]
+    assert two["parameters"]["after"] == one["parameters"]["after"]
+    assert [h["loss"] for h in two["training"]["history"]] == pytest.approx(
+        [h["loss"] for h in one["training"]["history"]], abs=1e-4)
+    assert two["checks"]["masked_vs_cut_max_abs_logit_diff"] < 1e-4
+    structure = Structure.of(AutoModelForCausalLM.from_pretrained(tmp_path / "two"))
+    assert (structure.num_layers, structure.hidden) == (3, 64)
+    assert {(s.num_heads, s.num_kv_heads, s.intermediate) for s in structure.layers} == {(4, 2, 32)}
+
+
+def test_fsdp_loram_align_keeps_the_zeros_and_train_saves_the_adapter(tmp_path):
+    """LoRAM's two training steps under FSDP: full-parameter alignment of an unstructured prune keeps every
+    pruned weight at zero (each process masks its own rows), and the adapter trained on it loads in PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from prunetune.structure.sparsity import sparsity_summary
+
+    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
+    pruned, aligned, adapter = tmp_path / "pruned", tmp_path / "aligned", tmp_path / "adapter"
+    done = run_cli("loram", "prune", str(source), "--method", "unst", "--ratio", "0.5", "--out", str(pruned),
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    small = ["--steps", "3", "--batch-size", "1", "--seq-len", "32"]
+    done = _launch("-m", "prunetune.cli", "loram", "align", str(pruned), *small, "--out", str(aligned))
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((aligned / "prunetune.json").read_text())
+    assert record["training"]["processes"]["mode"] == "fsdp"
+    model = AutoModelForCausalLM.from_pretrained(aligned)
+    before = sparsity_summary(AutoModelForCausalLM.from_pretrained(pruned))["parameters"]
+    assert sparsity_summary(model)["parameters"]["nonzero"] == before["nonzero"]
+    done = _launch("-m", "prunetune.cli", "loram", "train", str(aligned), *small, "--out", str(adapter))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((adapter / "prunetune.json").read_text())["training"]["processes"]["mode"] == "fsdp"
+    PeftModel.from_pretrained(model, adapter)
+
+
+@pytest.mark.parametrize("command", [["prune", "{source}", "--method", "taylor", "--recover-steps", "2", "--no-eval"],
+                                     ["loram", "train", "{source}"]], ids=["prune", "loram-train"])
+def test_quantized_bases_refuse_fsdp_before_loading(tmp_path, command, monkeypatch, no_model_load):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     source = save_tiny_model_dir(tmp_path / "tiny", "llama")
-    done = run_cli(command[0], str(source), *command[1:], "--no-eval", "--eval-seq-len", "64", "--seq-len", "64",
+    done = run_cli(*[str(source) if a == "{source}" else a for a in command], "--quant", "8bit", "--seq-len", "64",
                    "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert_user_error(done, "FSDP")
     assert not (tmp_path / "out").exists()

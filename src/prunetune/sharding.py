@@ -32,13 +32,13 @@ def fsdp_requested() -> bool:
     return os.environ.get(FSDP_ENV, "false").lower() == "true"
 
 
-def refuse_fsdp(command: str) -> None:
-    """A one-line error, before any model loads, for the commands that do not run sharded yet."""
-    if fsdp_requested():
+def refuse_quant_under_fsdp(quant: str | None) -> None:
+    """A one-line error, before any model loads: FSDP shards plain tensors, not a bitsandbytes base."""
+    if quant and fsdp_requested():
         from .errors import UserError
 
-        raise UserError(f"{command} does not run under FSDP yet; launch it with configs/accelerate/ddp.yaml (DDP) "
-                        "or in one process (FSDP runs `prunetune train`)")
+        raise UserError("FSDP shards plain weights; --quant (a bitsandbytes base) runs in one process or under DDP "
+                        "(configs/accelerate/ddp.yaml)")
 
 
 def is_fsdp(accelerator) -> bool:
@@ -63,6 +63,14 @@ def enable_on_cpu(accelerator) -> None:
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
     PartialState().distributed_type = DistributedType.FSDP  # what accelerate's helpers read, e.g. after a reset
+
+
+def leave_to_main(accelerator) -> dict:
+    """Under FSDP a process other than the main one is done when training is: it waits, as the main
+    process does before and after writing the run directory (two barriers), and returns no record."""
+    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()
+    return {}
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -121,12 +129,17 @@ def gather_to_main(accelerator, model: nn.Module, twin: nn.Module | None) -> nn.
     `meta_twin`, made before sharding); None on the others. Every process must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from .structure.units import unwrap
-
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not accelerator.is_main_process:
         return None
-    twin.load_state_dict(full, assign=True, strict=True)
+    return load_into_twin(twin, full)
+
+
+def load_into_twin(twin: nn.Module, state: dict) -> nn.Module:
+    """Assign a full state dict's tensors to the parameters of a `meta_twin`, tying what the config ties."""
+    from .structure.units import unwrap
+
+    twin.load_state_dict(state, assign=True, strict=True)
     base = unwrap(twin)
     if getattr(base.config, "tie_word_embeddings", False) and hasattr(base, "tie_weights"):
         base.tie_weights()  # the state dict holds the tied tensor twice; assigning it untied them

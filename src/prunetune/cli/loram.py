@@ -77,7 +77,8 @@ def loram_align(
     step = StepOptions(data=data, eval_data=[d for d in eval_data.split(",") if d.strip()], eval_seq_len=eval_seq_len,
                        max_windows=max_windows, dtype=dtype, device=device, overwrite=overwrite, resume=resume)
     record = align(pruned, out_dir, training, step, log=log)
-    _print_step(record, out_dir)
+    if record:  # under FSDP only the main process has one
+        _print_step(record, out_dir)
 
 
 @commands.command("train", epilog="Example: prunetune loram train runs/loram/aligned --data builtin:stdlib-code --steps 200 --quant nf4 --out runs/loram/adapter")
@@ -115,6 +116,8 @@ def loram_train(
                        max_windows=max_windows, dtype=dtype, device=device, overwrite=overwrite, resume=resume)
     record = train_adapter(model, out_dir, training, LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout),
                            step, quant=quant, log=log)
+    if not record:  # under FSDP only the main process has one
+        return
     _print_step(record, out_dir)
     out.print(f"parameter reduction ratio {record['parameters']['reduction_ratio']:.2f}x "
               f"({record['parameters']['original']:,} original / "

@@ -21,6 +21,7 @@ from ..lora import lora_matrices
 from ..structure.units import decoder_layers, dense_weight, unit_sums
 from ..sharding import is_sharded, row_slice, sum_across_processes
 from .scores import LayerScores
+from .sharded import local_unit_sums
 
 SCORE_KINDS = ("abs", "square")
 ROW_BLOCK = 1024  # rows per block: a few MB of temporaries even for the widest MLPs
@@ -59,22 +60,13 @@ def _sharded_unit_scores(name: str, W, A, B, gA, gB, scaling: float, head_dim: i
     B_rows, gB_rows = row_slice(B)[0].float(), row_slice(gB)[0].float()
     A, gA = A.full_tensor().float(), gA.full_tensor().float()
     A_minus_gA = A - gA
-    row_sums = torch.zeros(W.shape[0]) if name not in ("o_proj", "down_proj") else None
-    column_total = None
+    partial = local_unit_sums(name, W_rows[:0].float(), first, tuple(W.shape), head_dim)  # zeros
     for start in range(0, W_rows.shape[0], ROW_BLOCK):
         rows = slice(start, start + ROW_BLOCK)
         estimate = gB_rows[rows] @ A_minus_gA + B_rows[rows] @ gA
         merged = W_rows[rows].float() + scaling * (B_rows[rows] @ A)
         per_weight = (estimate * merged).abs_() if score == "abs" else (estimate * merged).square_()
-        if row_sums is None:
-            sums = unit_sums(name, per_weight, head_dim)
-            column_total = sums if column_total is None else column_total + sums
-        else:
-            begin = first + start
-            row_sums[begin:begin + per_weight.shape[0]] = per_weight.sum(dim=1).cpu()
-    partial = column_total.cpu() if row_sums is None else unit_sums(name, row_sums, head_dim)
-    if column_total is None and row_sums is None:  # a process that holds no rows
-        partial = torch.zeros(W.shape[1] // head_dim if name == "o_proj" else W.shape[1])
+        partial += local_unit_sums(name, per_weight, first + start, tuple(W.shape), head_dim)
     return sum_across_processes(partial.to(W_rows.device)).cpu()
 
 

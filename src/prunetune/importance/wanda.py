@@ -6,6 +6,8 @@ forward pre-hooks on the projections while the model runs on the calibration bat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -14,25 +16,33 @@ from .calibration import eval_mode, input_device, require_batches
 from .scores import LayerScores
 
 
-def input_norms(model: nn.Module, batches: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """Per layer and projection, the L2 norm of each input feature over all tokens of all batches (float32)."""
+def squared_input_sums(model: nn.Module, counting: Callable[[], bool] = lambda: True):
+    """Forward pre-hooks on every projection that add up the squares of each input feature over all
+    tokens (float32), while `counting()` says so. Returns the per-layer sums and the hooks' handles."""
     sums: list[dict[str, torch.Tensor]] = []
     handles = []
 
     def accumulate(acc: torch.Tensor):
         def hook(_module, args):
-            x = args[0]
-            acc.add_(x.detach().reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0))
+            if counting():
+                x = args[0]
+                acc.add_(x.detach().reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0))
         return hook
 
+    for layer in decoder_layers(model):
+        sums.append({})
+        for name in PROJECTIONS:
+            module = projection(layer, name)
+            device = base_linear(module).weight.device
+            acc = sums[-1][name] = torch.zeros(linear_shape(module)[1], device=device)
+            handles.append(module.register_forward_pre_hook(accumulate(acc)))
+    return sums, handles
+
+
+def input_norms(model: nn.Module, batches: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Per layer and projection, the L2 norm of each input feature over all tokens of all batches (float32)."""
+    sums, handles = squared_input_sums(model)
     try:
-        for layer in decoder_layers(model):
-            sums.append({})
-            for name in PROJECTIONS:
-                module = projection(layer, name)
-                device = base_linear(module).weight.device
-                acc = sums[-1][name] = torch.zeros(linear_shape(module)[1], device=device)
-                handles.append(module.register_forward_pre_hook(accumulate(acc)))
         device = input_device(model)
         with eval_mode(model), torch.inference_mode():
             for batch in batches:

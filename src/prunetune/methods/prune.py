@@ -32,7 +32,8 @@ from ..importance import CRITERIA
 from ..lora import LoraSettings, add_lora
 from ..models import check_load_options, check_model, load_model
 from ..importance.scores import SCORES_FILE, save_scores
-from ..sharding import fsdp_requested
+from ..importance.sharded import SHARDED_CRITERIA
+from ..sharding import is_fsdp, leave_to_main, refuse_quant_under_fsdp
 from ..report import check_output_dir, extra_file, provenance, run_directory, write_json, write_report
 from ..structure.allocate import (
     ALLOCATIONS, DEFAULT_ROUND_TO, DEFAULT_SPLIT, SPLITS, achieved_ratio, check_ratio, describe_prunable, parse_layers,
@@ -146,14 +147,6 @@ def checkpoint_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.checkpoint"
 
 
-def _leave_to_main(accelerator) -> dict:
-    """Under FSDP a process other than the main one is done when training is: it waits, as the main
-    process does before and after writing the run directory, and returns no record."""
-    accelerator.wait_for_everyone()
-    accelerator.wait_for_everyone()
-    return {}
-
-
 def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalSettings,
           options: RunOptions | None = None, log: Callable[[str], None] = print) -> dict:
     """Prune `model_spec` and save the smaller model in `out`; returns prunetune.json's record."""
@@ -166,9 +159,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     distill = options.distill
     _check_before_loading(model_spec, settings, evaluation, options, trains)
     check_output_dir(out, options.overwrite)
-    if fsdp_requested() and options.quant:
-        raise UserError("FSDP shards plain weights; --quant (a bitsandbytes base) runs in one process or under DDP "
-                        "(configs/accelerate/ddp.yaml)")
+    refuse_quant_under_fsdp(options.quant)
     accelerator = make_accelerator(training)
     is_main = accelerator.is_main_process
     quiet_log = log if is_main else (lambda _: None)
@@ -217,12 +208,15 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         if settings.method in NEEDS_CALIBRATION:
             calib = blocks[: settings.calib_samples].to(accelerator.device)
             batches = list(calib.split(training.batch_size))
-        scores = CRITERIA[settings.method](model, batches, seed=settings.seed)
+        if is_fsdp(accelerator) and settings.method in SHARDED_CRITERIA:  # each process scores its own rows
+            scores, model = SHARDED_CRITERIA[settings.method](model, batches)
+        else:
+            scores = CRITERIA[settings.method](model, batches, seed=settings.seed)
         masks = select_masks(before, scores, settings.ratio, layers, units, settings.head_unit,
                              settings.round_to, settings.allocation, settings.split)
 
     if model is None:  # FSDP: the main process holds the trained model and writes the run
-        return _leave_to_main(accelerator)
+        return leave_to_main(accelerator)
     kept = masks.kept_summary(before)
     ratio = achieved_ratio(before, masks, layers, units)
     cut(model, masks)
@@ -244,7 +238,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         del teacher
         model = run.model
         if model is None:
-            return _leave_to_main(accelerator)
+            return leave_to_main(accelerator)
     after = Structure.of(model)
     params_after = count_parameters(model) | {"prunable": after.prunable_params(layers, units)}
     if evaluation.data and is_main:

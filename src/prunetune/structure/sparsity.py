@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..sharding import is_sharded, local_tensor, row_slice
 from ..train import TrainHooks
 from .units import PROJECTIONS, base_linear, count_parameters, decoder_layers, dense_weight, projection
 
@@ -95,11 +96,13 @@ class KeepZeros(TrainHooks):
 
     def __init__(self, model: nn.Module, masks: SparseMasks):
         require_dense(model)
-        self.pruned: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, True = pruned)
-        for key, keep in masks.items():
-            weight = _weight(model, key)
+        # (projection, True = pruned): the weight is read from its module at every step, because FSDP
+        # replaces each parameter with its shard after these hooks are made
+        self.pruned: list[tuple[nn.Module, torch.Tensor]] = []
+        for (layer, name), keep in masks.items():
+            linear = base_linear(projection(decoder_layers(model)[layer], name))
             if not bool(keep.all()):
-                self.pruned.append((weight, ~keep.to(device=weight.device, dtype=torch.bool)))
+                self.pruned.append((linear, ~keep.to(device=linear.weight.device, dtype=torch.bool)))
 
     @classmethod
     def from_zeros(cls, model: nn.Module) -> "KeepZeros":
@@ -107,16 +110,29 @@ class KeepZeros(TrainHooks):
         return cls(model, {(i, name): dense_weight(projection(layer, name)) != 0
                            for i, layer in enumerate(decoder_layers(model)) for name in PROJECTIONS})
 
+    def _local(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each pruned weight as this process holds it, with its mask's matching rows. Under FSDP that is
+        the process's shard; the mask is cut down to those rows once, so no process keeps a whole mask."""
+        pairs = []
+        for i, (linear, pruned) in enumerate(self.pruned):
+            weight = linear.weight
+            if is_sharded(weight) and pruned.shape != weight.to_local().shape:
+                local, first = row_slice(weight)
+                pruned = pruned[first: first + local.shape[0]].clone()  # a copy: the whole mask is freed
+                self.pruned[i] = (linear, pruned)
+            pairs.append((weight, pruned))
+        return pairs
+
     @torch.no_grad()
     def before_optimizer_step(self, step: int) -> None:
-        for weight, pruned in self.pruned:
+        for weight, pruned in self._local():
             if weight.grad is not None:
-                weight.grad.masked_fill_(pruned, 0)
+                local_tensor(weight.grad).masked_fill_(pruned, 0)
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        for weight, pruned in self.pruned:
-            weight.masked_fill_(pruned, 0)
+        for weight, pruned in self._local():
+            local_tensor(weight).masked_fill_(pruned, 0)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from ...errors import UserError
 from ...evaluate.perplexity import check_seq_len, perplexity
 from ...lora import LoraSettings, add_lora
 from ...models import check_load_options, check_model, load_model, resolve_model_spec
-from ...sharding import refuse_fsdp
+from ...sharding import leave_to_main, refuse_quant_under_fsdp
 from ...report import check_output_dir, provenance, read_record, run_directory, write_json, write_report
 from ...structure.sparsity import reduction_ratio
 from ...structure.units import count_parameters
@@ -155,7 +155,6 @@ def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
     pruned, out = Path(pruned), Path(out)
     carried = _source_fields(pruned)
     check_output_dir(out, step.overwrite)
-    refuse_fsdp("prunetune loram align")
     step.check(str(pruned), training)
     accelerator = make_accelerator(training)
     model, tokenizer = load_model(str(pruned), dtype=step.dtype, device=str(accelerator.device)
@@ -171,6 +170,9 @@ def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
         hooks = KeepZeros.from_zeros(model)  # full training must not revive the pruned weights
     run = train(model, blocks, mask, training, hooks=hooks, accelerator=accelerator,
                 checkpoint_dir=checkpoint_dir_for(out), resume=step.resume, progress=step.progress, log=log)
+    model = run.model
+    if model is None:  # FSDP: the main process holds the gathered model, evaluates and saves it
+        return leave_to_main(accelerator)
     for param in model.parameters():
         param.requires_grad_(False)
     results = {"perplexity": _evaluate(model, tokenizer, step.eval_data, step.eval_seq_len, step.max_windows,
@@ -178,6 +180,7 @@ def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
     record = provenance("loram align", source=str(pruned), **carried, data=step.data,
                         training=run.record(training), results=results,
                         parameters={"after": count_parameters(model)})
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with run_directory(out, step.overwrite) as tmp:
             save_model(model, tokenizer, tmp)
@@ -185,6 +188,7 @@ def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
             write_json(tmp / "prunetune.json", record)
             write_report(tmp)
         shutil.rmtree(checkpoint_dir_for(out), ignore_errors=True)
+    accelerator.wait_for_everyone()
     return record
 
 
@@ -197,7 +201,7 @@ def train_adapter(model_spec: str, out: Path, training: TrainSettings, lora: Lor
     if quant not in QUANT_BITS:
         raise UserError(f"unknown --quant '{quant}'; use {' or '.join(q for q in QUANT_BITS if q)}")
     check_output_dir(out, step.overwrite)
-    refuse_fsdp("prunetune loram train")
+    refuse_quant_under_fsdp(quant)
     step.check(model_spec, training, quant)
     carried = _source_fields(Path(model_spec)) if (Path(model_spec) / "prunetune.json").is_file() else {}
     if "architecture" in carried:  # an adapter directory is not a model: keep only what the report draws from
@@ -216,6 +220,9 @@ def train_adapter(model_spec: str, out: Path, training: TrainSettings, lora: Lor
     model = add_lora(model, lora)
     run = train(model, blocks, mask, training, accelerator=accelerator, checkpoint_dir=checkpoint_dir_for(out),
                 resume=step.resume, progress=step.progress, log=log)
+    model = run.model
+    if model is None:  # FSDP: the main process holds the gathered adapter, evaluates and saves it
+        return leave_to_main(accelerator)
     results = {"perplexity": _evaluate(model, tokenizer, step.eval_data, step.eval_seq_len, step.max_windows,
                                        step.progress)}
     # the full model's size: from the pruning record, or this model itself (the full-model baseline)
@@ -227,14 +234,16 @@ def train_adapter(model_spec: str, out: Path, training: TrainSettings, lora: Lor
                     "reduction_ratio": reduction_ratio(original, params.get("nonzero", params["total"]),
                                                        QUANT_BITS[quant])},
     )
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with run_directory(out, step.overwrite) as tmp:
-            accelerator.unwrap_model(model).save_pretrained(tmp)
+            model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
             write_json(tmp / "prunetune.json", record)
             write_report(tmp)
         shutil.rmtree(checkpoint_dir_for(out), ignore_errors=True)
+    accelerator.wait_for_everyone()
     return record
 
 

@@ -25,8 +25,8 @@ from ...export.hf import save_model
 from ...errors import UserError
 from ...evaluate.perplexity import check_seq_len
 from ...models import check_architecture, load_config, load_model, resolve_model_spec
-from ...sharding import refuse_fsdp
 from ...report import check_output_dir, provenance, run_directory, write_json, write_report
+from ...sharding import leave_to_main
 from ...structure.l0_masks import ShearMasks
 from ...structure.surgery import cut, merge_lora
 from ...structure.target import Target, parse_target, target_parameters
@@ -91,7 +91,7 @@ class ShearHooks(TrainHooks):
         return loss
 
     def before_optimizer_step(self, step: int) -> None:
-        # The masks live outside the (DDP-wrapped) model, so their gradients are averaged here.
+        # The masks live outside the DDP- or FSDP-wrapped model, so their gradients are averaged here.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             for p in self.masks.parameters():
@@ -142,7 +142,6 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
     training.check()
     domains = domain_settings.check()
     check_output_dir(out, options.overwrite)
-    refuse_fsdp("prunetune shear")
     if options.quant:
         raise UserError("shearing trains the mask logits through every weight; --quant is not supported here "
                         "(use --lora to save memory)")
@@ -181,14 +180,17 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
                 log=quiet_log)
 
     # A probe sequence checks that the cut model computes what the masked one did (eval mode: the
-    # deterministic gates final() returns); the difference is recorded.
+    # deterministic gates final() returns); the difference is recorded. Under FSDP every process runs
+    # the probe (the forward gathers each layer), and the masks are the same in every process.
     probe = run_domains.blocks[:1, : min(32, training.seq_len)].to(accelerator.device)
     with torch.no_grad():
         expected = float(masks.expected_parameters())
         final_masks, values = masks.final()
         masked_logits = model(input_ids=probe).logits.float()
     handle.remove()
-    model = merge_lora(accelerator.unwrap_model(model))
+    if run.model is None:  # FSDP: the main process holds the gathered model, folds, cuts and saves it
+        return leave_to_main(accelerator)
+    model = merge_lora(run.model)
     masks.fold_into(model, values)
     kept = final_masks.kept_summary(before)
     cut(model, final_masks)
