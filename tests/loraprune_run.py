@@ -21,7 +21,7 @@ from prunetune.structure.units import Structure  # noqa: E402
 from prunetune.train import TrainSettings, make_accelerator, train  # noqa: E402
 
 
-def run(batch_size: int, steps: int = 12, distill: bool = False, **train_kwargs):
+def run(batch_size: int, steps: int = 12, distill: bool = False, memory_steps: int | None = 2, **train_kwargs):
     model = tiny_model("qwen2", intermediate_size=128)
     structure = Structure.of(model)
     torch.manual_seed(0)
@@ -39,7 +39,7 @@ def run(batch_size: int, steps: int = 12, distill: bool = False, **train_kwargs)
     if distill:  # the unpruned base as teacher, run once per micro-batch in every process
         teacher = self_teacher_for(model, pruner.masks_off, distill_settings)
     result = train(model, blocks, mask, settings, hooks=pruner, accelerator=accelerator, progress=False,
-                   teacher=teacher, distill=distill_settings)
+                   teacher=teacher, distill=distill_settings, memory_steps=memory_steps)
     masks = pruner.finish()
     return accelerator, model, structure, masks, pruner, result
 

@@ -21,7 +21,6 @@ also choose the rows of each batch (`train(..., sampler=...)`, dynamic batch loa
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -42,6 +41,7 @@ from .progress import track
 from .sharding import gather_to_main, is_fsdp, load_sharded, meta_twin, save_sharded, state_bytes
 
 CHECKPOINT_NAME = "checkpoint"
+MEMORY_STEPS = 2  # CPU: count tensor memory over the first two steps, where the peak is reached (see train)
 SHARDS = "shards"  # under FSDP: each process's shards of the weights and optimizer state (torch.distributed.checkpoint)
 TENSOR_MEMORY_KIND = "peak live tensor memory (CPU; weights, activations, gradients, optimizer state)"
 
@@ -139,6 +139,7 @@ class TrainResult:
     distill: dict | None = None  # with a teacher: its settings and what its passes cost
     processes: dict | None = None  # several processes: how they ran, each one's peak and held state
     held_bytes: dict | None = None  # this process's parameters, gradients and optimizer state at the end
+    memory_counted_steps: int | None = None  # CPU: the tensor peak is over this many first steps (None: all)
     # The trained model to use afterwards: the unwrapped model, or under FSDP a plain model with the
     # gathered weights on the main process and None on the others.
     model: nn.Module | None = field(default=None, repr=False)
@@ -152,6 +153,7 @@ class TrainResult:
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_memory_kind": self.peak_memory_kind,
             "peak_rss_bytes": self.peak_rss_bytes,
+            "memory_counted_steps": self.memory_counted_steps,
             "resumed_from_step": self.resumed_from_step,
         } | ({"distill": self.distill} if self.distill else {}) | ({"processes": self.processes} if self.processes else {})
 
@@ -257,7 +259,7 @@ def disable_checkpointing(model: nn.Module) -> None:
 def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, settings: TrainSettings, *,
           hooks: TrainHooks | None = None, accelerator=None, checkpoint_dir: Path | None = None,
           resume: bool = False, stop_after: int | None = None, progress: bool = True, log=None,
-          sampler=None, teacher=None, distill=None) -> TrainResult:
+          sampler=None, teacher=None, distill=None, memory_steps: int | None = MEMORY_STEPS) -> TrainResult:
     """Train the parameters of `model` that require grad for `settings.steps` optimizer steps.
 
     `sampler` (with `rows(step, micro)`) picks each micro-batch's rows of `blocks`; by default a
@@ -268,6 +270,12 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
 
     `checkpoint_dir/checkpoint` holds the latest checkpoint; with `resume` the run continues from it.
     `stop_after` ends the run early after that many steps (as if killed; used by tests).
+
+    On the CPU the peak tensor memory is counted over the first `memory_steps` steps of the run (None:
+    every step; 0: none, and the peak is the resident set's). Counting every tensor costs time (a LoRAPrune step took 1.44x as long), and the peak
+    is reached by then: the first step creates AdamW's state and the second runs with all of it, and
+    every later step repeats the second one's allocations (tests/test_train.py checks that the peak
+    over every step is the same).
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -300,7 +308,7 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
                                       scheduler, hooks, result, sharded)
         result.resumed_from_step = start_step
     measuring = reset_peak_memory()
-    tensor_memory = None if torch.cuda.is_available() else TensorMemory(
+    tensor_memory = None if torch.cuda.is_available() or memory_steps == 0 else TensorMemory(
         module_tensors(accelerator.unwrap_model(model)) + optimizer_tensors(optimizer))
     if teacher is not None:
         from .distill import DistillLoss
@@ -312,7 +320,10 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
     started = time.perf_counter()
     end = settings.steps if stop_after is None else min(settings.steps, stop_after)
     steps = range(start_step, end)
-    with tensor_memory or contextlib.nullcontext():
+    counting = tensor_memory is not None and len(steps) > 0
+    if counting:
+        tensor_memory.__enter__()
+    try:
         for step in track(steps, len(steps), "training", enabled=progress and accelerator.is_main_process):
             # dropout's draws depend on (seed, process, step) alone: a resumed run, in every process,
             # continues exactly as the uninterrupted one (checkpoints hold only the main process's state)
@@ -346,6 +357,13 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
                 log(f"step {step + 1}/{settings.steps}: loss {mean_loss:.4f}")
             if checkpoint and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0:
                 _save_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, hooks, step + 1, result)
+            if counting and memory_steps is not None and step + 1 - start_step >= memory_steps:
+                tensor_memory.__exit__(None, None, None)
+                counting = False
+                result.memory_counted_steps = memory_steps
+    finally:
+        if counting:
+            tensor_memory.__exit__(None, None, None)
     result.seconds = time.perf_counter() - started
     if teacher is not None:
         result.distill = objective.record(len(steps))

@@ -1,8 +1,8 @@
 """The `prunetune` command: parse, call the API, print. No logic lives here.
 
 One module per command group: pruning (prune, masks-agree), evaluation (eval, info, bench,
-bench-criterion, report), loram (the `loram` group), sheared (shear, train) and exporting (export,
-and the --export option the training commands share). None of them imports torch at module level,
+bench-criterion, report), loram (the `loram` group), sheared (shear, train), exporting (export,
+and the --export option the training commands share) and planning (plan). None of them imports torch at module level,
 so --help and argument errors answer at once.
 """
 
@@ -16,7 +16,7 @@ import click
 import typer
 
 from ..errors import UserError
-from . import evaluation, exporting, loram, pruning, sheared
+from . import evaluation, exporting, loram, planning, pruning, sheared
 
 app = typer.Typer(
     add_completion=False,
@@ -29,6 +29,7 @@ app.add_typer(evaluation.commands)
 app.add_typer(loram.commands, name="loram")
 app.add_typer(sheared.commands)
 app.add_typer(exporting.commands)
+app.add_typer(planning.commands)
 
 
 def _quiet_libraries() -> None:

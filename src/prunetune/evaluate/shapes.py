@@ -21,6 +21,27 @@ SHAPES: dict[str, dict] = {
     "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                       intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192,
                       tie_word_embeddings=False),
+    "llama-65b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=64,
+                      intermediate_size=22016, vocab_size=32000, max_position_embeddings=2048,
+                      tie_word_embeddings=False),
+    "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                      intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096,
+                      tie_word_embeddings=False),
+    "llama2-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                       intermediate_size=13824, vocab_size=32000, max_position_embeddings=4096,
+                       tie_word_embeddings=False),
+    "llama2-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                       intermediate_size=28672, vocab_size=32000, max_position_embeddings=4096,
+                       tie_word_embeddings=False),
+    "llama3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                        intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072,
+                        rope_theta=500000.0, tie_word_embeddings=False),
+    "llama3.1-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                         intermediate_size=28672, vocab_size=128256, max_position_embeddings=131072,
+                         rope_theta=500000.0, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+                       max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False),
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
                          tie_word_embeddings=True),
@@ -30,14 +51,15 @@ SHAPES: dict[str, dict] = {
 
 
 def shape_config(shape: str, seq_len: int = 0, **overrides):
-    """The LlamaConfig of a named shape, with at least `seq_len` positions."""
-    from transformers import LlamaConfig
+    """The config of a named shape (Llama unless the shape names another model type), with at least
+    `seq_len` positions."""
+    from transformers import AutoConfig
 
     if shape not in SHAPES:
         raise UserError(f"unknown shape '{shape}'; available: {', '.join(SHAPES)}")
     kwargs = dict(SHAPES[shape]) | overrides
     kwargs["max_position_embeddings"] = max(kwargs["max_position_embeddings"], seq_len)
-    return LlamaConfig(**kwargs)
+    return AutoConfig.for_model(kwargs.pop("model_type", "llama"), **kwargs)
 
 
 def random_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:

@@ -47,10 +47,12 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 class TensorMemory(TorchDispatchMode):
     """`with TensorMemory(existing): ...` then `.peak` (bytes). Each storage counts once, whatever
-    views of it exist; tensors on other devices (a GPU's have their own counter) are not counted."""
+    views of it exist; tensors on other devices (a GPU's have their own counter) are not counted.
+    `current` is what is live now, e.g. to split a peak into its parts."""
 
-    def __init__(self, existing: Iterable[torch.Tensor] = ()):
+    def __init__(self, existing: Iterable[torch.Tensor] = (), device: str = "cpu"):
         super().__init__()
+        self.device = device  # "meta": the planner's count of a step run on shapes alone (plan/)
         self._storages = WeakIdKeyDictionary()
         self.current = 0
         for tensor in existing:
@@ -58,7 +60,7 @@ class TensorMemory(TorchDispatchMode):
         self.peak = self.current
 
     def _count(self, tensor) -> None:
-        if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type != self.device:
             return
         tensor = local_tensor(tensor)  # an FSDP parameter: the shard this process holds
         try:

@@ -1,0 +1,82 @@
+"""What counting tensor memory costs a CPU training run: every step counted, the first two, none.
+
+The CPU stand-in for `torch.cuda.max_memory_allocated` watches every operator (a TorchDispatchMode),
+which slows each step it watches. `train()` therefore counts the first two steps only, where the peak
+is reached (tests/test_train_memory.py: the same peak as counting every step). This times six
+LoRAPrune steps (real SmolLM2-135M, LoRA, masks moving from the first step, batch 4 x 128, the
+issue's measurement) with the count on every step, on the first two (the default) and off, in
+alternation (A B C A B C ...) so that a drifting machine hits all three alike; medians and each
+mode's time over the uncounted run's.
+
+    python benchmarks/count_cost.py [--steps 6] [--repeats 3] [--json benchmarks/results/count_cost.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+
+import torch
+
+from prunetune import load_model
+from prunetune.data import load_blocks
+from prunetune.lora import LoraSettings, add_lora
+from prunetune.methods.loraprune.pruner import LoRAPruneSettings, LoRAPruner
+from prunetune.structure.allocate import parse_layers
+from prunetune.structure.units import Structure
+from prunetune.train import MEMORY_STEPS, TrainSettings, train
+
+MODES = {"every step": None, f"first {MEMORY_STEPS} steps (default)": MEMORY_STEPS, "off": 0}
+
+
+def one_run(memory_steps: int | None, args) -> dict:
+    model, tokenizer = load_model(args.model)
+    structure = Structure.of(model)
+    blocks, mask = load_blocks("builtin:pydoc", tokenizer, args.seq_len, default_split="train")
+    torch.manual_seed(0)
+    model = add_lora(model, LoraSettings())
+    pruner = LoRAPruner(model, structure, ratio=0.5, layers=parse_layers("paper", structure.num_layers),
+                        units=("heads", "channels"), head_unit="kv-group", round_to="auto", allocation="uniform",
+                        settings=LoRAPruneSettings(prune_every=1, warmup=0.0, cooldown=0.0), total_steps=args.steps)
+    run = train(model, blocks, mask, TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len),
+                hooks=pruner, progress=False, memory_steps=memory_steps)
+    return {"seconds": run.seconds, "peak_memory_bytes": run.peak_memory_bytes, "kind": run.peak_memory_kind}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    for repeat in range(args.repeats):
+        for mode, memory_steps in MODES.items():
+            runs[mode].append(one_run(memory_steps, args))
+            print(f"repeat {repeat + 1}, {mode}: {runs[mode][-1]['seconds']:.1f} s")
+    off = [r["seconds"] for r in runs["off"]]
+    summary = {}
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; {args.steps} LoRAPrune "
+          f"steps at batch {args.batch_size} x {args.seq_len}, {args.repeats} runs of each, alternating")
+    for mode, mode_runs in runs.items():
+        seconds = [r["seconds"] for r in mode_runs]
+        ratios = [s / o for s, o in zip(seconds, off)]
+        summary[mode] = {"median_seconds": statistics.median(seconds), "median_ratio_to_off": statistics.median(ratios),
+                         "peak_memory_bytes": mode_runs[0]["peak_memory_bytes"], "peak_memory_kind": mode_runs[0]["kind"],
+                         "runs": mode_runs}
+        print(f"{mode:>26}: median {summary[mode]['median_seconds']:.1f} s, {summary[mode]['median_ratio_to_off']:.2f}x "
+              f"the uncounted run; peak {mode_runs[0]['peak_memory_bytes'] / 2**20:.0f} MiB ({mode_runs[0]['kind']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                       "settings": vars(args), "modes": summary}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The measured side of the planner's check: the same method really run on random weights.
+
+`measure_method(config, settings)` builds the model of `config` with random weights on the CPU (or
+the GPU), sets it up as the method does, and returns the peak the project's own code measures:
+`train()`'s record for training steps (tensor memory over its first steps on the CPU,
+`torch.cuda.max_memory_allocated` on a GPU), the same count around Taylor's scoring pass. A
+quantized base goes through `load_model(quant=...)`, as a user's does, from a saved directory.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .planner import PlanSettings
+
+BLOCKS = 16  # random training blocks: enough for two steps at any planned batch
+
+
+def _model(config, settings: PlanSettings, device: torch.device, pruned: bool, quant: str | None,
+           tmp: Path) -> nn.Module:
+    from ..evaluate.shapes import placeholder_tokenizer, random_model
+    from ..models import load_model
+    from .planner import pruned_shape
+
+    dtype = getattr(torch, settings.dtype)
+    model = random_model(config, device, dtype)
+    if pruned:
+        pruned_shape(model, settings.ratio, settings.layers)
+    if not quant:
+        return model
+    model.save_pretrained(tmp / "model")
+    placeholder_tokenizer(config.vocab_size).save_pretrained(tmp / "model")
+    del model
+    return load_model(str(tmp / "model"), dtype=settings.dtype, device=str(device), quant=quant)[0]
+
+
+def measure_method(config, settings: PlanSettings, device: str = "cpu") -> dict:
+    """{step name: measured peak bytes} for the steps `plan_method` plans (one process)."""
+    from ..distill import DistillSettings, self_teacher_for
+    from ..lora import LoraSettings, add_lora
+    from ..methods.loraprune.pruner import LoRAPruneSettings, LoRAPruner
+    from ..structure.allocate import parse_layers
+    from ..structure.units import Structure
+    from ..train import TrainSettings, train
+
+    settings.check()
+    device = torch.device(device)
+    training = TrainSettings(steps=2, batch_size=settings.batch_size, seq_len=settings.seq_len,
+                             gradient_checkpointing=settings.gradient_checkpointing)
+    blocks = torch.randint(0, config.vocab_size, (BLOCKS * settings.batch_size, settings.seq_len),
+                           generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(blocks, dtype=torch.bool)
+    lora = LoraSettings(r=settings.lora_r, alpha=2 * settings.lora_r, dropout=0.05, dtype=settings.lora_dtype)
+    method = settings.method
+    measured = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if method == "taylor":
+            measured["scoring"] = _taylor_scoring_peak(_model(config, settings, device, False, None, Path(tmp)),
+                                                       blocks[: settings.batch_size].to(device))
+        pruned = method in ("loram", "qloram", "taylor")
+        model = _model(config, settings, device, pruned, settings.base_quant, Path(tmp))
+        hooks = teacher = None
+        if method in ("train", "shear"):
+            model.requires_grad_(True)
+        else:
+            torch.manual_seed(0)
+            model = add_lora(model, lora)
+        distill = DistillSettings(enabled=settings.distilled)
+        if method == "loraprune":
+            structure = Structure.of(model)
+            hooks = LoRAPruner(model, structure, ratio=settings.ratio,
+                               layers=parse_layers("paper", structure.num_layers), units=("heads", "channels"),
+                               head_unit="kv-group", round_to=1, allocation="uniform",
+                               settings=LoRAPruneSettings(), total_steps=100)
+            if settings.distilled:
+                teacher = self_teacher_for(model, hooks.masks_off, distill)
+        run = train(model, blocks, mask, training, hooks=hooks, progress=False, teacher=teacher, distill=distill)
+        measured["recovery" if method == "taylor" else "training"] = run.peak_memory_bytes
+    return measured
+
+
+def _taylor_scoring_peak(model: nn.Module, batch: torch.Tensor) -> int:
+    from ..evaluate.tensor_memory import TensorMemory, module_tensors
+    from ..importance.taylor import taylor_scores
+
+    if batch.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        taylor_scores(model, [batch])
+        return torch.cuda.max_memory_allocated()
+    with TensorMemory(module_tensors(model)) as memory:
+        taylor_scores(model, [batch])
+    return memory.peak

@@ -1,0 +1,306 @@
+"""`prunetune plan`: the peak training memory of a method on a model, from its config alone.
+
+Each plan builds the model on the meta device at the dtypes the run uses, sets it up as the method
+does (LoRA, a quantized base, the pruned shapes, LoRAPrune's criterion and self-distillation,
+Taylor's weight gradients, full-parameter training) and runs two of its training steps there, the
+first creating AdamW's state and the second running with all of it (meta_step.py). The breakdown
+comes from the same count: what is held before the step (weights, quantization state, adapters,
+optimizer state), the activations the forward keeps for the backward, the gradients, the loss
+chunk, the criterion's temporaries, and the peak.
+
+Several processes are modelled from the one-process plan at the per-process batch: DDP adds its
+gradient buckets (a second copy of the gradients); FSDP divides the weights, gradients and optimizer
+state by the processes and adds the units it gathers whole while they run (the root unit, i.e. the
+embeddings, final norm and head, for the whole step; two decoder layers' weights, the next one
+prefetched, and one layer's gradients).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..lm_loss import CHUNK_ELEMENTS, MIN_CHUNK
+from .meta_step import META, meta_memory, planning, quant_state_bytes, quantize_projections
+
+METHODS = ("lora", "loraprune", "taylor", "loram", "qloram", "shear", "train")
+SHAPE_PREFIX = "shape:"
+PLANNED_STEPS = 2  # the first creates AdamW's state, the second runs with all of it (train.MEMORY_STEPS)
+
+
+@dataclass
+class PlanSettings:
+    method: str = "lora"
+    ratio: float = 0.5  # loram, qloram: the structured ratio of the pruned model; taylor: of its recovery
+    quant: str | None = None  # 8bit or nf4 base (qloram: nf4)
+    batch_size: int = 4  # per process
+    seq_len: int = 256
+    gradient_checkpointing: bool = False
+    processes: int = 1
+    fsdp: bool = False
+    dtype: str = "bfloat16"  # the weights' dtype: what `--dtype auto` loads on a GPU
+    lora_r: int = 8
+    lora_dtype: str = "float32"  # PEFT's default on a bf16 base; "base": the weights' dtype
+    distill: bool | None = None  # None: on for loraprune (prunetune's default), off otherwise
+    layers: str = "paper"  # the pruned layers of loram / qloram / taylor's recovery
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown --method '{self.method}'; use {', '.join(METHODS)}")
+        if self.quant not in (None, "8bit", "nf4"):
+            raise UserError(f"unknown --quant '{self.quant}'; use 8bit or nf4")
+        if self.quant and self.method in ("taylor", "shear", "train"):
+            raise UserError(f"--method {self.method} trains or differentiates every weight; it takes no --quant")
+        if not 0 < self.ratio < 1:
+            raise UserError(f"--ratio must be in (0, 1), got {self.ratio}")
+        if self.batch_size < 1 or self.seq_len < 2 or self.processes < 1:
+            raise UserError("--batch-size and --processes must be at least 1, --seq-len at least 2")
+        if self.fsdp and self.processes < 2:
+            raise UserError("--fsdp needs --processes of at least 2")
+        if self.fsdp and (self.quant or self.method == "qloram"):
+            raise UserError("FSDP shards plain weights; a quantized base runs in one process or under DDP")
+
+    @property
+    def base_quant(self) -> str | None:
+        return "nf4" if self.method == "qloram" else self.quant
+
+    @property
+    def distilled(self) -> bool:
+        return self.method == "loraprune" if self.distill is None else self.distill
+
+
+def resolve_config(spec: str):
+    """The config of `shape:NAME` (a named shape), a local directory, a built-in model or a hub id."""
+    from ..models import check_architecture, load_config, resolve_model_spec
+
+    if spec.startswith(SHAPE_PREFIX):
+        from ..evaluate.shapes import shape_config
+
+        config = shape_config(spec[len(SHAPE_PREFIX):])
+    else:
+        config = load_config(resolve_model_spec(spec))
+    check_architecture(config)
+    return config
+
+
+def parse_memory(text: str) -> int:
+    """'24GiB', '80GB', '20 GiB', '512MiB' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B)\s*", text or "", flags=re.IGNORECASE)
+    if not match:
+        raise UserError(f"--gpu-memory '{text}': give a size like 24GiB or 80GB")
+    unit = match.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(match.group(1)) * base ** ("KMGT".index(unit[0]) + 1))
+
+
+# ------------------------------------------------------------------------------------------ the model
+def _meta_model(config, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(META):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def pruned_shape(model: nn.Module, ratio: float, layer_spec: str) -> nn.Module:
+    """Cut `model` (meta) to the kept counts uniform allocation gives at `ratio` in `layer_spec`'s layers."""
+    from ..importance.scores import LayerScores
+    from ..structure.allocate import masks_from_counts, parse_layers, target_counts
+    from ..structure.surgery import cut
+    from ..structure.units import Structure
+
+    structure = Structure.of(model)
+    layers = parse_layers(layer_spec, structure.num_layers)
+    counts = target_counts(structure, ratio, layers)
+    equal = [LayerScores(torch.ones(s.num_heads), torch.ones(s.num_kv_heads), torch.ones(s.intermediate))
+             for s in structure.layers]
+    cut(model, masks_from_counts(structure, equal, counts))
+    return model
+
+
+def _with_lora(model: nn.Module, settings: PlanSettings) -> nn.Module:
+    from ..lora import LoraSettings, add_lora
+
+    with torch.device(META):
+        return add_lora(model, LoraSettings(r=settings.lora_r, alpha=2 * settings.lora_r, dropout=0.05,
+                                            dtype=settings.lora_dtype))
+
+
+def _bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+# ------------------------------------------------------------------------------------------ a step
+@dataclass
+class StepPlan:
+    """One planned step's parts (bytes) and its peak."""
+
+    frozen_weights: int = 0
+    quant_state: int = 0
+    trainable_weights: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    loss_chunk: int = 0
+    criterion: int = 0
+    peak: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_training_step(model: nn.Module, settings: PlanSettings, loraprune: bool = False) -> StepPlan:
+    """Two training steps of `model` (meta; what requires grad is trained) at the settings' batch."""
+    from ..distill import DistillLoss, DistillSettings, self_teacher_for
+    from ..evaluate.tensor_memory import module_tensors, optimizer_tensors
+    from ..lm_loss import ChunkedLoss
+    from ..train import enable_checkpointing
+
+    import contextlib
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if settings.gradient_checkpointing:
+        enable_checkpointing(model)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    if settings.distilled:
+        distill = DistillSettings(enabled=True)
+        objective = DistillLoss(model, self_teacher_for(model, contextlib.nullcontext, distill), distill)
+    else:
+        objective = ChunkedLoss(model)
+    ids = torch.zeros(settings.batch_size, settings.seq_len, dtype=torch.long, device=META)
+    plan = StepPlan()
+    memory = meta_memory(module_tensors(model) + optimizer_tensors(optimizer))
+    model.train()
+    with planning(), memory:
+        for _ in range(PLANNED_STEPS):
+            before = memory.current
+            loss = objective(ids, ids)
+            plan.activations = memory.current - before
+            loss.backward()
+            plan.gradients = _bytes(p.grad for p in params)
+            if loraprune:  # LoRAPrune scores every step, after the backward (before the optimizer step)
+                held, peak = memory.current, memory.peak
+                memory.peak = held
+                _criterion_temporaries(model)
+                plan.criterion = memory.peak - held
+                memory.peak = max(peak, memory.peak)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    plan.peak = memory.peak
+    trainable = {id(p) for p in params}
+    plan.trainable_weights = _bytes(params)
+    plan.quant_state = quant_state_bytes(model)
+    plan.frozen_weights = _bytes([p for p in model.parameters() if id(p) not in trainable]
+                                 + list(model.buffers())) - plan.quant_state
+    plan.optimizer = _bytes(optimizer_tensors(optimizer))
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    chunk = max(MIN_CHUNK, CHUNK_ELEMENTS // (vocab * (2 if settings.distilled else 1)))
+    plan.loss_chunk = chunk * vocab * 4 * (2 if settings.distilled else 1)  # fp32 logits of one chunk
+    return plan
+
+
+def _criterion_temporaries(model: nn.Module) -> None:
+    """LoRAPrune's criterion as `lora_guided_scores` runs it, projection by projection (a quantized
+    weight de-quantized for it), keeping the per-unit scores on the meta device."""
+    from ..importance.lora_guided import projection_unit_scores
+    from ..lora import lora_matrices
+    from ..structure.units import decoder_layers
+    from .meta_step import planned_dense_weight
+
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            for lora in lora_matrices(layer):
+                W = planned_dense_weight(lora.module)
+                projection_unit_scores(lora.name, W, lora.A, lora.B, lora.A.grad, lora.B.grad, lora.scaling,
+                                       layer.self_attn.head_dim)
+                del W
+
+
+def plan_taylor_scoring(model: nn.Module, settings: PlanSettings) -> StepPlan:
+    """Taylor's scoring pass: every projection weight gets a gradient; the loss builds the full logits."""
+    from ..evaluate.tensor_memory import module_tensors
+    from ..importance.taylor import weight_gradients
+    from ..structure.units import PROJECTIONS, base_linear, decoder_layers, projection
+
+    ids = torch.zeros(settings.batch_size, settings.seq_len, dtype=torch.long, device=META)
+    weights = [base_linear(projection(layer, n)).weight for layer in decoder_layers(model) for n in PROJECTIONS]
+    plan = StepPlan()
+    memory = meta_memory(module_tensors(model))
+    with planning(), memory:
+        with weight_gradients(model, [ids]):
+            plan.gradients = _bytes(w.grad for w in weights)
+            largest = max(weights, key=lambda w: w.numel())
+            held = memory.current
+            per_weight = (largest.float() * largest.grad.float()).abs()  # one projection's scores at a time
+            plan.criterion = memory.current - held
+            del per_weight
+    plan.peak = max(memory.peak, held + plan.criterion)
+    plan.frozen_weights = _bytes(list(model.parameters()) + list(model.buffers()))
+    plan.activations = plan.peak - plan.frozen_weights - plan.gradients - plan.criterion
+    plan.notes.append("activations: the forward's and the full logits' (the scoring pass uses the model's own loss)")
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ methods
+def plan_method(config, settings: PlanSettings) -> dict:
+    """The plan of `settings.method` on `config`: its steps' breakdowns and the per-process peak."""
+    settings.check()
+    dtype = getattr(torch, settings.dtype)
+    steps: dict[str, StepPlan] = {}
+    method = settings.method
+    if method in ("train", "shear"):
+        model = _meta_model(config, dtype)
+        model.requires_grad_(True)
+        steps["training"] = plan_training_step(model, settings)
+        if method == "shear":
+            steps["training"].notes.append("the mask logits and multipliers (one value per unit) are left out")
+    elif method == "taylor":
+        steps["scoring"] = plan_taylor_scoring(_meta_model(config, dtype), settings)
+        model = _with_lora(pruned_shape(_meta_model(config, dtype), settings.ratio, settings.layers), settings)
+        steps["recovery"] = plan_training_step(model, settings)
+    else:  # LoRA on the full model (lora, loraprune) or on the pruned one (loram, qloram)
+        model = _meta_model(config, dtype)
+        if method in ("loram", "qloram"):
+            pruned_shape(model, settings.ratio, settings.layers)
+        if settings.base_quant:
+            quantize_projections(model, settings.base_quant, dtype)
+        model = _with_lora(model, settings)
+        steps["training"] = plan_training_step(model, settings, loraprune=method == "loraprune")
+    per_process = {name: _per_process(step, settings, config) for name, step in steps.items()}
+    peak_step = max(per_process, key=lambda name: per_process[name]["peak"])
+    return {"method": method, "settings": asdict(settings), "steps": {n: asdict(s) for n, s in steps.items()},
+            "per_process": per_process, "peak": per_process[peak_step]["peak"], "peak_step": peak_step,
+            "parameters": _parameter_count(config)}
+
+
+def _parameter_count(config) -> int:
+    from ..structure.units import count_parameters
+
+    return count_parameters(_meta_model(config, torch.bfloat16))["total"]
+
+
+def _per_process(step: StepPlan, settings: PlanSettings, config) -> dict:
+    """A step's peak per process under DDP or FSDP, from its one-process plan."""
+    if settings.processes == 1:
+        return {"peak": step.peak, "mode": "one process"}
+    if not settings.fsdp:
+        return {"peak": step.peak + step.gradients, "mode": "DDP", "gradient_buckets": step.gradients}
+    state = step.frozen_weights + step.trainable_weights + step.optimizer + step.gradients
+    sharded = -(-state // settings.processes)
+    hidden, vocab = config.hidden_size, config.vocab_size
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * config.intermediate_size + 2 * hidden
+    root = vocab * hidden * (1 if config.tie_word_embeddings else 2) + hidden
+    value = torch.empty(0, dtype=getattr(torch, settings.dtype)).element_size()
+    gathered = value * (root + 2 * layer) + (value * (root + layer) if settings.method in ("train", "shear") else 0)
+    return {"peak": step.peak - state + sharded + gathered, "mode": f"FSDP on {settings.processes}",
+            "sharded_state": sharded, "gathered_units": gathered}
