@@ -81,6 +81,17 @@ def test_fsdp_lora_training_matches_one_process(tmp_path):
     assert two["held"]["parameters"] <= 0.55 * one["held"]["parameters"]  # the frozen base is sharded too
 
 
+def test_fsdp_with_checkpointing_and_accumulation_follows_one_process(tmp_path):
+    """Activation checkpointing and two micro-batches per step under FSDP: the same loss curve and weights
+    as one process with the same global batch."""
+    extra = ("--gradient-checkpointing", "--grad-accum", "2")
+    one = _train_run(tmp_path, "one", 2, *extra, processes=1)
+    two = _train_run(tmp_path, "two", 1, *extra)
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    for name, value in one["weights"].items():
+        assert two["weights"][name] == pytest.approx(value, abs=1e-4), name
+
+
 def test_fsdp_train_command_saves_a_stock_loadable_model(tmp_path):
     """`accelerate launch --config_file fsdp.yaml -m prunetune.cli train`: the same directory one process
     writes, gathered on the main process."""
