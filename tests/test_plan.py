@@ -34,6 +34,26 @@ def test_plan_matches_the_measured_peak(shape, method, checkpointing):
         assert plan["steps"][step]["peak"] == pytest.approx(value, rel=BOUND), step
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_plan_of_an_8bit_base_is_close(checkpointing):
+    """bitsandbytes' int8 product is modelled from measurement (its fp16 copies), not run: within 10%."""
+    config = SHAPES["llama"]()
+    settings = PlanSettings(method="lora", quant="8bit", batch_size=2, seq_len=48, dtype="float32",
+                            gradient_checkpointing=checkpointing)
+    measured = measure_method(config, settings)["training"]
+    assert plan_method(config, settings)["peak"] == pytest.approx(measured, rel=0.10)
+
+
+def test_planning_leaves_the_config_as_it_was():
+    """A model keeps its config object and cutting changes it: plans and measurements build from copies."""
+    config = SHAPES["llama"]()
+    before = config.to_dict()
+    settings = PlanSettings(method="loram", batch_size=1, seq_len=16, dtype="float32", layers="all")
+    plan_method(config, settings)
+    measure_method(config, settings)
+    assert config.to_dict() == before
+
+
 def test_plan_on_the_real_default_model_matches_a_lora_step():
     from prunetune.plan import resolve_config
 

@@ -9,6 +9,7 @@ quantized base goes through `load_model(quant=...)`, as a user's does, from a sa
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def _model(config, settings: PlanSettings, device: torch.device, pruned: bool, q
     from .planner import pruned_shape
 
     dtype = getattr(torch, settings.dtype)
-    model = random_model(config, device, dtype)
+    model = random_model(copy.deepcopy(config), device, dtype)  # a copy: cutting the model changes its config
     if pruned:
         pruned_shape(model, settings.ratio, settings.layers)
     if not quant:
@@ -94,3 +95,27 @@ def _taylor_scoring_peak(model: nn.Module, batch: torch.Tensor) -> int:
     with TensorMemory(module_tensors(model)) as memory:
         taylor_scores(model, [batch])
     return memory.peak
+
+
+def measure_criterion_step(config, variant: str, batch_size: int, seq_len: int, dtype: str = "bfloat16") -> int:
+    """Peak tensor memory (CPU) of one scoring step: `taylor` (every projection weight gets a gradient,
+    then |W ⊙ ∂L/∂W| per unit), `lora-guided` (a LoRA's gradients, then LoRAPrune's criterion) or
+    `lora-guided-8bit` (the same on an 8-bit base). Forward and backward use the model's own loss, as
+    LLM-Pruner's criterion does; the weights and the adapter count from the start."""
+    from ..evaluate.tensor_memory import TensorMemory, module_tensors
+    from ..importance.lora_guided import lora_guided_scores
+    from ..lora import LoraSettings, add_lora
+
+    settings = PlanSettings(method="lora", batch_size=batch_size, seq_len=seq_len, dtype=dtype)
+    batch = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        quant = "8bit" if variant == "lora-guided-8bit" else None
+        model = _model(config, settings, torch.device("cpu"), False, quant, Path(tmp))
+        if variant == "taylor":
+            return _taylor_scoring_peak(model, batch)
+        torch.manual_seed(0)
+        model = add_lora(model, LoraSettings(dropout=0.0))
+        with TensorMemory(module_tensors(model)) as memory:
+            model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+            lora_guided_scores(model)
+        return memory.peak

@@ -70,6 +70,27 @@ QUANT_BYTES = {
 }
 
 
+class _Int8Linear(torch.autograd.Function):
+    """y = x Wᵀ as bitsandbytes' LLM.int8() product runs it: int8 arithmetic on the packed weight (no
+    de-quantized copy), in fp16: the input's fp16 copy is kept for the backward, and the output (and
+    in the backward the gradient) pass through fp16 copies (measured on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, shape):
+        ctx.shape = shape
+        ctx.kept = x.to(torch.float16)
+        out = torch.empty(*x.shape[:-1], shape[0], dtype=torch.float16, device=x.device)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.kept = None
+        grad16 = grad.to(torch.float16)
+        grad_x = torch.empty(*grad.shape[:-1], ctx.shape[1], dtype=torch.float16, device=grad.device)
+        del grad16
+        return grad_x.to(grad.dtype), None
+
+
 class _DequantizedLinear(torch.autograd.Function):
     """y = x Wᵀ with W made for the product and dropped after it, in the forward and again in the
     backward (bitsandbytes keeps only the packed weight for the backward)."""
@@ -103,8 +124,10 @@ def plan_quantized(linear: nn.Linear, quant: str, compute_dtype: torch.dtype) ->
         linear.register_buffer("code", torch.empty(256, dtype=torch.float32, device=META))
     linear.planned_shape = shape
 
+    product = _Int8Linear if quant == "8bit" else _DequantizedLinear
+
     def forward(x):
-        out = _DequantizedLinear.apply(x.to(compute_dtype), shape)
+        out = product.apply(x.to(compute_dtype), shape)
         return out if linear.bias is None else out + linear.bias
 
     linear.forward = forward

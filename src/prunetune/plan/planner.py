@@ -17,6 +17,7 @@ prefetched, and one layer's gradients).
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -99,10 +100,12 @@ def parse_memory(text: str) -> int:
 
 # ------------------------------------------------------------------------------------------ the model
 def _meta_model(config, dtype: torch.dtype) -> nn.Module:
+    """A model of `config` on the meta device, built from a copy: a model keeps its config object, and
+    cutting the model changes it."""
     from transformers import AutoModelForCausalLM
 
     with torch.device(META):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
 
 
 def pruned_shape(model: nn.Module, ratio: float, layer_spec: str) -> nn.Module:
