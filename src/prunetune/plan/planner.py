@@ -17,6 +17,7 @@ prefetched, and one layer's gradients).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from dataclasses import asdict, dataclass, field
@@ -165,8 +166,6 @@ def plan_training_step(model: nn.Module, settings: PlanSettings, loraprune: bool
     from ..evaluate.tensor_memory import module_tensors, optimizer_tensors
     from ..lm_loss import ChunkedLoss
     from ..train import enable_checkpointing
-
-    import contextlib
 
     params = [p for p in model.parameters() if p.requires_grad]
     if settings.gradient_checkpointing:
