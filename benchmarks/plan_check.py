@@ -36,6 +36,7 @@ SHAPES = {
         "qwen2.5-7b", seq, hidden_size=512, intermediate_size=2688, num_attention_heads=4, num_key_value_heads=1,
         num_hidden_layers=4, vocab_size=4096),
 }
+QUICK = {"tiny": lambda seq: shape_config("tiny", seq)}  # --quick: a check of the script itself
 METHODS = ("lora", "loraprune", "taylor", "loram", "qloram", "train")
 TARGET = 0.10
 
@@ -45,12 +46,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,4")
     parser.add_argument("--json", default=str(HERE / "results" / "plan_check.json"))
+    parser.add_argument("--quick", action="store_true", help="the tiny shape only (checks the script)")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     dtype = "bfloat16" if gpu else "float32"
     rows = []
-    for shape, make in SHAPES.items():
+    for shape, make in (QUICK if args.quick else SHAPES).items():
         config = make(args.seq_len)
         for method in METHODS:
             for checkpointing in (False, True):

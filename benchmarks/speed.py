@@ -52,6 +52,7 @@ DEFAULT_ROUNDED = ("pruned-20", "pruned-50")
 
 def parse_args(gpu: bool) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama-7b", help="named shape of the random model (tiny: a quick check)")
     parser.add_argument("--layers", type=int, default=32 if gpu else 2, help="decoder layers (LLaMA-7B: 32)")
     parser.add_argument("--prompt-len", type=int, default=2048 if gpu else 512)
     parser.add_argument("--decode-tokens", type=int, default=128 if gpu else 32)
@@ -68,8 +69,8 @@ def parse_args(gpu: bool) -> argparse.Namespace:
 
 def build_models(work: Path, args, console: Console) -> None:
     if not (work / "dense" / "config.json").exists():
-        config = shape_config("llama-7b", num_hidden_layers=args.layers, max_position_embeddings=4096)
-        console.print(f"saving a random LLaMA-7B-shaped model ({args.layers} layers, {args.save_dtype}) "
+        config = shape_config(args.shape, num_hidden_layers=args.layers, max_position_embeddings=4096)
+        console.print(f"saving a random {args.shape}-shaped model ({args.layers} layers, {args.save_dtype}) "
                       f"to {work / 'dense'}")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         save_random_model(config, work / "dense", getattr(torch, args.save_dtype), device=device)
