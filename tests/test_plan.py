@@ -100,6 +100,7 @@ def test_plan_command_prints_the_breakdown_and_the_fits(tmp_path):
     (["--gpu-memory", "lots"], "--gpu-memory"),
     (["--method", "train", "--quant", "nf4"], "no --quant"),
     (["--processes", "1", "--fsdp"], "--fsdp"),
+    (["--method", "loram", "--layers", "7-99"], "layer"),
 ])
 def test_bad_plan_options_are_one_line(tmp_path, args, message, no_model_load):
     assert_user_error(run_cli("plan", "shape:tiny", *args, cwd=tmp_path), message)

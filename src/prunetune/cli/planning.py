@@ -27,6 +27,7 @@ def plan_command(
                                           "qwen2.5-7b, llama-7b, llama-65b, smollm2-135m, ...)."),
     method: str = typer.Option("lora", help="lora, loraprune, taylor, loram, qloram, shear or train."),
     ratio: float = typer.Option(0.5, help="loram/qloram: the pruned model's structured ratio; taylor: its recovery's."),
+    layers: str = typer.Option("paper", help="loram/qloram/taylor: the pruned layers (paper, all, or e.g. 4-77)."),
     quant: Optional[str] = typer.Option(None, help="A quantized base: 8bit or nf4 (qloram is nf4)."),
     batch_size: int = typer.Option(4, help="Sequences per micro-batch, per process."),
     seq_len: int = typer.Option(256, help="Tokens per sequence."),
@@ -47,13 +48,15 @@ def plan_command(
     from dataclasses import replace
 
     from ..plan import PlanSettings, parse_memory, plan_method, resolve_config
+    from ..structure.allocate import parse_layers
 
     settings = PlanSettings(method=method, ratio=ratio, quant=quant, batch_size=batch_size, seq_len=seq_len,
                             gradient_checkpointing=gradient_checkpointing, processes=processes, fsdp=fsdp,
-                            dtype=dtype, lora_r=lora_r, lora_dtype=lora_dtype, distill=distill)
+                            dtype=dtype, lora_r=lora_r, lora_dtype=lora_dtype, distill=distill, layers=layers)
     settings.check()
-    budget = parse_memory(gpu_memory) if gpu_memory is not None else None
     config = resolve_config(model)
+    parse_layers(layers, int(config.num_hidden_layers))  # a bad --layers is one line, before any planning
+    budget = parse_memory(gpu_memory) if gpu_memory is not None else None
     result = plan_method(config, settings)
     _print_plan(model, result)
     if budget is not None:
