@@ -97,10 +97,12 @@ def _taylor_scoring_peak(model: nn.Module, batch: torch.Tensor) -> int:
     return memory.peak
 
 
-def measure_criterion_step(config, variant: str, batch_size: int, seq_len: int, dtype: str = "bfloat16") -> int:
+def measure_criterion_step(config, variant: str, batch_size: int, seq_len: int, dtype: str = "bfloat16",
+                           lora_dtype: str = "float32") -> int:
     """Peak tensor memory (CPU) of one scoring step: `taylor` (every projection weight gets a gradient,
     then |W ⊙ ∂L/∂W| per unit), `lora-guided` (a LoRA's gradients, then LoRAPrune's criterion) or
-    `lora-guided-8bit` (the same on an 8-bit base). Forward and backward use the model's own loss, as
+    `lora-guided-8bit` (the same on an 8-bit base), the adapter in fp32 (PEFT's default) or with
+    `lora_dtype="base"` in the weights' dtype. Forward and backward use the model's own loss, as
     LLM-Pruner's criterion does; the weights and the adapter count from the start."""
     from ..evaluate.tensor_memory import TensorMemory, module_tensors
     from ..importance.lora_guided import lora_guided_scores
@@ -114,7 +116,7 @@ def measure_criterion_step(config, variant: str, batch_size: int, seq_len: int, 
         if variant == "taylor":
             return _taylor_scoring_peak(model, batch)
         torch.manual_seed(0)
-        model = add_lora(model, LoraSettings(dropout=0.0))
+        model = add_lora(model, LoraSettings(dropout=0.0, dtype=lora_dtype))
         with TensorMemory(module_tensors(model)) as memory:
             model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
             lora_guided_scores(model)
