@@ -12,6 +12,11 @@
 `--qloram-only` skips the LoRAM run and its ablation: it prunes and aligns the same way, trains the NF4
 adapter and the full-model baseline, and compares those two (about 1 h on 2 CPU cores instead of 1.5).
 
+`--cells` runs the 20% and 35% cells (issue 17): each ratio with and without alignment, and at 35%
+alignment at a lower learning rate, with fewer steps, and on text mixed from both domains; each cell
+is the recovered adapter on the full model, evaluated as the 50% row is, and goes to
+benchmarks/results/loram_cells.json as soon as it ends (finished cells are skipped next time).
+
 `--memory-only N` trains each adapter for N steps only, on the (unaligned) pruned model, to read the
 three training peaks quickly: the peak comes in the first steps and does not depend on alignment.
 
@@ -129,6 +134,82 @@ def memory_only(args, run: Path) -> None:
               "baseline's")
 
 
+# --cells: the paper's "scaling law of parameter reduction" in small. Each cell is a ratio and how the
+# pruned model was aligned before the adapter trained on it; every finished cell goes to the results
+# file at once and is skipped on the next run, so the table can be finished across sessions.
+ALIGNMENTS = {
+    "aligned": {"lr": "1e-4", "steps": None, "data": "builtin:pydoc"},  # the 50% row's alignment
+    "unaligned": None,
+    "aligned-lr1e-5": {"lr": "1e-5", "steps": None, "data": "builtin:pydoc"},
+    "aligned-25-steps": {"lr": "1e-4", "steps": 25, "data": "builtin:pydoc"},
+    "aligned-mixed": {"lr": "1e-4", "steps": None, "data": "MIXED"},  # both domains' training text
+}
+CELLS = [(0.2, "aligned"), (0.2, "unaligned"), (0.35, "aligned"), (0.35, "unaligned"),
+         (0.35, "aligned-lr1e-5"), (0.35, "aligned-25-steps"), (0.35, "aligned-mixed")]
+CELL_RESULTS = Path(__file__).resolve().parent / "results" / "loram_cells.json"
+
+
+def mixed_data(out: Path) -> Path:
+    """The training text of both built-in domains in one local file (its last tenth is held out)."""
+    from prunetune.data import load_examples
+
+    path = out / "mixed-domains.txt"
+    if not path.exists():
+        texts = [e.prompt + e.response for spec in ("builtin:pydoc@train", "builtin:stdlib-code@train")
+                 for e in load_examples(spec)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n\n".join(texts))
+    return path
+
+
+def run_cell(args, ratio: float, alignment: str) -> dict:
+    """Prune at `ratio` (shared by the ratio's cells), align as `alignment` says, train the adapter on
+    stdlib-code, recover it onto the full model and evaluate there."""
+    base = args.out / f"cells-{ratio}"
+    pruned = base / "pruned"
+    if not (pruned / "prunetune.json").exists():
+        prunetune("loram", "prune", "smollm2-135m", "--ratio", ratio, "--method", "stru", "--data", "builtin:pydoc",
+                  "--out", pruned, "--overwrite")
+    trained_on = pruned
+    how = ALIGNMENTS[alignment]
+    if how is not None:
+        trained_on = base / alignment
+        data = mixed_data(args.out) if how["data"] == "MIXED" else how["data"]
+        if not (trained_on / "prunetune.json").exists():
+            prunetune("loram", "align", pruned, "--data", data, "--steps", how["steps"] or args.align_steps,
+                      "--lr", how["lr"], *COMMON, "--out", trained_on, "--overwrite")
+    adapter = base / f"adapter-{alignment}"
+    if not (adapter / "prunetune.json").exists():
+        prunetune("loram", "train", trained_on, "--data", "builtin:stdlib-code", "--steps", args.steps, "--lr", "5e-4",
+                  *COMMON, "--out", adapter, "--overwrite")
+    full = base / f"full-adapter-{alignment}"
+    if not (full / "adapter_config.json").exists():
+        prunetune("loram", "recover", adapter, "--pruned", trained_on, "--full", "smollm2-135m", "--out", full,
+                  "--overwrite")
+    record = json.loads((adapter / "prunetune.json").read_text())
+    return evaluate("smollm2-135m", full, args.max_windows) | {
+        "ratio": ratio, "alignment": alignment, "alignment_settings": how,
+        "reduction_ratio": record["parameters"]["reduction_ratio"],
+        "peak_memory_bytes": record["training"]["peak_memory_bytes"], "train_seconds": record["training"]["seconds"]}
+
+
+def cells(args) -> None:
+    results_path = args.results
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"cells": {}}
+    for ratio, alignment in CELLS:
+        key = f"{ratio}/{alignment}"
+        if key in results["cells"]:
+            continue
+        print(f"== cell {key}", flush=True)
+        results["cells"][key] = run_cell(args, ratio, alignment)
+        results["settings"] = {"steps": args.steps, "align_steps": args.align_steps, "max_windows": args.max_windows,
+                               "batch": COMMON}
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1))
+        cell = results["cells"][key]
+        print(f"{key}: in-domain {cell['in_domain']:.3f}, out-of-domain {cell['out_of_domain']:.3f}", flush=True)
+
+
 def print_table(rows: dict, baseline: dict, untouched: dict) -> None:
     gain = untouched["in_domain"] - baseline["in_domain"]
     print("\n| configuration | in-domain ppl (stdlib-code) | out-of-domain ppl (pydoc) | share of baseline gain | "
@@ -151,7 +232,13 @@ def main() -> None:
     parser.add_argument("--qloram-only", action="store_true", help="only the NF4 adapter against the baseline")
     parser.add_argument("--memory-only", type=int, default=0, metavar="N",
                         help="only the three training peaks, after N steps each")
+    parser.add_argument("--cells", action="store_true",
+                        help="the 20%% and 35%% cells (with and without alignment, and alignment variants at 35%%)")
+    parser.add_argument("--results", type=Path, default=CELL_RESULTS, help="where --cells keeps finished cells")
     args = parser.parse_args()
+    if args.cells:
+        cells(args)
+        return
     run = args.out / "loram50"
     if args.memory_only:
         memory_only(args, run)
