@@ -20,27 +20,15 @@ import platform
 import statistics
 
 import torch
+from distill_cost import loraprune_setup  # the same LoRAPrune set-up (benchmarks/ is the script's directory)
 
-from prunetune import load_model
-from prunetune.data import load_blocks
-from prunetune.lora import LoraSettings, add_lora
-from prunetune.methods.loraprune.pruner import LoRAPruneSettings, LoRAPruner
-from prunetune.structure.allocate import parse_layers
-from prunetune.structure.units import Structure
 from prunetune.train import MEMORY_STEPS, TrainSettings, train
 
 MODES = {"every step": None, f"first {MEMORY_STEPS} steps (default)": MEMORY_STEPS, "off": 0}
 
 
 def one_run(memory_steps: int | None, args) -> dict:
-    model, tokenizer = load_model(args.model)
-    structure = Structure.of(model)
-    blocks, mask = load_blocks("builtin:pydoc", tokenizer, args.seq_len, default_split="train")
-    torch.manual_seed(0)
-    model = add_lora(model, LoraSettings())
-    pruner = LoRAPruner(model, structure, ratio=0.5, layers=parse_layers("paper", structure.num_layers),
-                        units=("heads", "channels"), head_unit="kv-group", round_to="auto", allocation="uniform",
-                        settings=LoRAPruneSettings(prune_every=1, warmup=0.0, cooldown=0.0), total_steps=args.steps)
+    model, pruner, blocks, mask = loraprune_setup(args.model, args.seq_len, args.steps)
     run = train(model, blocks, mask, TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len),
                 hooks=pruner, progress=False, memory_steps=memory_steps)
     return {"seconds": run.seconds, "peak_memory_bytes": run.peak_memory_bytes, "kind": run.peak_memory_kind}

@@ -27,15 +27,22 @@ from prunetune.structure.units import Structure
 from prunetune.train import TrainSettings, train
 
 
-def one_run(distill: bool, args) -> dict:
-    model, tokenizer = load_model(args.model)
+def loraprune_setup(model_spec: str, seq_len: int, steps: int):
+    """The real model with LoRA and a LoRAPrune schedule at 50% whose masks move from the first step,
+    and the pydoc training blocks: (model, pruner, blocks, mask). benchmarks/count_cost.py uses it too."""
+    model, tokenizer = load_model(model_spec)
     structure = Structure.of(model)
-    blocks, mask = load_blocks("builtin:pydoc", tokenizer, args.seq_len, default_split="train")
+    blocks, mask = load_blocks("builtin:pydoc", tokenizer, seq_len, default_split="train")
     torch.manual_seed(0)
     model = add_lora(model, LoraSettings())
     pruner = LoRAPruner(model, structure, ratio=0.5, layers=parse_layers("paper", structure.num_layers),
                         units=("heads", "channels"), head_unit="kv-group", round_to="auto", allocation="uniform",
-                        settings=LoRAPruneSettings(prune_every=1, warmup=0.0, cooldown=0.0), total_steps=args.steps)
+                        settings=LoRAPruneSettings(prune_every=1, warmup=0.0, cooldown=0.0), total_steps=steps)
+    return model, pruner, blocks, mask
+
+
+def one_run(distill: bool, args) -> dict:
+    model, pruner, blocks, mask = loraprune_setup(args.model, args.seq_len, args.steps)
     settings = DistillSettings(enabled=True)
     teacher = self_teacher_for(model, pruner.masks_off, settings) if distill else None
     run = train(model, blocks, mask, TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,

@@ -93,11 +93,7 @@ def lora_guided_scores(model: nn.Module, batches=None, *, seed: int = 0, score: 
         missing = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} - set(per_module)
         if missing:
             raise ValueError(f"LoRAPrune needs LoRA on every projection; missing {sorted(missing)}")
-        result.append(LayerScores(
-            q_heads=per_module["q_proj"] + per_module["o_proj"],
-            kv_heads=per_module["k_proj"] + per_module["v_proj"],
-            channels=per_module["gate_proj"] + per_module["up_proj"] + per_module["down_proj"],
-        ))
+        result.append(LayerScores.from_projections(per_module))
     return result
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..structure.units import unit_sums
+from ..structure.units import PROJECTIONS, unit_sums
 
 
 @dataclass
@@ -31,13 +31,16 @@ class LayerScores:
     def from_weights(cls, per_weight: Callable[[str], torch.Tensor], head_dim: int) -> "LayerScores":
         """Scores from a per-weight score of each projection (a weight-shaped tensor), summed per unit."""
 
-        def units(name: str) -> torch.Tensor:
-            return unit_sums(name, per_weight(name), head_dim).cpu()
+        return cls.from_projections({name: unit_sums(name, per_weight(name), head_dim).cpu() for name in PROJECTIONS})
 
+    @classmethod
+    def from_projections(cls, units: dict[str, torch.Tensor]) -> "LayerScores":
+        """Scores from each projection's unit sums: a query head is its q rows and o columns, a key/value
+        head its k and v rows, a channel its gate and up rows and down column."""
         return cls(
-            q_heads=units("q_proj") + units("o_proj"),
-            kv_heads=units("k_proj") + units("v_proj"),
-            channels=units("gate_proj") + units("up_proj") + units("down_proj"),
+            q_heads=units["q_proj"] + units["o_proj"],
+            kv_heads=units["k_proj"] + units["v_proj"],
+            channels=units["gate_proj"] + units["up_proj"] + units["down_proj"],
         )
 
 

@@ -47,13 +47,6 @@ def local_unit_sums(name: str, per_weight_rows: torch.Tensor, first: int, shape:
     return unit_sums(name, row_sums, head_dim)
 
 
-def _layer_scores(per_projection: dict[str, torch.Tensor]) -> LayerScores:
-    return LayerScores(q_heads=per_projection["q_proj"] + per_projection["o_proj"],
-                       kv_heads=per_projection["k_proj"] + per_projection["v_proj"],
-                       channels=per_projection["gate_proj"] + per_projection["up_proj"]
-                       + per_projection["down_proj"])
-
-
 def _shard(model: nn.Module) -> nn.Module:
     """FSDP2 over `model` as accelerate's config does it: one unit per decoder layer, then the root."""
     from torch.distributed.fsdp import fully_shard
@@ -115,7 +108,7 @@ def sharded_taylor_scores(model: nn.Module, batches: list[torch.Tensor] | None) 
                 grad = local_tensor(weight.grad) if weight.grad is not None else torch.zeros_like(rows)
                 per_weight = (rows.float() * grad.float()).abs()
                 per_projection[name] = local_unit_sums(name, per_weight, first, tuple(weight.shape), head_dim)
-            scores.append(_layer_scores(_summed(per_projection, model)))
+            scores.append(LayerScores.from_projections(_summed(per_projection, model)))
         for p in model.parameters():
             p.grad = None
     plain = unshard_everywhere(model, twin)
@@ -147,7 +140,7 @@ def sharded_wanda_sp_scores(model: nn.Module, batches: list[torch.Tensor] | None
                 rows, first = row_slice(weight)
                 per_weight = rows.float().abs() * norms.to(rows.device)[None, :]
                 per_projection[name] = local_unit_sums(name, per_weight, first, tuple(weight.shape), head_dim)
-            scores.append(_layer_scores(_summed(per_projection, model)))
+            scores.append(LayerScores.from_projections(_summed(per_projection, model)))
     return scores, unshard_everywhere(model, twin)
 
 
