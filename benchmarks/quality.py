@@ -64,9 +64,10 @@ CONFIGS = {
     "magnitude": ("magnitude + LoRA recovery (heads-first split)",
                   "--method magnitude --recover-steps {steps} --split heads-first --no-distill"),
 }
-SEEDED = ("loraprune-distill-early-mix", "loraprune-distill", "taylor", "loraprune-paper")
+# prunetune's default LoRAPrune (early-mix), the paper's recipe and LLM-Pruner's: three seeds each
+SEEDED = ("loraprune-distill-early-mix", "taylor", "loraprune-paper")
 ONE_SEED = ("lora-guided", "taylor-distill", "wanda-sp", "magnitude", "loraprune-cost")
-LONG = ("loraprune-distill", "taylor")  # 3x the steps at 50%, one seed
+LONG = ("loraprune-distill-early-mix", "taylor")  # 3x the steps at 50%, one seed
 EVAL_SETS = {"pydoc": "builtin:pydoc@eval", "stdlib-code": "builtin:stdlib-code@eval"}
 
 
@@ -80,7 +81,9 @@ def plan(ratios: list[float]) -> list[tuple[float, str, int, int]]:
     for ratio in sorted(ratios, reverse=True):
         cells += [(ratio, config, 0, 1) for config in ONE_SEED]
     cells += [(0.5, config, 0, 3) for config in LONG]
-    cells.append((0.5, "loraprune-distill-early", 0, 1))
+    # the schedule and loss variants that led to the default (two seeds of distillation alone)
+    cells += [(ratio, "loraprune-distill", seed, 1) for seed in (0, 1) for ratio in sorted(ratios, reverse=True)]
+    cells += [(0.5, "loraprune-distill-early", 0, 1), (0.5, "loraprune-distill-earlier", 0, 1)]
     return cells
 
 
