@@ -36,23 +36,28 @@ RESULTS = HERE / "results" / "quality.json"
 CONFIGS = {
     "loraprune-paper": ("LoRAPrune, the paper's recipe (official code: heads-first split, per-module "
                         "normalisation, no distillation)",
-                        "--method loraprune --steps {steps} --split heads-first --normalize module --no-distill"),
-    "loraprune-distill": ("LoRAPrune with self-distillation from the unpruned base and the cost split",
-                          "--method loraprune --steps {steps} --split cost --normalize model --distill --teacher base"),
-    "loraprune-cost": ("LoRAPrune with the cost split, no distillation",
-                       "--method loraprune --steps {steps} --split cost --normalize model --no-distill"),
+                        "--method loraprune --steps {steps} --split heads-first --normalize module --no-distill "
+                        "--prune-warmup 0.1 --prune-cooldown 0.1"),
+    "loraprune-distill": ("LoRAPrune with self-distillation from the unpruned base (distillation only) and the "
+                          "cost split, the official code's schedule",
+                          "--method loraprune --steps {steps} --split cost --normalize model --distill --teacher base "
+                          "--distill-alpha 1 --prune-warmup 0.1 --prune-cooldown 0.1"),
+    "loraprune-cost": ("LoRAPrune with the cost split, no distillation, the official code's schedule",
+                       "--method loraprune --steps {steps} --split cost --normalize model --no-distill "
+                       "--prune-warmup 0.1 --prune-cooldown 0.1"),
     "loraprune-distill-early": ("LoRAPrune distilled, cost split, target reached at half the steps "
                                 "(--prune-warmup 0.05 --prune-cooldown 0.5)",
                                 "--method loraprune --steps {steps} --split cost --normalize model --distill "
-                                "--prune-warmup 0.05 --prune-cooldown 0.5"),
-    "loraprune-distill-early-mix": ("LoRAPrune distilled with the language-model loss mixed in half and half "
-                                    "(--distill-alpha 0.5), cost split, target reached at half the steps",
+                                "--distill-alpha 1 --prune-warmup 0.05 --prune-cooldown 0.5"),
+    "loraprune-distill-early-mix": ("prunetune's default LoRAPrune: distilled with the language-model loss "
+                                    "mixed in half and half (--distill-alpha 0.5), cost split, target reached "
+                                    "at half the steps",
                                     "--method loraprune --steps {steps} --split cost --normalize model --distill "
                                     "--distill-alpha 0.5 --prune-warmup 0.05 --prune-cooldown 0.5"),
     "loraprune-distill-earlier": ("LoRAPrune distilled, cost split, target reached at 30% of the steps "
                                   "(--prune-warmup 0.05 --prune-cooldown 0.7)",
                                   "--method loraprune --steps {steps} --split cost --normalize model --distill "
-                                  "--prune-warmup 0.05 --prune-cooldown 0.7"),
+                                  "--distill-alpha 1 --prune-warmup 0.05 --prune-cooldown 0.7"),
     "taylor": ("Taylor + LoRA recovery, as LLM-Pruner runs it (heads-first split)",
                "--method taylor --recover-steps {steps} --split heads-first --no-distill"),
     "taylor-distill": ("Taylor + distilled LoRA recovery (the source model loaded again as teacher)",

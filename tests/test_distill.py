@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -199,3 +200,24 @@ def test_distillation_is_loraprunes_default_and_off_for_one_shot_recovery():
     assert not DistillSettings().resolved("taylor").enabled
     assert not DistillSettings(enabled=False).resolved("loraprune").enabled  # --no-distill: the paper's recipe
     assert DistillSettings(enabled=True).resolved("taylor").enabled
+
+
+def test_loraprune_mixes_half_the_language_model_loss_by_default_and_recovery_distils_only():
+    assert DistillSettings().resolved("loraprune").alpha == 0.5
+    assert DistillSettings(enabled=True).resolved("taylor").alpha == 1.0
+    assert DistillSettings(alpha=0.8).resolved("loraprune").alpha == 0.8  # --distill-alpha wins
+    model = add_lora(tiny_model("llama"), LoraSettings())
+    self_taught = DistillLoss(model, self_teacher_for(model, contextlib.nullcontext, DistillSettings(enabled=True)),
+                              DistillSettings(enabled=True))
+    assert self_taught.settings.alpha == 0.5  # a library caller's open alpha: the self-teacher is LoRAPrune's
+    assert DistillLoss(model, ModelTeacher(tiny_model("llama")), DistillSettings(enabled=True)).settings.alpha == 1.0
+
+
+def test_loraprune_schedule_defaults_reach_the_target_at_half_the_steps():
+    from prunetune.methods.loraprune.pruner import cubic_fraction
+
+    settings = LoRAPruneSettings()
+    assert (settings.warmup, settings.cooldown) == (0.05, 0.5)
+    assert cubic_fraction(5, 100, settings.warmup, settings.cooldown) == 0.0
+    assert cubic_fraction(50, 100, settings.warmup, settings.cooldown) == 1.0
+    assert 0 < cubic_fraction(20, 100, settings.warmup, settings.cooldown) < 1

@@ -21,6 +21,7 @@ Both run in eval mode (no dropout, no checkpointing) and outside DDP's wrapper.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ TEACHERS = ("base", "tuned")
 # Positions per chunk: half the plain loss's (a distillation chunk holds the student's and the
 # teacher's logits and their softmaxes at once), at least 64.
 MIN_CHUNK = 64
+LORAPRUNE_ALPHA = 0.5
 
 
 @dataclass
@@ -46,18 +48,21 @@ class DistillSettings:
     # README), off for one-shot recovery (its teacher is a second copy of the model)
     enabled: bool | None = None
     temperature: float = 1.0
-    alpha: float = 1.0  # weight of the distillation term; 1 - alpha goes to the language-model loss
+    # Weight of the distillation term; 1 - alpha goes to the language-model loss. None: LORAPRUNE_ALPHA
+    # for LoRAPrune (half and half measured best, README's quality table), 1 for one-shot recovery.
+    alpha: float | None = None
     teacher: str = "base"  # LoRAPrune: base (adapters off) or tuned (adapters on)
 
     def resolved(self, method: str) -> "DistillSettings":
-        """These settings with `enabled` decided for a pruning method."""
+        """These settings with `enabled` and `alpha` decided for a pruning method."""
         enabled = (method == "loraprune") if self.enabled is None else self.enabled
-        return DistillSettings(enabled, self.temperature, self.alpha, self.teacher)
+        alpha = (LORAPRUNE_ALPHA if method == "loraprune" else 1.0) if self.alpha is None else self.alpha
+        return DistillSettings(enabled, self.temperature, alpha, self.teacher)
 
     def check(self) -> None:
         if self.temperature <= 0:
             raise UserError(f"--distill-temperature must be positive, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--distill-alpha is the distillation term's weight in [0, 1], got {self.alpha}")
         if self.teacher not in TEACHERS:
             raise UserError(f"unknown --teacher '{self.teacher}'; use {' or '.join(TEACHERS)}")
@@ -103,6 +108,9 @@ class DistillLoss:
     def __init__(self, model: nn.Module, teacher, settings: DistillSettings):
         self.model = model
         self.teacher = teacher
+        if settings.alpha is None:  # left open by a library caller: the default of the method this teacher serves
+            settings = dataclasses.replace(
+                settings, alpha=settings.resolved("loraprune" if isinstance(teacher, SelfTeacher) else "recovery").alpha)
         self.settings = settings
         self.final_hidden = FinalHidden(model)
         if not (self.final_hidden.available and teacher.final_hidden.available):

@@ -45,9 +45,11 @@ def prune(
                                   "official code), model (one scale per step for the whole model, which keeps heads "
                                   "and channels comparable), none; auto: model with --split cost, module with heads-first."),
     prune_every: int = typer.Option(10, help="loraprune: steps between mask updates."),
-    prune_warmup: float = typer.Option(0.1, help="loraprune: fraction of the steps before pruning starts."),
-    prune_cooldown: float = typer.Option(0.1, help="loraprune: fraction of the steps trained at the final shape "
-                                         "(the cubic schedule reaches the target at 1 - this)."),
+    prune_warmup: float = typer.Option(0.05, help="loraprune: fraction of the steps before pruning starts "
+                                       "(the official code: 0.1)."),
+    prune_cooldown: float = typer.Option(0.5, help="loraprune: fraction of the steps trained at the final shape "
+                                         "(the cubic schedule reaches the target at 1 - this; the official "
+                                         "code: 0.1)."),
     distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", show_default=False,
                                            help="Train against the unpruned model's next-token distributions "
                                            "(KL divergence). loraprune: on by default, the teacher is the model "
@@ -57,8 +59,9 @@ def prune(
     teacher: str = typer.Option("base", help="--distill with loraprune: base (adapters off: the pretrained model) "
                                 "or tuned (adapters on: the unpruned model as it fine-tunes)."),
     distill_temperature: float = typer.Option(1.0, help="--distill: softmax temperature of both sides."),
-    distill_alpha: float = typer.Option(1.0, help="--distill: weight of the distillation term; the language-model "
-                                        "loss gets 1 - this."),
+    distill_alpha: Optional[float] = typer.Option(None, show_default=False, help="--distill: weight of the "
+                                                  "distillation term; the language-model loss gets 1 - this "
+                                                  "(default: 0.5 for loraprune, 1 for --recover-steps)."),
     ema: float = typer.Option(0.9, help="loraprune: weight of the old moving-average score."),
     lora_r: int = typer.Option(8, help="LoRA rank."),
     lora_alpha: int = typer.Option(16, help="LoRA alpha."),
