@@ -53,8 +53,9 @@ def prune(
     distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", show_default=False,
                                            help="Train against the unpruned model's next-token distributions "
                                            "(KL divergence). loraprune: on by default, the teacher is the model "
-                                           "itself with its masks off, no second copy (--no-distill: the paper's "
-                                           "exact recipe); --recover-steps: off by default, the teacher is the "
+                                           "itself with its masks off, no second copy (the paper's exact recipe: "
+                                           "--no-distill --split heads-first --normalize module --prune-warmup 0.1 "
+                                           "--prune-cooldown 0.1); --recover-steps: off by default, the teacher is the "
                                            "source model, loaded a second time."),
     teacher: str = typer.Option("base", help="--distill with loraprune: base (adapters off: the pretrained model) "
                                 "or tuned (adapters on: the unpruned model as it fine-tunes)."),
