@@ -78,14 +78,14 @@ EVAL_SETS = {"pydoc": "builtin:pydoc@eval", "stdlib-code": "builtin:stdlib-code@
 
 def plan(ratios: list[float]) -> list[tuple[float, str, int, int]]:
     """(ratio, config, seed, steps multiplier) in the order they are run: the cells the targets need
-    first (seed 0 at every ratio, then seeds 1 and 2), then the one-seed rows, the long column, the rest."""
+    first (seed 0 at every ratio, then seeds 1 and 2), then the long column, the one-seed rows, the rest."""
     cells = []
     for seed in (0, 1, 2):
         for ratio in sorted(ratios, reverse=True):
             cells += [(ratio, config, seed, 1) for config in SEEDED]
+    cells += [(0.5, config, 0, 3) for config in LONG]
     for ratio in sorted(ratios, reverse=True):
         cells += [(ratio, config, 0, 1) for config in ONE_SEED]
-    cells += [(0.5, config, 0, 3) for config in LONG]
     # the schedule and loss variants that led to the default (two seeds of distillation alone)
     cells += [(ratio, "loraprune-distill", seed, 1) for seed in (0, 1) for ratio in sorted(ratios, reverse=True)]
     cells += [(0.5, "loraprune-distill-early", 0, 1), (0.5, "loraprune-distill-earlier", 0, 1)]
