@@ -195,18 +195,26 @@ def run_cell(args, ratio: float, alignment: str) -> dict:
 
 def cells(args) -> None:
     results_path = args.results
-    results = json.loads(results_path.read_text()) if results_path.exists() else {"cells": {}}
+    unknown = set(args.only or ()) - {f"{ratio}/{alignment}" for ratio, alignment in CELLS}
+    if unknown:
+        raise SystemExit(f"unknown cells {sorted(unknown)}; the cells are " + ", ".join(f"{r}/{a}" for r, a in CELLS))
+
+    def finished() -> dict:
+        return json.loads(results_path.read_text()) if results_path.exists() else {"cells": {}}
+
     for ratio, alignment in CELLS:
         key = f"{ratio}/{alignment}"
-        if key in results["cells"]:
+        if key in finished()["cells"] or (args.only and key not in args.only):
             continue
         print(f"== cell {key}", flush=True)
-        results["cells"][key] = run_cell(args, ratio, alignment)
+        cell = run_cell(args, ratio, alignment)
+        # Read the file again before writing: another worker (--only) may have finished a cell meanwhile.
+        results = finished()
+        results["cells"][key] = cell
         results["settings"] = {"steps": args.steps, "align_steps": args.align_steps, "max_windows": args.max_windows,
                                "batch": COMMON}
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))
-        cell = results["cells"][key]
         print(f"{key}: in-domain {cell['in_domain']:.3f}, out-of-domain {cell['out_of_domain']:.3f}", flush=True)
 
 
@@ -234,6 +242,9 @@ def main() -> None:
                         help="only the three training peaks, after N steps each")
     parser.add_argument("--cells", action="store_true",
                         help="the 20%% and 35%% cells (with and without alignment, and alignment variants at 35%%)")
+    parser.add_argument("--only", nargs="+", metavar="CELL",
+                        help="with --cells: only these cells (e.g. 0.35/aligned), so two workers can split the table; "
+                             "cells of one ratio share its pruned model, so give a ratio's cells to one worker first")
     parser.add_argument("--results", type=Path, default=CELL_RESULTS, help="where --cells keeps finished cells")
     args = parser.parse_args()
     if args.cells:
