@@ -16,6 +16,7 @@ adapter and the full-model baseline, and compares those two (about 1 h on 2 CPU 
 alignment at a lower learning rate, with fewer steps, and on text mixed from both domains; each cell
 is the recovered adapter on the full model, evaluated as the 50% row is, and goes to
 benchmarks/results/loram_cells.json as soon as it ends (finished cells are skipped next time).
+`--only CELL ...` splits the cells between workers; `--cells-report` prints the README's table of them.
 
 `--memory-only N` trains each adapter for N steps only, on the (unaligned) pruned model, to read the
 three training peaks quickly: the peak comes in the first steps and does not depend on alignment.
@@ -218,6 +219,40 @@ def cells(args) -> None:
         print(f"{key}: in-domain {cell['in_domain']:.3f}, out-of-domain {cell['out_of_domain']:.3f}", flush=True)
 
 
+# The 50% row and its two references, from the `loram run` of 2026-11-22 (the README's first LoRAM table):
+# the --cells table puts each cell's share of the baseline's gain beside them.
+REFERENCE = {"untouched": (11.54, 12.57), "baseline": (9.42, 10.69),
+             "0.5/aligned": (11.32, 13.75, 1.50), "0.5/unaligned": (10.96, 12.33, 1.50)}
+
+
+def cells_report(results_path: Path) -> None:
+    """The README's table of the cells: each ratio and alignment, its perplexities on the full model and
+    the share of the baseline's in-domain gain (untouched 11.54 -> baseline 9.42) it keeps."""
+    results = json.loads(results_path.read_text())["cells"] if results_path.exists() else {}
+    (untouched, untouched_out), (baseline, baseline_out) = REFERENCE["untouched"], REFERENCE["baseline"]
+    rows = {key: (c["in_domain"], c["out_of_domain"], c["reduction_ratio"]) for key, c in results.items()}
+    rows |= {key: REFERENCE[key] for key in ("0.5/aligned", "0.5/unaligned")}
+    print("| ratio | alignment before training | reduction | in-domain ppl (stdlib-code) | "
+          "out-of-domain ppl (pydoc) | share of baseline gain |")
+    print("|---|---|---|---|---|---|")
+    print(f"| – | full model, untouched | 1.00x | {untouched:.2f} | {untouched_out:.2f} | 0% |")
+    for ratio, alignment in sorted({tuple(k.split("/")) for k in rows}, key=lambda k: (float(k[0]), k[1] != "aligned",
+                                                                                        k[1])):
+        key = f"{ratio}/{alignment}"
+        if key not in rows:
+            continue
+        inside, outside, reduction = rows[key]
+        share = (untouched - inside) / (untouched - baseline)
+        how = ALIGNMENTS.get(alignment)
+        described = "none" if how is None else (f"{how['steps'] or 100} steps at lr {how['lr']} on "
+                                                + ("both domains" if how["data"] == "MIXED" else "pydoc"))
+        print(f"| {float(ratio):.0%} | {described} | {reduction:.2f}x | {inside:.2f} | {outside:.2f} | {share:.0%} |")
+    print(f"| – | full model + LoRA trained on it (baseline) | 1.00x | {baseline:.2f} | {baseline_out:.2f} | 100% |")
+    missing = [f"{r}/{a}" for r, a in CELLS if f"{r}/{a}" not in results]
+    if missing:
+        print(f"\nnot yet run: {', '.join(missing)}")
+
+
 def print_table(rows: dict, baseline: dict, untouched: dict) -> None:
     gain = untouched["in_domain"] - baseline["in_domain"]
     print("\n| configuration | in-domain ppl (stdlib-code) | out-of-domain ppl (pydoc) | share of baseline gain | "
@@ -242,11 +277,15 @@ def main() -> None:
                         help="only the three training peaks, after N steps each")
     parser.add_argument("--cells", action="store_true",
                         help="the 20%% and 35%% cells (with and without alignment, and alignment variants at 35%%)")
+    parser.add_argument("--cells-report", action="store_true", help="print the table of the finished cells")
     parser.add_argument("--only", nargs="+", metavar="CELL",
                         help="with --cells: only these cells (e.g. 0.35/aligned), so two workers can split the table; "
                              "cells of one ratio share its pruned model, so give a ratio's cells to one worker first")
     parser.add_argument("--results", type=Path, default=CELL_RESULTS, help="where --cells keeps finished cells")
     args = parser.parse_args()
+    if args.cells_report:
+        cells_report(args.results)
+        return
     if args.cells:
         cells(args)
         return
