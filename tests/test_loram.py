@@ -1,5 +1,7 @@
 """LoRAM's steps on a tiny model: prune (with its reduction ratio), align, train (NF4 on the CPU)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_cli_errors import no_model_load  # noqa: F401 (a fixture)
@@ -179,7 +181,24 @@ def test_loram_run_end_to_end_compares_every_configuration(full, tmp_path):
         assert (out / step / "prunetune.json").is_file()
 
 
+def test_loram_run_without_alignment_trains_on_the_pruned_model(full, tmp_path):
+    from prunetune.methods.loram.run import LoramRunSettings, loram_run
+
+    out = tmp_path / "run"
+    settings = LoramRunSettings(ratio=0.5, align_steps=0, steps=2, batch_size=2, seq_len=32, eval_seq_len=32,
+                                max_windows=2)
+    record = loram_run(full, out, settings, log=quiet)
+    assert not (out / "aligned").exists()
+    adapter = read_record(out / "adapter")
+    assert Path(adapter["base_model"]).name == "pruned"
+    assert "not aligned" in (out / "report.md").read_text()
+    assert [r["configuration"] for r in record["comparison"]] == [
+        "full model, untouched", "full model + recovered LoRAM adapter", "pruned model + its adapter (without recovery)"]
+
+
 @pytest.mark.parametrize("args, fragment", [
+    (("loram", "run", "{full}", "--align-steps", "0", "--ablation", "--out", "x"), "adapter already is that one"),
+    (("loram", "run", "{full}", "--align-steps", "-1", "--out", "x"), "--align-steps must be at least 0"),
     (("loram", "prune", "{full}", "--method", "bogus", "--out", "x"), "unknown --method 'bogus'"),
     (("loram", "prune", "{full}", "--method", "semi", "--ratio", "0.3", "--out", "x"), "semi"),
     (("loram", "recover", "{full}", "--pruned", "{full}", "--full", "{full}", "--out", "x"), "not a prunetune run directory"),

@@ -163,7 +163,8 @@ def loram_run_command(
     layers: Optional[str] = typer.Option(None, help="Layers to prune: paper (default for stru/rand), all (default "
                                          "for semi/unst), or e.g. '3-27'."),
     align_data: str = typer.Option("builtin:pydoc", help="General corpus for alignment (and calibration)."),
-    align_steps: int = typer.Option(100, help="Alignment steps (full-parameter)."),
+    align_steps: int = typer.Option(100, help="Alignment steps (full-parameter); 0 trains the adapter on the "
+                                    "pruned model as it is, which transferred better on SmolLM2 (see the README)."),
     align_lr: float = typer.Option(2e-5, help="Alignment learning rate."),
     data: str = typer.Option("builtin:stdlib-code", help="The LoRA's training domain; its held-out split is the "
                              "in-domain evaluation."),

@@ -66,9 +66,14 @@ class LoramRunSettings:
             raise UserError(f"unknown --method '{self.method}'; use {', '.join(PRUNE_METHODS)}")
         if not 0 < self.ratio < 1:
             raise UserError(f"--ratio must be in (0, 1), got {self.ratio}")
-        for name in ("align_steps", "steps", "batch_size", "seq_len"):
+        for name in ("steps", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.align_steps < 0:
+            raise UserError(f"--align-steps must be at least 0 (0: no alignment), got {self.align_steps}")
+        if self.align_steps == 0 and self.ablation:
+            raise UserError("--ablation adds an adapter trained without alignment; with --align-steps 0 the "
+                            "adapter already is that one")
         if self.lr <= 0 or self.align_lr <= 0:
             raise UserError("--lr and --align-lr must be positive")
         if self.quant not in QUANT_BITS:
@@ -116,9 +121,10 @@ def loram_run(model_spec: str, out: Path, s: LoramRunSettings, *, overwrite: boo
         prune_args = ["loram", "prune", model_spec, "--out", tmp / "pruned", "--ratio", s.ratio, "--method", s.method,
                       "--data", s.align_data, "--seed", s.seed, *(["--layers", s.layers] if s.layers else [])]
         _run_step("prune", _cli(*prune_args, *(["--criterion", s.criterion] if s.criterion else [])), log)
-        _run_step("align", _cli("loram", "align", tmp / "pruned", "--out", tmp / "aligned", "--data", s.align_data,
-                                "--steps", s.align_steps, "--lr", s.align_lr, *_training_args(s)), log)
-        trained = {"adapter": tmp / "aligned"}
+        if s.align_steps:
+            _run_step("align", _cli("loram", "align", tmp / "pruned", "--out", tmp / "aligned", "--data",
+                                    s.align_data, "--steps", s.align_steps, "--lr", s.align_lr, *_training_args(s)), log)
+        trained = {"adapter": _trained_on(tmp, s)}
         if s.ablation:
             trained["adapter-unaligned"] = tmp / "pruned"
         for name, base in trained.items():
@@ -139,6 +145,11 @@ def loram_run(model_spec: str, out: Path, s: LoramRunSettings, *, overwrite: boo
         write_json(tmp / "prunetune.json", record)
         replace_file(tmp / "report.md", run_report(record))
     return record
+
+
+def _trained_on(tmp: Path, s: LoramRunSettings) -> Path:
+    """The pruned model the LoRAM adapter trains on: aligned, or as pruned with --align-steps 0."""
+    return tmp / "aligned" if s.align_steps else tmp / "pruned"
 
 
 def _perplexities(model, tokenizer, s: LoramRunSettings) -> dict:
@@ -169,7 +180,7 @@ def _compare(model_spec: str, tmp: Path, s: LoramRunSettings) -> list[dict]:
         wrapped = PeftModel.from_pretrained(full, str(tmp / directory))
         rows.append({"configuration": label} | _perplexities(wrapped, tokenizer, s) | _training(tmp / trained))
         full = wrapped.unload()  # the same full model, adapter taken off, for the next one
-    pruned, pruned_tokenizer = load_model(str(tmp / "aligned"))
+    pruned, pruned_tokenizer = load_model(str(_trained_on(tmp, s)))
     wrapped = PeftModel.from_pretrained(pruned, str(tmp / "adapter"))
     rows.append({"configuration": "pruned model + its adapter (without recovery)"}
                 | _perplexities(wrapped, pruned_tokenizer, s) | _training(tmp / "adapter"))
@@ -199,8 +210,9 @@ def run_report(record: dict) -> str:
     return "\n".join([
         f"# prunetune loram run: {record['source_model']}", "",
         f"Created {record['created']} on {record['device']}; took {record['elapsed_seconds']:.0f} s. "
-        f"{s['method']} pruning at ratio {s['ratio']}, aligned {s['align_steps']} steps on {s['align_data']}, "
-        f"LoRA trained {s['steps']} steps on {s['data']}" + (f" on an {s['quant']} base" if s["quant"] else "")
+        f"{s['method']} pruning at ratio {s['ratio']}, "
+        + (f"aligned {s['align_steps']} steps on {s['align_data']}, " if s["align_steps"] else "not aligned, ")
+        + f"LoRA trained {s['steps']} steps on {s['data']}" + (f" on an {s['quant']} base" if s["quant"] else "")
         + f"; parameter reduction ratio {record['reduction_ratio']:.2f}x.", "",
         markdown_table(header, table), "",
         "Perplexity on the held-out (eval) split of each domain, "
