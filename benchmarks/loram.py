@@ -228,7 +228,8 @@ REFERENCE = {"untouched": (11.54, 12.57), "baseline": (9.42, 10.69),
 def cells_report(results_path: Path) -> None:
     """The README's table of the cells: each ratio and alignment, its perplexities on the full model and
     the share of the baseline's in-domain gain (untouched 11.54 -> baseline 9.42) it keeps."""
-    results = json.loads(results_path.read_text())["cells"] if results_path.exists() else {}
+    saved = json.loads(results_path.read_text()) if results_path.exists() else {"cells": {}}
+    results, align_steps = saved["cells"], saved.get("settings", {}).get("align_steps", 100)
     (untouched, untouched_out), (baseline, baseline_out) = REFERENCE["untouched"], REFERENCE["baseline"]
     rows = {key: (c["in_domain"], c["out_of_domain"], c["reduction_ratio"]) for key, c in results.items()}
     rows |= {key: REFERENCE[key] for key in ("0.5/aligned", "0.5/unaligned")}
@@ -236,15 +237,16 @@ def cells_report(results_path: Path) -> None:
           "out-of-domain ppl (pydoc) | share of baseline gain |")
     print("|---|---|---|---|---|---|")
     print(f"| – | full model, untouched | 1.00x | {untouched:.2f} | {untouched_out:.2f} | 0% |")
-    for ratio, alignment in sorted({tuple(k.split("/")) for k in rows}, key=lambda k: (float(k[0]), k[1] != "aligned",
-                                                                                        k[1])):
-        key = f"{ratio}/{alignment}"
-        if key not in rows:
-            continue
+    def order(key: str) -> tuple:  # by ratio; the 50% row's alignment first, no alignment last
+        ratio, alignment = key.split("/")
+        return float(ratio), alignment != "aligned", alignment == "unaligned", alignment
+
+    for key in sorted(rows, key=order):
+        ratio, alignment = key.split("/")
         inside, outside, reduction = rows[key]
         share = (untouched - inside) / (untouched - baseline)
         how = ALIGNMENTS.get(alignment)
-        described = "none" if how is None else (f"{how['steps'] or 100} steps at lr {how['lr']} on "
+        described = "none" if how is None else (f"{how['steps'] or align_steps} steps at lr {how['lr']} on "
                                                 + ("both domains" if how["data"] == "MIXED" else "pydoc"))
         print(f"| {float(ratio):.0%} | {described} | {reduction:.2f}x | {inside:.2f} | {outside:.2f} | {share:.0%} |")
     print(f"| – | full model + LoRA trained on it (baseline) | 1.00x | {baseline:.2f} | {baseline_out:.2f} | 100% |")
