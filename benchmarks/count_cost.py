@@ -22,7 +22,7 @@ import statistics
 import torch
 from distill_cost import loraprune_setup  # the same LoRAPrune set-up (benchmarks/ is the script's directory)
 
-from prunetune.train import MEMORY_STEPS, TrainSettings, train
+from prunetune.training.loop import MEMORY_STEPS, TrainSettings, train
 
 MODES = {"every step": None, f"first {MEMORY_STEPS} steps (default)": MEMORY_STEPS, "off": 0}
 

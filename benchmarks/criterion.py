@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 from rich.console import Console
 
-from prunetune.evaluate.bench_criterion import SHAPES, BenchSettings, bench_criterion, result_notes, result_table
+from prunetune.bench.criterion import SHAPES, BenchSettings, bench_criterion, result_notes, result_table
 
 
 def main() -> None:

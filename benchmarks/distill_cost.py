@@ -19,12 +19,12 @@ import torch
 
 from prunetune import load_model
 from prunetune.data import load_blocks
-from prunetune.distill import DistillSettings, self_teacher_for
-from prunetune.lora import LoraSettings, add_lora
+from prunetune.training.distill import DistillSettings, self_teacher_for
+from prunetune.training.lora import LoraSettings, add_lora
 from prunetune.methods.loraprune.pruner import LoRAPruneSettings, LoRAPruner
 from prunetune.structure.allocate import parse_layers
 from prunetune.structure.units import Structure
-from prunetune.train import TrainSettings, train
+from prunetune.training.loop import TrainSettings, train
 
 
 def loraprune_setup(model_spec: str, seq_len: int, steps: int):

@@ -13,13 +13,13 @@ import json
 
 import torch
 
-from prunetune.distill import DistillSettings, self_teacher_for
-from prunetune.evaluate.shapes import random_model, shape_config
-from prunetune.lora import LoraSettings, add_lora
+from prunetune.training.distill import DistillSettings, self_teacher_for
+from prunetune.bench.shapes import random_model, shape_config
+from prunetune.training.lora import LoraSettings, add_lora
 from prunetune.methods.loraprune.pruner import LoRAPruneSettings, LoRAPruner
 from prunetune.structure.allocate import parse_layers
 from prunetune.structure.units import Structure
-from prunetune.train import TrainSettings, train
+from prunetune.training.loop import TrainSettings, train
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from prunetune.evaluate.shapes import shape_config
+from prunetune.bench.shapes import shape_config
 from prunetune.plan import PlanSettings, plan_method
 from prunetune.plan.measure import measure_criterion_step, measure_method
 

@@ -49,11 +49,11 @@ def worker(job: str, shape: str, steps: int, batch_size: int, seq_len: int, out:
     """One run, inside `accelerate launch` (or alone): the record of the main process goes to `out`."""
     import torch
 
-    from prunetune.evaluate.shapes import random_model, shape_config
-    from prunetune.lora import LoraSettings, add_lora
+    from prunetune.bench.shapes import random_model, shape_config
+    from prunetune.training.lora import LoraSettings, add_lora
     from prunetune.methods.loraprune.pruner import LoRAPruner, LoRAPruneSettings
     from prunetune.structure.units import Structure
-    from prunetune.train import TrainSettings, make_accelerator, train
+    from prunetune.training.loop import TrainSettings, make_accelerator, train
 
     config = shape_config(shape, seq_len)
     model = random_model(config, torch.device("cpu"), torch.float32)
@@ -101,7 +101,7 @@ def launch(mode: str, job: str, args, batch_size: int, out: Path) -> dict:
 
 def shape_numbers(shape: str) -> dict:
     """Parameter counts of a named shape: the whole model, one decoder layer, the root unit."""
-    from prunetune.evaluate.shapes import SHAPES
+    from prunetune.bench.shapes import SHAPES
 
     s = SHAPES[shape]
     h, i, layers, vocab = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]

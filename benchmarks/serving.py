@@ -68,7 +68,7 @@ def flops(model_dir: Path, prompt_len: int) -> dict:
     """FLOPs of the prefill and of one decoded token after it, from the model's config alone."""
     from transformers import AutoConfig
 
-    from prunetune.evaluate.flops import prefill_flops
+    from prunetune.bench.flops import prefill_flops
     from prunetune.layer_shapes import empty_model
     from prunetune.structure.units import Structure
 

@@ -41,9 +41,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from prunetune.evaluate.shapes import save_random_model, shape_config
-from prunetune.evaluate.speed import SpeedSettings, bench_speed
-from prunetune.evaluate.speed_table import result_notes, result_table
+from prunetune.bench.shapes import save_random_model, shape_config
+from prunetune.bench.speed import SpeedSettings, bench_speed
+from prunetune.bench.speed_table import result_notes, result_table
 
 # name, ratio, extra `prunetune prune` arguments
 PRUNED = (("pruned-20", 0.2, ()), ("pruned-20-unrounded", 0.2, ("--round-to", "1")), ("pruned-50", 0.5, ()))
@@ -92,7 +92,7 @@ def build_adapter(work: Path, console: Console) -> Path:
     if (path / "adapter_config.json").exists():
         return path
     from prunetune import load_model
-    from prunetune.lora import LoraSettings, add_lora
+    from prunetune.training.lora import LoraSettings, add_lora
 
     console.print(f"saving a random LoRA adapter (r 8, all projections) for pruned-20 to {path}")
     model, _ = load_model(str(work / "pruned-20"), device="cpu", dtype="bfloat16")

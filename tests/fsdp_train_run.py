@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 
-from prunetune.lora import LoraSettings, add_lora  # noqa: E402
-from prunetune.train import TrainSettings, make_accelerator, train  # noqa: E402
+from prunetune.training.lora import LoraSettings, add_lora
+from prunetune.training.loop import TrainSettings, make_accelerator, train
 
 STEPS = 6
 

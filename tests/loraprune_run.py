@@ -14,11 +14,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 
-from prunetune.distill import DistillSettings, self_teacher_for  # noqa: E402
-from prunetune.lora import LoraSettings, add_lora  # noqa: E402
+from prunetune.training.distill import DistillSettings, self_teacher_for
+from prunetune.training.lora import LoraSettings, add_lora
 from prunetune.methods.loraprune.pruner import LoRAPruner, LoRAPruneSettings  # noqa: E402
 from prunetune.structure.units import Structure  # noqa: E402
-from prunetune.train import TrainSettings, make_accelerator, train  # noqa: E402
+from prunetune.training.loop import TrainSettings, make_accelerator, train
 
 
 def run(batch_size: int, steps: int = 12, distill: bool = False, memory_steps: int | None = 2, **train_kwargs):

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 
 from prunetune.importance.sharded import SHARDED_CRITERIA  # noqa: E402
-from prunetune.train import TrainSettings, make_accelerator  # noqa: E402
+from prunetune.training.loop import TrainSettings, make_accelerator
 
 ARCH = "qwen2"  # biases on q, k, v: the scores cover the weights only, as in one process
 

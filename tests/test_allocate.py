@@ -100,7 +100,7 @@ def test_bad_ratio_and_unit():
 
 def _synthetic_scores(structure, head_value: float, channel_value: float, weak_group: int | None = None):
     """Per-unit scores proportional to each unit's parameters times a value per parameter."""
-    from prunetune.importance.scores import LayerScores
+    from prunetune.structure.scores import LayerScores
 
     scores = []
     for shape in structure.layers:

@@ -10,11 +10,17 @@ from test_cli_errors import assert_user_error, no_model_load, run_cli  # noqa: F
 from tiny import save_tiny_model_dir, tiny_model, tokens
 
 from prunetune.errors import UserError
-from prunetune.evaluate.bench_criterion import (
-    VARIANTS, BenchSettings, bench_criterion, build_model, lora_guided_step, result_table, taylor_step,
+from prunetune.bench.criterion import (
+    VARIANTS,
+    BenchSettings,
+    bench_criterion,
+    build_model,
+    lora_guided_step,
+    result_table,
+    taylor_step,
 )
 from prunetune.importance import taylor_scores
-from prunetune.lora import LoraSettings, add_lora, lora_matrices
+from prunetune.training.lora import LoraSettings, add_lora, lora_matrices
 from prunetune.methods.loraprune.masks_agree import (
     AgreeSettings, accumulate_scores, compare_masks, compare_scores, masks_agree, overlap, parse_ratios,
     random_overlap, randomize_lora_b,
@@ -206,7 +212,7 @@ def test_masks_agree_on_a_tiny_model_with_lora_training(model_dir):
 
 
 def test_an_int8_failure_is_reported_not_raised(monkeypatch, one_thread):
-    import prunetune.evaluate.bench_criterion as bench
+    import prunetune.bench.criterion as bench
 
     def boom(model, batch, autocast):
         raise NotImplementedError("no int8 backward here")

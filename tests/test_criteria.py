@@ -220,7 +220,7 @@ def test_lora_guided_one_shot_matches_its_estimate_and_leaves_the_model_as_it_wa
     """With B = 0 the estimated weight gradient is ∂L/∂B·A; the adapter goes again, nothing merged."""
     from prunetune.importance import lora_guided_one_shot_scores
     from prunetune.importance.lora_guided import lora_guided_scores
-    from prunetune.lora import LoraSettings, add_lora
+    from prunetune.training.lora import LoraSettings, add_lora
 
     model = tiny_model("qwen2", num_hidden_layers=2)
     ids = batches()

@@ -11,16 +11,23 @@ import torch
 import torch.nn.functional as F
 from tiny import ARCHITECTURES, save_tiny_model_dir, tiny_model, tokens
 
-from prunetune import distill as distill_module
-from prunetune.distill import DistillLoss, DistillSettings, ModelTeacher, chunked_distillation, self_teacher_for
+from prunetune.training import distill as distill_module
+from prunetune.training.distill import (
+    DistillLoss,
+    DistillSettings,
+    ModelTeacher,
+    chunked_distillation,
+    self_teacher_for,
+)
 from prunetune.errors import UserError
-from prunetune.lm_loss import FinalHidden
-from prunetune.lora import LoraSettings, add_lora
+from prunetune.training.loss import FinalHidden
+from prunetune.training.lora import LoraSettings, add_lora
 from prunetune.methods.loraprune.pruner import LoRAPruneSettings, LoRAPruner
-from prunetune.methods.prune import EvalSettings, PruneSettings, RunOptions, checkpoint_dir_for, prune
+from prunetune.runs.settings import EvalSettings, RunOptions, checkpoint_dir_for
+from prunetune.methods.prune import PruneSettings, prune
 from prunetune.structure.masks import Masks, apply_masks
 from prunetune.structure.units import Structure
-from prunetune.train import TrainSettings
+from prunetune.training.loop import TrainSettings
 
 
 def _reference(student_logits, teacher_logits, labels, temperature):
@@ -122,14 +129,17 @@ def model_dir(tmp_path_factory):
                                num_key_value_heads=4, intermediate_size=128, num_hidden_layers=4)
 
 
-def _options(steps=8, distill=True, quant=None, **kw):
-    return RunOptions(training=TrainSettings(steps=steps, batch_size=2, seq_len=32, lr=1e-3, **kw),
-                      loraprune=LoRAPruneSettings(prune_every=2),
-                      distill=DistillSettings(enabled=distill), quant=quant, progress=False)
+def _options(steps=8, quant=None, **kw):
+    return RunOptions(training=TrainSettings(steps=steps, batch_size=2, seq_len=32, lr=1e-3, **kw), quant=quant,
+                      progress=False)
+
+
+def _settings(distill=True, **kw) -> PruneSettings:
+    return PruneSettings(**kw, loraprune=LoRAPruneSettings(prune_every=2), distill=DistillSettings(enabled=distill))
 
 
 def test_distilled_loraprune_records_the_teacher_and_resumes_to_the_same_masks(model_dir, tmp_path):
-    settings = PruneSettings(method="loraprune", ratio=0.5, round_to=8)
+    settings = _settings(method="loraprune", ratio=0.5, round_to=8)
     whole = prune(str(model_dir), tmp_path / "whole", settings, EVAL, _options(checkpoint_every=3), log=lambda _: None)
     training = whole["training"]
     assert all("distill_loss" in entry for entry in training["history"])
@@ -139,7 +149,7 @@ def test_distilled_loraprune_records_the_teacher_and_resumes_to_the_same_masks(m
 
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):  # killed after step 4 (checkpoint at 3)
-        import prunetune.train as train_module
+        import prunetune.training.loop as train_module
 
         original = train_module._save_checkpoint
 
@@ -163,8 +173,8 @@ def test_distilled_loraprune_records_the_teacher_and_resumes_to_the_same_masks(m
 
 
 def test_distilled_recovery_loads_the_source_as_teacher_and_says_what_it_costs(model_dir, tmp_path):
-    record = prune(str(model_dir), tmp_path / "t", PruneSettings(method="magnitude", ratio=0.5, round_to=8,
-                                                                 recover_steps=3), EVAL, _options(), log=lambda _: None)
+    record = prune(str(model_dir), tmp_path / "t", _settings(method="magnitude", ratio=0.5, round_to=8,
+                                                             recover_steps=3), EVAL, _options(), log=lambda _: None)
     info = record["training"]["distill"]
     assert info["teacher"] == "source" and info["teacher_model_bytes"] > 0
     assert json.loads((tmp_path / "t" / "prunetune.json").read_text())["training"]["distill"] == info
@@ -172,7 +182,7 @@ def test_distilled_recovery_loads_the_source_as_teacher_and_says_what_it_costs(m
 
 @pytest.mark.parametrize("quant", ["8bit", "nf4"])
 def test_distilled_loraprune_on_a_quantized_base(model_dir, tmp_path, quant):
-    record = prune(str(model_dir), tmp_path / quant, PruneSettings(method="loraprune", ratio=0.5, round_to=8), EVAL,
+    record = prune(str(model_dir), tmp_path / quant, _settings(method="loraprune", ratio=0.5, round_to=8), EVAL,
                    _options(steps=4, quant=quant, gradient_checkpointing=True), log=lambda _: None)
     assert torch.isfinite(torch.tensor([e["distill_loss"] for e in record["training"]["history"]])).all()
 
@@ -180,18 +190,17 @@ def test_distilled_loraprune_on_a_quantized_base(model_dir, tmp_path, quant):
 def test_distill_flags_that_cannot_work_fail_before_loading(tmp_path):
     missing_model = str(tmp_path / "no-model-here")  # loading it would fail differently
     cases = [
-        (PruneSettings(method="magnitude"), "use it with loraprune or with --recover-steps"),
-        (PruneSettings(method="taylor", recover_steps=2), "--teacher tuned is LoRAPrune's"),
+        (_settings(method="magnitude"), "use it with loraprune or with --recover-steps"),
+        (_settings(method="taylor", recover_steps=2), "--teacher tuned is LoRAPrune's"),
     ]
     for settings, message in cases:
-        options = _options()
-        options.distill.teacher = "tuned" if settings.recover_steps else "base"
+        settings.distill.teacher = "tuned" if settings.recover_steps else "base"
         with pytest.raises(UserError, match=message.replace("(", r"\(")):
-            prune(missing_model, tmp_path / "out", settings, EVAL, options, log=lambda _: None)
-    options = _options()
-    options.distill.temperature = 0
+            prune(missing_model, tmp_path / "out", settings, EVAL, _options(), log=lambda _: None)
+    settings = _settings(method="loraprune")
+    settings.distill.temperature = 0
     with pytest.raises(UserError, match="temperature"):
-        prune(missing_model, tmp_path / "out", PruneSettings(method="loraprune"), EVAL, options, log=lambda _: None)
+        prune(missing_model, tmp_path / "out", settings, EVAL, _options(), log=lambda _: None)
     assert not (tmp_path / "out").exists()
 
 

@@ -8,7 +8,7 @@ import torch
 from prunetune.data import load_examples
 from prunetune.methods.sheared.domains import DomainSampler, load_domain_blocks, parse_domains
 from prunetune.errors import UserError
-from prunetune.train import TrainSettings
+from prunetune.training.loop import TrainSettings
 
 
 def one_line_user_error(excinfo) -> str:

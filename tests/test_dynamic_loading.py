@@ -13,7 +13,7 @@ from prunetune.errors import UserError
 from prunetune.methods.sheared.dynamic_loading import (
     DynamicLoading, domain_losses, fit_scaling_law, predict_loss, resolve_references, update_weights, worst_gap,
 )
-from prunetune.train import TrainSettings, train
+from prunetune.training.loop import TrainSettings, train
 
 # ---------------------------------------------------------------------------------------------
 # The update rule

@@ -207,7 +207,7 @@ def test_fsdp_loram_align_keeps_the_zeros_and_train_saves_the_adapter(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from prunetune.structure.sparsity import sparsity_summary
+    from prunetune.methods.loram.sparsity import sparsity_summary
 
     source = save_tiny_model_dir(tmp_path / "tiny", "llama")
     pruned, aligned, adapter = tmp_path / "pruned", tmp_path / "aligned", tmp_path / "adapter"

@@ -9,13 +9,13 @@ from transformers import AutoModelForCausalLM
 
 from prunetune.export.hf import save_model
 from prunetune.errors import UserError
-from prunetune.lora import add_lora
-from prunetune.structure.hard_concrete import LOG_ALPHA_MAX, LOG_ALPHA_MIN
-from prunetune.structure.l0_masks import ShearMasks
+from prunetune.training.lora import add_lora
+from prunetune.methods.sheared.hard_concrete import LOG_ALPHA_MAX, LOG_ALPHA_MIN
+from prunetune.methods.sheared.l0_masks import ShearMasks
 from prunetune.structure.surgery import cut
-from prunetune.structure.target import Target, parse_target, target_parameters
+from prunetune.methods.sheared.target import Target, parse_target, target_parameters
 from prunetune.structure.units import LayerShape, Structure, count_parameters
-from prunetune.train import enable_checkpointing
+from prunetune.training.loop import enable_checkpointing
 
 # Sources are the default tiny models: 4 layers, hidden 96, 6 heads over 3 kv heads, MLP 48.
 TARGETS = {

@@ -7,10 +7,10 @@ import pytest
 import torch
 from tiny import ARCHITECTURES, tiny_model, tokens
 
-from prunetune import lm_loss
-from prunetune.evaluate.tensor_memory import TensorMemory, module_tensors, optimizer_tensors
-from prunetune.lm_loss import ChunkedLoss
-from prunetune.lora import LoraSettings, add_lora
+from prunetune.training import loss as lm_loss
+from prunetune.training.tensor_memory import TensorMemory, module_tensors, optimizer_tensors
+from prunetune.training.loss import ChunkedLoss
+from prunetune.training.lora import LoraSettings, add_lora
 
 
 def _loss_and_grads(model, compute):

@@ -8,14 +8,14 @@ from test_cli_errors import no_model_load  # noqa: F401 (a fixture)
 from tiny import save_tiny_model_dir
 
 from prunetune import load_model
-from prunetune.lora import LoraSettings
+from prunetune.training.lora import LoraSettings
 from prunetune.methods.loram.pipeline import (
     LoramPruneSettings, StepOptions, align, prune_for_loram, recover, reduction_ratio, train_adapter,
 )
-from prunetune.methods.prune import RunOptions
+from prunetune.runs.settings import RunOptions
 from prunetune.report import read_record
 from prunetune.structure.units import Structure, count_parameters
-from prunetune.train import TrainSettings
+from prunetune.training.loop import TrainSettings
 
 
 def quiet(_):
@@ -138,7 +138,7 @@ def test_recover_with_merge_writes_the_full_model_peft_would_merge(full, pruned,
 def test_semi_structured_path_keeps_its_zeros_and_recovers_unchanged(full, tmp_path):
     from safetensors.torch import load_file
 
-    from prunetune.structure.sparsity import sparsity_summary
+    from prunetune.methods.loram.sparsity import sparsity_summary
 
     sparse = tmp_path / "semi"
     record = prune_for_loram(str(full), sparse, LoramPruneSettings(method="semi", seq_len=32, calib_samples=2),

@@ -12,12 +12,12 @@ from tiny import tiny_model, tokens
 
 from prunetune.importance import lora_guided
 from prunetune.importance.lora_guided import lora_guided_scores, projection_unit_scores
-from prunetune.lora import LoraSettings, add_lora, lora_matrices
+from prunetune.training.lora import LoraSettings, add_lora, lora_matrices
 from prunetune.methods.loraprune.pruner import LoRAPruner, LoRAPruneSettings, cubic_fraction
 from prunetune.structure.allocate import target_counts
 from prunetune.structure.masks import Masks
 from prunetune.structure.units import Structure, decoder_layers, unit_sums
-from prunetune.train import TrainSettings, train
+from prunetune.training.loop import TrainSettings, train
 
 HERE = Path(__file__).parent
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from test_cli_errors import assert_user_error, no_model_load, run_cli  # noqa: F401 (a fixture)
 
-from prunetune.evaluate.shapes import shape_config
+from prunetune.bench.shapes import shape_config
 from prunetune.plan import PlanSettings, parse_memory, plan_method
 from prunetune.plan.measure import measure_method
 

@@ -9,9 +9,10 @@ from transformers import AutoModelForCausalLM
 
 from prunetune import load_model
 from prunetune.evaluate import perplexity
-from prunetune.methods.prune import EvalSettings, PruneSettings, RunOptions, checkpoint_dir_for, prune
+from prunetune.runs.settings import EvalSettings, RunOptions, checkpoint_dir_for
+from prunetune.methods.prune import PruneSettings, prune
 from prunetune.structure.units import count_parameters
-from prunetune.train import TrainSettings
+from prunetune.training.loop import TrainSettings
 
 EVAL = EvalSettings(data="builtin:pydoc", seq_len=32, max_windows=3)
 

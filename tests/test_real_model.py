@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from prunetune import load_model
 from prunetune.importance import magnitude_scores
-from prunetune.methods.prune import EvalSettings, PruneSettings, RunOptions, prune
+from prunetune.runs.settings import EvalSettings, RunOptions
+from prunetune.methods.prune import PruneSettings, prune
 from prunetune.structure.allocate import select_masks
 from prunetune.structure.masks import apply_masks
 from prunetune.structure.surgery import cut

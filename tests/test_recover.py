@@ -18,10 +18,15 @@ from safetensors.torch import load_file
 from tiny import ARCHITECTURES, tiny_model, tokens
 
 from prunetune.errors import UserError
-from prunetune.lora import LoraSettings, add_lora, lora_matrices
+from prunetune.training.lora import LoraSettings, add_lora, lora_matrices
 from prunetune.structure.masks import Masks, apply_masks
-from prunetune.structure.recover import (
-    FullShapes, merge_into, read_pruned_run, recover_adapter, recover_identity, recover_tensors,
+from prunetune.methods.loram.recover import (
+    FullShapes,
+    merge_into,
+    read_pruned_run,
+    recover_adapter,
+    recover_identity,
+    recover_tensors,
 )
 from prunetune.structure.surgery import cut, merge_lora
 from prunetune.structure.units import PROJECTIONS, Structure, projection

@@ -7,12 +7,13 @@ import pytest
 from test_cli_errors import assert_user_error, run_cli
 from tiny import save_tiny_model_dir
 
-from prunetune.importance.scores import SCORES_FILE, load_scores
-from prunetune.methods.prune import EvalSettings, PruneSettings, RunOptions, prune
+from prunetune.structure.scores import SCORES_FILE, load_scores
+from prunetune.runs.settings import EvalSettings, RunOptions
+from prunetune.methods.prune import PruneSettings, prune
 from prunetune.report import add_evaluation, read_record, write_report
 from prunetune.report.markdown import score_groups
 from prunetune.report.plots import kept_fractions, plot_domain_weights, sparsity_curve
-from prunetune.train import TrainSettings
+from prunetune.training.loop import TrainSettings
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EVAL = EvalSettings(data="builtin:pydoc", seq_len=32, max_windows=2)

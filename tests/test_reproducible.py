@@ -13,17 +13,18 @@ import pytest
 import torch
 from tiny import save_tiny_model_dir, tiny_model
 
-from prunetune.importance.scores import LayerScores
+from prunetune.structure.scores import LayerScores
 from prunetune.methods.sheared.continued import ContinueSettings, continue_training
 from prunetune.methods.sheared.domain_training import DomainSettings
-from prunetune.methods.prune import EvalSettings, PruneSettings, RunOptions, prune
+from prunetune.runs.settings import EvalSettings, RunOptions
+from prunetune.methods.prune import PruneSettings, prune
 from prunetune.methods.sheared.shear import ShearSettings, shear
 from prunetune.structure.allocate import KeepCounts, global_counts, masks_from_counts
-from prunetune.structure.hard_concrete import LOG_ALPHA_MAX, HardConcrete
-from prunetune.structure.l0_masks import ShearMasks
-from prunetune.structure.target import parse_target
+from prunetune.methods.sheared.hard_concrete import LOG_ALPHA_MAX, HardConcrete
+from prunetune.methods.sheared.l0_masks import ShearMasks
+from prunetune.methods.sheared.target import parse_target
 from prunetune.structure.units import Structure
-from prunetune.train import TrainSettings
+from prunetune.training.loop import TrainSettings
 
 DOMAINS = "code=builtin:stdlib-code,prose=builtin:pydoc"
 EVAL = EvalSettings(data="builtin:pydoc", seq_len=32, max_windows=2)

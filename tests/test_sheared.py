@@ -12,10 +12,10 @@ from tiny import save_tiny_model_dir, tiny_model
 from prunetune.methods.sheared.domains import DomainSampler, parse_domains
 from prunetune.methods.sheared.dynamic_loading import DynamicLoading
 from prunetune.methods.sheared.shear import ShearHooks, ShearSettings
-from prunetune.structure.l0_masks import ShearMasks
-from prunetune.structure.target import parse_target
+from prunetune.methods.sheared.l0_masks import ShearMasks
+from prunetune.methods.sheared.target import parse_target
 from prunetune.structure.units import Structure
-from prunetune.train import ComposedHooks, TrainSettings, train
+from prunetune.training.loop import ComposedHooks, TrainSettings, train
 
 TARGET = "layers=3,hidden=64,heads=4,kv-heads=2,intermediate=32"
 DOMAINS = "code=builtin:stdlib-code,prose=builtin:pydoc"
@@ -59,7 +59,7 @@ def test_shear_then_train_end_to_end(tmp_path):
 
 def test_shear_with_lora_cuts_the_merged_model(tmp_path):
     from prunetune.methods.sheared.domain_training import DomainSettings
-    from prunetune.methods.prune import EvalSettings, RunOptions
+    from prunetune.runs.settings import EvalSettings, RunOptions
     from prunetune.methods.sheared.shear import shear
 
     source = save_tiny_model_dir(tmp_path / "tiny", "qwen2")  # tied embeddings, q/k/v biases

@@ -8,11 +8,17 @@ from tiny import ARCHITECTURES, tiny_model, tokens
 
 from prunetune.errors import UserError
 from prunetune.importance.wanda import input_norms
-from prunetune.importance.wanda_unstructured import sparsify, wanda_scores
-from prunetune.structure.sparsity import (KeepZeros, apply_sparsity, check_pattern, keep_mask, reduction_ratio,
-                                          sparsity_summary)
+from prunetune.methods.loram.wanda_unstructured import sparsify, wanda_scores
+from prunetune.methods.loram.sparsity import (
+    KeepZeros,
+    apply_sparsity,
+    check_pattern,
+    keep_mask,
+    reduction_ratio,
+    sparsity_summary,
+)
 from prunetune.structure.units import PROJECTIONS, decoder_layers, projection
-from prunetune.train import TrainSettings, train
+from prunetune.training.loop import TrainSettings, train
 
 
 def calib(n: int = 2):

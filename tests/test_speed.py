@@ -13,12 +13,13 @@ from tiny import tiny_config, tiny_model
 
 from prunetune import load_model
 from prunetune.errors import UserError
-from prunetune.evaluate.flops import prefill_flops
-from prunetune.evaluate.shapes import save_random_model
-from prunetune.evaluate.speed import Job, SpeedSettings, bench_speed, plan, timed_generation
-from prunetune.evaluate.speed_table import result_table
-from prunetune.lora import LoraSettings, add_lora, lora_matrices
-from prunetune.methods.prune import EvalSettings, PruneSettings, RunOptions, prune
+from prunetune.bench.flops import prefill_flops
+from prunetune.bench.shapes import save_random_model
+from prunetune.bench.speed import Job, SpeedSettings, bench_speed, plan, timed_generation
+from prunetune.bench.speed_table import result_table
+from prunetune.training.lora import LoraSettings, add_lora, lora_matrices
+from prunetune.runs.settings import EvalSettings, RunOptions
+from prunetune.methods.prune import PruneSettings, prune
 from prunetune.structure.units import Structure, decoder_layers
 
 

@@ -8,8 +8,8 @@ import torch
 from loraprune_run import run as loraprune_run
 from tiny import tiny_model
 
-from prunetune.lora import LoraSettings, add_lora
-from prunetune.train import MEMORY_STEPS, TrainSettings, train
+from prunetune.training.lora import LoraSettings, add_lora
+from prunetune.training.loop import MEMORY_STEPS, TrainSettings, train
 
 STEPS = 7
 

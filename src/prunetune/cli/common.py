@@ -25,7 +25,7 @@ def log(msg: str) -> None:
 
 def training_options(steps: int, batch_size: int, grad_accum: int, seq_len: int, lr: float,
                       gradient_checkpointing: bool, checkpoint_every: int, seed: int):
-    from ..train import TrainSettings
+    from ..training.loop import TrainSettings
 
     return TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                          gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every, seed=seed)

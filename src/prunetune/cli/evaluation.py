@@ -89,7 +89,7 @@ def eval_command(
                             "was trained on")
     if task_list:
         task_manager(task_list, include_path)  # lm-eval installed, every task known
-    from ..report import add_evaluation, is_run_directory, provenance, write_json  # matplotlib: not for mistakes
+    from ..report import add_evaluation, is_run_directory, provenance, write_json
 
     start = time.perf_counter()
     loaded, tokenizer = load_model(model, dtype=dtype, device=device, quant=quant)
@@ -220,8 +220,8 @@ def bench(
     if models[0] == "criterion":
         raise UserError("the criterion benchmark moved to `prunetune bench-criterion`; "
                         "`prunetune bench MODEL [MODEL ...]` measures inference speed")
-    from ..evaluate.speed import SpeedSettings, bench_speed
-    from ..evaluate.speed_table import result_notes, result_table
+    from ..bench.speed import SpeedSettings, bench_speed
+    from ..bench.speed_table import result_notes, result_table
     from ..report import provenance, write_json
 
     check_json_path(json_path)
@@ -257,7 +257,7 @@ def bench_criterion_command(
 
     On the CPU each variant runs in its own process, which is how its memory is measured.
     """
-    from ..evaluate.bench_criterion import BenchSettings, bench_criterion, result_notes, result_table
+    from ..bench.criterion import BenchSettings, bench_criterion, result_notes, result_table
     from ..report import provenance, write_json
 
     check_json_path(json_path)

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UserError
-from ..export import GGUF_OUTTYPES  # a constant; the package imports nothing heavy
+from ..export import GGUF_OUTTYPES
 from .common import out
 
 commands = typer.Typer()

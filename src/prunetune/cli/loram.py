@@ -37,7 +37,7 @@ def loram_prune(
 ) -> None:
     """Prune the model LoRAM will train on and print its parameter reduction ratio."""
     from ..methods.loram.pipeline import LoramPruneSettings, prune_for_loram
-    from ..methods.prune import RunOptions
+    from ..runs.settings import RunOptions
 
     settings = LoramPruneSettings(method=method, ratio=ratio, criterion=criterion, layers=layers, data=data,
                                   calib_samples=calib_samples, seq_len=seq_len, seed=seed)
@@ -107,7 +107,7 @@ def loram_train(
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Train a LoRA on the pruned model and save it as a PEFT adapter."""
-    from ..lora import LoraSettings
+    from ..training.lora import LoraSettings
     from ..methods.loram.pipeline import StepOptions, train_adapter
 
     training = training_options(steps, batch_size, grad_accum, seq_len, lr, gradient_checkpointing,

@@ -91,27 +91,30 @@ def prune(
 ) -> None:
     """Prune a model to a ratio of its prunable parameters and save the smaller model."""
     gguf_outtype = parse_export(export)
-    from ..distill import DistillSettings
-    from ..lora import LoraSettings
+    from ..training.distill import DistillSettings
+    from ..training.lora import LoraSettings
     from ..methods.loraprune.pruner import LoRAPruneSettings
-    from ..methods.prune import EvalSettings, PruneSettings, RunOptions
+    from ..runs.settings import EvalSettings, RunOptions
+    from ..methods.prune import PruneSettings
     from ..methods.prune import prune as run_prune
     from ..structure.allocate import DEFAULT_ROUND_TO, parse_round_to
-    from ..train import TrainSettings
+    from ..training.loop import TrainSettings
 
     settings = PruneSettings(method=method, ratio=ratio, layers=layers, units=units, head_unit=head_unit,
                              round_to=parse_round_to(round_to or DEFAULT_ROUND_TO), allocation=allocation,
                              split=split, data=data, calib_samples=calib_samples, recover_steps=recover_steps,
-                             seed=seed)
+                             seed=seed,
+                             loraprune=LoRAPruneSettings(prune_every=prune_every, ema=ema, score=score,
+                                                         normalize=normalize, warmup=prune_warmup,
+                                                         cooldown=prune_cooldown),
+                             distill=DistillSettings(enabled=distill, temperature=distill_temperature,
+                                                     alpha=distill_alpha, teacher=teacher))
     evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=eval_seq_len, max_windows=max_windows)
     options = RunOptions(
         training=TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                                warmup=warmup, max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
                                checkpoint_every=checkpoint_every, seed=seed),
         lora=LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dtype=lora_dtype),
-        loraprune=LoRAPruneSettings(prune_every=prune_every, ema=ema, score=score, normalize=normalize,
-                                    warmup=prune_warmup, cooldown=prune_cooldown),
-        distill=DistillSettings(enabled=distill, temperature=distill_temperature, alpha=distill_alpha, teacher=teacher),
         dtype=dtype, device=device, quant=quant, overwrite=overwrite, resume=resume,
     )
     check_export_shape(gguf_outtype, model, per_layer=(layers or ("paper" if method == "loraprune" else "all")) != "all")

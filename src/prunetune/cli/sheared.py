@@ -57,9 +57,9 @@ Overwrite = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
 
 def _options(*, steps, batch_size, grad_accum, seq_len, lr, warmup, gradient_checkpointing, checkpoint_every, seed,
              lora_r, dtype, device, overwrite, resume):
-    from ..lora import LoraSettings
-    from ..methods.prune import RunOptions
-    from ..train import TrainSettings
+    from ..training.lora import LoraSettings
+    from ..runs.settings import RunOptions
+    from ..training.loop import TrainSettings
 
     training = TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                              warmup=warmup, gradient_checkpointing=gradient_checkpointing,
@@ -108,10 +108,10 @@ def shear(
     """Prune a model to a chosen architecture with learned hard-concrete masks (Sheared-LLaMA)."""
     gguf_outtype = parse_export(export)  # a shear target has one shape for every layer: GGUF holds it
     from ..methods.sheared.domain_training import check_before_loading
-    from ..methods.prune import EvalSettings
+    from ..runs.settings import EvalSettings
     from ..methods.sheared.shear import ShearSettings, source_structure
     from ..methods.sheared.shear import shear as run_shear
-    from ..structure.target import parse_target
+    from ..methods.sheared.target import parse_target
 
     options = _options(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                        warmup=warmup, gradient_checkpointing=gradient_checkpointing,
@@ -157,7 +157,7 @@ def train(
     """Continue pre-training a model on several domains (fixed mixture or dynamic batch loading)."""
     gguf_outtype = parse_export(export)
     from ..methods.sheared.continued import ContinueSettings, continue_training
-    from ..methods.prune import EvalSettings
+    from ..runs.settings import EvalSettings
 
     options = _options(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                        warmup=warmup, gradient_checkpointing=gradient_checkpointing,

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import UserError
 from ..layer_shapes import is_uniform, layer_shapes
 
-from . import GGUF_OUTTYPES as OUTTYPES  # noqa: E402
+from . import GGUF_OUTTYPES as OUTTYPES
 Q8_0_BLOCK = 32  # a q8_0 row is a whole number of 32-value blocks; other rows are written f16, as llama.cpp does
 
 # transformers module names -> gguf.MODEL_TENSOR members, per decoder layer.
@@ -127,7 +127,8 @@ def export_gguf(model: nn.Module, tokenizer, out: Path, outtype: str = "f32", ov
     import gguf
 
     from ..structure.surgery import dequantize, merge_lora, sync_config
-    from ..structure.units import Structure, unwrap
+    from ..structure.units import Structure
+    from ..modeling import unwrap
     from .gguf_tokenizer import add_tokenizer
 
     model = merge_lora(model)

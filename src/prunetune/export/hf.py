@@ -22,7 +22,8 @@ from torch import nn
 from ..errors import UserError
 from ..layer_shapes import LAYER_SHAPES_KEY, is_uniform
 from ..structure.surgery import dequantize, merge_lora, sync_config
-from ..structure.units import Structure, unwrap
+from ..structure.units import Structure
+from ..modeling import unwrap
 
 # What a source format leaves in the config that means nothing in the saved model: the quantization
 # of an 8-bit/NF4 base (the saved weights are de-quantized), and the name a GGUF file's metadata

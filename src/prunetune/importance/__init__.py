@@ -13,7 +13,7 @@ from __future__ import annotations
 from .lora_guided import lora_guided_one_shot_scores
 from .magnitude import magnitude_scores
 from .random_criterion import random_scores
-from .scores import LayerScores
+from ..structure.scores import LayerScores
 from .taylor import taylor_scores
 from .wanda import wanda_sp_scores
 

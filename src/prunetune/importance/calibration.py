@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
 from ..errors import UserError
-from ..structure.units import base_linear, unwrap
+from ..structure.units import base_linear
+from ..modeling import unwrap
 
 QUANTIZED_PARAMS = ("Int8Params", "Params4bit")
 
@@ -28,15 +26,3 @@ def is_quantized_linear(module: nn.Module) -> bool:
 def input_device(model: nn.Module) -> torch.device:
     """Where input ids go: the device of the token embeddings."""
     return unwrap(model).get_input_embeddings().weight.device
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run without dropout; every module's training flag comes back as it was."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..lora import lora_matrices
+from ..training.lora import lora_matrices
 from ..structure.units import decoder_layers, dense_weight, unit_sums
-from ..sharding import is_sharded, row_slice, sum_across_processes
-from .scores import LayerScores
+from ..training.sharding import is_sharded, row_slice, sum_across_processes
+from ..structure.scores import LayerScores
 from .sharded import local_unit_sums
 
 SCORE_KINDS = ("abs", "square")
@@ -107,8 +107,9 @@ def lora_guided_one_shot_scores(model: nn.Module, batches: list[torch.Tensor] | 
     normalisation), first-order estimates on one scale for heads and channels. The frozen weights
     get no gradient, so this runs on 8-bit and NF4 bases.
     """
-    from ..lora import LoraSettings, add_lora
-    from .calibration import eval_mode, input_device, require_batches
+    from ..training.lora import LoraSettings, add_lora
+    from ..modeling import eval_mode
+    from .calibration import input_device, require_batches
 
     batches = require_batches(batches, "lora-guided")
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..structure.units import decoder_layers, dense_weight, projection
-from .scores import LayerScores
+from ..structure.scores import LayerScores
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..structure.units import decoder_layers, linear_shape, projection
-from .scores import LayerScores
+from ..structure.scores import LayerScores
 
 
 def random_scores(model: nn.Module, batches: list[torch.Tensor] | None = None, *, seed: int = 0) -> list[LayerScores]:

@@ -23,10 +23,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..sharding import load_into_twin, local_tensor, meta_twin, row_slice, sum_across_processes
+from ..training.sharding import load_into_twin, local_tensor, meta_twin, row_slice, sum_across_processes
 from ..structure.units import PROJECTIONS, base_linear, decoder_layers, projection, unit_sums
-from .calibration import eval_mode, input_device, require_batches
-from .scores import LayerScores
+from ..modeling import eval_mode
+from .calibration import input_device, require_batches
+from ..structure.scores import LayerScores
 from .taylor import quantized_refusal
 from .wanda import squared_input_sums
 

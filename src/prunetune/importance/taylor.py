@@ -16,8 +16,9 @@ from torch import nn
 
 from ..errors import UserError
 from ..structure.units import PROJECTIONS, base_linear, decoder_layers, dense_weight, projection
-from .calibration import eval_mode, input_device, is_quantized_linear, require_batches
-from .scores import LayerScores
+from ..modeling import eval_mode
+from .calibration import input_device, is_quantized_linear, require_batches
+from ..structure.scores import LayerScores
 
 
 def quantized_refusal(model: nn.Module, what: str) -> None:

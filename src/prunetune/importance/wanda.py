@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from ..structure.units import PROJECTIONS, base_linear, decoder_layers, dense_weight, linear_shape, projection
-from .calibration import eval_mode, input_device, require_batches
-from .scores import LayerScores
+from ..modeling import eval_mode
+from .calibration import input_device, require_batches
+from ..structure.scores import LayerScores
 
 
 def squared_input_sums(model: nn.Module, counting: Callable[[], bool] = lambda: True):

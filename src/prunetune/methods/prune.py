@@ -25,23 +25,33 @@ import torch
 
 from ..export.hf import save_model
 from ..data import load_blocks, load_examples
-from ..distill import DistillSettings, ModelTeacher, self_teacher_for
+from ..training.distill import DistillSettings, ModelTeacher, self_teacher_for
 from ..errors import UserError
-from ..evaluate.perplexity import check_seq_len, perplexity
+from ..evaluate.perplexity import check_seq_len
 from ..importance import CRITERIA
-from ..lora import LoraSettings, add_lora
+from ..training.lora import add_lora
 from ..models import check_load_options, check_model, load_model
-from ..importance.scores import SCORES_FILE, save_scores
+from ..structure.scores import SCORES_FILE, save_scores
 from ..importance.sharded import SHARDED_CRITERIA
-from ..sharding import is_fsdp, leave_to_main, refuse_quant_under_fsdp
+from ..training.sharding import is_fsdp, leave_to_main, refuse_quant_under_fsdp
 from ..report import check_output_dir, extra_file, provenance, run_directory, write_json, write_report
 from ..structure.allocate import (
-    ALLOCATIONS, DEFAULT_ROUND_TO, DEFAULT_SPLIT, SPLITS, achieved_ratio, check_ratio, describe_prunable, parse_layers,
-    parse_round_to, parse_units, select_masks,
+    ALLOCATIONS,
+    DEFAULT_ROUND_TO,
+    DEFAULT_SPLIT,
+    SPLITS,
+    achieved_ratio,
+    check_ratio,
+    describe_prunable,
+    parse_layers,
+    parse_round_to,
+    parse_units,
+    select_masks,
 )
 from ..structure.surgery import cut
 from ..structure.units import HEAD_UNITS, Structure, count_parameters
-from ..train import TrainSettings, make_accelerator, train
+from ..runs.settings import EvalSettings, RunOptions, checkpoint_dir_for
+from ..training.loop import TrainSettings, make_accelerator, train
 from .loraprune.pruner import LoRAPruneSettings, LoRAPruner
 
 METHODS = ("loraprune", *CRITERIA)
@@ -62,6 +72,8 @@ class PruneSettings:
     calib_samples: int = 10  # calibration sequences for taylor and wanda-sp (LLM-Pruner: 10)
     recover_steps: int = 0  # LoRA steps after a one-shot prune
     seed: int = 0
+    loraprune: LoRAPruneSettings = field(default_factory=LoRAPruneSettings)  # used by method loraprune
+    distill: DistillSettings = field(default_factory=DistillSettings)  # loraprune, or a recovery's teacher
 
     @property
     def layer_spec(self) -> str:
@@ -85,33 +97,6 @@ class PruneSettings:
             raise UserError("--recover-steps is for one-shot methods; loraprune trains for --steps")
 
 
-@dataclass
-class EvalSettings:
-    data: str | None = "builtin:pydoc"
-    seq_len: int = 256
-    max_windows: int | None = None
-
-    def measure(self, model, tokenizer, when: str, progress: bool, log: Callable[[str], None]) -> dict:
-        """The run's one comparable perplexity, logged as "perplexity WHEN"; as stored in prunetune.json."""
-        result = perplexity(model, tokenizer, self.data, self.seq_len, max_windows=self.max_windows, progress=progress)
-        log(f"perplexity {when}: {result.perplexity:.3f} ({result.seconds:.1f}s)")
-        return result.to_dict()
-
-
-@dataclass
-class RunOptions:
-    training: TrainSettings = field(default_factory=TrainSettings)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    loraprune: LoRAPruneSettings = field(default_factory=LoRAPruneSettings)
-    distill: DistillSettings = field(default_factory=DistillSettings)
-    dtype: str = "auto"
-    device: str = "auto"
-    quant: str | None = None
-    overwrite: bool = False
-    resume: bool = False
-    progress: bool = True
-
-
 def _check_before_loading(model_spec: str, settings: PruneSettings, evaluation: EvalSettings, options: RunOptions,
                           trains: bool) -> None:
     """Everything that can be wrong without the weights: a mistake costs seconds, not a model load."""
@@ -119,8 +104,8 @@ def _check_before_loading(model_spec: str, settings: PruneSettings, evaluation: 
     if trains:
         options.training.check()
     if settings.method == "loraprune":
-        options.loraprune.check()
-    distill = options.distill
+        settings.loraprune.check()
+    distill = settings.distill
     if distill.enabled:
         distill.check()
         if not trains:
@@ -142,9 +127,9 @@ def _check_before_loading(model_spec: str, settings: PruneSettings, evaluation: 
     parse_layers(settings.layer_spec, int(config.num_hidden_layers))
 
 
-def checkpoint_dir_for(out: Path) -> Path:
-    """Where a run keeps its resumable checkpoint: a hidden sibling of the output, removed on success."""
-    return out.parent / f".{out.name}.checkpoint"
+def _without_method_groups(items) -> dict:
+    """asdict's factory that leaves out the nested settings; the record adds those that apply."""
+    return {k: v for k, v in items if k not in ("loraprune", "distill")}
 
 
 def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalSettings,
@@ -155,8 +140,8 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     out = Path(out)
     training = options.training
     trains = settings.method == "loraprune" or settings.recover_steps > 0
-    options.distill = options.distill.resolved(settings.method)
-    distill = options.distill
+    settings.distill = settings.distill.resolved(settings.method)
+    distill = settings.distill
     _check_before_loading(model_spec, settings, evaluation, options, trains)
     check_output_dir(out, options.overwrite)
     refuse_quant_under_fsdp(options.quant)
@@ -191,7 +176,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         model = add_lora(model, options.lora)
         pruner = LoRAPruner(model, before, ratio=settings.ratio, layers=layers, units=units,
                             head_unit=settings.head_unit, round_to=settings.round_to,
-                            allocation=settings.allocation, settings=options.loraprune, total_steps=training.steps,
+                            allocation=settings.allocation, settings=settings.loraprune, total_steps=training.steps,
                             split=settings.split)
         teacher = self_teacher_for(model, pruner.masks_off, distill) if distill.enabled else None
         run = train(model, blocks, mask, training, hooks=pruner, accelerator=accelerator,
@@ -248,9 +233,9 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         "prune",
         source_model=model_spec,
         method=settings.method,
-        settings=asdict(settings) | {"layers": layers, "dtype": options.dtype, "quant": options.quant}
+        settings=asdict(settings, dict_factory=_without_method_groups) | {"layers": layers, "dtype": options.dtype, "quant": options.quant}
         | ({"lora": asdict(options.lora)} if trains else {})
-        | ({"loraprune": asdict(options.loraprune)} if settings.method == "loraprune" else {})
+        | ({"loraprune": asdict(settings.loraprune)} if settings.method == "loraprune" else {})
         | ({"distill": asdict(distill)} if trains else {}),
         prunable=describe_prunable(before, layers, units),
         parameters={"before": params_before, "after": params_after,

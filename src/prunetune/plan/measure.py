@@ -23,7 +23,7 @@ BLOCKS = 16  # random training blocks: enough for two steps at any planned batch
 
 def _model(config, settings: PlanSettings, device: torch.device, pruned: bool, quant: str | None,
            tmp: Path) -> nn.Module:
-    from ..evaluate.shapes import placeholder_tokenizer, random_model
+    from ..bench.shapes import placeholder_tokenizer, random_model
     from ..models import load_model
     from .planner import pruned_shape
 
@@ -41,12 +41,12 @@ def _model(config, settings: PlanSettings, device: torch.device, pruned: bool, q
 
 def measure_method(config, settings: PlanSettings, device: str = "cpu") -> dict:
     """{step name: measured peak bytes} for the steps `plan_method` plans (one process)."""
-    from ..distill import DistillSettings, self_teacher_for
-    from ..lora import LoraSettings, add_lora
+    from ..training.distill import DistillSettings, self_teacher_for
+    from ..training.lora import LoraSettings, add_lora
     from ..methods.loraprune.pruner import LoRAPruneSettings, LoRAPruner
     from ..structure.allocate import parse_layers
     from ..structure.units import Structure
-    from ..train import TrainSettings, train
+    from ..training.loop import TrainSettings, train
 
     settings.check()
     device = torch.device(device)
@@ -85,7 +85,7 @@ def measure_method(config, settings: PlanSettings, device: str = "cpu") -> dict:
 
 
 def _taylor_scoring_peak(model: nn.Module, batch: torch.Tensor) -> int:
-    from ..evaluate.tensor_memory import TensorMemory, module_tensors
+    from ..training.tensor_memory import TensorMemory, module_tensors
     from ..importance.taylor import taylor_scores
 
     if batch.device.type == "cuda":
@@ -104,9 +104,9 @@ def measure_criterion_step(config, variant: str, batch_size: int, seq_len: int, 
     `lora-guided-8bit` (the same on an 8-bit base), the adapter in fp32 (PEFT's default) or with
     `lora_dtype="base"` in the weights' dtype. Forward and backward use the model's own loss, as
     LLM-Pruner's criterion does; the weights and the adapter count from the start."""
-    from ..evaluate.tensor_memory import TensorMemory, module_tensors
+    from ..training.tensor_memory import TensorMemory, module_tensors
     from ..importance.lora_guided import lora_guided_scores
-    from ..lora import LoraSettings, add_lora
+    from ..training.lora import LoraSettings, add_lora
 
     settings = PlanSettings(method="lora", batch_size=batch_size, seq_len=seq_len, dtype=dtype)
     batch = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..evaluate.tensor_memory import TensorMemory
+from ..training.tensor_memory import TensorMemory
 
 META = torch.device("meta")
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..lm_loss import CHUNK_ELEMENTS, MIN_CHUNK
+from ..training.loss import CHUNK_ELEMENTS, MIN_CHUNK
 from .meta_step import META, meta_memory, planning, quant_state_bytes, quantize_projections
 
 METHODS = ("lora", "loraprune", "taylor", "loram", "qloram", "shear", "train")
@@ -80,7 +80,7 @@ def resolve_config(spec: str):
     from ..models import check_architecture, load_config, resolve_model_spec
 
     if spec.startswith(SHAPE_PREFIX):
-        from ..evaluate.shapes import shape_config
+        from ..bench.shapes import shape_config
 
         config = shape_config(spec[len(SHAPE_PREFIX):])
     else:
@@ -111,7 +111,7 @@ def _meta_model(config, dtype: torch.dtype) -> nn.Module:
 
 def pruned_shape(model: nn.Module, ratio: float, layer_spec: str) -> nn.Module:
     """Cut `model` (meta) to the kept counts uniform allocation gives at `ratio` in `layer_spec`'s layers."""
-    from ..importance.scores import LayerScores
+    from ..structure.scores import LayerScores
     from ..structure.allocate import masks_from_counts, parse_layers, target_counts
     from ..structure.surgery import cut
     from ..structure.units import Structure
@@ -126,7 +126,7 @@ def pruned_shape(model: nn.Module, ratio: float, layer_spec: str) -> nn.Module:
 
 
 def _with_lora(model: nn.Module, settings: PlanSettings) -> nn.Module:
-    from ..lora import LoraSettings, add_lora
+    from ..training.lora import LoraSettings, add_lora
 
     with torch.device(META):
         return add_lora(model, LoraSettings(r=settings.lora_r, alpha=2 * settings.lora_r, dropout=0.05,
@@ -162,10 +162,10 @@ class StepPlan:
 
 def plan_training_step(model: nn.Module, settings: PlanSettings, loraprune: bool = False) -> StepPlan:
     """Two training steps of `model` (meta; what requires grad is trained) at the settings' batch."""
-    from ..distill import DistillLoss, DistillSettings, self_teacher_for
-    from ..evaluate.tensor_memory import module_tensors, optimizer_tensors
-    from ..lm_loss import ChunkedLoss
-    from ..train import enable_checkpointing
+    from ..training.distill import DistillLoss, DistillSettings, self_teacher_for
+    from ..training.tensor_memory import module_tensors, optimizer_tensors
+    from ..training.loss import ChunkedLoss
+    from ..training.loop import enable_checkpointing
 
     params = [p for p in model.parameters() if p.requires_grad]
     if settings.gradient_checkpointing:
@@ -213,7 +213,7 @@ def _criterion_temporaries(model: nn.Module) -> None:
     """LoRAPrune's criterion as `lora_guided_scores` runs it, projection by projection (a quantized
     weight de-quantized for it), keeping the per-unit scores on the meta device."""
     from ..importance.lora_guided import projection_unit_scores
-    from ..lora import lora_matrices
+    from ..training.lora import lora_matrices
     from ..structure.units import decoder_layers
     from .meta_step import planned_dense_weight
 
@@ -228,7 +228,7 @@ def _criterion_temporaries(model: nn.Module) -> None:
 
 def plan_taylor_scoring(model: nn.Module, settings: PlanSettings) -> StepPlan:
     """Taylor's scoring pass: every projection weight gets a gradient; the loss builds the full logits."""
-    from ..evaluate.tensor_memory import module_tensors
+    from ..training.tensor_memory import module_tensors
     from ..importance.taylor import weight_gradients
     from ..structure.units import PROJECTIONS, base_linear, decoder_layers, projection
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..importance.scores import SCORES_FILE, load_scores
+from ..structure.scores import SCORES_FILE, load_scores
 from . import plots
 from .rundir import extra_file, markdown_table, replace_file, write_json
 

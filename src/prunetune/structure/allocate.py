@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..importance.scores import LayerScores
+from .scores import LayerScores
 from .masks import Masks
 from .units import HEAD_UNITS, Structure
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .units import Structure, decoder_layers, projection, unwrap
+from .units import Structure, decoder_layers, projection
+from ..modeling import unwrap
 
 
 @dataclass

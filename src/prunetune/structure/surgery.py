@@ -13,7 +13,8 @@ from torch import nn
 
 from ..layer_shapes import LAYER_SHAPES_KEY
 from .masks import Masks
-from .units import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Structure, base_linear, dense_weight, projection, unwrap
+from .units import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Structure, base_linear, dense_weight, projection
+from ..modeling import unwrap
 
 
 def _replace_param(owner: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -22,18 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..modeling import unwrap
+
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 HEAD_UNITS = ("kv-group", "q-head")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers `*ForCausalLM` inside DDP and PEFT wrappers (or the model itself)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):  # what accelerate.prepare returns with processes
-        model = model.module
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

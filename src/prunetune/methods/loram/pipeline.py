@@ -25,14 +25,15 @@ from ...export.hf import save_model
 from ...data import load_blocks, load_examples
 from ...errors import UserError
 from ...evaluate.perplexity import check_seq_len, perplexity
-from ...lora import LoraSettings, add_lora
+from ...training.lora import LoraSettings, add_lora
 from ...models import check_load_options, check_model, load_model, resolve_model_spec
-from ...sharding import leave_to_main, refuse_quant_under_fsdp
+from ...training.sharding import leave_to_main, refuse_quant_under_fsdp
 from ...report import check_output_dir, provenance, read_record, run_directory, write_json, write_report
-from ...structure.sparsity import reduction_ratio
+from .sparsity import reduction_ratio
 from ...structure.units import count_parameters
-from ...train import TrainSettings, make_accelerator, train
-from ..prune import EvalSettings, PruneSettings, RunOptions, checkpoint_dir_for, prune
+from ...training.loop import TrainSettings, make_accelerator, train
+from ...runs.settings import EvalSettings, RunOptions, checkpoint_dir_for
+from ..prune import PruneSettings, prune
 
 PRUNE_METHODS = ("stru", "rand", "semi", "unst")
 STRUCTURED = {"stru": "taylor", "rand": "random"}  # LoRAM method -> the shared criterion it uses
@@ -61,8 +62,8 @@ class LoramPruneSettings:
             PruneSettings(method=self.criterion or STRUCTURED[self.method], ratio=self.ratio,
                           calib_samples=self.calib_samples).check()
         else:
-            from ...importance.wanda_unstructured import SPARSE_CRITERIA
-            from ...structure.sparsity import check_pattern
+            from .wanda_unstructured import SPARSE_CRITERIA
+            from .sparsity import check_pattern
 
             check_pattern(self.method, self.ratio)
             if (self.criterion or "wanda") not in SPARSE_CRITERIA:
@@ -165,7 +166,7 @@ def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
         param.requires_grad_(True)
     hooks = None
     if not carried["loram"].get("structured", True):
-        from ...structure.sparsity import KeepZeros
+        from .sparsity import KeepZeros
 
         hooks = KeepZeros.from_zeros(model)  # full training must not revive the pruned weights
     run = train(model, blocks, mask, training, hooks=hooks, accelerator=accelerator,
@@ -213,7 +214,7 @@ def train_adapter(model_spec: str, out: Path, training: TrainSettings, lora: Lor
     blocks, mask = load_blocks(step.data, tokenizer, training.seq_len, default_split="train")
     params = count_parameters(model)
     if not carried.get("loram", {}).get("structured", True):  # unst/semi: the zeros do not count
-        from ...structure.sparsity import sparsity_summary
+        from .sparsity import sparsity_summary
 
         params["nonzero"] = sparsity_summary(model)["parameters"]["nonzero"]
     torch.manual_seed(training.seed)  # the adapter's initialisation depends on the seed alone
@@ -254,7 +255,7 @@ def recover(adapter: Path, pruned: Path, full_spec: str, out: Path, *, merge: bo
     full model with it merged. Structured pruning: trained B rows / A columns go back to their
     original positions, zeros elsewhere. Unstructured / 2:4: the shapes never changed, so the adapter
     is re-targeted unchanged (the pruned weights come back in the full model)."""
-    from ...structure.recover import read_adapter, read_pruned_run, recover_tensors, save_adapter
+    from .recover import read_adapter, read_pruned_run, recover_tensors, save_adapter
 
     started = time.perf_counter()
     adapter, pruned, out = Path(adapter), Path(pruned), Path(out)
@@ -279,7 +280,7 @@ def recover(adapter: Path, pruned: Path, full_spec: str, out: Path, *, merge: bo
             staging = tmp / ".adapter"
             staging.mkdir()
             save_adapter(staging, tensors, config | {"base_model_name_or_path": full_spec})
-            from ...structure.recover import merge_into
+            from .recover import merge_into
 
             model = merge_into(model, staging)
             shutil.rmtree(staging)
@@ -299,7 +300,7 @@ def _check_full_model(full_spec: str, full) -> None:
         return  # a hub id, .gguf or built-in alias: loading it would cost the whole model; PEFT checks at load
     from transformers import AutoConfig
 
-    from ...structure.recover import FullShapes
+    from .recover import FullShapes
 
     shapes = FullShapes.of(AutoConfig.from_pretrained(full_spec))
     if shapes.layers != full.layers or shapes.hidden != full.hidden:

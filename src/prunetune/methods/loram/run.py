@@ -27,7 +27,15 @@ from ...data import load_examples
 from ...errors import UserError
 from ...evaluate.perplexity import perplexity
 from ...models import check_model, load_model
-from ...report import check_output_dir, markdown_table, provenance, read_record, replace_file, run_directory, write_json
+from ...report import (
+    check_output_dir,
+    markdown_table,
+    provenance,
+    read_record,
+    replace_file,
+    run_directory,
+    write_json,
+)
 from ...structure.allocate import parse_layers
 from .pipeline import PRUNE_METHODS, QUANT_BITS, LoramPruneSettings
 
@@ -92,7 +100,7 @@ def _cli(*args) -> list[str]:
 
 def _run_step(name: str, command: list[str], log: Callable[[str], None]) -> None:
     log(f"== {name}: prunetune {' '.join(command[3:])}")
-    from ...evaluate.measure import MMAP_THRESHOLD
+    from ...measure import MMAP_THRESHOLD
 
     # Large blocks straight from mmap, so memory freed after loading leaves the process and each
     # training's peak RSS is its own (as in `prunetune bench`).

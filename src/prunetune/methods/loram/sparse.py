@@ -14,11 +14,11 @@ from pathlib import Path
 
 from ...export.hf import save_model
 from ...data import load_blocks, load_examples
-from ...importance.wanda_unstructured import sparsify
+from .wanda_unstructured import sparsify
 from ...models import check_load_options, check_model, load_model
 from ...report import check_output_dir, provenance, run_directory, write_json, write_report
 from ...structure.allocate import parse_layers
-from ...structure.sparsity import check_pattern, reduction_ratio, sparsity_summary
+from .sparsity import check_pattern, reduction_ratio, sparsity_summary
 from ...structure.units import count_parameters
 
 

@@ -34,9 +34,9 @@ from torch import nn
 
 from ...errors import UserError
 from ...importance.lora_guided import SCORE_KINDS, lora_guided_scores
-from ...importance.scores import LayerScores
+from ...structure.scores import LayerScores
 from ...importance.taylor import quantized_refusal, scores_from_weight_gradients, weight_gradients
-from ...lora import LoraSettings, add_lora, lora_matrices
+from ...training.lora import LoraSettings, add_lora, lora_matrices
 from ...structure.allocate import achieved_ratio, check_ratio, parse_layers, parse_units, select_masks
 from ...structure.masks import Masks
 from ...structure.units import HEAD_UNITS, Structure, decoder_layers
@@ -211,7 +211,7 @@ def masks_agree(model_spec: str, settings: AgreeSettings, *, dtype: str = "auto"
     from ...evaluate.perplexity import check_seq_len
     from ...models import check_load_options, check_model, load_model
     from ...report import provenance
-    from ...train import TrainSettings, train
+    from ...training.loop import TrainSettings, train
 
     started = time.perf_counter()
     settings.check()

@@ -20,14 +20,20 @@ import torch
 from torch import nn
 
 from ...importance.lora_guided import SCORE_KINDS, lora_guided_scores
-from ...importance.scores import LayerScores
+from ...structure.scores import LayerScores
 from ...structure.allocate import (
-    DEFAULT_SPLIT, KeepCounts, final_counts, full_counts, interpolate_counts, masks_from_counts, needs_scores,
+    DEFAULT_SPLIT,
+    KeepCounts,
+    final_counts,
+    full_counts,
+    interpolate_counts,
+    masks_from_counts,
+    needs_scores,
     target_counts,
 )
 from ...structure.masks import Masks, apply_masks
 from ...structure.units import Structure
-from ...train import TrainHooks
+from ...training.loop import TrainHooks
 
 
 @dataclass

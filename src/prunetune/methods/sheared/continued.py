@@ -19,13 +19,21 @@ from ...export.hf import save_model
 from ...errors import UserError
 from ...evaluate.perplexity import check_seq_len
 from ...models import check_model, load_model
-from ...report import check_output_dir, is_run_directory, provenance, read_record, run_directory, write_json, write_report
+from ...report import (
+    check_output_dir,
+    is_run_directory,
+    provenance,
+    read_record,
+    run_directory,
+    write_json,
+    write_report,
+)
 from ...structure.units import Structure, count_parameters
-from ...train import make_accelerator, train
+from ...training.loop import make_accelerator, train
 from .domains import DomainSet
 from .domain_training import DomainSettings, check_before_loading, domain_perplexities, prepare_domains, trainable
 from .dynamic_loading import domain_losses
-from ..prune import EvalSettings, RunOptions, checkpoint_dir_for
+from ...runs.settings import EvalSettings, RunOptions, checkpoint_dir_for
 
 
 @dataclass

@@ -18,9 +18,9 @@ from ...data import DataSpec, load_examples
 from .domains import DomainSampler, DomainSet, load_domain_blocks, parse_domains
 from ...errors import UserError
 from ...evaluate.perplexity import perplexity
-from ...lora import LoraSettings, add_lora
+from ...training.lora import LoraSettings, add_lora
 from ...models import check_load_options, check_model
-from ...train import TrainSettings
+from ...training.loop import TrainSettings
 from .dynamic_loading import DynamicLoading, domain_losses, resolve_references
 
 

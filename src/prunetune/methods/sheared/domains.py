@@ -31,7 +31,7 @@ import torch
 
 from ...data import DataSpec, load_blocks
 from ...errors import UserError
-from ...train import TrainSettings
+from ...training.loop import TrainSettings
 
 SYNTAX = "name each domain: code=builtin:stdlib-code,prose=builtin:pydoc (or give a .yaml file)"
 YAML_SUFFIXES = (".yaml", ".yml")

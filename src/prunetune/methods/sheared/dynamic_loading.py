@@ -36,7 +36,7 @@ from torch import nn
 
 from .domains import DomainSampler, DomainSet
 from ...errors import UserError
-from ...train import TrainHooks
+from ...training.loop import TrainHooks
 
 ETA = 1.0
 SMOOTHING = 1e-4

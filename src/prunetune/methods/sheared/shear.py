@@ -26,15 +26,14 @@ from ...errors import UserError
 from ...evaluate.perplexity import check_seq_len
 from ...models import check_architecture, load_config, load_model, resolve_model_spec
 from ...report import check_output_dir, provenance, run_directory, write_json, write_report
-from ...sharding import leave_to_main
-from ...structure.l0_masks import ShearMasks
+from ...training.sharding import leave_to_main
+from .l0_masks import ShearMasks
 from ...structure.surgery import cut, merge_lora
-from ...structure.target import Target, parse_target, target_parameters
+from .target import Target, parse_target, target_parameters
 from ...structure.units import Structure, count_parameters
-from ...train import ComposedHooks, TrainHooks, make_accelerator, train
-from .domain_training import (DomainSettings, domain_perplexities, model_losses,
-                              prepare_domains, trainable)
-from ..prune import EvalSettings, RunOptions, checkpoint_dir_for
+from ...training.loop import ComposedHooks, TrainHooks, make_accelerator, train
+from .domain_training import DomainSettings, domain_perplexities, model_losses, prepare_domains, trainable
+from ...runs.settings import EvalSettings, RunOptions, checkpoint_dir_for
 
 
 @dataclass

@@ -7,7 +7,7 @@ keeps the source's value) or as the path of a `config.json` (or of a model direc
 
 The parameter count is written once, as polynomials in the unit counts (`layer_parameters`,
 `outer_parameters`), so that the exact count of a target and the expected count of a set of learned
-masks (prunetune.structure.l0_masks) come from the same formula and cannot drift apart.
+masks (prunetune.methods.sheared.l0_masks) come from the same formula and cannot drift apart.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
-from .units import Structure
+from ...errors import UserError
+from ...structure.units import Structure
 
 KEYS = ("layers", "hidden", "heads", "kv-heads", "intermediate")
 # Architectures whose attention normalises q and k per head (a head_dim-sized weight each, per layer).

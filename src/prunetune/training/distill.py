@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import UserError
-from .importance.calibration import eval_mode
-from .lm_loss import CHUNK_ELEMENTS, FinalHidden
+from ..errors import UserError
+from ..modeling import eval_mode
+from .loss import CHUNK_ELEMENTS, FinalHidden
 
 TEACHERS = ("base", "tuned")
 # Positions per chunk: half the plain loss's (a distillation chunk holds the student's and the

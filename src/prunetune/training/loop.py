@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError
-from .evaluate.tensor_memory import TensorMemory, module_tensors, optimizer_tensors
-from .lm_loss import ChunkedLoss
-from .progress import track
+from ..errors import UserError
+from .tensor_memory import TensorMemory, module_tensors, optimizer_tensors
+from .loss import ChunkedLoss
+from ..progress import track
 from .sharding import gather_to_main, is_fsdp, load_sharded, meta_twin, save_sharded, state_bytes
 
 CHECKPOINT_NAME = "checkpoint"
@@ -222,7 +222,7 @@ def reset_peak_memory() -> bool:
         return True
     import gc
 
-    from .evaluate.measure import malloc_trim, reset_peak_rss
+    from ..measure import malloc_trim, reset_peak_rss
 
     gc.collect()
     malloc_trim()  # hand memory freed after loading back to the OS, so it is not counted as training's
@@ -233,7 +233,7 @@ def peak_memory(reset_worked: bool = False) -> tuple[int, str]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
     if reset_worked:
-        from .evaluate.measure import peak_rss_bytes
+        from ..measure import peak_rss_bytes
 
         return peak_rss_bytes(), "peak RSS during training"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"

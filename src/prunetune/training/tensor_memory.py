@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..sharding import local_tensor
+from .sharding import local_tensor
 
 
 def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:

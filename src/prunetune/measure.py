@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import UserError
+from .errors import UserError
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..layer_shapes import LAYER_SHAPES_KEY
-from ..report import run_directory
-from .units import LayerShape, Structure
+from ...errors import UserError
+from ...layer_shapes import LAYER_SHAPES_KEY
+from ...report import run_directory
+from ...structure.units import LayerShape, Structure
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # Projection -> the kept-summary field that says which of its rows (B) or columns (A) survived.

@@ -37,9 +37,10 @@ import torch
 from torch import nn
 
 from .hard_concrete import HardConcrete
-from .masks import MaskHooks, Masks, _rms_norm_over_kept
+from ...structure.masks import MaskHooks, Masks, _rms_norm_over_kept
 from .target import Target, layer_parameters, outer_parameters
-from .units import Structure, base_linear, projection, unwrap
+from ...structure.units import Structure, base_linear, projection
+from ...modeling import unwrap
 
 MASK_TYPES = ("layer", "head", "intermediate", "hidden")
 _ALWAYS_ON = MaskHooks([])  # the switch masks.py's norm hook reads; these hooks are never suspended

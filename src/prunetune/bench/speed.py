@@ -36,9 +36,18 @@ from torch import nn
 
 from ..errors import UserError
 from .flops import prefill_flops
-from .measure import (
-    device_name, free, isolation_note, peak_rss_bytes, reset_peak_rss, rss_bytes, run_isolated, synchronize,
-    versions, weights_bytes, worker_main,
+from ..measure import (
+    device_name,
+    free,
+    isolation_note,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+    run_isolated,
+    synchronize,
+    versions,
+    weights_bytes,
+    worker_main,
 )
 from .shapes import random_model, shape_config
 
@@ -164,7 +173,7 @@ def plan(settings: SpeedSettings) -> tuple[list[Job], list[str]]:
     """The rows to measure, in order, and why the adapter does not fit the models it skips.
 
     Every user mistake is raised here, before anything heavy."""
-    from .adapter import adapter_modules, adapter_mismatch
+    from ..evaluate.adapter import adapter_modules, adapter_mismatch
 
     settings.check()
     needed = settings.prompt_len + settings.decode_tokens
@@ -253,7 +262,7 @@ def _preload(settings: SpeedSettings, job: Job) -> None:
 
 def measure(settings: SpeedSettings, job: Job) -> Row:
     """Load one row's model, run warm-up and timed generations, measure, free it."""
-    from ..lora import lora_matrices
+    from ..training.lora import lora_matrices
     from ..models import pick_device, pick_dtype
     from ..structure.units import Structure, count_parameters, decoder_layers
 
@@ -330,7 +339,7 @@ def bench_speed(settings: SpeedSettings, *, isolate: bool | None = None,
         log(f"{job.label}: loading, then {settings.warmup} warm-up + {settings.repeats} timed runs")
         if isolate:
             payload = {"settings": asdict(settings), "job": asdict(job)}
-            row = Row(**run_isolated("prunetune.evaluate.speed", payload, job.label))
+            row = Row(**run_isolated("prunetune.bench.speed", payload, job.label))
         else:
             row = measure(settings, job)
         if row.skipped:
@@ -348,7 +357,7 @@ def bench_speed(settings: SpeedSettings, *, isolate: bool | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
-# Worker process: `python -m prunetune.evaluate.speed --payload JSON --result FILE`
+# Worker process: `python -m prunetune.bench.speed --payload JSON --result FILE`
 
 
 def _work(payload: dict) -> dict:

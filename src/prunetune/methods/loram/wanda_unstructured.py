@@ -19,11 +19,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..structure.sparsity import SparseMasks, apply_sparsity, check_pattern, keep_mask, require_dense
-from ..structure.units import PROJECTIONS, base_linear, decoder_layers, linear_shape, projection
-from .calibration import eval_mode, input_device, require_batches
-from .wanda import input_norms
+from ...errors import UserError
+from .sparsity import SparseMasks, apply_sparsity, check_pattern, keep_mask, require_dense
+from ...structure.units import PROJECTIONS, base_linear, decoder_layers, linear_shape, projection
+from ...modeling import eval_mode
+from ...importance.calibration import input_device, require_batches
+from ...importance.wanda import input_norms
 
 SPARSE_CRITERIA = ("wanda", "magnitude")
 

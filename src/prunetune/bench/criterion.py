@@ -15,7 +15,7 @@ on the target device, so a GPU measures a LLaMA-7B-sized step without downloadin
 real model is loaded with `load_model`. One variant at a time; everything is freed in between.
 
 A step runs in training mode (so gradient checkpointing, when asked for, applies; no variant has
-dropout) and, on a GPU in bf16/fp16, its forward runs under autocast, as `prunetune.train` runs its steps.
+dropout) and, on a GPU in bf16/fp16, its forward runs under autocast, as `prunetune.training.loop` runs its steps.
 
 Memory:
   - CUDA: `torch.cuda.max_memory_allocated()` over the timed and untimed steps, after a peak reset
@@ -42,10 +42,19 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..train import enable_checkpointing
-from .measure import (
-    GIB, device_name, free, isolation_note, peak_rss_bytes, reset_peak_rss, rss_bytes, run_isolated, versions,
-    weights_bytes, worker_main,
+from ..training.loop import enable_checkpointing
+from ..measure import (
+    GIB,
+    device_name,
+    free,
+    isolation_note,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+    run_isolated,
+    versions,
+    weights_bytes,
+    worker_main,
 )
 from .shapes import SHAPES, random_model, shape_config
 
@@ -167,7 +176,8 @@ def _preload(variant: str) -> None:
     from peft.tuners.lora import layer  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    from ..importance import lora_guided, scores  # noqa: F401
+    from ..importance import lora_guided
+    from ..structure import scores
 
     if variant == "lora-guided-8bit":
         import bitsandbytes  # noqa: F401
@@ -175,7 +185,7 @@ def _preload(variant: str) -> None:
 
 def build_model(settings: BenchSettings, variant: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The model of one variant, ready to step: gradients on W (taylor) or on a LoRA (the others)."""
-    from ..lora import LoraSettings, add_lora
+    from ..training.lora import LoraSettings, add_lora
     from ..models import load_model, quantize_linear_layers
     from ..structure.units import PROJECTIONS, base_linear, decoder_layers, projection
 
@@ -215,7 +225,7 @@ def taylor_step(model: nn.Module, batch: torch.Tensor, autocast=nullcontext) -> 
     from ..importance.taylor import scores_from_weight_gradients
     from ..structure.units import PROJECTIONS, base_linear, decoder_layers, projection
 
-    with autocast():  # the forward only, as in prunetune.train; scoring runs in full precision
+    with autocast():  # the forward only, as in prunetune.training.loop; scoring runs in full precision
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
     loss.backward()
     with torch.no_grad():
@@ -230,7 +240,7 @@ def lora_guided_step(model: nn.Module, batch: torch.Tensor, autocast=nullcontext
     """Forward, backward, LoRA-guided unit scores, drop the LoRA gradients."""
     from ..importance.lora_guided import lora_guided_scores
 
-    with autocast():  # the forward only, as in prunetune.train; scoring runs in full precision
+    with autocast():  # the forward only, as in prunetune.training.loop; scoring runs in full precision
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
     loss.backward()
     lora_guided_scores(model)
@@ -330,7 +340,7 @@ def _reason(exc: BaseException) -> str:
 def _run_isolated(settings: BenchSettings, variant: str) -> VariantResult:
     """Run one variant in a fresh Python process, so its peak memory is its own."""
     payload = {"settings": asdict(settings) | {"variants": list(settings.variants)}, "variant": variant}
-    return VariantResult(**run_isolated("prunetune.evaluate.bench_criterion", payload, f"the '{variant}' variant"))
+    return VariantResult(**run_isolated("prunetune.bench.criterion", payload, f"the '{variant}' variant"))
 
 
 def bench_criterion(settings: BenchSettings, *, isolate: bool | None = None,
@@ -414,7 +424,7 @@ def result_notes(result: BenchResult) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Worker process: `python -m prunetune.evaluate.bench_criterion --payload JSON --result FILE`
+# Worker process: `python -m prunetune.bench.criterion --payload JSON --result FILE`
 
 
 def _work(payload: dict) -> dict:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .structure.units import PROJECTIONS, decoder_layers, projection, unwrap
+from ..structure.units import PROJECTIONS, decoder_layers, projection
+from ..modeling import unwrap
 
 
 @dataclass
@@ -28,7 +29,7 @@ def add_lora(model: nn.Module, settings: LoraSettings | None = None) -> nn.Modul
 
     settings = settings or LoraSettings()
     if settings.dtype not in ("float32", "base"):
-        from .errors import UserError
+        from ..errors import UserError
 
         raise UserError(f"unknown --lora-dtype '{settings.dtype}'; use float32 or base")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .structure.units import unwrap
+from ..modeling import unwrap
 
 # Logits per chunk: 16 MiB in fp32, 85 positions of SmolLM2's 49k vocabulary (measured there on a LoRA
 # step at batch 4 x 256: peak tensor memory 1187 MiB with full logits, 807 at 2**24, 689 at 2**22, at

@@ -35,7 +35,7 @@ def fsdp_requested() -> bool:
 def refuse_quant_under_fsdp(quant: str | None) -> None:
     """A one-line error, before any model loads: FSDP shards plain tensors, not a bitsandbytes base."""
     if quant and fsdp_requested():
-        from .errors import UserError
+        from ..errors import UserError
 
         raise UserError("FSDP shards plain weights; --quant (a bitsandbytes base) runs in one process or under DDP "
                         "(configs/accelerate/ddp.yaml)")
@@ -55,7 +55,7 @@ def enable_on_cpu(accelerator) -> None:
         return
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launch set
     if plugin.fsdp_version != 2:
-        from .errors import UserError
+        from ..errors import UserError
 
         raise UserError("prunetune runs FSDP version 2 (fully_shard); set fsdp_version: 2 in the accelerate config")
     from accelerate.state import PartialState
@@ -137,7 +137,7 @@ def gather_to_main(accelerator, model: nn.Module, twin: nn.Module | None) -> nn.
 
 def load_into_twin(twin: nn.Module, state: dict) -> nn.Module:
     """Assign a full state dict's tensors to the parameters of a `meta_twin`, tying what the config ties."""
-    from .structure.units import unwrap
+    from ..modeling import unwrap
 
     twin.load_state_dict(state, assign=True, strict=True)
     base = unwrap(twin)

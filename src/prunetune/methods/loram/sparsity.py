@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..sharding import is_sharded, local_tensor, row_slice
-from ..train import TrainHooks
-from .units import PROJECTIONS, base_linear, count_parameters, decoder_layers, dense_weight, projection
+from ...errors import UserError
+from ...training.sharding import is_sharded, local_tensor, row_slice
+from ...training.loop import TrainHooks
+from ...structure.units import PROJECTIONS, base_linear, count_parameters, decoder_layers, dense_weight, projection
 
 PATTERNS = ("unst", "semi")
 SparseMasks = dict[tuple[int, str], torch.Tensor]
@@ -44,7 +44,7 @@ def check_pattern(pattern: str, ratio: float, n_m: tuple[int, int] = (2, 4)) -> 
 
 
 def require_dense(model: nn.Module) -> None:
-    from ..models import is_quantized
+    from ...models import is_quantized
 
     if is_quantized(model):
         raise UserError("unstructured and 2:4 pruning write zeros into the weights and need a 16/32-bit model, "

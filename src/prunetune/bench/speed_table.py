@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .measure import GIB, MIB
+from ..measure import GIB, MIB
 from .speed import SpeedResult
 
 

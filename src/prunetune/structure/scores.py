@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..structure.units import PROJECTIONS, unit_sums
+from .units import PROJECTIONS, unit_sums
 
 
 @dataclass
