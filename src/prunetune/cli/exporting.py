@@ -11,13 +11,13 @@ import typer
 
 from ..errors import UserError
 from ..export import GGUF_OUTTYPES
+from ..runs.lifecycle import GGUF_FILE
 from .common import out
 
 commands = typer.Typer()
 
 FORMATS = ("gguf", "hf")
 HF_OUTTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
-GGUF_FILE = "model.gguf"  # what --export gguf writes inside the run directory
 
 EXPORT_HELP = ("Also write the result for llama.cpp/Ollama when the run ends: gguf (f32) or gguf:f16, "
                f"gguf:q8_0; the file is DIR/{GGUF_FILE}.")
@@ -50,22 +50,6 @@ def check_export_shape(outtype: str | None, model_spec: str, per_layer: bool) ->
         raise UserError("--export gguf cannot hold a Qwen3 model whose layers have different shapes (llama.cpp's "
                         "per-layer graph, deci, has no q/k norms); prune with --layers all, or drop --export and "
                         "serve the run directory with prunetune.load_model or vLLM and prunetune's plugin")
-
-
-def export_after_run(out_dir: Path, outtype: str | None, log) -> dict | None:
-    """Write DIR/model.gguf from the finished run directory and note it in its prunetune.json."""
-    if outtype is None:
-        return None
-    from ..export.gguf import write_gguf
-    from ..report import read_record, write_json
-
-    summary = write_gguf(str(out_dir), Path(out_dir) / GGUF_FILE, outtype, overwrite=True)
-    record = read_record(out_dir)
-    record.setdefault("exports", []).append({"format": "gguf", **{k: v for k, v in summary.items() if k != "path"},
-                                             "file": GGUF_FILE})
-    write_json(Path(out_dir) / "prunetune.json", record)
-    log(f"wrote {summary['path']} ({summary['architecture']}, {summary['outtype']}, {summary['bytes'] / 2**20:.0f} MiB)")
-    return summary
 
 
 @commands.command("export", epilog="Examples:\n\n"

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import UserError
 from .common import DTYPE_HELP, MODEL_HELP, log, out, training_options
-from .exporting import ExportOption, check_export_shape, export_after_run, parse_export
+from .exporting import ExportOption, check_export_shape, parse_export
 
 commands = typer.Typer(no_args_is_help=True, help="LoRAM: train a LoRA on a pruned (optionally NF4) model, "
                         "recover it to the full model's shapes, serve it on the full model.")
@@ -144,8 +144,8 @@ def loram_recover(
     if gguf_outtype and not merge:
         raise UserError("--export gguf needs --merge: without it the output is an adapter, not a model")
     check_export_shape(gguf_outtype, full, per_layer=False)
-    record = recover(adapter, pruned, full, out_dir, merge=merge, overwrite=overwrite, dtype=dtype, log=log)
-    export_after_run(out_dir, gguf_outtype, log)
+    record = recover(adapter, pruned, full, out_dir, merge=merge, overwrite=overwrite, dtype=dtype, export=gguf_outtype,
+                     log=log)
     what = "the full model with the adapter merged" if merge else "a PEFT adapter for the full model"
     out.print(f"recovered ({record['recovery']}); wrote {what} to {out_dir}")
     if not merge:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .common import DTYPE_HELP, MODEL_HELP, QUANT_HELP, check_json_path, log, out
-from .exporting import ExportOption, check_export_shape, export_after_run, parse_export
+from .exporting import ExportOption, check_export_shape, parse_export
 
 commands = typer.Typer()
 
@@ -115,13 +115,12 @@ def prune(
                                warmup=warmup, max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
                                checkpoint_every=checkpoint_every, seed=seed),
         lora=LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dtype=lora_dtype),
-        dtype=dtype, device=device, quant=quant, overwrite=overwrite, resume=resume,
+        dtype=dtype, device=device, quant=quant, overwrite=overwrite, resume=resume, export=gguf_outtype,
     )
     check_export_shape(gguf_outtype, model, per_layer=(layers or ("paper" if method == "loraprune" else "all")) != "all")
     record = run_prune(model, out_dir, settings, evaluation, options, log=log)
     if record.get("architecture"):  # only the main process of a multi-GPU run prints
         _print_prune_summary(record, out_dir)
-        export_after_run(out_dir, gguf_outtype, log)
 
 
 def _print_prune_summary(record: dict, out_dir: Path) -> None:

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from .common import MODEL_HELP, log, out
-from .exporting import ExportOption, check_export_shape, export_after_run, parse_export
+from .exporting import ExportOption, check_export_shape, parse_export
 
 commands = typer.Typer()
 
@@ -56,7 +56,7 @@ Overwrite = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
 
 
 def _options(*, steps, batch_size, grad_accum, seq_len, lr, warmup, gradient_checkpointing, checkpoint_every, seed,
-             lora_r, dtype, device, overwrite, resume):
+             lora_r, dtype, device, overwrite, resume, export=None):
     from ..training.lora import LoraSettings
     from ..runs.settings import RunOptions
     from ..training.loop import TrainSettings
@@ -65,7 +65,7 @@ def _options(*, steps, batch_size, grad_accum, seq_len, lr, warmup, gradient_che
                              warmup=warmup, gradient_checkpointing=gradient_checkpointing,
                              checkpoint_every=checkpoint_every, seed=seed)
     return RunOptions(training=training, lora=LoraSettings(r=lora_r, alpha=2 * lora_r), dtype=dtype, device=device,
-                      overwrite=overwrite, resume=resume)
+                      overwrite=overwrite, resume=resume, export=export)
 
 
 def _domain_settings(data, weights, references, dynamic, eval_every, eval_blocks, eta, clamp):
@@ -107,31 +107,22 @@ def shear(
 ) -> None:
     """Prune a model to a chosen architecture with learned hard-concrete masks (Sheared-LLaMA)."""
     gguf_outtype = parse_export(export)  # a shear target has one shape for every layer: GGUF holds it
-    from ..methods.sheared.domain_training import check_before_loading
     from ..runs.settings import EvalSettings
-    from ..methods.sheared.shear import ShearSettings, source_structure
+    from ..methods.sheared.shear import ShearSettings
     from ..methods.sheared.shear import shear as run_shear
-    from ..methods.sheared.target import parse_target
 
     options = _options(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                        warmup=warmup, gradient_checkpointing=gradient_checkpointing,
                        checkpoint_every=checkpoint_every, seed=seed, lora_r=lora_r, dtype=dtype, device=device,
-                       overwrite=overwrite, resume=resume)
+                       overwrite=overwrite, resume=resume, export=gguf_outtype)
     settings = ShearSettings(target=target, mask_lr=mask_lr, lambda_lr=lambda_lr, lambda2_init=lambda2_init,
                              warmup=warmup_share, lora=lora)
     evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=eval_seq_len, max_windows=max_windows)
-    # shear() checks its settings, domains, target and --out before the model loads, but the
-    # sequence lengths and the before/after perplexity's data only after: the settings and the
-    # target first (as shear() would), then those.
-    settings.check()
-    parse_target(settings.target, source_structure(model))
-    check_before_loading(model, evaluation, options)
     record = run_shear(model, out_dir, settings,
                        _domain_settings(data, weights, references, dynamic, eval_every, eval_blocks, eta, clamp),
                        evaluation, options, log=log)
     if record.get("architecture"):
         _print_summary(record, out_dir)
-        export_after_run(out_dir, gguf_outtype, log)
 
 
 @commands.command(epilog="Examples:\n\n"
@@ -162,7 +153,7 @@ def train(
     options = _options(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                        warmup=warmup, gradient_checkpointing=gradient_checkpointing,
                        checkpoint_every=checkpoint_every, seed=seed, lora_r=lora_r, dtype=dtype, device=device,
-                       overwrite=overwrite, resume=resume)
+                       overwrite=overwrite, resume=resume, export=gguf_outtype)
     evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=eval_seq_len, max_windows=max_windows)
     from ..layer_shapes import is_uniform
     from ..models import check_model
@@ -175,7 +166,6 @@ def train(
                                evaluation, options, log=log)
     if record.get("architecture"):
         _print_summary(record, out_dir)
-        export_after_run(out_dir, gguf_outtype, log)
 
 
 def _print_summary(record: dict, out_dir: Path) -> None:

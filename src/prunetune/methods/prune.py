@@ -15,26 +15,21 @@ teacher, and the record says what that copy costs.
 
 from __future__ import annotations
 
-import shutil
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..export.hf import save_model
 from ..data import load_blocks, load_examples
 from ..training.distill import DistillSettings, ModelTeacher, self_teacher_for
 from ..errors import UserError
-from ..evaluate.perplexity import check_seq_len
 from ..importance import CRITERIA
 from ..training.lora import add_lora
-from ..models import check_load_options, check_model, load_model
+from ..models import load_model
 from ..structure.scores import SCORES_FILE, save_scores
 from ..importance.sharded import SHARDED_CRITERIA
-from ..training.sharding import is_fsdp, leave_to_main, refuse_quant_under_fsdp
-from ..report import check_output_dir, extra_file, provenance, run_directory, write_json, write_report
+from ..training.sharding import is_fsdp
 from ..structure.allocate import (
     ALLOCATIONS,
     DEFAULT_ROUND_TO,
@@ -50,8 +45,9 @@ from ..structure.allocate import (
 )
 from ..structure.surgery import cut
 from ..structure.units import HEAD_UNITS, Structure, count_parameters
-from ..runs.settings import EvalSettings, RunOptions, checkpoint_dir_for
-from ..training.loop import TrainSettings, make_accelerator, train
+from ..runs.lifecycle import Run
+from ..runs.settings import EvalSettings, RunOptions
+from ..training.loop import TrainSettings
 from .loraprune.pruner import LoRAPruneSettings, LoRAPruner
 
 METHODS = ("loraprune", *CRITERIA)
@@ -97,9 +93,8 @@ class PruneSettings:
             raise UserError("--recover-steps is for one-shot methods; loraprune trains for --steps")
 
 
-def _check_before_loading(model_spec: str, settings: PruneSettings, evaluation: EvalSettings, options: RunOptions,
-                          trains: bool) -> None:
-    """Everything that can be wrong without the weights: a mistake costs seconds, not a model load."""
+def _check_before_loading(model_spec: str, settings: PruneSettings, options: RunOptions, trains: bool) -> None:
+    """What a prune can get wrong without the weights: a mistake costs seconds, not a model load."""
     settings.check()
     if trains:
         options.training.check()
@@ -113,18 +108,8 @@ def _check_before_loading(model_spec: str, settings: PruneSettings, evaluation: 
         if settings.method != "loraprune" and distill.teacher == "tuned":
             raise UserError("--teacher tuned is LoRAPrune's (the unpruned model as it fine-tunes); a one-shot "
                             "method's recovery distils from the source model: leave --teacher at base")
-    if evaluation.max_windows is not None and evaluation.max_windows < 1:
-        raise UserError(f"--max-windows must be at least 1, got {evaluation.max_windows}")
-    if evaluation.data:
-        load_examples(evaluation.data, default_split="eval")
     if trains or settings.method in NEEDS_CALIBRATION:
         load_examples(settings.data, default_split="train")
-    check_load_options(options.dtype, options.device, options.quant)
-    seq_lens = {"--eval-seq-len": evaluation.seq_len} if evaluation.data else {}
-    if trains or settings.method in NEEDS_CALIBRATION:
-        seq_lens["--seq-len"] = options.training.seq_len
-    config = check_model(model_spec, seq_lens)  # a missing model, an unknown architecture, too long a sequence
-    parse_layers(settings.layer_spec, int(config.num_hidden_layers))
 
 
 def _without_method_groups(items) -> dict:
@@ -133,42 +118,31 @@ def _without_method_groups(items) -> dict:
 
 
 def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalSettings,
-          options: RunOptions | None = None, log: Callable[[str], None] = print) -> dict:
-    """Prune `model_spec` and save the smaller model in `out`; returns prunetune.json's record."""
-    started = time.perf_counter()
+          options: RunOptions | None = None, log: Callable[[str], None] = print, *, command: str = "prune",
+          annotate: Callable[[dict], dict] | None = None) -> dict:
+    """Prune `model_spec` and save the smaller model in `out`; returns prunetune.json's record.
+    A method that builds on this pipeline (LoRAM) names its `command` and adds its own record fields
+    with `annotate(fields) -> more fields`."""
     options = options or RunOptions()
-    out = Path(out)
     training = options.training
     trains = settings.method == "loraprune" or settings.recover_steps > 0
+    calibrates = trains or settings.method in NEEDS_CALIBRATION
     settings.distill = settings.distill.resolved(settings.method)
     distill = settings.distill
-    _check_before_loading(model_spec, settings, evaluation, options, trains)
-    check_output_dir(out, options.overwrite)
-    refuse_quant_under_fsdp(options.quant)
-    accelerator = make_accelerator(training)
-    is_main = accelerator.is_main_process
-    quiet_log = log if is_main else (lambda _: None)
-
-    model, tokenizer = load_model(model_spec, dtype=options.dtype,
-                                  device=str(accelerator.device) if options.device == "auto" else options.device,
-                                  quant=options.quant)
+    run = Run(command, out, options, evaluation, log=log, model=model_spec,
+              seq_lens={"--seq-len": training.seq_len} if calibrates else {},
+              checks=[lambda: _check_before_loading(model_spec, settings, options, trains)])
+    parse_layers(settings.layer_spec, int(run.config.num_hidden_layers))  # still before the model loads
+    model, tokenizer = run.load(model_spec, quant=options.quant, seq_lens=[training.seq_len] if calibrates else [])
     before = Structure.of(model)
     layers = parse_layers(settings.layer_spec, before.num_layers)
     units = parse_units(settings.units)
-    if evaluation.data:
-        check_seq_len(model, evaluation.seq_len)
-    if trains or settings.method in NEEDS_CALIBRATION:
-        check_seq_len(model, training.seq_len)
     params_before = count_parameters(model) | {"prunable": before.prunable_params(layers, units)}
-
-    results: dict = {}
-    if evaluation.data and is_main:
-        results["perplexity_before"] = evaluation.measure(model, tokenizer, "before", options.progress, quiet_log)
+    run.perplexity(model, tokenizer, "before")
 
     blocks = mask = None
-    if trains or settings.method in NEEDS_CALIBRATION:
+    if calibrates:
         blocks, mask = load_blocks(settings.data, tokenizer, training.seq_len, default_split="train")
-    checkpoints = checkpoint_dir_for(out)
     record_training = {}
 
     if settings.method == "loraprune":
@@ -179,21 +153,19 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
                             allocation=settings.allocation, settings=settings.loraprune, total_steps=training.steps,
                             split=settings.split)
         teacher = self_teacher_for(model, pruner.masks_off, distill) if distill.enabled else None
-        run = train(model, blocks, mask, training, hooks=pruner, accelerator=accelerator,
-                    checkpoint_dir=checkpoints, resume=options.resume, progress=options.progress, log=quiet_log,
-                    teacher=teacher, distill=distill)
-        if run.distill:
-            run.distill |= {"teacher": distill.teacher, "teacher_model_bytes": 0}  # the trained model itself
-        model = run.model  # under FSDP: gathered on the main process, None on the others
+        trained = run.train(model, blocks, mask, hooks=pruner, teacher=teacher, distill=distill)
+        if trained.distill:
+            trained.distill |= {"teacher": distill.teacher, "teacher_model_bytes": 0}  # the trained model itself
+        model = trained.model  # under FSDP: gathered on the main process, None on the others
         masks = pruner.finish()
         scores = pruner.average
-        record_training = {"training": run.record(training) | {"schedule": pruner.history}}
+        record_training = {"training": trained.record(training) | {"schedule": pruner.history}}
     else:
         batches = None
         if settings.method in NEEDS_CALIBRATION:
-            calib = blocks[: settings.calib_samples].to(accelerator.device)
+            calib = blocks[: settings.calib_samples].to(run.accelerator.device)
             batches = list(calib.split(training.batch_size))
-        if is_fsdp(accelerator) and settings.method in SHARDED_CRITERIA:  # each process scores its own rows
+        if is_fsdp(run.accelerator) and settings.method in SHARDED_CRITERIA:  # each process scores its own rows
             scores, model = SHARDED_CRITERIA[settings.method](model, batches)
         else:
             scores = CRITERIA[settings.method](model, batches, seed=settings.seed)
@@ -201,7 +173,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
                              settings.round_to, settings.allocation, settings.split)
 
     if model is None:  # FSDP: the main process holds the trained model and writes the run
-        return leave_to_main(accelerator)
+        return run.leave()
     kept = masks.kept_summary(before)
     ratio = achieved_ratio(before, masks, layers, units)
     cut(model, masks)
@@ -215,25 +187,22 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
         model = add_lora(model, options.lora)
         recovery = TrainSettings(**{**asdict(training), "steps": settings.recover_steps})
-        run = train(model, blocks, mask, recovery, accelerator=accelerator, checkpoint_dir=checkpoints,
-                    resume=options.resume, progress=options.progress, log=quiet_log, teacher=teacher, distill=distill)
-        if run.distill:
-            run.distill |= {"teacher": "source", "teacher_model_bytes": teacher_bytes}
-        record_training = {"training": run.record(recovery)}
+        trained = run.train(model, blocks, mask, recovery, teacher=teacher, distill=distill)
+        if trained.distill:
+            trained.distill |= {"teacher": "source", "teacher_model_bytes": teacher_bytes}
+        record_training = {"training": trained.record(recovery)}
         del teacher
-        model = run.model
+        model = trained.model
         if model is None:
-            return leave_to_main(accelerator)
+            return run.leave()
     after = Structure.of(model)
     params_after = count_parameters(model) | {"prunable": after.prunable_params(layers, units)}
-    if evaluation.data and is_main:
-        results["perplexity_after"] = evaluation.measure(model, tokenizer, "after", options.progress, quiet_log)
-
-    record = provenance(
-        "prune",
+    run.perplexity(model, tokenizer, "after")
+    fields = dict(
         source_model=model_spec,
         method=settings.method,
-        settings=asdict(settings, dict_factory=_without_method_groups) | {"layers": layers, "dtype": options.dtype, "quant": options.quant}
+        settings=asdict(settings, dict_factory=_without_method_groups)
+        | {"layers": layers, "dtype": options.dtype, "quant": options.quant}
         | ({"lora": asdict(options.lora)} if trains else {})
         | ({"loraprune": asdict(settings.loraprune)} if settings.method == "loraprune" else {})
         | ({"distill": asdict(distill)} if trains else {}),
@@ -241,23 +210,9 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         parameters={"before": params_before, "after": params_after,
                     "ratio_target": settings.ratio, "ratio_achieved": ratio},
         kept=kept,
-        results=results,
         **record_training,
     )
-    accelerator.wait_for_everyone()
-    if is_main:
-        with run_directory(out, options.overwrite) as tmp:
-            model, saved_as = save_model(model, tokenizer, tmp)
-            record["architecture"] = {"source": before.model_type, "saved_as": saved_as,
-                                      "stock_loadable": after.uniform,
-                                      "layer_shapes": [asdict(s) for s in after.layers],
-                                      "source_layer_shapes": [asdict(s) for s in before.layers],
-                                      "source_hidden": before.hidden}
-            record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
-            save_scores(extra_file(tmp, SCORES_FILE), scores)
-            write_json(tmp / "prunetune.json", record)
-            write_report(tmp)  # from the JSON just written, exactly as `prunetune report` redraws it
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return record
-
+    if annotate is not None:
+        fields |= annotate(fields)
+    return run.finish(model, tokenizer, source_structure=before, extras={SCORES_FILE: lambda path: save_scores(path, scores)},
+                      **fields)

@@ -13,26 +13,24 @@ the kept units of its source, so `recover` can find them from either.
 
 from __future__ import annotations
 
-import shutil
-import time
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ...export.hf import save_model
 from ...data import load_blocks, load_examples
 from ...errors import UserError
-from ...evaluate.perplexity import check_seq_len, perplexity
+from ...evaluate.perplexity import perplexity
 from ...training.lora import LoraSettings, add_lora
-from ...models import check_load_options, check_model, load_model, resolve_model_spec
-from ...training.sharding import leave_to_main, refuse_quant_under_fsdp
-from ...report import check_output_dir, provenance, read_record, run_directory, write_json, write_report
+from ...models import resolve_model_spec
+from ...report import read_record
 from .sparsity import reduction_ratio
 from ...structure.units import count_parameters
-from ...training.loop import TrainSettings, make_accelerator, train
-from ...runs.settings import EvalSettings, RunOptions, checkpoint_dir_for
+from ...training.loop import TrainSettings
+from ...runs.lifecycle import Run
+from ...runs.settings import EvalSettings, RunOptions
 from ..prune import PruneSettings, prune
 
 PRUNE_METHODS = ("stru", "rand", "semi", "unst")
@@ -73,35 +71,28 @@ class LoramPruneSettings:
             raise UserError("--calib-samples must be at least 1 and --seq-len at least 2")
 
 
-def _annotate(out: Path, **fields) -> dict:
-    """Add fields to a finished run directory's prunetune.json and redraw its report."""
-    record = read_record(out) | fields
-    write_json(out / "prunetune.json", record)
-    write_report(out, record)
-    return record
-
-
 def prune_for_loram(model_spec: str, out: Path, settings: LoramPruneSettings, options: RunOptions | None = None,
                     log: Callable[[str], None] = print) -> dict:
     """Step 1: the pruned model LoRAM trains on, with its parameter reduction ratio."""
     settings.check()
     options = options or RunOptions()
-    if settings.method in STRUCTURED:
-        criterion = settings.criterion or STRUCTURED[settings.method]
-        options.training.seq_len = settings.seq_len
-        record = prune(model_spec, out, PruneSettings(method=criterion, ratio=settings.ratio,
-                                                      layers=settings.layers or "paper",
-                                                      data=settings.data, calib_samples=settings.calib_samples,
-                                                      seed=settings.seed),
-                       EvalSettings(data=None), options, log=log)
-        params = record["parameters"]
-        loram = {"method": settings.method, "criterion": criterion, "structured": True,
-                 "original_parameters": params["before"]["total"],
-                 "reduction_ratio": reduction_ratio(params["before"]["total"], params["after"]["total"])}
-        return _annotate(Path(out), command="loram prune", loram=loram)
-    from .sparse import prune_sparse
+    if settings.method not in STRUCTURED:
+        from .sparse import prune_sparse
 
-    return prune_sparse(model_spec, Path(out), settings, options, log=log)
+        return prune_sparse(model_spec, Path(out), settings, options, log=log)
+    criterion = settings.criterion or STRUCTURED[settings.method]
+    options.training.seq_len = settings.seq_len
+
+    def loram_fields(fields: dict) -> dict:
+        params = fields["parameters"]
+        return {"loram": {"method": settings.method, "criterion": criterion, "structured": True,
+                          "original_parameters": params["before"]["total"],
+                          "reduction_ratio": reduction_ratio(params["before"]["total"], params["after"]["total"])}}
+
+    return prune(model_spec, out, PruneSettings(method=criterion, ratio=settings.ratio, layers=settings.layers or "paper",
+                                                data=settings.data, calib_samples=settings.calib_samples,
+                                                seed=settings.seed),
+                 EvalSettings(data=None), options, log=log, command="loram prune", annotate=loram_fields)
 
 
 def _source_fields(pruned: Path) -> dict:
@@ -135,32 +126,36 @@ class StepOptions:
     resume: bool = False
     progress: bool = True
 
-    def check(self, model_spec: str, training: TrainSettings, quant: str | None = None) -> None:
-        """Everything align and train can check before the model loads: the evaluation after training
-        included, which would otherwise fail only once the training is done."""
-        training.check()
-        if self.max_windows is not None and self.max_windows < 1:
-            raise UserError(f"--max-windows must be at least 1, got {self.max_windows}")
-        check_load_options(self.dtype, self.device, quant)
+    def check(self) -> None:
+        """The data and evaluation after training, checked before anything loads (the evaluation would
+        otherwise fail only once the training is done)."""
+        EvalSettings(max_windows=self.max_windows).check()
         load_examples(self.data, default_split="train")
         for spec in self.eval_data:
             load_examples(spec, default_split="eval")
-        check_model(model_spec, {"--seq-len": training.seq_len}
-                    | ({"--eval-seq-len": self.eval_seq_len} if self.eval_data else {}))
+
+    def run(self, command: str, out: Path, training: TrainSettings, model_spec: str, *, lora: LoraSettings | None = None,
+            quant: str | None = None, checks=(), log: Callable[[str], None] = print) -> Run:
+        """The lifecycle of a LoRAM step that trains on `model_spec`."""
+        options = RunOptions(training=training, lora=lora or LoraSettings(), dtype=self.dtype, device=self.device,
+                             quant=quant, overwrite=self.overwrite, resume=self.resume, progress=self.progress)
+        seq_lens = {"--seq-len": training.seq_len} | ({"--eval-seq-len": self.eval_seq_len} if self.eval_data else {})
+        return Run(command, out, options, log=log, model=model_spec, seq_lens=seq_lens,
+                   checks=[*checks, training.check, self.check])
+
+    def evaluate(self, run: Run, model, tokenizer) -> dict:
+        """Held-out perplexity on every --eval-data after training."""
+        return {"perplexity": [perplexity(model, tokenizer, spec, self.eval_seq_len, max_windows=self.max_windows,
+                                          progress=self.progress).to_dict() for spec in self.eval_data]}
 
 
 def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
           log: Callable[[str], None] = print) -> dict:
     """Step 2: full-parameter next-token training of the pruned model (done once, by a publisher)."""
-    started = time.perf_counter()
-    pruned, out = Path(pruned), Path(out)
+    pruned = Path(pruned)
     carried = _source_fields(pruned)
-    check_output_dir(out, step.overwrite)
-    step.check(str(pruned), training)
-    accelerator = make_accelerator(training)
-    model, tokenizer = load_model(str(pruned), dtype=step.dtype, device=str(accelerator.device)
-                                  if step.device == "auto" else step.device)
-    check_seq_len(model, training.seq_len)
+    run = step.run("loram align", out, training, str(pruned), log=log)
+    model, tokenizer = run.load(str(pruned), seq_lens=[training.seq_len])
     blocks, mask = load_blocks(step.data, tokenizer, training.seq_len, default_split="train")
     for param in model.parameters():
         param.requires_grad_(True)
@@ -169,48 +164,33 @@ def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
         from .sparsity import KeepZeros
 
         hooks = KeepZeros.from_zeros(model)  # full training must not revive the pruned weights
-    run = train(model, blocks, mask, training, hooks=hooks, accelerator=accelerator,
-                checkpoint_dir=checkpoint_dir_for(out), resume=step.resume, progress=step.progress, log=log)
-    model = run.model
+    trained = run.train(model, blocks, mask, hooks=hooks)
+    model = trained.model
     if model is None:  # FSDP: the main process holds the gathered model, evaluates and saves it
-        return leave_to_main(accelerator)
+        return run.leave()
     for param in model.parameters():
         param.requires_grad_(False)
-    results = {"perplexity": _evaluate(model, tokenizer, step.eval_data, step.eval_seq_len, step.max_windows,
-                                       step.progress)}
-    record = provenance("loram align", source=str(pruned), **carried, data=step.data,
-                        training=run.record(training), results=results,
-                        parameters={"after": count_parameters(model)})
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with run_directory(out, step.overwrite) as tmp:
-            save_model(model, tokenizer, tmp)
-            record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
-            write_json(tmp / "prunetune.json", record)
-            write_report(tmp)
-        shutil.rmtree(checkpoint_dir_for(out), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return record
+    return run.finish(model, tokenizer, source=str(pruned), **carried, data=step.data,
+                      training=trained.record(training), results=step.evaluate(run, model, tokenizer),
+                      parameters={"after": count_parameters(model)})
 
 
 def train_adapter(model_spec: str, out: Path, training: TrainSettings, lora: LoraSettings, step: StepOptions,
                   quant: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Step 3: a LoRA on `model_spec` (the pruned or aligned model; or the full model, for the
     baseline), saved as a PEFT adapter directory with prunetune.json."""
-    started = time.perf_counter()
-    out = Path(out)
-    if quant not in QUANT_BITS:
-        raise UserError(f"unknown --quant '{quant}'; use {' or '.join(q for q in QUANT_BITS if q)}")
-    check_output_dir(out, step.overwrite)
-    refuse_quant_under_fsdp(quant)
-    step.check(model_spec, training, quant)
+
+    def check_quant() -> None:
+        if quant not in QUANT_BITS:
+            raise UserError(f"unknown --quant '{quant}'; use {' or '.join(q for q in QUANT_BITS if q)}")
+
+    run = step.run("loram train", out, training, model_spec, lora=lora, quant=quant, checks=[check_quant], log=log)
     carried = _source_fields(Path(model_spec)) if (Path(model_spec) / "prunetune.json").is_file() else {}
     if "architecture" in carried:  # an adapter directory is not a model: keep only what the report draws from
-        carried["architecture"] = {"source_layer_shapes": carried["architecture"].get("source_layer_shapes")}
-    accelerator = make_accelerator(training)
-    model, tokenizer = load_model(model_spec, dtype=step.dtype, device=str(accelerator.device)
-                                  if step.device == "auto" else step.device, quant=quant)
-    check_seq_len(model, training.seq_len)
+        shapes = carried.pop("architecture").get("source_layer_shapes")
+        if shapes:
+            carried["architecture"] = {"source_layer_shapes": shapes}
+    model, tokenizer = run.load(model_spec, quant=quant, seq_lens=[training.seq_len])
     blocks, mask = load_blocks(step.data, tokenizer, training.seq_len, default_split="train")
     params = count_parameters(model)
     if not carried.get("loram", {}).get("structured", True):  # unst/semi: the zeros do not count
@@ -219,78 +199,65 @@ def train_adapter(model_spec: str, out: Path, training: TrainSettings, lora: Lor
         params["nonzero"] = sparsity_summary(model)["parameters"]["nonzero"]
     torch.manual_seed(training.seed)  # the adapter's initialisation depends on the seed alone
     model = add_lora(model, lora)
-    run = train(model, blocks, mask, training, accelerator=accelerator, checkpoint_dir=checkpoint_dir_for(out),
-                resume=step.resume, progress=step.progress, log=log)
-    model = run.model
+    trained = run.train(model, blocks, mask)
+    model = trained.model
     if model is None:  # FSDP: the main process holds the gathered adapter, evaluates and saves it
-        return leave_to_main(accelerator)
-    results = {"perplexity": _evaluate(model, tokenizer, step.eval_data, step.eval_seq_len, step.max_windows,
-                                       step.progress)}
+        return run.leave()
     # the full model's size: from the pruning record, or this model itself (the full-model baseline)
     original = carried.get("loram", {}).get("original_parameters", params["total"])
-    record = provenance(
-        "loram train", base_model=model_spec, **carried, data=step.data, quant=quant,
-        lora=asdict(lora), training=run.record(training), results=results,
+    return run.finish(
+        model, tokenizer, adapter=True,
+        base_model=model_spec, **carried, data=step.data, quant=quant,
+        lora=asdict(lora), training=trained.record(training), results=step.evaluate(run, model, tokenizer),
         parameters={"base": params, "original": original,
                     "reduction_ratio": reduction_ratio(original, params.get("nonzero", params["total"]),
                                                        QUANT_BITS[quant])},
     )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with run_directory(out, step.overwrite) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
-            write_json(tmp / "prunetune.json", record)
-            write_report(tmp)
-        shutil.rmtree(checkpoint_dir_for(out), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return record
-
 
 
 def recover(adapter: Path, pruned: Path, full_spec: str, out: Path, *, merge: bool = False, overwrite: bool = False,
-            dtype: str = "auto", log: Callable[[str], None] = print) -> dict:
+            dtype: str = "auto", export: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Step 4: the adapter at the full model's shapes (a PEFT adapter directory), or with `merge` the
     full model with it merged. Structured pruning: trained B rows / A columns go back to their
     original positions, zeros elsewhere. Unstructured / 2:4: the shapes never changed, so the adapter
     is re-targeted unchanged (the pruned weights come back in the full model)."""
-    from .recover import read_adapter, read_pruned_run, recover_tensors, save_adapter
+    from .recover import (merge_into, read_adapter, read_pruned_run, recover_adapter, recover_identity,
+                          recover_tensors)
 
-    started = time.perf_counter()
-    adapter, pruned, out = Path(adapter), Path(pruned), Path(out)
-    check_output_dir(out, overwrite)
-    resolve_model_spec(full_spec)  # a mistyped --full fails here rather than being written into the adapter
-    if merge:
-        check_load_options(dtype, "cpu")
+    adapter, pruned = Path(adapter), Path(pruned)
     carried = _source_fields(pruned)
     structured = carried["loram"].get("structured", True)
-    tensors, config = read_adapter(adapter)
-    if structured:
-        run = read_pruned_run(pruned)
-        _check_full_model(full_spec, run.full)
-        tensors = recover_tensors(tensors, run.kept, run.full)
-    record = provenance("loram recover", adapter=str(adapter), pruned=str(pruned), full_model=full_spec,
-                        loram=carried["loram"], merged=merge, structured=structured,
-                        recovery="B rows of q,k,v,gate,up and A columns of o,down back at their original positions, "
-                                 "zero elsewhere" if structured else "unchanged: the pruned weights keep their shapes")
-    with run_directory(out, overwrite) as tmp:
-        if merge:
-            model, tokenizer = load_model(full_spec, dtype=dtype, device="cpu")
-            staging = tmp / ".adapter"
-            staging.mkdir()
-            save_adapter(staging, tensors, config | {"base_model_name_or_path": full_spec})
-            from .recover import merge_into
 
-            model = merge_into(model, staging)
-            shutil.rmtree(staging)
-            save_model(model, tokenizer, tmp)
-            log(f"merged the recovered adapter into {full_spec}")
+    def check_inputs() -> None:  # the recovery itself, in memory: an adapter that does not fit fails here
+        resolve_model_spec(full_spec)  # a mistyped --full fails here rather than being written into the adapter
+        tensors, _ = read_adapter(adapter)
+        if structured:
+            pruned_run = read_pruned_run(pruned)
+            _check_full_model(full_spec, pruned_run.full)
+            recover_tensors(tensors, pruned_run.kept, pruned_run.full)
+
+    options = RunOptions(dtype=dtype, device="cpu", overwrite=overwrite, export=export if merge else None)
+    run = Run("loram recover", out, options, checks=[check_inputs], log=log, accelerate=False)
+
+    def write_adapter(directory: Path) -> None:
+        if structured:
+            pruned_run = read_pruned_run(pruned)
+            recover_adapter(adapter, pruned_run.kept, pruned_run.full, directory, full_spec)
         else:
-            save_adapter(tmp, tensors, config | {"base_model_name_or_path": full_spec})
-        record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
-        write_json(tmp / "prunetune.json", record)
-    return record
+            recover_identity(adapter, directory, full_spec)
+
+    fields = dict(adapter=str(adapter), pruned=str(pruned), full_model=full_spec, loram=carried["loram"], merged=merge,
+                  structured=structured,
+                  recovery="B rows of q,k,v,gate,up and A columns of o,down back at their original positions, "
+                           "zero elsewhere" if structured else "unchanged: the pruned weights keep their shapes")
+    if not merge:
+        return run.finish(None, None, adapter=True, write=write_adapter, **fields)
+    model, tokenizer = run.load(full_spec)
+    with tempfile.TemporaryDirectory(prefix="prunetune-recovered-") as staging:
+        write_adapter(Path(staging))
+        model = merge_into(model, staging)
+    log(f"merged the recovered adapter into {full_spec}")
+    return run.finish(model, tokenizer, **fields)
 
 
 def _check_full_model(full_spec: str, full) -> None:

@@ -25,7 +25,6 @@ from torch import nn
 
 from ...errors import UserError
 from ...layer_shapes import LAYER_SHAPES_KEY
-from ...report import run_directory
 from ...structure.units import LayerShape, Structure
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -200,22 +199,22 @@ def recover_tensors(tensors: dict[str, torch.Tensor], kept: dict, full) -> dict[
 
 
 def recover_adapter(pruned_adapter_dir: str | Path, kept: dict, full, out_dir: str | Path,
-                    base_model_name_or_path: str, overwrite: bool = False) -> Path:
+                    base_model_name_or_path: str) -> Path:
     """Write the adapter trained on a pruned model as a PEFT adapter of the full model into `out_dir`.
 
     `kept` is the source model's Masks.kept_summary (prunetune.json's "kept"); `full` describes the full
     model (FullShapes, Structure, model or config; see read_pruned_run). Same r, alpha and targets; the
-    result loads with `PeftModel.from_pretrained(full_model, out_dir)`. Written atomically.
+    result loads with `PeftModel.from_pretrained(full_model, out_dir)`. Nothing is written when the
+    adapter does not fit (`loram recover` writes into a run directory, which makes it atomic).
     """
     tensors, config = read_adapter(pruned_adapter_dir)
     recovered = recover_tensors(tensors, kept, full)
-    with run_directory(Path(out_dir), overwrite) as tmp:
-        save_adapter(tmp, recovered, config | {"base_model_name_or_path": base_model_name_or_path})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_adapter(out_dir, recovered, config | {"base_model_name_or_path": base_model_name_or_path})
     return Path(out_dir)
 
 
-def recover_identity(pruned_adapter_dir: str | Path, out_dir: str | Path, base_model_name_or_path: str,
-                     overwrite: bool = False) -> Path:
+def recover_identity(pruned_adapter_dir: str | Path, out_dir: str | Path, base_model_name_or_path: str) -> Path:
     """Recovery after unstructured or 2:4 pruning: the weights kept their shapes, so the adapter already
     fits the full model and is re-targeted at it unchanged (new base_model_name_or_path).
 
@@ -224,8 +223,8 @@ def recover_identity(pruned_adapter_dir: str | Path, out_dir: str | Path, base_m
     (LoRAM's bet is that an update learned on the sparse model still transfers to the dense one).
     """
     tensors, config = read_adapter(pruned_adapter_dir)
-    with run_directory(Path(out_dir), overwrite) as tmp:
-        save_adapter(tmp, tensors, config | {"base_model_name_or_path": base_model_name_or_path})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_adapter(out_dir, tensors, config | {"base_model_name_or_path": base_model_name_or_path})
     return Path(out_dir)
 
 

@@ -15,8 +15,8 @@ with the peak memory and time of each training run and the parameter reduction r
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +37,11 @@ from ...report import (
     write_json,
 )
 from ...structure.allocate import parse_layers
-from .pipeline import PRUNE_METHODS, QUANT_BITS, LoramPruneSettings
+from ...runs.settings import RunOptions
+from ...training.loop import TrainSettings
+from ...training.lora import LoraSettings
+from .pipeline import (PRUNE_METHODS, QUANT_BITS, LoramPruneSettings, StepOptions, align, prune_for_loram, recover,
+                       train_adapter)
 
 
 @dataclass
@@ -94,26 +98,40 @@ class LoramRunSettings:
             load_examples(spec, default_split="train")  # a bad data spec fails before any work
 
 
-def _cli(*args) -> list[str]:
-    return [sys.executable, "-m", "prunetune.cli", *map(str, args)]
+def _step_main(connection, function, args: tuple, kwargs: dict) -> None:
+    """A step's own process: run the Python API function; a user's mistake goes back as its message."""
+    try:
+        function(*args, **kwargs)
+    except UserError as exc:
+        connection.send(str(exc))
+        sys.exit(2)
+    connection.send(None)
 
 
-def _run_step(name: str, command: list[str], log: Callable[[str], None]) -> None:
-    log(f"== {name}: prunetune {' '.join(command[3:])}")
+def _run_step(name: str, function: Callable, *args, log: Callable[[str], None], **kwargs) -> None:
+    """Run one step (a function of pipeline.py) in a fresh process, so that every training's peak memory
+    is its own; a failing step's message comes back as this run's error."""
     from ...measure import MMAP_THRESHOLD
 
+    log(f"== {name}")
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no memory inherited from this one
+    receive, send = context.Pipe(duplex=False)
     # Large blocks straight from mmap, so memory freed after loading leaves the process and each
-    # training's peak RSS is its own (as in `prunetune bench`).
-    env = dict(os.environ, COLUMNS=os.environ.get("COLUMNS", "120"))
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
-    done = subprocess.run(command, env=env)
-    if done.returncode != 0:
-        raise UserError(f"the {name} step failed (exit {done.returncode}); its message is above")
-
-
-def _training_args(s: LoramRunSettings) -> list:
-    args = ["--batch-size", s.batch_size, "--seq-len", s.seq_len, "--seed", s.seed]
-    return args + (["--gradient-checkpointing"] if s.gradient_checkpointing else [])
+    # training's peak RSS is its own (as in `prunetune bench`); glibc reads this when a process starts.
+    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+    try:
+        process = context.Process(target=_step_main, args=(send, function, args, kwargs | {"log": log}))
+        process.start()
+    finally:
+        if previous is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+    send.close()
+    message = receive.recv() if receive.poll(None) else None
+    process.join()
+    if process.exitcode != 0:
+        raise UserError(f"the {name} step failed: {message}" if message
+                        else f"the {name} step failed (exit {process.exitcode}); its message is above")
 
 
 def loram_run(model_spec: str, out: Path, s: LoramRunSettings, *, overwrite: bool = False,
@@ -125,25 +143,28 @@ def loram_run(model_spec: str, out: Path, s: LoramRunSettings, *, overwrite: boo
     config = check_model(model_spec, {"--seq-len": s.seq_len, "--eval-seq-len": s.eval_seq_len})
     if s.layers:
         parse_layers(s.layers, config.num_hidden_layers)
+
+    def training(steps: int, lr: float) -> TrainSettings:
+        return TrainSettings(steps=steps, lr=lr, batch_size=s.batch_size, seq_len=s.seq_len, seed=s.seed,
+                             gradient_checkpointing=s.gradient_checkpointing)
+
     with run_directory(out, overwrite) as tmp:
-        prune_args = ["loram", "prune", model_spec, "--out", tmp / "pruned", "--ratio", s.ratio, "--method", s.method,
-                      "--data", s.align_data, "--seed", s.seed, *(["--layers", s.layers] if s.layers else [])]
-        _run_step("prune", _cli(*prune_args, *(["--criterion", s.criterion] if s.criterion else [])), log)
+        _run_step("prune", prune_for_loram, model_spec, tmp / "pruned",
+                  LoramPruneSettings(method=s.method, ratio=s.ratio, criterion=s.criterion, layers=s.layers,
+                                     data=s.align_data, seed=s.seed), RunOptions(), log=log)
         if s.align_steps:
-            _run_step("align", _cli("loram", "align", tmp / "pruned", "--out", tmp / "aligned", "--data",
-                                    s.align_data, "--steps", s.align_steps, "--lr", s.align_lr, *_training_args(s)), log)
+            _run_step("align", align, tmp / "pruned", tmp / "aligned", training(s.align_steps, s.align_lr),
+                      StepOptions(data=s.align_data), log=log)
         trained = {"adapter": _trained_on(tmp, s)}
         if s.ablation:
             trained["adapter-unaligned"] = tmp / "pruned"
         for name, base in trained.items():
-            _run_step(f"train ({name})", _cli("loram", "train", base, "--out", tmp / name, "--data", s.data,
-                                              "--steps", s.steps, "--lr", s.lr, *_training_args(s),
-                                              *(["--quant", s.quant] if s.quant else [])), log)
-            _run_step(f"recover ({name})", _cli("loram", "recover", tmp / name, "--pruned", base, "--full", model_spec,
-                                                "--out", tmp / f"full-{name}"), log)
+            _run_step(f"train ({name})", train_adapter, str(base), tmp / name, training(s.steps, s.lr), LoraSettings(),
+                      StepOptions(data=s.data), quant=s.quant, log=log)
+            _run_step(f"recover ({name})", recover, tmp / name, base, model_spec, tmp / f"full-{name}", log=log)
         if s.baseline:
-            _run_step("baseline", _cli("loram", "train", model_spec, "--out", tmp / "baseline", "--data", s.data,
-                                       "--steps", s.steps, "--lr", s.lr, *_training_args(s)), log)
+            _run_step("baseline", train_adapter, model_spec, tmp / "baseline", training(s.steps, s.lr), LoraSettings(),
+                      StepOptions(data=s.data), log=log)
         log("== evaluation")
         rows = _compare(model_spec, tmp, s)
         record = provenance("loram run", source_model=model_spec, settings=asdict(s) | {"ood_data": s.out_of_domain},

@@ -7,35 +7,33 @@ the source's shapes; its reduction ratio counts the non-zero parameters.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from ...export.hf import save_model
 from ...data import load_blocks, load_examples
 from .wanda_unstructured import sparsify
-from ...models import check_load_options, check_model, load_model
-from ...report import check_output_dir, provenance, run_directory, write_json, write_report
+from ...runs.lifecycle import Run
+from ...runs.settings import RunOptions
 from ...structure.allocate import parse_layers
 from .sparsity import check_pattern, reduction_ratio, sparsity_summary
 from ...structure.units import count_parameters
 
 
-def prune_sparse(model_spec: str, out: Path, settings, options, log: Callable[[str], None] = print) -> dict:
+def prune_sparse(model_spec: str, out: Path, settings, options: RunOptions, log: Callable[[str], None] = print) -> dict:
     """`prunetune loram prune --method unst|semi`: `settings` is a LoramPruneSettings."""
-    started = time.perf_counter()
     criterion = settings.criterion or "wanda"
     ratio = settings.ratio  # semi (2:4) must be 0.5: check_pattern says so otherwise
-    check_pattern(settings.method, ratio)
-    check_output_dir(out, options.overwrite)
-    # Everything else before the model loads: the calibration data, the layers, the sequence length.
-    check_load_options(options.dtype, options.device)
-    if criterion == "wanda":
-        load_examples(settings.data, default_split="train")
-    config = check_model(model_spec, {"--seq-len": settings.seq_len} if criterion == "wanda" else {})
-    parse_layers(settings.layers or "all", config.num_hidden_layers)
-    model, tokenizer = load_model(model_spec, dtype=options.dtype, device=options.device)
+
+    def check() -> None:
+        check_pattern(settings.method, ratio)
+        if criterion == "wanda":
+            load_examples(settings.data, default_split="train")
+
+    run = Run("loram prune", out, options, log=log, checks=[check], model=model_spec, accelerate=False,
+              seq_lens={"--seq-len": settings.seq_len} if criterion == "wanda" else {})
+    parse_layers(settings.layers or "all", run.config.num_hidden_layers)  # still before the model loads
+    model, tokenizer = run.load(model_spec)
     layers = parse_layers(settings.layers or "all", len(model.model.layers))
     before = count_parameters(model)
     batches = None
@@ -43,21 +41,15 @@ def prune_sparse(model_spec: str, out: Path, settings, options, log: Callable[[s
         blocks, _ = load_blocks(settings.data, tokenizer, settings.seq_len, default_split="train",
                                 max_blocks=settings.calib_samples)
         batches = list(blocks.to(next(model.parameters()).device).split(1))
-    log(f"{settings.method} pruning ({criterion}) of layers {layers[0]}-{layers[-1]} at sparsity {ratio}")
+    run.log(f"{settings.method} pruning ({criterion}) of layers {layers[0]}-{layers[-1]} at sparsity {ratio}")
     sparsify(model, settings.method, ratio, criterion=criterion, batches=batches, layers=layers)
     summary = sparsity_summary(model)
     nonzero = summary["parameters"]["nonzero"]
-    record = provenance(
-        "loram prune", source_model=model_spec, method=settings.method,
+    return run.finish(
+        model, tokenizer, source_model=model_spec, method=settings.method,
         settings=asdict(settings) | {"criterion": criterion, "ratio": ratio, "layers": layers},
         loram={"method": settings.method, "criterion": criterion, "structured": False,
                "original_parameters": before["total"], "reduction_ratio": reduction_ratio(before["total"], nonzero),
                "sparsity": summary["overall"]},
         parameters={"before": before, "after": {**count_parameters(model), "nonzero": nonzero}},
     )
-    with run_directory(out, options.overwrite) as tmp:
-        save_model(model, tokenizer, tmp)
-        record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
-        write_json(tmp / "prunetune.json", record)
-        write_report(tmp)
-    return record

@@ -9,31 +9,19 @@ two stages chase the same references; `--reference-model` measures another model
 
 from __future__ import annotations
 
-import shutil
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ...export.hf import save_model
 from ...errors import UserError
-from ...evaluate.perplexity import check_seq_len
 from ...models import check_model, load_model
-from ...report import (
-    check_output_dir,
-    is_run_directory,
-    provenance,
-    read_record,
-    run_directory,
-    write_json,
-    write_report,
-)
-from ...structure.units import Structure, count_parameters
-from ...training.loop import make_accelerator, train
+from ...report import is_run_directory, read_record
+from ...structure.units import count_parameters
 from .domains import DomainSet
-from .domain_training import DomainSettings, check_before_loading, domain_perplexities, prepare_domains, trainable
+from .domain_training import DomainSettings, domain_perplexities, prepare_domains, trainable
 from .dynamic_loading import domain_losses
-from ...runs.settings import EvalSettings, RunOptions, checkpoint_dir_for
+from ...runs.lifecycle import Run
+from ...runs.settings import EvalSettings, RunOptions
 
 
 @dataclass
@@ -77,30 +65,26 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
                       evaluation: EvalSettings, options: RunOptions | None = None,
                       log: Callable[[str], None] = print) -> dict:
     """Train `model_spec` on the domains and save it (LoRA merged) to `out`; returns the record."""
-    started = time.perf_counter()
     options = options or RunOptions()
-    out = Path(out)
     training = options.training
-    training.check()
-    domains = domain_settings.check()
-    check_output_dir(out, options.overwrite)
-    reference_losses = _source_losses(model_spec, settings, domain_settings, domains, options, training.batch_size)
-    if options.quant:
-        raise UserError("prunetune train saves a dense model; --quant is not supported here (use --lora)")
-    check_before_loading(model_spec, evaluation, options)
-    if settings.reference_model:
-        check_model(settings.reference_model)  # it loads after the model; a bad spec fails now
-    accelerator = make_accelerator(training)
-    is_main = accelerator.is_main_process
-    quiet_log = log if is_main else (lambda _: None)
-    model, tokenizer = load_model(model_spec, dtype=options.dtype,
-                                  device=str(accelerator.device) if options.device == "auto" else options.device)
-    check_seq_len(model, training.seq_len)
-    check_seq_len(model, evaluation.seq_len)  # every domain's held-out perplexity is measured at the end
+    domains = reference_losses = None
+
+    def check_settings() -> None:
+        nonlocal domains, reference_losses
+        training.check()
+        domains = domain_settings.check()
+        reference_losses = _source_losses(model_spec, settings, domain_settings, domains, options, training.batch_size)
+        if options.quant:
+            raise UserError("prunetune train saves a dense model; --quant is not supported here (use --lora)")
+        if settings.reference_model:
+            check_model(settings.reference_model)  # it loads after the model; a bad spec fails now
+
+    # every domain's held-out perplexity is measured at the end, at the evaluation's length
+    run = Run("train", out, options, evaluation, log=log, checks=[check_settings], model=model_spec,
+              seq_lens={"--seq-len": training.seq_len, "--eval-seq-len": evaluation.seq_len})
+    model, tokenizer = run.load(model_spec, seq_lens=[training.seq_len, evaluation.seq_len])
     params = count_parameters(model)
-    results: dict = {}
-    if evaluation.data and is_main:
-        results["perplexity_before"] = evaluation.measure(model, tokenizer, "before", options.progress, quiet_log)
+    run.perplexity(model, tokenizer, "before")
     whose: list[str] = []
 
     def source_losses(eval_sets: dict) -> dict[str, float]:
@@ -108,44 +92,30 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
         whose.append(description)
         return losses
 
-    run_domains = prepare_domains(model, tokenizer, domain_settings, domains, training, accelerator,
+    run_domains = prepare_domains(model, tokenizer, domain_settings, domains, training, run.accelerator,
                                   target_parameters=params["total"], source_losses=source_losses)
     if whose:  # say whose loss "the source model's" was
         run_domains.reference_source = run_domains.reference_source.replace("source model's loss", whose[0])
-    quiet_log("reference losses (" + run_domains.reference_source + "): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in run_domains.references.items()))
+    run.log("reference losses (" + run_domains.reference_source + "): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in run_domains.references.items()))
     model = trainable(model, options.lora if settings.lora else None, training.seed)
-    run = train(model, run_domains.blocks, run_domains.loss_mask, training, hooks=run_domains.hook,
-                sampler=run_domains.sampler, accelerator=accelerator, checkpoint_dir=checkpoint_dir_for(out),
-                resume=options.resume, progress=options.progress, log=quiet_log)
-    model = run.model  # under FSDP: the gathered model on the main process, None on the others
-    if evaluation.data and is_main:
-        results["perplexity_after"] = evaluation.measure(model, tokenizer, "after", options.progress, quiet_log)
-    if is_main:
-        results["domain_perplexity"] = domain_perplexities(model, tokenizer, domains, evaluation.seq_len,
-                                                           evaluation.max_windows, options.progress)
+    trained = run.train(model, run_domains.blocks, run_domains.loss_mask, hooks=run_domains.hook,
+                        sampler=run_domains.sampler)
+    model = trained.model  # under FSDP: the gathered model on the main process, None on the others
+    if model is None:
+        return run.leave()
+    run.perplexity(model, tokenizer, "after")
+    if run.is_main:
+        run.results["domain_perplexity"] = domain_perplexities(model, tokenizer, domains, evaluation.seq_len,
+                                                               evaluation.max_windows, options.progress)
     carried = {}
     if is_run_directory(Path(model_spec)):
         source = read_record(Path(model_spec))
         carried = {k: source[k] for k in ("source_model", "target", "kept") if k in source}
-    record = provenance(
-        "train", model=model_spec, method="continued pre-training", **carried,
+    return run.finish(
+        model, tokenizer, model=model_spec, method="continued pre-training", **carried,
         settings=asdict(settings) | {"dtype": options.dtype} | ({"lora": asdict(options.lora)} if settings.lora else {}),
         parameters={"total": params["total"], "non_embedding": params["non_embedding"]},
         data=asdict(domain_settings) | run_domains.record(),
-        results=results,
-        training=run.record(training),
+        training=trained.record(training),
     )
-    accelerator.wait_for_everyone()
-    if is_main:
-        with run_directory(out, options.overwrite) as tmp:
-            model, saved_as = save_model(model, tokenizer, tmp)
-            structure = Structure.of(model)
-            record["architecture"] = {"saved_as": saved_as, "stock_loadable": structure.uniform,
-                                      "layer_shapes": [asdict(s) for s in structure.layers]}
-            record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
-            write_json(tmp / "prunetune.json", record)
-            write_report(tmp)
-        shutil.rmtree(checkpoint_dir_for(out), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return record

@@ -19,7 +19,6 @@ from .domains import DomainSampler, DomainSet, load_domain_blocks, parse_domains
 from ...errors import UserError
 from ...evaluate.perplexity import perplexity
 from ...training.lora import LoraSettings, add_lora
-from ...models import check_load_options, check_model
 from ...training.loop import TrainSettings
 from .dynamic_loading import DynamicLoading, domain_losses, resolve_references
 
@@ -52,19 +51,6 @@ class DomainSettings:
             except UserError as exc:
                 raise UserError(f"domain '{domain.name}': {exc}") from None
         return domains
-
-
-def check_before_loading(model_spec: str, evaluation, options) -> None:
-    """What shear and train check besides their settings before the model loads: the before/after
-    perplexity's data, the loading options, and the sequence lengths against the model's positions
-    (every domain's held-out perplexity is measured at the evaluation's length at the end).
-    `evaluation`: an EvalSettings, `options`: RunOptions (methods/prune.py)."""
-    if evaluation.max_windows is not None and evaluation.max_windows < 1:
-        raise UserError(f"--max-windows must be at least 1, got {evaluation.max_windows}")
-    if evaluation.data:
-        load_examples(evaluation.data, default_split="eval")
-    check_load_options(options.dtype, options.device)
-    check_model(model_spec, {"--seq-len": options.training.seq_len, "--eval-seq-len": evaluation.seq_len})
 
 
 @dataclass

@@ -12,8 +12,6 @@ mask logits and the multipliers, the model's own (1e-4 there) for the weights.
 
 from __future__ import annotations
 
-import shutil
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,19 +19,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...export.hf import save_model
 from ...errors import UserError
-from ...evaluate.perplexity import check_seq_len
-from ...models import check_architecture, load_config, load_model, resolve_model_spec
-from ...report import check_output_dir, provenance, run_directory, write_json, write_report
-from ...training.sharding import leave_to_main
+from ...models import check_architecture
 from .l0_masks import ShearMasks
 from ...structure.surgery import cut, merge_lora
 from .target import Target, parse_target, target_parameters
 from ...structure.units import Structure, count_parameters
-from ...training.loop import ComposedHooks, TrainHooks, make_accelerator, train
+from ...training.loop import ComposedHooks, TrainHooks
 from .domain_training import DomainSettings, domain_perplexities, model_losses, prepare_domains, trainable
-from ...runs.settings import EvalSettings, RunOptions, checkpoint_dir_for
+from ...runs.lifecycle import Run
+from ...runs.settings import EvalSettings, RunOptions
 
 
 @dataclass
@@ -61,12 +56,11 @@ class ShearSettings:
             raise UserError(f"--warmup-share is a share of the steps in [0, 1], got {self.warmup}")
 
 
-def source_structure(model_spec: str) -> Structure:
+def source_structure(config) -> Structure:
     """The source model's shapes from its config alone (weights on the meta device), so a bad target
     fails before the model loads."""
     from transformers import AutoModelForCausalLM
 
-    config = load_config(resolve_model_spec(model_spec))
     check_architecture(config)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
@@ -133,80 +127,69 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
           evaluation: EvalSettings, options: RunOptions | None = None,
           log: Callable[[str], None] = print) -> dict:
     """Prune `model_spec` to the target shape with learned masks; returns prunetune.json's record."""
-    started = time.perf_counter()
     options = options or RunOptions()
-    out = Path(out)
     training = options.training
-    settings.check()
-    training.check()
-    domains = domain_settings.check()
-    check_output_dir(out, options.overwrite)
-    if options.quant:
-        raise UserError("shearing trains the mask logits through every weight; --quant is not supported here "
-                        "(use --lora to save memory)")
-    if evaluation.max_windows is not None and evaluation.max_windows < 1:
-        raise UserError(f"--max-windows must be at least 1, got {evaluation.max_windows}")
-    before = source_structure(model_spec)
-    target = parse_target(settings.target, before)  # every target error before the model loads
-    accelerator = make_accelerator(training)
-    is_main = accelerator.is_main_process
-    quiet_log = log if is_main else (lambda _: None)
+    domains = None
 
-    model, tokenizer = load_model(model_spec, dtype=options.dtype,
-                                  device=str(accelerator.device) if options.device == "auto" else options.device)
-    check_seq_len(model, training.seq_len)
-    check_seq_len(model, evaluation.seq_len)  # every domain's held-out perplexity is measured at the end
+    def check_settings() -> None:
+        nonlocal domains
+        settings.check()
+        training.check()
+        domains = domain_settings.check()
+        if options.quant:
+            raise UserError("shearing trains the mask logits through every weight; --quant is not supported here "
+                            "(use --lora to save memory)")
+
+    # every domain's held-out perplexity is measured at the end, at the evaluation's length
+    run = Run("shear", out, options, evaluation, log=log, checks=[check_settings], model=model_spec,
+              seq_lens={"--seq-len": training.seq_len, "--eval-seq-len": evaluation.seq_len})
+    before = source_structure(run.config)
+    target = parse_target(settings.target, before)  # every target error before the model loads
+    model, tokenizer = run.load(model_spec, seq_lens=[training.seq_len, evaluation.seq_len])
     params_before = count_parameters(model)
     goal = target_parameters(target, before)
-    quiet_log(f"target {target.describe()}: {goal:,} parameters (source {params_before['total']:,}); "
-              f"head unit {target.head_unit}")
-    results: dict = {}
-    if evaluation.data and is_main:
-        results["perplexity_before"] = evaluation.measure(model, tokenizer, "before", options.progress, quiet_log)
-    run_domains = prepare_domains(model, tokenizer, domain_settings, domains, training, accelerator,
+    run.log(f"target {target.describe()}: {goal:,} parameters (source {params_before['total']:,}); "
+            f"head unit {target.head_unit}")
+    run.perplexity(model, tokenizer, "before")
+    run_domains = prepare_domains(model, tokenizer, domain_settings, domains, training, run.accelerator,
                                   target_parameters=goal, source_losses=model_losses(model, training.batch_size))
-    quiet_log("reference losses (" + run_domains.reference_source + "): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in run_domains.references.items()))
+    run.log("reference losses (" + run_domains.reference_source + "): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in run_domains.references.items()))
 
     model = trainable(model, options.lora if settings.lora else None, training.seed)
     masks = ShearMasks(before, target, warmup_steps=round(settings.warmup * training.steps),
-                       lambda2_init=settings.lambda2_init, seed=training.seed).to(accelerator.device)
+                       lambda2_init=settings.lambda2_init, seed=training.seed).to(run.accelerator.device)
     handle = masks.attach(model)
-    hooks = ShearHooks(masks, settings)
-    run = train(model, run_domains.blocks, run_domains.loss_mask, training,
-                hooks=ComposedHooks(hooks, run_domains.hook), sampler=run_domains.sampler, accelerator=accelerator,
-                checkpoint_dir=checkpoint_dir_for(out), resume=options.resume, progress=options.progress,
-                log=quiet_log)
+    trained = run.train(model, run_domains.blocks, run_domains.loss_mask,
+                        hooks=ComposedHooks(ShearHooks(masks, settings), run_domains.hook), sampler=run_domains.sampler)
 
     # A probe sequence checks that the cut model computes what the masked one did (eval mode: the
     # deterministic gates final() returns); the difference is recorded. Under FSDP every process runs
     # the probe (the forward gathers each layer), and the masks are the same in every process.
-    probe = run_domains.blocks[:1, : min(32, training.seq_len)].to(accelerator.device)
+    probe = run_domains.blocks[:1, : min(32, training.seq_len)].to(run.accelerator.device)
     with torch.no_grad():
         expected = float(masks.expected_parameters())
         final_masks, values = masks.final()
         masked_logits = model(input_ids=probe).logits.float()
     handle.remove()
-    if run.model is None:  # FSDP: the main process holds the gathered model, folds, cuts and saves it
-        return leave_to_main(accelerator)
-    model = merge_lora(run.model)
+    if trained.model is None:  # FSDP: the main process holds the gathered model, folds, cuts and saves it
+        return run.leave()
+    model = merge_lora(trained.model)
     masks.fold_into(model, values)
     kept = final_masks.kept_summary(before)
     cut(model, final_masks)
-    after = _check_shape(model, target)
+    _check_shape(model, target)
     with torch.no_grad():
         logit_diff = float((model(input_ids=probe).logits.float() - masked_logits).abs().max())
     params_after = count_parameters(model)
-    quiet_log(f"cut to {target.describe()}: {params_after['total']:,} parameters; the masks expected "
-              f"{expected:,.0f} ({(expected - params_after['total']) / params_after['total']:+.2%})")
-    if evaluation.data and is_main:
-        results["perplexity_after"] = evaluation.measure(model, tokenizer, "after", options.progress, quiet_log)
-    if is_main:
-        results["domain_perplexity"] = domain_perplexities(model, tokenizer, domains, evaluation.seq_len,
-                                                           evaluation.max_windows, options.progress)
-
-    record = provenance(
-        "shear",
+    run.log(f"cut to {target.describe()}: {params_after['total']:,} parameters; the masks expected "
+            f"{expected:,.0f} ({(expected - params_after['total']) / params_after['total']:+.2%})")
+    run.perplexity(model, tokenizer, "after")
+    if run.is_main:
+        run.results["domain_perplexity"] = domain_perplexities(model, tokenizer, domains, evaluation.seq_len,
+                                                               evaluation.max_windows, options.progress)
+    return run.finish(
+        model, tokenizer, source_structure=before,
         source_model=model_spec,
         method="sheared",
         settings=asdict(settings) | {"dtype": options.dtype} | ({"lora": asdict(options.lora)} if settings.lora else {}),
@@ -217,21 +200,5 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
         kept=kept,
         checks={"masked_vs_cut_max_abs_logit_diff": logit_diff},
         data=asdict(domain_settings) | run_domains.record(),
-        results=results,
-        training=run.record(training),
+        training=trained.record(training),
     )
-    accelerator.wait_for_everyone()
-    if is_main:
-        with run_directory(out, options.overwrite) as tmp:
-            model, saved_as = save_model(model, tokenizer, tmp)
-            record["architecture"] = {"source": before.model_type, "saved_as": saved_as,
-                                      "stock_loadable": after.uniform,
-                                      "layer_shapes": [asdict(s) for s in after.layers],
-                                      "source_layer_shapes": [asdict(s) for s in before.layers],
-                                      "source_hidden": before.hidden}
-            record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
-            write_json(tmp / "prunetune.json", record)
-            write_report(tmp)
-        shutil.rmtree(checkpoint_dir_for(out), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return record
