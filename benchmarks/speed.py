@@ -6,7 +6,7 @@ rounding of MLP widths and without it.
   2. Prune it with the command line, magnitude criterion, every layer alike:
          prunetune prune WORK/dense --method magnitude --ratio R --layers all --no-eval --out WORK/pruned-...
      at 20% and 50% with the default rounding, and at 20% with `--round-to 1` for contrast (the
-     unrounded widths; DESIGN.md: MLP width 8806 prefilled 45% slower than dense on an H100).
+     unrounded widths; on an H100, MLP width 8806 prefilled 45% slower than dense).
   3. Save a LoRA adapter (PEFT, r 8 on q,k,v,o,gate,up,down, random A and B) for the 20% model.
   4. Measure [dense, 20%, 20% unrounded, 50%] with the speed benchmark (what `prunetune bench`
      prints), plus the 20% model with the adapter unmerged and merged (LoRAPrune's Table 3: an

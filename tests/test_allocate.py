@@ -44,7 +44,7 @@ def test_default_rounding_is_128_on_wide_mlps_and_64_on_narrow_ones():
     assert round_count(1297, "auto", 1536) == 1280  # SmolLM2 at 20%: multiples of 64
     assert round_count(683, "auto", 1536) == 704
     llama7b = Structure("llama", 4096, 128, 32000, False, 4096, (LayerShape(32, 32, 11008),), False, False, False)
-    for ratio, heads, channels in ((0.2, 26, 8704), (0.5, 16, 5504)):  # DESIGN.md: 8832 and 5504 were fast
+    for ratio, heads, channels in ((0.2, 26, 8704), (0.5, 16, 5504)):  # 8832 and 5504 prefilled fast on an H100
         counts = target_counts(llama7b, ratio, [0])[0]
         assert (counts.head_units, counts.channels) == (heads, channels) and channels % 128 == 0
     assert parse_round_to("auto") == "auto" and parse_round_to("64") == 64 and parse_round_to(8) == 8

@@ -49,7 +49,7 @@ DEFAULT_SPLIT = "cost"
 
 # Default MLP channel rounding, the one place it lives (PruneSettings, `prune --round-to`, LoRAPrune):
 # "auto" = multiples of 128 where a layer's MLP is at least AUTO_WIDE wide, of 64 below.
-# Why: on an H100 (DESIGN.md, LLaMA-7B, 2048-token prefill) width 8806 was 45% slower than dense,
+# Why: measured on an H100 (LLaMA-7B, 2048-token prefill), width 8806 was 45% slower than dense,
 # 8832 = 69·128 and 5504 = 43·128 faster. 8806 is not even a multiple of 8 (bf16 tensor-core
 # alignment); 64 fixes that, but gives 8768 = 137·64 at 20%, never measured, which cuBLAS runs in
 # as many 128-wide output tiles as 8832 (69): the cost of 8832 with 64 fewer channels. 128 stays on

@@ -19,7 +19,7 @@ class LoraSettings:
     dropout: float = 0.05
     targets: tuple[str, ...] = PROJECTIONS
     # "float32": PEFT's default, adapters in fp32 and activations cast for every LoRA call;
-    # "base": adapters in the base model's dtype (bf16 on a GPU), no casts, faster (DESIGN.md).
+    # "base": adapters in the base model's dtype (bf16 on a GPU), no casts, so faster on a GPU.
     dtype: str = "float32"
 
 
