@@ -50,6 +50,7 @@ demo-loraprune: $(STAMP)
 # Then the docs site: --strict fails on a broken link, and the CLI reference is generated from the
 # Typer app as the site builds (docs/hooks/cli_reference.py), so a command that cannot load fails too.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -n 2 --dist loadfile --ignore=tests/serving
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d site
 
