@@ -123,7 +123,7 @@ def test_output_top_level_holds_only_what_engines_read(runs):
                     "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt"}
     for name in ("lp", "taylor"):
         top = {p.name for p in (runs / name).iterdir()}
-        assert top - engine_files == {"prunetune.json", "report.md", "run"}, top
+        assert top - engine_files == {"prunetune.json", "report.md", "README.md", "run"}, top
         assert {"config.json", "model.safetensors"} <= top
         assert sorted(p.name for p in (runs / name / "run").iterdir()) == ["plots", SCORES_FILE]
         config = json.loads((runs / name / "config.json").read_text())

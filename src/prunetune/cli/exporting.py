@@ -10,8 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UserError
-from ..export import GGUF_OUTTYPES
-from ..runs.lifecycle import GGUF_FILE
+from ..export import GGUF_FILE, GGUF_OUTTYPES
 from .common import out
 
 commands = typer.Typer()

@@ -8,3 +8,4 @@
 
 # Here, not in gguf.py, so that checking a command line needs neither numpy nor torch.
 GGUF_OUTTYPES = ("f32", "f16", "q8_0")
+GGUF_FILE = "model.gguf"  # what `--export gguf` writes inside a run directory when the run ends

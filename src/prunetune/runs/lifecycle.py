@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..evaluate.perplexity import check_seq_len
+from ..export import GGUF_FILE
 from ..export.hf import save_model
 from ..data import load_examples
 from ..models import check_load_options, check_model, load_model
@@ -33,8 +34,6 @@ from ..training.loop import make_accelerator, train
 from ..training.sharding import leave_to_main, refuse_quant_under_fsdp
 from .card import write_card
 from .settings import EvalSettings, RunOptions, checkpoint_dir_for
-
-GGUF_FILE = "model.gguf"  # what an export after the run writes inside the run directory
 
 
 class Run:
@@ -104,14 +103,14 @@ class Run:
         """Under FSDP, a process other than the main one is done once training is: the main one writes."""
         return leave_to_main(self.accelerator)
 
-    def finish(self, model, tokenizer, *, source_structure: Structure | None = None, adapter: bool = False,
+    def finish(self, model, tokenizer, /, *, source_structure: Structure | None = None, as_adapter: bool = False,
                write: Callable[[Path], None] | None = None, extras: dict[str, Callable[[Path], None]] | None = None,
                **fields) -> dict:
         """Write the run directory and return its record (prunetune.json).
 
         `fields` are the method's part of the record; `results` defaults to the perplexities measured
         through this run (when it has an evaluation). The output is the model (LoRA merged, saved where stock loaders read it), the
-        PEFT adapter with `adapter`, or whatever `write(directory)` writes. `source_structure`: the one the
+        PEFT adapter with `as_adapter`, or whatever `write(directory)` writes. `source_structure`: the one the
         model was cut from, recorded beside the result's. `extras`: files no engine reads, by name
         (DIR/run/NAME), each written by its function."""
         if self.evaluation is not None:
@@ -123,7 +122,7 @@ class Run:
             with run_directory(self.out, self.options.overwrite) as tmp:
                 if write is not None:
                     write(tmp)
-                elif adapter:
+                elif as_adapter:
                     model.save_pretrained(tmp)
                     tokenizer.save_pretrained(tmp)
                 else:
@@ -133,11 +132,11 @@ class Run:
                     write_extra(extra_file(tmp, name))
                 record["elapsed_seconds"] = round(time.perf_counter() - self.started, 1)
                 write_json(tmp / "prunetune.json", record)
-                if self.options.export and not adapter:
+                if self.options.export and not as_adapter:
                     record["exports"] = [self._export(tmp)]
                     write_json(tmp / "prunetune.json", record)
                 write_report(tmp)  # from the JSON just written, exactly as `prunetune report` redraws it
-                write_card(tmp, record, adapter=adapter)
+                write_card(tmp, record, adapter=as_adapter)
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()

@@ -206,7 +206,7 @@ def train_adapter(model_spec: str, out: Path, training: TrainSettings, lora: Lor
     # the full model's size: from the pruning record, or this model itself (the full-model baseline)
     original = carried.get("loram", {}).get("original_parameters", params["total"])
     return run.finish(
-        model, tokenizer, adapter=True,
+        model, tokenizer, as_adapter=True,
         base_model=model_spec, **carried, data=step.data, quant=quant,
         lora=asdict(lora), training=trained.record(training), results=step.evaluate(run, model, tokenizer),
         parameters={"base": params, "original": original,
@@ -251,7 +251,7 @@ def recover(adapter: Path, pruned: Path, full_spec: str, out: Path, *, merge: bo
                   recovery="B rows of q,k,v,gate,up and A columns of o,down back at their original positions, "
                            "zero elsewhere" if structured else "unchanged: the pruned weights keep their shapes")
     if not merge:
-        return run.finish(None, None, adapter=True, write=write_adapter, **fields)
+        return run.finish(None, None, as_adapter=True, write=write_adapter, **fields)
     model, tokenizer = run.load(full_spec)
     with tempfile.TemporaryDirectory(prefix="prunetune-recovered-") as staging:
         write_adapter(Path(staging))
