@@ -263,7 +263,7 @@ def check_model_files(source: ModelSource, config, complete: bool = False) -> No
                         "model's tokenizer files there, or save one with tokenizer.save_pretrained(dir)")
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}  # name: (shape, file name)
     for file in files:
-        shapes.update({name: (shape, file.name) for name, shape in _tensor_shapes(file).items()})
+        shapes.update({name: (shape, file.name) for name, shape in tensor_shapes(file).items()})
     # Shapes are compared where the headers hold them all (a .bin file's need unpickling), and not for
     # packed quantized tensors, whose shapes are not the config's.
     if files and all(f.suffix == ".safetensors" for f in files) and getattr(config, "quantization_config", None) is None:
@@ -293,7 +293,7 @@ def weight_files(directory: Path) -> list[Path]:
     return []
 
 
-def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape from a safetensors header (none from an intact .bin file), or one line saying
     the file is damaged."""
     with file.open("rb") as f:

@@ -40,13 +40,18 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise UserError(f"'{out}' is a file, not a directory; choose another --out")
     if os.path.exists(out) and not overwrite:
         raise UserError(f"'{out}' already exists; pass --overwrite or choose another --out")
-    # The run is written beside `out` (a temporary sibling, checkpoints) in its nearest existing parent.
-    ancestor = next(p for p in out.absolute().parents if os.path.lexists(p))
+    check_parent_writable(out)
+
+
+def check_parent_writable(out: Path, flag: str = "--out") -> None:
+    """Fail if `out` (a file or directory, written through a temporary sibling) cannot be made: the
+    nearest of its parents that exists is a file, or not writable."""
+    ancestor = next(p for p in Path(out).absolute().parents if os.path.lexists(p))
     if not os.path.isdir(ancestor):
-        raise UserError(f"cannot create '{out}': '{ancestor}' is a file, not a directory; choose another --out")
+        raise UserError(f"cannot create '{out}': '{ancestor}' is a file, not a directory; choose another {flag}")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UserError(f"cannot create '{out}': no permission to write in '{ancestor}' (or it is read-only); "
-                        "choose another --out")
+                        f"choose another {flag}")
 
 
 @contextmanager
