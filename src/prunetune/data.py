@@ -21,6 +21,7 @@ except `prunetune eval`, which scores a local file whole (`eval_command_spec`): 
 
 from __future__ import annotations
 
+import codecs
 import json
 import sysconfig
 from dataclasses import dataclass
@@ -131,6 +132,25 @@ def _record_to_example(record: dict, where: str) -> Example:
     raise UserError(f"{where}: records need a 'text' field, 'instruction'/'output' fields, or 'messages'")
 
 
+# How much of a text file is read to tell text from a binary file before all of it is tokenised.
+SNIFF_BYTES = 64 * 1024
+
+
+def _check_text(path: Path) -> None:
+    """Refuse a file that is not UTF-8 text (a binary file, or text in another encoding such as UTF-16)
+    from its first 64 KiB: NUL bytes, or bytes that do not decode."""
+    with path.open("rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if b"\x00" in head:
+        raise UserError(f"{path}: not text (it holds NUL bytes at offset {head.index(0)}: a binary file, or "
+                        "UTF-16 text); pass a UTF-8 text file")
+    try:  # incremental: a character cut at the end of the 64 KiB is not an error
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (undecodable byte at offset {exc.start}: a binary file, or "
+                        "another encoding); pass a UTF-8 text file, or convert it (iconv -t UTF-8)") from None
+
+
 def _read_utf8(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -139,6 +159,8 @@ def _read_utf8(path: Path) -> str:
 
 
 def _file_examples(path: Path) -> list[Example]:
+    if path.suffix != ".parquet":
+        _check_text(path)
     if path.suffix == ".txt":
         text = path.read_text(encoding="utf-8", errors="replace")
         return [Example(response=doc) for doc in text.split("\n\n") if doc.strip()]
@@ -272,6 +294,9 @@ def load_examples(spec: str | DataSpec, default_split: str = "train") -> list[Ex
         raise UserError(f"unknown built-in source '{source}'; use {' or '.join(OFFLINE_SOURCES)}")
     else:
         path = Path(source).expanduser()
+        if path.is_dir():
+            raise UserError(f"no such data file: '{source}' is a directory; pass one {'/'.join(FILE_SUFFIXES)} "
+                            "file")
         if path.suffix not in FILE_SUFFIXES:
             raise UserError(
                 f"unknown data source '{source}'; use {', '.join(OFFLINE_SOURCES + HUB_SOURCES)}, "

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .layer_shapes import LAYER_SHAPES_KEY
+from .layer_shapes import LAYER_SHAPES_KEY, empty_model
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 BUILTIN_MODELS = {
@@ -126,17 +129,79 @@ def load_config(source: ModelSource):
             key = (str(file.resolve()), file.stat().st_mtime_ns, file.stat().st_size)
     if key in _CONFIGS:
         return copy.deepcopy(_CONFIGS[key])  # a copy: a model built from it may change it (pruning does)
+    if source.kind == "dir":
+        _check_config_json(Path(source.path) / "config.json")
+    elif source.kind == "gguf":
+        _check_gguf_magic(Path(source.describe()))
     try:
         config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
     except (OSError, ValueError) as exc:
         if source.kind == "hub":
             raise _hub_error(source.path, exc) from None
-        if "model type" in str(exc) or "model_type" in str(exc):
+        if "model type" in str(exc) or "model_type" in str(exc) or "is not supported yet" in str(exc):
             raise UserError(f"unsupported architecture in '{source.describe()}': {str(exc).splitlines()[0][:200]}") from None
+        if source.kind == "gguf":
+            raise _damaged_gguf(source, exc) from None
+        raise
+    except Exception as exc:
+        # The gguf reader parses the whole file (its tensors too) and fails on a short one with whatever
+        # its numpy or struct call raised; that is the file's fault, not a bug.
+        if source.kind == "gguf":
+            raise _damaged_gguf(source, exc) from None
         raise
     if key is not None:
         _CONFIGS[key] = copy.deepcopy(config)
     return config
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
+def _read_json(file: Path, restore: str = "download the model again"):
+    """A JSON file of a model directory, or one line saying it is damaged."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{file} is not text (not UTF-8); {restore}") from None
+    except json.JSONDecodeError as exc:
+        where = "it is empty" if not file.read_bytes().strip() else f"line {exc.lineno}: {exc.msg}"
+        raise UserError(f"{file} is not valid JSON ({where}); {restore}") from None
+
+
+def _check_config_json(file: Path) -> None:
+    """transformers reports a damaged config.json as an OSError traceback; say which file and what to do."""
+    config = _read_json(file, "restore it, or download the model again")
+    if not isinstance(config, dict):
+        raise UserError(f"{file} is not a JSON object of settings; restore it, or download the model again")
+    if "model_type" not in config:
+        raise UserError(f"{file} names no model_type (one of {', '.join(SUPPORTED_ARCHITECTURES)}); "
+                        "restore it, or download the model again")
+
+
+GGUF_MAGIC = b"GGUF"
+LFS_POINTER = b"version https://git-lfs"
+
+
+def _check_gguf_magic(file: Path) -> None:
+    with file.open("rb") as f:
+        head = f.read(len(LFS_POINTER))
+    if head.startswith(LFS_POINTER):
+        raise UserError(_lfs_pointer_message(file))
+    if not head.startswith(GGUF_MAGIC):
+        raise UserError(f"{file} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf model file "
+                        "(or download it again)")
+
+
+def _damaged_gguf(source: ModelSource, exc: Exception) -> UserError:
+    return UserError(f"{source.describe()} is not a complete GGUF file ({_first_line(exc)}); it may have been cut "
+                     "short (an interrupted download or copy): download it again")
+
+
+def _lfs_pointer_message(file: Path) -> str:
+    return (f"{file} is a Git LFS pointer, not the weights (the model was cloned without git-lfs); run "
+            f"'git lfs pull' in {file.parent}, or download the model again")
 
 
 def check_load_options(dtype: str = "auto", device: str = "auto", quant: str | None = None) -> None:
@@ -148,9 +213,11 @@ def check_load_options(dtype: str = "auto", device: str = "auto", quant: str | N
 
 def check_model(spec: str, seq_lens: dict[str, int] | None = None):
     """The config of the model `spec` names, read without its weights, so that a missing model, an
-    unsupported architecture or a sequence length beyond its positions fails before it loads.
+    unsupported architecture, a sequence length beyond its positions or damaged model files (see
+    `check_model_files`) fail before it loads.
     `seq_lens`: {"--seq-len": 256, ...}, the lengths the command will run at, by flag."""
-    config = load_config(resolve_model_spec(spec))
+    source = resolve_model_spec(spec)
+    config = load_config(source)
     check_architecture(config)
     limit = int(getattr(config, "max_position_embeddings", 0) or 0)
     for flag, seq_len in (seq_lens or {}).items():
@@ -158,7 +225,178 @@ def check_model(spec: str, seq_lens: dict[str, int] | None = None):
             raise UserError(f"{flag} must be at least 2, got {seq_len}")
         if limit and seq_len > limit:
             raise UserError(f"{flag} {seq_len} is beyond the model's {limit} positions; use {flag} {limit} or less")
+    check_model_files(source, config)
     return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged model directories, found from file headers before any weights load. transformers finds the
+# same damage only while loading, with a long traceback, and fills tensors the files lack with random
+# values (a warning our quiet logging hides): a model that runs and is wrong.
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# A tokenizer's own vocabulary file, one of which every tokenizer transformers loads locally has.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tekken.json")
+
+
+def check_model_files(source: ModelSource, config, complete: bool = False) -> None:
+    """Refuse a model directory whose files are damaged: a weights file cut short or not a weights file
+    (a Git LFS pointer), shards its index names but that are missing, tensors whose shapes or count
+    disagree with config.json, a tokenizer file that is not valid JSON. Reads headers only.
+
+    `complete` (load_model's check): the weights and a tokenizer must be there too. Without it a
+    directory holding config.json alone passes: every check made from the config works with it."""
+    if source.kind != "dir":  # hub ids load remotely; a GGUF file was parsed whole by load_config
+        return
+    directory = Path(source.path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (directory / name).is_file():
+            _read_json(directory / name, "save the tokenizer again with tokenizer.save_pretrained(dir), "
+                                         "or download the model again")
+    files = weight_files(directory)
+    if complete and not files:
+        raise UserError(f"'{directory}' holds config.json but no weights (model.safetensors, the shards of "
+                        f"{SAFETENSORS_INDEX}, or pytorch_model.bin); copy them there, or download the model again")
+    if complete and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"'{directory}' holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                        "model's tokenizer files there, or save one with tokenizer.save_pretrained(dir)")
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}  # name: (shape, file name)
+    for file in files:
+        shapes.update({name: (shape, file.name) for name, shape in tensor_shapes(file).items()})
+    # Shapes are compared where the headers hold them all (a .bin file's need unpickling), and not for
+    # packed quantized tensors, whose shapes are not the config's.
+    if files and all(f.suffix == ".safetensors" for f in files) and getattr(config, "quantization_config", None) is None:
+        _compare_with_config(directory, config, shapes)
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files transformers reads from `directory`, picked in its order: model.safetensors, the
+    shards of model.safetensors.index.json, then the same for PyTorch's .bin files. A shard the index
+    names but the directory lacks is an error."""
+    for single, index_name in (("model.safetensors", SAFETENSORS_INDEX), ("pytorch_model.bin", BIN_INDEX)):
+        if (directory / single).is_file():
+            return [directory / single]
+        index = directory / index_name
+        if index.is_file():
+            record = _read_json(index)
+            weight_map = record.get("weight_map") if isinstance(record, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise UserError(f"{index} has no weight_map naming the shards; download the model again")
+            names = sorted(set(weight_map.values()))
+            missing = [name for name in names if not (directory / name).is_file()]
+            if missing:
+                more = f" and {len(missing) - 1} more of its {len(names)} shards" if len(missing) > 1 else ""
+                raise UserError(f"{index} names {missing[0]}{more}, missing from '{directory}'; copy the missing "
+                                "files there, or download the model again")
+            return [directory / name for name in names]
+    return []
+
+
+def tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from a safetensors header (none from an intact .bin file), or one line saying
+    the file is damaged."""
+    with file.open("rb") as f:
+        head = f.read(len(LFS_POINTER))
+    if head.startswith(LFS_POINTER):
+        raise UserError(_lfs_pointer_message(file))
+    if file.suffix == ".bin":
+        # torch.save writes a zip archive, whose directory is at the end: a cut-short file has none.
+        # Files from before torch 1.6 are plain pickles (protocol 2, b"\x80\x02").
+        if zipfile.is_zipfile(file) or head.startswith(b"\x80"):
+            return {}
+        raise UserError(f"{file} is cut short or not a PyTorch weights file; download it again")
+    from safetensors import SafetensorError, safe_open
+
+    try:  # safe_open reads the header and checks that its data offsets cover the file exactly
+        with safe_open(str(file), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except SafetensorError as exc:
+        size, expected = file.stat().st_size, _safetensors_size(file)
+        if expected is not None and size < expected:
+            raise UserError(f"{file} is cut short: {size:,} of the {expected:,} bytes its header describes (an "
+                            "interrupted download or copy?); download it again") from None
+        raise UserError(f"{file} is damaged, not a complete safetensors file ({_first_line(exc)}); "
+                        "download it again") from None
+
+
+def _safetensors_size(file: Path) -> int | None:
+    """The size a safetensors file's header says it has: an 8-byte header length, the JSON header, then
+    the data its offsets cover. None where the header itself is unreadable."""
+    try:
+        with file.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= 100 * 2**20:
+                return None
+            header = json.loads(f.read(length))
+        return 8 + length + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+# Which config.json field sets each dimension of a parameter, by the module holding it.
+_CONFIG_FIELDS = {
+    "embed_tokens": ("vocab_size", "hidden_size"), "lm_head": ("vocab_size", "hidden_size"),
+    "q_proj": ("num_attention_heads x head_dim", "hidden_size"),
+    "k_proj": ("num_key_value_heads x head_dim", "hidden_size"),
+    "v_proj": ("num_key_value_heads x head_dim", "hidden_size"),
+    "o_proj": ("hidden_size", "num_attention_heads x head_dim"),
+    "gate_proj": ("intermediate_size", "hidden_size"), "up_proj": ("intermediate_size", "hidden_size"),
+    "down_proj": ("hidden_size", "intermediate_size"),
+    "q_norm": ("head_dim",), "k_norm": ("head_dim",),
+}
+
+
+def _config_field(name: str, expected: tuple, found: tuple) -> str:
+    """The config.json field behind the first dimension where two shapes of parameter `name` differ."""
+    module = name.split(".")[-2] if "." in name else name
+    fields = _CONFIG_FIELDS.get(module, ("hidden_size",) if "norm" in module else ())
+    dim = next((i for i, (a, b) in enumerate(zip(expected, found)) if a != b), 0)
+    return fields[dim] if dim < len(fields) else "the model's sizes"
+
+
+def _shape(shape: tuple) -> str:
+    return "x".join(map(str, shape)) or "a scalar"
+
+
+def _compare_with_config(directory: Path, config, found: dict[str, tuple[tuple, str]]) -> None:
+    """The shapes config.json implies (the model built on the meta device: no memory, no weights) against
+    the shapes in the files' headers."""
+    try:
+        model = empty_model(copy.deepcopy(config))
+    except UserError:
+        raise
+    except Exception as exc:  # the sizes of a hand-edited config.json may not even build a model
+        raise UserError(f"config.json in '{directory}' describes no model transformers can build "
+                        f"({_first_line(exc)}); restore it, or download the model again") from None
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    if not expected.keys() & found.keys():
+        return  # another naming scheme, which transformers maps while loading; leave it to the load
+    per_layer = f" (and {LAYER_SHAPES_KEY})" if getattr(config, LAYER_SHAPES_KEY, None) else ""
+    restore = "download the model again if config.json is the original"
+
+    layers = 1 + max((int(m.group(1)) for name in found if (m := _LAYER_KEY.match(name))), default=-1)
+    if layers != config.num_hidden_layers:
+        raise UserError(f"config.json in '{directory}' says num_hidden_layers {config.num_hidden_layers}, but the "
+                        f"weights hold {layers} layers; set num_hidden_layers to {layers}, or {restore}")
+    for name, shape in expected.items():
+        if name in found and found[name][0] != shape:
+            held, file = found[name]
+            raise UserError(f"config.json in '{directory}' disagrees with the weights: {name} is {_shape(held)} in "
+                            f"{file} but {_shape(shape)} by the config; check {_config_field(name, shape, held)}"
+                            f"{per_layer} in config.json, or {restore}")
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
+    missing = [name for name in expected if name not in found and not (tied and name == "lm_head.weight")]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"the weights in '{directory}' lack {missing[0]}{more}, which config.json implies; check "
+                        f"config.json (e.g. attention_bias, mlp_bias, tie_word_embeddings), or {restore}")
+    extra = [name for name in found if name not in expected and name.startswith(("model.", "lm_head."))
+             and "rotary_emb" not in name]  # old checkpoints saved RoPE's inv_freq; it is rebuilt anyway
+    if extra:
+        raise UserError(f"the weights in '{directory}' hold {extra[0]}, which config.json has no place "
+                        f"for; check config.json (e.g. attention_bias, mlp_bias), or {restore}")
 
 
 def load_model(
@@ -174,6 +412,7 @@ def load_model(
     source = resolve_model_spec(spec)  # a mistyped path fails before transformers is imported
     config = load_config(source)
     check_architecture(config)
+    check_model_files(source, config, complete=True)
     target_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, target_device)
     return _load_weights(source, config, torch_dtype, target_device, quant)

@@ -32,11 +32,26 @@ def extra_file(run_dir: Path, name: str) -> Path:
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Fail before any work if the output cannot be written."""
-    if out.exists() and not overwrite:
+    """Fail before any work if the output cannot be written: it exists (without --overwrite) or is a
+    file, or the directory it would be made in is a file or not writable."""
+    out = Path(out)
+    # os.path rather than Path: Path.exists() raises where a parent is unreadable; os.path says False.
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"'{out}' is a file, not a directory; choose another --out")
+    if os.path.exists(out) and not overwrite:
         raise UserError(f"'{out}' already exists; pass --overwrite or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"'{out}' is a file, not a directory")
+    check_parent_writable(out)
+
+
+def check_parent_writable(out: Path, flag: str = "--out") -> None:
+    """Fail if `out` (a file or directory, written through a temporary sibling) cannot be made: the
+    nearest of its parents that exists is a file, or not writable."""
+    ancestor = next(p for p in Path(out).absolute().parents if os.path.lexists(p))
+    if not os.path.isdir(ancestor):
+        raise UserError(f"cannot create '{out}': '{ancestor}' is a file, not a directory; choose another {flag}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create '{out}': no permission to write in '{ancestor}' (or it is read-only); "
+                        f"choose another {flag}")
 
 
 @contextmanager
