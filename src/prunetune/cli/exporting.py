@@ -11,7 +11,7 @@ import typer
 
 from ..errors import UserError
 from ..export import GGUF_FILE, GGUF_OUTTYPES
-from .common import out
+from .common import log, out
 
 commands = typer.Typer()
 
@@ -75,9 +75,9 @@ def export_command(
     elif fmt == "hf":
         if outtype not in HF_OUTTYPES:
             raise UserError(f"unknown --outtype '{outtype}' for hf; use {', '.join(HF_OUTTYPES)}")
-        from ..export.hf import write_hf
+        from ..runs.convert import write_hf
 
-        saved_as = write_hf(model, out_path, HF_OUTTYPES[outtype], overwrite)
+        saved_as = write_hf(model, out_path, HF_OUTTYPES[outtype], overwrite, log=log)["architecture"]["saved_as"]
         out.print(f"wrote {out_path} ({saved_as}, {outtype})")
     else:
         raise UserError(f"unknown --format '{fmt}'; use {' or '.join(FORMATS)}")

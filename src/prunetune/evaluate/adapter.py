@@ -19,10 +19,9 @@ def adapter_modules(path: str) -> dict[str, tuple[int, int]]:
     directory = check_adapter_dir(path)
     safetensors_file, bin_file = directory / "adapter_model.safetensors", directory / "adapter_model.bin"
     if safetensors_file.is_file():
-        from safetensors import safe_open
+        from ..models import tensor_shapes
 
-        with safe_open(str(safetensors_file), "pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        shapes = tensor_shapes(safetensors_file)  # a damaged file is one line, not a traceback
     elif bin_file.is_file():
         state = torch.load(bin_file, map_location="cpu", weights_only=True, mmap=True)
         shapes = {key: tuple(value.shape) for key, value in state.items()}

@@ -49,6 +49,7 @@ def _head_dim(config) -> int:
 def check_gguf_export(config, out: Path, outtype: str, overwrite: bool) -> str:
     """The llama.cpp architecture `config` will be written as, or a UserError; reads no weights."""
     from ..models import check_architecture
+    from ..report.rundir import check_parent_writable
 
     if outtype not in OUTTYPES:
         raise UserError(f"unknown --outtype '{outtype}'; use {', '.join(OUTTYPES)}")
@@ -59,6 +60,7 @@ def check_gguf_export(config, out: Path, outtype: str, overwrite: bool) -> str:
         raise UserError(f"'{out}' is a directory; give the path of the .gguf file to write")
     if out.exists() and not overwrite:
         raise UserError(f"'{out}' already exists; pass --overwrite or choose another --out")
+    check_parent_writable(out)
     check_architecture(config)
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UserError(f"activation '{config.hidden_act}' is not SiLU; llama.cpp's graphs for these models use SiLU")

@@ -99,22 +99,3 @@ def save_model(model: nn.Module, tokenizer, out_dir: Path) -> tuple[nn.Module, s
         path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(out_dir)
     return hf, saved_as
-
-
-def write_hf(model_spec: str, out: Path, dtype: str = "float32", overwrite: bool = False) -> str:
-    """Load `model_spec` (anything load_model accepts: a GGUF file, an older run directory) and write
-    it as a Hugging Face directory that stock transformers and vLLM load. Returns the architecture
-    it was saved under."""
-    from ..models import check_model, load_model
-    from ..report import check_output_dir, provenance, run_directory, write_json, write_report
-
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    check_model(model_spec)  # not a model, or an unsupported one: before any weights load
-    model, tokenizer = load_model(model_spec, dtype=dtype, device="cpu")
-    with run_directory(out, overwrite) as tmp:
-        _, saved_as = save_model(model, tokenizer, tmp)
-        record = provenance("export", source=model_spec, format="hf", dtype=dtype, saved_as=saved_as)
-        write_json(tmp / "prunetune.json", record)
-        write_report(tmp, record)
-    return saved_as
