@@ -177,8 +177,13 @@ def test_loram_run_end_to_end_compares_every_configuration(full, tmp_path):
     assert all(r["in_domain"] > 0 and r["out_of_domain"] > 0 for r in record["comparison"])
     assert all(r["peak_memory_bytes"] > 0 for r in record["comparison"][1:])
     assert "share of the baseline's gain" in (out / "report.md").read_text()
+    from huggingface_hub import ModelCard
+
     for step in ("pruned", "aligned", "adapter", "full-adapter", "baseline"):
         assert (out / step / "prunetune.json").is_file()
+        card = ModelCard.load(out / step / "README.md")  # every step's output documents itself, the same way
+        assert "loram" in card.data.tags and card.data.pipeline_tag == "text-generation"
+        assert card.data.library_name == ("peft" if "adapter" in step or step == "baseline" else "prunetune")
 
 
 def test_loram_run_without_alignment_trains_on_the_pruned_model(full, tmp_path):

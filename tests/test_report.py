@@ -117,6 +117,18 @@ def test_report_redraws_a_run_in_place(runs, tmp_path):
     assert sorted(p.name for p in (run / "run" / "plots").iterdir()) == ["kept_units.png", "training.png", "unit_scores.png"]
 
 
+def test_every_output_has_a_model_card_that_agrees_with_its_record(runs):
+    from huggingface_hub import ModelCard
+
+    for name, method in (("lp", "loraprune"), ("taylor", "taylor")):
+        record = json.loads((runs / name / "prunetune.json").read_text())
+        card = ModelCard.load(runs / name / "README.md")
+        assert card.data.library_name == "prunetune" and {"pruned", method} <= set(card.data.tags)
+        after = record["parameters"]["after"]["total"]
+        assert f"{after:,}" in card.text
+        assert f"{record['results']['perplexity_after']['perplexity']:,.2f}" in card.text
+
+
 def test_output_top_level_holds_only_what_engines_read(runs):
     """vLLM loads every *.safetensors at the top of a model directory: scores and plots live in run/."""
     engine_files = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
