@@ -9,26 +9,18 @@ builtin:stdlib-code. Layers 'paper' and uniform allocation, as LoRAPrune's defau
     python benchmarks/allocation.py [--ratios 0.2,0.5] [--head-units kv-group,q-head] [--windows 10]
 
 Rows are merged into benchmarks/results/allocation.json by (criterion, ratio, head unit, split), so
-a rerun of some rows keeps the others; the table printed is the file's.
+a rerun of some rows keeps the others; the table printed is the file's, and `--report` writes it to
+docs/results/allocation.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import time
 from pathlib import Path
 
-import torch
-
-from prunetune import load_model
-from prunetune.data import load_blocks
-from prunetune.evaluate.perplexity import perplexity
-from prunetune.importance import CRITERIA
-from prunetune.structure.allocate import SPLITS, achieved_ratio, parse_layers, select_masks
-from prunetune.structure.masks import apply_masks
-from prunetune.structure.units import HEAD_UNITS, Structure
+import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
 
 EVAL_SETS = ("builtin:pydoc@eval", "builtin:stdlib-code@eval")
 RESULTS = Path(__file__).resolve().parent / "results" / "allocation.json"
@@ -44,9 +36,34 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.2,0.5")
     parser.add_argument("--criteria", default="taylor,lora-guided")
     parser.add_argument("--windows", type=int, default=20, help="perplexity windows of 256 tokens per data set")
-    parser.add_argument("--head-units", default=",".join(HEAD_UNITS))
+    parser.add_argument("--head-units", default=None, help="default: every head unit")
     parser.add_argument("--results", default=str(RESULTS))
+    _report.add_options(parser)
     args = parser.parse_args()
+    if args.report:
+        stored = json.loads(Path(args.results).read_text())
+        rows = list(stored["rows"].values())
+        _report.write_page("allocation", [_report.relative(args.results)], [_report.section(
+            "Perplexity after masking, per split rule",
+            _report.provenance([r["command"] for r in rows], [r["machine"] for r in rows], [r["date"] for r in rows],
+                               [r.get("torch") for r in rows]),
+            "Masks only (no training), layers 'paper', uniform allocation; perplexity over the first "
+            + " or ".join(str(w) for w in sorted({r["windows"] for r in rows})) + " windows of 256 tokens of "
+            "each held-out set.", table(stored))], args.out_dir)
+        return
+    run(args)
+
+
+def run(args) -> None:
+    import torch
+
+    from prunetune import load_model
+    from prunetune.data import load_blocks
+    from prunetune.evaluate.perplexity import perplexity
+    from prunetune.importance import CRITERIA
+    from prunetune.structure.allocate import SPLITS, achieved_ratio, parse_layers, select_masks
+    from prunetune.structure.masks import apply_masks
+    from prunetune.structure.units import HEAD_UNITS, Structure
 
     model, tokenizer = load_model(args.model)
     structure = Structure.of(model)
@@ -62,7 +79,7 @@ def main() -> None:
     for criterion in args.criteria.split(","):
         scores = CRITERIA[criterion](model, batches, seed=0)
         for ratio in (float(r) for r in args.ratios.split(",")):
-            for head_unit in args.head_units.split(","):
+            for head_unit in (args.head_units or ",".join(HEAD_UNITS)).split(","):
                 for split in SPLITS:
                     masks = select_masks(structure, scores, ratio, layers, ("heads", "channels"), head_unit, "auto",
                                          "uniform", split)
@@ -84,22 +101,28 @@ def main() -> None:
     path = Path(args.results)
     stored = json.loads(path.read_text()) if path.exists() else {"rows": {}}
     for row in rows:
-        stored["rows"][row_key(row)] = row | {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                                             "windows": args.windows}
+        stored["rows"][row_key(row)] = row | {"machine": _report.machine(), "torch": torch.__version__,
+                                             "date": time.strftime("%Y-%m-%d"), "windows": args.windows,
+                                             "command": _report.invocation("allocation")}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    print(f"\nmasks only (no training), layers 'paper', uniform allocation; perplexity over {args.windows} windows "
+          "of 256 tokens")
+    print(table(stored))
+
+
+def table(stored: dict) -> str:
+    """The dense row first, then the others by criterion, ratio, head unit and split."""
     rows = [stored["rows"]["dense///"]] + [r for k, r in sorted(stored["rows"].items()) if k != "dense///"]
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; masks only (no "
-          f"training), layers 'paper', uniform allocation; perplexity over {args.windows} windows of 256 tokens")
-    print("| criterion | ratio | head unit | split | pruned layer keeps (q / kv heads, channels) | achieved | "
-          "pydoc | stdlib-code |\n|---|---|---|---|---|---|---|---|")
     dense = rows[0]["perplexity"]
-    print(f"| dense | | | | 9 / 3, 1536 | 0 | {dense[EVAL_SETS[0]]:.2f} | {dense[EVAL_SETS[1]]:.2f} |")
+    lines = [["dense", "", "", "", "9 / 3, 1536", 0, f"{dense[EVAL_SETS[0]]:.2f}", f"{dense[EVAL_SETS[1]]:.2f}"]]
     for r in rows[1:]:
         shape = r["layer_shape"]
-        print(f"| {r['criterion']} | {r['ratio']:.0%} | {r['head_unit']} | {r['split']} | {shape['q_heads']} / "
-              f"{shape['kv_heads']}, {shape['channels']} | {r['ratio_achieved']:.3f} | "
-              f"{r['perplexity'][EVAL_SETS[0]]:.2f} | {r['perplexity'][EVAL_SETS[1]]:.2f} |")
+        lines.append([r["criterion"], f"{r['ratio']:.0%}", r["head_unit"], r["split"],
+                      f"{shape['q_heads']} / {shape['kv_heads']}, {shape['channels']}", f"{r['ratio_achieved']:.3f}",
+                      f"{r['perplexity'][EVAL_SETS[0]]:.2f}", f"{r['perplexity'][EVAL_SETS[1]]:.2f}"])
+    return _report.table(["criterion", "ratio", "head unit", "split", "pruned layer keeps (q / kv heads, channels)",
+                          "achieved", "pydoc", "stdlib-code"], lines)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ adapter and the full-model baseline, and compares those two (about 1 h on 2 CPU 
 alignment at a lower learning rate, with fewer steps, and on text mixed from both domains; each cell
 is the recovered adapter on the full model, evaluated as the 50% row is, and goes to
 benchmarks/results/loram_cells.json as soon as it ends (finished cells are skipped next time).
-`--only CELL ...` splits the cells between workers; `--cells-report` prints the README's table of them.
+`--only CELL ...` splits the cells between workers; `--report` writes the README's table of them to
+docs/results/loram.md, from the results file alone (the 50% rows and the two references, from the `loram
+run` of the first part, are kept in it too).
 
 `--memory-only N` trains each adapter for N steps only, on the (unaligned) pruned model, to read the
 three training peaks quickly: the peak comes in the first steps and does not depend on alignment.
@@ -31,9 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
 
 COMMON = ["--batch-size", "4", "--seq-len", "256", "--gradient-checkpointing"]
 
@@ -166,6 +172,8 @@ def mixed_data(out: Path) -> Path:
 def run_cell(args, ratio: float, alignment: str) -> dict:
     """Prune at `ratio` (shared by the ratio's cells), align as `alignment` says, train the adapter on
     stdlib-code, recover it onto the full model and evaluate there."""
+    import torch
+
     base = args.out / f"cells-{ratio}"
     pruned = base / "pruned"
     if not (pruned / "prunetune.json").exists():
@@ -191,7 +199,9 @@ def run_cell(args, ratio: float, alignment: str) -> dict:
     return evaluate("smollm2-135m", full, args.max_windows) | {
         "ratio": ratio, "alignment": alignment, "alignment_settings": how,
         "reduction_ratio": record["parameters"]["reduction_ratio"],
-        "peak_memory_bytes": record["training"]["peak_memory_bytes"], "train_seconds": record["training"]["seconds"]}
+        "peak_memory_bytes": record["training"]["peak_memory_bytes"], "train_seconds": record["training"]["seconds"],
+        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"}
 
 
 def cells(args) -> None:
@@ -219,40 +229,54 @@ def cells(args) -> None:
         print(f"{key}: in-domain {cell['in_domain']:.3f}, out-of-domain {cell['out_of_domain']:.3f}", flush=True)
 
 
-# The 50% row and its two references, from the `loram run` of 2026-11-22 (the README's first LoRAM table):
-# the --cells table puts each cell's share of the baseline's gain beside them.
-REFERENCE = {"untouched": (11.54, 12.57), "baseline": (9.42, 10.69),
-             "0.5/aligned": (11.32, 13.75, 1.50), "0.5/unaligned": (10.96, 12.33, 1.50)}
-
-
-def cells_report(results_path: Path) -> None:
+def cells_report(saved: dict) -> str:
     """The README's table of the cells: each ratio and alignment, its perplexities on the full model and
-    the share of the baseline's in-domain gain (untouched 11.54 -> baseline 9.42) it keeps."""
-    saved = json.loads(results_path.read_text()) if results_path.exists() else {"cells": {}}
+    the share of the baseline's in-domain gain (untouched -> baseline) it keeps. The 50% rows and the two
+    references come from the `loram run` of the first part, kept in the results file's "references"."""
     results, align_steps = saved["cells"], saved.get("settings", {}).get("align_steps", 100)
-    (untouched, untouched_out), (baseline, baseline_out) = REFERENCE["untouched"], REFERENCE["baseline"]
-    rows = {key: (c["in_domain"], c["out_of_domain"], c["reduction_ratio"]) for key, c in results.items()}
-    rows |= {key: REFERENCE[key] for key in ("0.5/aligned", "0.5/unaligned")}
-    print("| ratio | alignment before training | reduction | in-domain ppl (stdlib-code) | "
-          "out-of-domain ppl (pydoc) | share of baseline gain |")
-    print("|---|---|---|---|---|---|")
-    print(f"| – | full model, untouched | 1.00x | {untouched:.2f} | {untouched_out:.2f} | 0% |")
+    references = saved["references"]
+    untouched, baseline = references["untouched"], references["baseline"]
+    rows = dict(results) | {key: references[key] for key in ("0.5/aligned", "0.5/unaligned")}
+
     def order(key: str) -> tuple:  # by ratio; the 50% row's alignment first, no alignment last
         ratio, alignment = key.split("/")
         return float(ratio), alignment != "aligned", alignment == "unaligned", alignment
 
+    lines = [["–", "full model, untouched", "1.00x", f"{untouched['in_domain']:.2f}",
+              f"{untouched['out_of_domain']:.2f}", "0%"]]
     for key in sorted(rows, key=order):
         ratio, alignment = key.split("/")
-        inside, outside, reduction = rows[key]
-        share = (untouched - inside) / (untouched - baseline)
+        row = rows[key]
+        share = (untouched["in_domain"] - row["in_domain"]) / (untouched["in_domain"] - baseline["in_domain"])
         how = ALIGNMENTS.get(alignment)
         described = "none" if how is None else (f"{how['steps'] or align_steps} steps at lr {how['lr']} on "
                                                 + ("both domains" if how["data"] == "MIXED" else "pydoc"))
-        print(f"| {float(ratio):.0%} | {described} | {reduction:.2f}x | {inside:.2f} | {outside:.2f} | {share:.0%} |")
-    print(f"| – | full model + LoRA trained on it (baseline) | 1.00x | {baseline:.2f} | {baseline_out:.2f} | 100% |")
+        lines.append([f"{float(ratio):.0%}", described, f"{row['reduction_ratio']:.2f}x", f"{row['in_domain']:.2f}",
+                      f"{row['out_of_domain']:.2f}", f"{share:.0%}"])
+    lines.append(["–", "full model + LoRA trained on it (baseline)", "1.00x", f"{baseline['in_domain']:.2f}",
+                  f"{baseline['out_of_domain']:.2f}", "100%"])
+    text = _report.table(["ratio", "alignment before training", "reduction", "in-domain ppl (stdlib-code)",
+                          "out-of-domain ppl (pydoc)", "share of baseline gain"], lines)
     missing = [f"{r}/{a}" for r, a in CELLS if f"{r}/{a}" not in results]
-    if missing:
-        print(f"\nnot yet run: {', '.join(missing)}")
+    return text + (f"\n\nnot yet run: {', '.join(missing)}" if missing else "")
+
+
+def write_report(results_path: Path, out_dir: Path) -> None:
+    saved = json.loads(results_path.read_text())
+    if "references" not in saved:
+        raise SystemExit(f"{results_path} has no 'references' (the untouched model's and the baseline's perplexities "
+                         "and the 50% rows, from a `loram run`, as in benchmarks/results/loram_cells.json); add them")
+    cells, s = list(saved["cells"].values()), saved["settings"]
+    command = (f"python benchmarks/loram.py --cells --steps {s['steps']} --align-steps {s['align_steps']} "
+               f"--max-windows {s['max_windows']}")
+    _report.write_page("loram", [_report.relative(results_path)], [_report.section(
+        "The recovered adapter on the full model, by ratio and alignment",
+        _report.provenance(command, [c.get("machine") for c in cells], [c.get("date") for c in cells],
+                           [c.get("torch") for c in cells]),
+        f"Taylor `stru` pruning, layers `paper`; the adapter trains {s['steps']} steps on builtin:stdlib-code "
+        f"({' '.join(s['batch'])}), is recovered onto the full model and evaluated there on {s['max_windows']} "
+        "held-out windows of 256 tokens. The share is of the baseline's in-domain gain. The 50% rows and the two "
+        f"references: {saved['references']['source']}.", cells_report(saved))], out_dir)
 
 
 def print_table(rows: dict, baseline: dict, untouched: dict) -> None:
@@ -279,14 +303,14 @@ def main() -> None:
                         help="only the three training peaks, after N steps each")
     parser.add_argument("--cells", action="store_true",
                         help="the 20%% and 35%% cells (with and without alignment, and alignment variants at 35%%)")
-    parser.add_argument("--cells-report", action="store_true", help="print the table of the finished cells")
     parser.add_argument("--only", nargs="+", metavar="CELL",
                         help="with --cells: only these cells (e.g. 0.35/aligned), so two workers can split the table; "
                              "cells of one ratio share its pruned model, so give a ratio's cells to one worker first")
     parser.add_argument("--results", type=Path, default=CELL_RESULTS, help="where --cells keeps finished cells")
+    _report.add_options(parser)
     args = parser.parse_args()
-    if args.cells_report:
-        cells_report(args.results)
+    if args.report:
+        write_report(args.results, args.out_dir)
         return
     if args.cells:
         cells(args)

@@ -11,29 +11,29 @@ LoRAPrune (item 5): one scoring step of vanilla Taylor (weight gradients) agains
 step, and one on an 8-bit base. Targets: at most 45% of Taylor's peak (30% on an 8-bit base).
 
     python benchmarks/memory_claims.py [--json benchmarks/results/memory_claims.json]
+    python benchmarks/memory_claims.py --report    # docs/results/memory_claims.md from the committed results
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import time
 from pathlib import Path
 
-import torch
-
-from prunetune.bench.shapes import shape_config
-from prunetune.plan import PlanSettings, plan_method
-from prunetune.plan.measure import measure_criterion_step, measure_method
+import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "memory_claims.json"
 LORAM_SHAPE = dict(shape="llama2-13b", num_hidden_layers=3, vocab_size=1024)  # 3 of 40 layers
 LORAPRUNE_SHAPE = dict(shape="llama-7b", num_hidden_layers=4, vocab_size=1024)  # 4 of 32 layers
 TARGETS = {"loram": 0.60, "qloram": 0.35, "lora-guided": 0.45, "lora-guided-8bit": 0.30}
+NAMES = {"llama2-13b": "LLaMA-2-13B", "llama-7b": "LLaMA-7B"}
 
 
 def config_of(spec: dict, seq_len: int):
+    from prunetune.bench.shapes import shape_config
+
     spec = dict(spec)
     return shape_config(spec.pop("shape"), seq_len, **spec)
 
@@ -42,11 +42,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--json", default=str(HERE / "results" / "memory_claims.json"))
+    parser.add_argument("--json", default=str(RESULTS))
+    _report.add_options(parser)
     args = parser.parse_args()
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
-              "settings": vars(args) | {"loram_shape": LORAM_SHAPE, "loraprune_shape": LORAPRUNE_SHAPE,
-                                        "dtype": "bfloat16"}}
+    if args.report:
+        return report(json.loads(RESULTS.read_text()), args.out_dir)
+
+    import torch
+
+    from prunetune.plan import PlanSettings, plan_method
+    from prunetune.plan.measure import measure_criterion_step, measure_method
+
+    result = {"command": _report.invocation("memory_claims"), "machine": _report.machine(), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"),
+              "settings": {"batch_size": args.batch_size, "seq_len": args.seq_len, "loram_shape": LORAM_SHAPE,
+                           "loraprune_shape": LORAPRUNE_SHAPE, "dtype": "bfloat16"}}
 
     config = config_of(LORAM_SHAPE, args.seq_len)
     loram = {}
@@ -80,6 +90,43 @@ def main() -> None:
     result["targets"] = TARGETS
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}")
+
+
+def report(results: dict, out_dir: Path) -> None:
+    """The README's table: each claim's measured share beside the plan's and the target."""
+    s, loram, criterion, targets = results["settings"], results["loram"], results["criterion"], results["targets"]
+
+    def shape(spec: dict) -> str:
+        return (f"{NAMES.get(spec['shape'], spec['shape'])}'s layers, {spec['num_hidden_layers']} of them, "
+                f"vocabulary {spec['vocab_size']:,}")
+
+    def measured(part: int, whole: int, share: float) -> str:
+        return f"{part / 2**20:,.0f} / {whole / 2**20:,.0f} MiB = **{share:.1%}**"
+
+    def target(key: str, share: float) -> str:
+        return f"at most {targets[key]:.0%}: {'met' if share <= targets[key] else 'missed'}"
+
+    lora, taylor = loram["lora"]["measured"], criterion["taylor"]["measured"]
+    rows = [
+        ["LoRAM-Stru 50% (every layer) against LoRA, two training steps", shape(s["loram_shape"]),
+         measured(loram["loram"]["measured"], lora, loram["loram"]["measured_vs_lora"]),
+         f"{loram['loram']['planned_vs_lora']:.1%}", target("loram", loram["loram"]["measured_vs_lora"])],
+        ["QLoRAM-Stru 50% (NF4) against LoRA", "the same",
+         measured(loram["qloram"]["measured"], lora, loram["qloram"]["measured_vs_lora"]),
+         f"{loram['qloram']['planned_vs_lora']:.1%}", target("qloram", loram["qloram"]["measured_vs_lora"])],
+        ["a LoRA-guided scoring step against vanilla Taylor's", shape(s["loraprune_shape"]),
+         measured(criterion["lora-guided"]["measured"], taylor, criterion["lora-guided"]["vs_taylor"]), "",
+         target("lora-guided", criterion["lora-guided"]["vs_taylor"])],
+        ["the same on an 8-bit base", "the same",
+         measured(criterion["lora-guided-8bit"]["measured"], taylor, criterion["lora-guided-8bit"]["vs_taylor"]), "",
+         target("lora-guided-8bit", criterion["lora-guided-8bit"]["vs_taylor"])],
+    ]
+    _report.write_page("memory_claims", [_report.relative(RESULTS)], [_report.section(
+        "Measured peaks against the papers' claims",
+        _report.provenance(results["command"], results["machine"], results["date"], results.get("torch")),
+        f"Random weights in {s['dtype']}, peak live tensor memory on the CPU (the stand-in for "
+        f"`torch.cuda.max_memory_allocated`), batch {s['batch_size']} x {s['seq_len']}.",
+        _report.table(["claim", "shape", "measured", "planned", "target"], rows))], out_dir)
 
 
 if __name__ == "__main__":

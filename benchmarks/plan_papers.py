@@ -8,16 +8,20 @@ LoRAM's code (junzhang-zj/LoRAM, loram/2_pruned_low_rank_matrix_training.py) tra
 4-77 of LLaMA-3.1-70B at ratio 0.85. LoRAPrune's configurations are planned at batch 1 x 512.
 
     python benchmarks/plan_papers.py
+    python benchmarks/plan_papers.py --report    # docs/results/plan_papers.md from the committed results
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 from pathlib import Path
 
-from prunetune.plan import PlanSettings, plan_method, resolve_config
+import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "plan_papers.json"
 RUNS = [
     # (label, shape, settings)
     ("LLaMA-2-13B LoRA", "llama2-13b", dict(method="lora", batch_size=4, seq_len=512)),
@@ -34,9 +38,26 @@ RUNS = [
     ("LLaMA-65B LoRAPrune step, 8-bit base", "llama-65b",
      dict(method="loraprune", quant="8bit", batch_size=1, seq_len=512, gradient_checkpointing=True)),
 ]
+# The report's comparisons: a configuration's planned peak as a share of another's, and what the paper says.
+AGAINST = {"LLaMA-2-13B LoRAM-Stru 0.5": "LLaMA-2-13B LoRA", "LLaMA-2-13B QLoRAM-Stru 0.5": "LLaMA-2-13B LoRA",
+           "LLaMA-7B LoRAPrune step": "LLaMA-7B vanilla Taylor scoring",
+           "LLaMA-7B LoRAPrune step, 8-bit base": "LLaMA-7B vanilla Taylor scoring"}
+PAPER = {"LLaMA-3.1-70B QLoRAM-Stru 0.85": "trained on a 20 GB GPU",
+         "LLaMA-7B LoRAPrune step": "52.6% lighter criterion", "LLaMA-7B LoRAPrune step, 8-bit base": "64.2% lighter",
+         "LLaMA-65B LoRAPrune step, 8-bit base": "pruned on one GPU"}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _report.add_options(parser)
+    args = parser.parse_args()
+    if args.report:
+        return report(json.loads(RESULTS.read_text()), args.out_dir)
+
+    import torch
+
+    from prunetune.plan import PlanSettings, plan_method, resolve_config
+
     rows = []
     for label, shape, settings in RUNS:
         plan = plan_method(resolve_config(f"shape:{shape}"), PlanSettings(**settings))
@@ -44,7 +65,28 @@ def main() -> None:
         rows.append({"label": label, "shape": shape, "settings": settings, "peak": plan["peak"],
                      "peak_step": plan["peak_step"], "parts": {k: v for k, v in step.items() if k != "notes"}})
         print(f"{label:50} {plan['peak'] / 2**30:8.2f} GiB ({plan['peak_step']})", flush=True)
-    (HERE / "results" / "plan_papers.json").write_text(json.dumps(rows, indent=1))
+    RESULTS.write_text(json.dumps({"command": _report.invocation("plan_papers"), "machine": _report.machine(),
+                                   "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows},
+                                  indent=1))
+
+
+def report(results: dict, out_dir: Path) -> None:
+    peaks = {r["label"]: r["peak"] for r in results["rows"]}
+    rows = []
+    for r in results["rows"]:
+        s = r["settings"]
+        against = AGAINST.get(r["label"])
+        rows.append([r["label"], s.get("layers", ""), f"{s['batch_size']} x {s['seq_len']}",
+                     "on" if s.get("gradient_checkpointing") else "off", f"{r['peak'] / 2**30:.2f}",
+                     f"{r['peak'] / peaks[against]:.0%} of {against}" if against else "", PAPER.get(r["label"], "")])
+    _report.write_page("plan_papers", [_report.relative(RESULTS)], [_report.section(
+        "Planned peak training memory of the papers' configurations",
+        _report.provenance(results["command"], results["machine"], results["date"], results.get("torch")),
+        "`prunetune plan` on the meta device (no weights), one process, bf16 weights, LoRA r=8 in fp32; the "
+        "planned peak of the step that peaks. Pruned layers are `paper`'s (the first 10% and the last layer kept) "
+        "unless the layers column names them.",
+        _report.table(["configuration", "pruned layers", "batch", "checkpointing", "planned peak GiB", "against",
+                       "the paper"], rows))], out_dir)
 
 
 if __name__ == "__main__":

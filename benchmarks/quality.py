@@ -6,7 +6,9 @@ every method), then one `prunetune eval` of the result on two held-out sets: the
 (builtin:pydoc's held-out tenth) and the other built-in domain (builtin:stdlib-code's held-out
 tenth), because users prune on one corpus and serve on another. Each finished cell is written at
 once to the results file (benchmarks/results/quality.json by default) and skipped on the next run,
-so the table can be completed across sessions; `--report` prints the README's tables from it.
+so the table can be completed across sessions. A cell is a summary (perplexities, parameters, kept
+shape, time, peak memory); the step-by-step history and the kept indices stay in the cell's run
+directory. `--report` writes the tables from the results file to docs/results/quality.md.
 
     python benchmarks/quality.py                    # run the missing cells, in priority order
     python benchmarks/quality.py --only 0.5/loraprune-paper/0   # one cell (ratio/config/seed)
@@ -28,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "quality.json"
@@ -73,6 +77,7 @@ CONFIGS = {
 SEEDED = ("loraprune-distill-early-mix", "taylor", "loraprune-paper")
 ONE_SEED = ("lora-guided", "taylor-distill", "wanda-sp", "magnitude", "loraprune-cost")
 LONG = ("loraprune-distill-early-mix", "taylor")  # 3x the steps at 50%, one seed
+DEFAULT = "loraprune-distill-early-mix"
 EVAL_SETS = {"pydoc": "builtin:pydoc@eval", "stdlib-code": "builtin:stdlib-code@eval"}
 
 
@@ -180,7 +185,7 @@ def run_cell(ratio: float, config: str, seed: int, multiplier: int, args) -> dic
         "perplexity": evaluate(str(out), args, out / "eval.json"),
         "parameters": record["parameters"]["after"]["total"],
         "ratio_achieved": record["parameters"]["ratio_achieved"],
-        "kept": record["kept"],
+        "kept_shape": kept_shape(record["kept"]),
         "train_seconds": training["seconds"],
         "seconds_per_step": training["seconds"] / steps,
         "peak_memory_bytes": training["peak_memory_bytes"],
@@ -191,6 +196,37 @@ def run_cell(ratio: float, config: str, seed: int, multiplier: int, args) -> dic
     }
 
 
+def kept_shape(kept: dict) -> dict:
+    """What a run's `kept` (the index of every kept head and channel, ~270 KB of JSON) comes to: the hidden size
+    and each run of layers that kept the same numbers of heads, key/value heads and MLP channels."""
+    layers: list[dict] = []
+    for entry in kept["layers"]:
+        shape = {"heads": entry["num_heads"], "kv_heads": entry["num_kv_heads"], "channels": entry["num_channels"]}
+        if layers and layers[-1]["shape"] == shape and layers[-1]["last"] == entry["layer"] - 1:
+            layers[-1]["last"] = entry["layer"]
+        else:
+            layers.append({"first": entry["layer"], "last": entry["layer"], "shape": shape})
+    return {"hidden": kept["num_hidden"],
+            "layers": [{"layers": f"{r['first']}-{r['last']}" if r["last"] > r["first"] else str(r["first"]),
+                        **r["shape"]} for r in layers]}
+
+
+def groups(results: dict) -> dict:
+    """The cells by (ratio, config, steps multiplier): the seeds of one row."""
+    rows: dict = {}
+    for key, cell in results["cells"].items():
+        if key != "dense":
+            multiplier = cell["steps"] // results["settings"]["steps"]
+            rows.setdefault((cell["ratio"], cell["config"], multiplier), []).append(cell)
+    return rows
+
+
+def stat(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
 def report(results: dict) -> str:
     cells = results["cells"]
     dense = cells.get("dense")
@@ -198,26 +234,87 @@ def report(results: dict) -> str:
     if dense:
         lines.append("Unpruned: " + ", ".join(f"{name} {v['perplexity']:.2f}" for name, v in dense["perplexity"].items()))
         lines.append("")
-    groups: dict = {}
-    for key, cell in cells.items():
-        if key == "dense":
-            continue
-        multiplier = cell["steps"] // results["settings"]["steps"]
-        groups.setdefault((cell["ratio"], cell["config"], multiplier), []).append(cell)
     lines += ["| ratio | method | steps | seeds | perplexity pydoc (trained domain) | perplexity stdlib-code "
               "(other domain) | parameters | s/step | peak tensor memory MiB |", "|---|---|---|---|---|---|---|---|---|"]
-    for (ratio, config, multiplier), group in sorted(groups.items(), key=lambda g: (-g[0][0], g[0][2], g[0][1])):
-        def stat(values):
-            if len(values) == 1:
-                return f"{values[0]:.2f}"
-            return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    for (ratio, config, multiplier), group in sorted(groups(results).items(),
+                                                     key=lambda g: (-g[0][0], g[0][2], g[0][1])):
         ppl = {name: [c["perplexity"][name]["perplexity"] for c in group] for name in EVAL_SETS}
         lines.append(f"| {ratio:.0%} | {config} | {group[0]['steps']} | {len(group)} | {stat(ppl['pydoc'])} | "
                      f"{stat(ppl['stdlib-code'])} | {group[0]['parameters']:,} | "
                      f"{statistics.mean(c['seconds_per_step'] for c in group):.2f} | "
                      f"{max(c['peak_memory_bytes'] for c in group) / 2**20:.0f} |")
-    lines += ["", "Configurations:"] + [f"- `{name}`: {text}; `{args}`" for name, (text, args) in CONFIGS.items()]
+    lines += ["", "Configurations:", ""] + [f"- `{name}`: {text}; `{args}`" for name, (text, args) in CONFIGS.items()]
     return "\n".join(lines)
+
+
+def targets(results: dict) -> str:
+    """The targets against the default LoRAPrune: at each ratio below Taylor + recovery by more than two
+    standard deviations on both domains, at 50% at least 15% below the paper's recipe, and a distilled
+    step's peak at most 1.1x a plain one's (the cost split without distillation)."""
+    rows_by_key = groups(results)
+
+    def seeds(ratio: float, config: str) -> dict | None:
+        group = rows_by_key.get((ratio, config, 1))
+        if not group or len(group) < 2:
+            return None
+        return {name: [c["perplexity"][name]["perplexity"] for c in group] for name in EVAL_SETS} | {"n": len(group)}
+
+    def both(s: dict, bold: bool = False) -> str:
+        return " / ".join(f"**{stat(s[name])}**" if bold else stat(s[name]) for name in EVAL_SETS)
+
+    rows = []
+    for ratio in (0.5, 0.2):
+        ours, taylor = seeds(ratio, DEFAULT), seeds(ratio, "taylor")
+        if not (ours and taylor):
+            continue
+        counted = f"{ours['n']} seeds each" if ours["n"] == taylor["n"] else f"{ours['n']} and {taylor['n']} seeds"
+        lower = [1 - statistics.mean(ours[n]) / statistics.mean(taylor[n]) for n in EVAL_SETS]
+        margin = [(statistics.mean(taylor[n]) - statistics.mean(ours[n]))
+                  / max(statistics.stdev(taylor[n]), statistics.stdev(ours[n])) for n in EVAL_SETS]
+        rows.append([f"at {ratio:.0%}, the default below Taylor + recovery by more than two standard deviations "
+                     "of either",
+                     f"{both(ours, True)} against {both(taylor)} ({counted}): {lower[0]:.0%} and {lower[1]:.0%} "
+                     f"lower, by {margin[0]:.0f} and {margin[1]:.0f} of the larger standard deviation",
+                     "met" if min(margin) > 2 else "missed"])
+    ours, paper = seeds(0.5, DEFAULT), seeds(0.5, "loraprune-paper")
+    if ours and paper:
+        lower = [1 - statistics.mean(ours[n]) / statistics.mean(paper[n]) for n in EVAL_SETS]
+        rows.append(["at 50%, distilled LoRAPrune at least 15% below the paper's recipe at equal steps",
+                     f"{both(ours)} against {both(paper)} ({paper['n']} seeds): **{lower[0]:.0%} and {lower[1]:.0%} "
+                     "lower**", "met" if min(lower) >= 0.15 else "missed"])
+    distilled, plain = rows_by_key.get((0.5, DEFAULT, 1)), rows_by_key.get((0.5, "loraprune-cost", 1))
+    if distilled and plain:
+        ours, theirs = (max(c["peak_memory_bytes"] for c in g) for g in (distilled, plain))
+        rows.append(["a distilled step's peak memory at most 1.1x a plain one's (the cost split, 50%)",
+                     f"{ours / 2**20:,.0f} against {theirs / 2**20:,.0f} MiB: **{ours / theirs:.3f}x**",
+                     "met" if ours <= 1.1 * theirs else "missed"])
+    return _report.table(["target", "measured", ""], rows) if rows else ""
+
+
+def command(results: dict) -> str:
+    """The command that produced the cells: every cell ran under these settings (the script refuses
+    others), whichever worker or `--only` ran it."""
+    s = results["settings"]
+    ratios = sorted({c["ratio"] for key, c in results["cells"].items() if key != "dense"})
+    return ("python benchmarks/quality.py " + f"--model {s['model']} --ratios {','.join(map(str, ratios))} "
+            f"--steps {s['steps']} --batch-size {s['batch_size']} --seq-len {s['seq_len']} --lr {s['lr']} "
+            f"--data {s['data']} --layers {s['layers']} --eval-seq-len {s['eval_seq_len']} "
+            f"--eval-windows {s['eval_windows']}")
+
+
+def write_report(results: dict, source: Path, out_dir: Path) -> None:
+    cells = list(results["cells"].values())
+    provenance = _report.provenance(command(results), [c["machine"] for c in cells], [c["date"] for c in cells],
+                                    [c.get("torch") for c in cells])
+    sections = [_report.section("Perplexity, parameters, time and memory per method", provenance,
+                                "Mean ± standard deviation over the seeds of each row; s/step is the mean and the "
+                                "peak tensor memory the largest over them. Each cell's date, machine and "
+                                "`prunetune prune` command are in the results file.",
+                                report(results))]
+    if targets(results):
+        sections.append(_report.section(f"The default (`{DEFAULT}`) against the targets", provenance,
+                                        targets(results)))
+    _report.write_page("quality", [_report.relative(source)], sections, out_dir)
 
 
 def main() -> None:
@@ -236,14 +333,14 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
     parser.add_argument("--only", action="append", help="run just this cell (ratio/config/seed[/xN]); repeatable")
     parser.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
-    parser.add_argument("--report", action="store_true", help="print the tables from the results file and stop")
+    _report.add_options(parser)
     args = parser.parse_args()
 
     results = load_results(args.results)
     settings = {k: v for k, v in vars(args).items() if k in ("model", "steps", "batch_size", "seq_len", "lr", "data",
                                                              "layers", "eval_seq_len", "eval_windows")}
     if args.report:
-        print(report(results))
+        write_report(results, args.results, args.out_dir)
         return
     if results.get("settings", settings) != settings:
         raise SystemExit(f"{args.results} holds cells of other settings ({results['settings']}); use another --results")

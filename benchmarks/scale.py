@@ -20,6 +20,7 @@ against the held bytes of the measured runs before it is used.
 
     python benchmarks/scale.py [--shape smollm2-135m] [--steps 20] [--batch-size 1] [--seq-len 128]
                                [--json benchmarks/results/scale.json]
+    python benchmarks/scale.py --report    # docs/results/scale.md from the committed results
 
 Target (issue 16): FSDP's per-process peak for full-parameter training at most 0.6x DDP's on two
 processes.
@@ -30,13 +31,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
+
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
 CONFIGS = ROOT / "configs" / "accelerate"
 MODES = {"one process": None, "DDP": CONFIGS / "ddp.yaml", "FSDP": CONFIGS / "fsdp.yaml"}
 JOBS = ("train", "loraprune")
@@ -134,12 +138,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=1, help="per process of the two; one process runs 2x")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
+    parser.add_argument("--json", default=str(RESULTS))
     parser.add_argument("--worker", choices=JOBS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    _report.add_options(parser)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.shape, args.steps, args.batch_size, args.seq_len, args.out)
+    if args.report:
+        return report(json.loads(RESULTS.read_text()), args.out_dir)
 
     from rich.console import Console
     from rich.table import Table
@@ -202,8 +209,8 @@ def main() -> None:
 
     import torch
 
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
-                         f"{torch.__version__}",
+    result = {"command": _report.invocation("scale"), "machine": _report.machine(), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"),
               "settings": {"shape": args.shape, "steps": args.steps, "batch_per_process": args.batch_size,
                            "seq_len": args.seq_len},
               "runs": runs, "state_formula_checks": checks, "extrapolations": extrapolations,
@@ -211,6 +218,51 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     console.print(f"wrote {args.json}")
+
+
+JOB_NAMES = {"train": "full-parameter `train`", "loraprune": "LoRAPrune 50%"}
+
+
+def report(results: dict, out_dir: Path) -> None:
+    """The measured runs, the state formula against them, and the formula at LLaMA2-7B's size."""
+    s, runs = results["settings"], results["runs"]
+    provenance = _report.provenance(results["command"], results["machine"], results["date"], results.get("torch"))
+    rows = []
+    for run in runs:
+        p = run["processes"]
+        peak = max(p["peak_memory_bytes"])
+        ddp = next(r for r in runs if r["job"] == run["job"] and r["mode"] == "DDP")
+        held = p["state_bytes"][0]
+        name = f"{JOB_NAMES.get(run['job'], run['job'])}, " + (
+            f"one process (batch {run['batch_per_process']})" if run["mode"] == "one process" else run["mode"])
+        rows.append([name, p["count"], f"{peak / MIB:,.0f}",
+                     f"{held['parameters'] / MIB:,.0f} / {held['optimizer'] / MIB:,.0f}",
+                     f"{peak / max(ddp['processes']['peak_memory_bytes']):.2f}", f"{run['seconds']:.0f}"])
+    target = results["target"]
+    measured = _report.section(
+        "Peak memory per process", provenance,
+        f"{s['steps']} steps on a random {s['shape']} in fp32 at a global batch of {2 * s['batch_per_process']} x "
+        f"{s['seq_len']}; peak: {runs[0]['peak_memory_kind']}, the largest over the processes. Target: FSDP's peak "
+        f"for full-parameter training at most {target['fsdp_over_ddp_max']}x DDP's: {target['value']:.2f}, "
+        f"{'met' if target['met'] else 'missed'}.",
+        _report.table(["run", "processes", "peak MiB per process", "held after the run: weights / AdamW state MiB",
+                       "vs DDP", "s"], rows))
+    checks = _report.section(
+        "The state formula against the held bytes", provenance,
+        "Weights and AdamW's two moments held per process after the last full-parameter step, against "
+        "P x (weight + 2 moments) / N.",
+        _report.table(["run", "measured GiB", "formula GiB", "error"],
+                      [[c["mode"], f"{c['measured'] / GIB:.3f}", f"{c['predicted'] / GIB:.3f}", f"{c['error']:+.5%}"]
+                       for c in results["state_formula_checks"]]))
+    extrapolated = _report.section(
+        "Full-parameter AdamW per process, extrapolated (activations not included)", provenance,
+        _report.table(["shape", "dtype", "processes", "DDP state GiB", "FSDP state GiB", "+ gathered units GiB",
+                       "FSDP GiB"],
+                      [[e["shape"], {4: "fp32", 2: "bf16"}[e["bytes_per_value"]], e["processes"],
+                        f"{e['ddp_state_bytes'] / GIB:.1f}", f"{e['fsdp_state_bytes'] / GIB:.1f}",
+                        f"{e['fsdp_gathered_bytes'] / GIB:.1f}", f"{e['fsdp_bytes'] / GIB:.1f}"]
+                       for e in results["extrapolations"]]))
+    _report.write_page("scale", [_report.relative(RESULTS)], [measured, checks, extrapolated], out_dir)
 
 
 if __name__ == "__main__":

