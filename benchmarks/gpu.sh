@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement the README still lacks, in one command, into one JSON file. On one H100 or
+# Every GPU measurement the docs still lack, in one command, into one JSON file. On one H100 or
 # H200 it is sized to end inside 9 minutes (estimated from the CPU runs and the shapes; not yet run
 # on a GPU):
 #   1. the criterion benchmark at LLaMA-7B shape: vanilla Taylor, LoRA-guided, LoRA-guided on an 8-bit

@@ -16,14 +16,14 @@ adapter and the full-model baseline, and compares those two (about 1 h on 2 CPU 
 alignment at a lower learning rate, with fewer steps, and on text mixed from both domains; each cell
 is the recovered adapter on the full model, evaluated as the 50% row is, and goes to
 benchmarks/results/loram_cells.json as soon as it ends (finished cells are skipped next time).
-`--only CELL ...` splits the cells between workers; `--report` writes the README's table of them to
+`--only CELL ...` splits the cells between workers; `--report` writes the table of them to
 docs/results/loram.md, from the results file alone (the 50% rows and the two references, from the `loram
 run` of the first part, are kept in it too).
 
 `--memory-only N` trains each adapter for N steps only, on the (unaligned) pruned model, to read the
 three training peaks quickly: the peak comes in the first steps and does not depend on alignment.
 
-Then it prints the table of the README and checks the targets: the full model with the recovered
+Then it prints the table of docs/methods/loram.md and checks the targets: the full model with the recovered
 adapter gains at least 80% of the baseline's in-domain perplexity improvement, with at most 60% of
 its peak training memory (35% with NF4); without recovery and without alignment the result is worse.
 """
@@ -230,7 +230,7 @@ def cells(args) -> None:
 
 
 def cells_report(saved: dict) -> str:
-    """The README's table of the cells: each ratio and alignment, its perplexities on the full model and
+    """The table of the cells: each ratio and alignment, its perplexities on the full model and
     the share of the baseline's in-domain gain (untouched -> baseline) it keeps. The 50% rows and the two
     references come from the `loram run` of the first part, kept in the results file's "references"."""
     results, align_steps = saved["cells"], saved.get("settings", {}).get("align_steps", 100)

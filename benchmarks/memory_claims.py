@@ -93,7 +93,7 @@ def main() -> None:
 
 
 def report(results: dict, out_dir: Path) -> None:
-    """The README's table: each claim's measured share beside the plan's and the target."""
+    """The table of docs/results/memory_claims.md: each claim's measured share beside the plan's and the target."""
     s, loram, criterion, targets = results["settings"], results["loram"], results["criterion"], results["targets"]
 
     def shape(spec: dict) -> str:

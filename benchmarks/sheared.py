@@ -17,7 +17,7 @@
    warm-up at a smaller batch (2 x 64 tokens, no evaluation), to see whether the official start
    lands within 1% when the Lagrangian has the steps to settle.
 
-It prints the README's tables and checks the targets: the pruned model has exactly the requested
+It prints the tables of docs/methods/sheared.md and checks the targets: the pruned model has exactly the requested
 shape and the masks' expected parameter count is within 1% of the real one; the sheared-and-trained
 model's held-out perplexity is at or below LoRAPrune's; dynamic loading leaves a smaller worst-domain
 gap between validation loss and reference loss than the fixed mixture. Every run directory's

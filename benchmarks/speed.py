@@ -13,7 +13,7 @@ rounding of MLP widths and without it.
      unmerged LoRA on a 20%-pruned model was slower than the merged dense model), and check: every default-rounded model's prefill latency is at most the dense one's;
      at 50% the prefill latency ratio is at most 1.1 x the FLOPs ratio.
 
-On a GPU (the table in the README; about 45 GB of disk for the four bf16 models, 2-3 minutes to
+On a GPU (the table in docs/guides/evaluation.md; about 45 GB of disk for the four bf16 models, 2-3 minutes to
 build and prune, and a few minutes to measure):
 
     python benchmarks/speed.py --json speed-7b.json
