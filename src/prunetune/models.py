@@ -219,14 +219,19 @@ def check_model(spec: str, seq_lens: dict[str, int] | None = None):
     source = resolve_model_spec(spec)
     config = load_config(source)
     check_architecture(config)
+    check_positions(config, seq_lens)
+    check_model_files(source, config)
+    return config
+
+
+def check_positions(config, seq_lens: dict[str, int] | None) -> None:
+    """Every sequence length a command will run at (by flag) fits the model's positions."""
     limit = int(getattr(config, "max_position_embeddings", 0) or 0)
     for flag, seq_len in (seq_lens or {}).items():
         if seq_len < 2:
             raise UserError(f"{flag} must be at least 2, got {seq_len}")
         if limit and seq_len > limit:
             raise UserError(f"{flag} {seq_len} is beyond the model's {limit} positions; use {flag} {limit} or less")
-    check_model_files(source, config)
-    return config
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,8 +131,8 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     distill = settings.distill
     run = Run(command, out, options, evaluation, log=log, model=model_spec,
               seq_lens={"--seq-len": training.seq_len} if calibrates else {},
-              checks=[lambda: _check_before_loading(model_spec, settings, options, trains)])
-    parse_layers(settings.layer_spec, int(run.config.num_hidden_layers))  # still before the model loads
+              checks=[lambda: _check_before_loading(model_spec, settings, options, trains)],
+              config_checks=[lambda config: parse_layers(settings.layer_spec, int(config.num_hidden_layers))])
     model, tokenizer = run.load(model_spec, quant=options.quant, seq_lens=[training.seq_len] if calibrates else [])
     before = Structure.of(model)
     layers = parse_layers(settings.layer_spec, before.num_layers)

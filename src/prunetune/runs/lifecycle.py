@@ -27,7 +27,7 @@ from ..evaluate.perplexity import check_seq_len
 from ..export import GGUF_FILE
 from ..export.hf import save_model
 from ..data import load_examples
-from ..models import check_load_options, check_model, load_model
+from ..models import check_load_options, check_model, check_positions, load_model
 from ..report import check_output_dir, extra_file, provenance, run_directory, write_json, write_report
 from ..structure.units import Structure
 from ..training.loop import make_accelerator, train
@@ -41,12 +41,14 @@ class Run:
 
     def __init__(self, command: str, out: Path, options: RunOptions, evaluation: EvalSettings | None = None, *,
                  model: str | None = None, seq_lens: dict[str, int] | None = None,
-                 checks: Iterable[Callable[[], object]] = (), log: Callable[[str], None] = print,
+                 checks: Iterable[Callable[[], object]] = (),
+                 config_checks: Iterable[Callable[[object], object]] = (), log: Callable[[str], None] = print,
                  accelerate: bool = True):
         """Check everything that can be checked without the weights, in the order a user meets it: the
         method's `checks`, the evaluation, the `model` spec (its config: it exists, its architecture is
-        supported, every length in `seq_lens` fits; kept as `self.config`), the load options and the
-        output; then make the accelerator."""
+        supported, its files are whole; kept as `self.config`), the method's `config_checks` (each given
+        the config: a target shape, the layers to prune), every length in `seq_lens` against the model's
+        positions, the load options and the output; then make the accelerator."""
         self.started = time.perf_counter()
         self.command = command
         self.out = Path(out)
@@ -59,7 +61,11 @@ class Run:
             if evaluation.data:
                 load_examples(evaluation.data, default_split="eval")
                 seq_lens = (seq_lens or {}) | {"--eval-seq-len": evaluation.seq_len}
-        self.config = check_model(model, seq_lens) if model is not None else None
+        self.config = check_model(model) if model is not None else None
+        for check in config_checks:
+            check(self.config)
+        if self.config is not None:
+            check_positions(self.config, seq_lens)
         check_load_options(options.dtype, options.device, options.quant)
         check_output_dir(self.out, options.overwrite)
         refuse_quant_under_fsdp(options.quant)

@@ -224,7 +224,7 @@ def recover(adapter: Path, pruned: Path, full_spec: str, out: Path, *, merge: bo
     from .recover import (merge_into, read_adapter, read_pruned_run, recover_adapter, recover_identity,
                           recover_tensors)
 
-    adapter, pruned = Path(adapter), Path(pruned)
+    adapter, pruned, full_spec = Path(adapter), Path(pruned), str(full_spec)
     carried = _source_fields(pruned)
     structured = carried["loram"].get("structured", True)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable
@@ -108,6 +109,15 @@ def _step_main(connection, function, args: tuple, kwargs: dict) -> None:
     connection.send(None)
 
 
+def _portable(log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` if it can travel to another process (a module's function), else print."""
+    try:
+        pickle.dumps(log)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return print
+    return log
+
+
 def _run_step(name: str, function: Callable, *args, log: Callable[[str], None], **kwargs) -> None:
     """Run one step (a function of pipeline.py) in a fresh process, so that every training's peak memory
     is its own; a failing step's message comes back as this run's error."""
@@ -121,13 +131,16 @@ def _run_step(name: str, function: Callable, *args, log: Callable[[str], None], 
     previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     try:
-        process = context.Process(target=_step_main, args=(send, function, args, kwargs | {"log": log}))
+        process = context.Process(target=_step_main, args=(send, function, args, kwargs | {"log": _portable(log)}))
         process.start()
     finally:
         if previous is None:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
     send.close()
-    message = receive.recv() if receive.poll(None) else None
+    try:
+        message = receive.recv()  # None when it succeeded
+    except EOFError:  # it ended without a word: a crash, whose traceback it printed
+        message = None
     process.join()
     if process.exitcode != 0:
         raise UserError(f"the {name} step failed: {message}" if message

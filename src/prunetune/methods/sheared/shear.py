@@ -141,10 +141,15 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
                             "(use --lora to save memory)")
 
     # every domain's held-out perplexity is measured at the end, at the evaluation's length
-    run = Run("shear", out, options, evaluation, log=log, checks=[check_settings], model=model_spec,
-              seq_lens={"--seq-len": training.seq_len, "--eval-seq-len": evaluation.seq_len})
-    before = source_structure(run.config)
-    target = parse_target(settings.target, before)  # every target error before the model loads
+    before = target = None
+
+    def check_target(config) -> None:  # every target error before the model loads
+        nonlocal before, target
+        before = source_structure(config)
+        target = parse_target(settings.target, before)
+
+    run = Run("shear", out, options, evaluation, log=log, checks=[check_settings], config_checks=[check_target],
+              model=model_spec, seq_lens={"--seq-len": training.seq_len, "--eval-seq-len": evaluation.seq_len})
     model, tokenizer = run.load(model_spec, seq_lens=[training.seq_len, evaluation.seq_len])
     params_before = count_parameters(model)
     goal = target_parameters(target, before)
