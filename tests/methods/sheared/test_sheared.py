@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from test_cli_errors import assert_user_error, no_model_load, run_cli  # noqa: F401 (a fixture)
-from tiny import save_tiny_model_dir, tiny_model
+from helpers import assert_user_error, run_cli
+from tiny import tiny_model
 
 from prunetune.methods.sheared.domains import DomainSampler, parse_domains
 from prunetune.methods.sheared.dynamic_loading import DynamicLoading
@@ -23,13 +23,12 @@ SMALL = ["--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--eval-bl
          "--eval-seq-len", "32"]
 
 
-def test_shear_then_train_end_to_end(tmp_path):
+def test_shear_then_train_end_to_end(model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
     sheared = tmp_path / "sheared"
-    done = run_cli("shear", str(source), "--target", TARGET, "--data", DOMAINS, "--dynamic-loading", "--steps", "6",
-                   *SMALL, "--out", str(sheared), cwd=tmp_path)
+    done = run_cli("shear", str(model_dir), "--target", TARGET, "--data", DOMAINS, "--dynamic-loading", "--steps",
+                   "6", *SMALL, "--out", str(sheared), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     record = json.loads((sheared / "prunetune.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(sheared)  # stock transformers loads the result
@@ -57,12 +56,12 @@ def test_shear_then_train_end_to_end(tmp_path):
     assert (trained / "model.gguf").is_file()
 
 
-def test_shear_with_lora_cuts_the_merged_model(tmp_path):
+def test_shear_with_lora_cuts_the_merged_model(tiny_model_dir, tmp_path):
     from prunetune.methods.sheared.domain_training import DomainSettings
     from prunetune.runs.settings import EvalSettings, RunOptions
     from prunetune.methods.sheared.shear import shear
 
-    source = save_tiny_model_dir(tmp_path / "tiny", "qwen2")  # tied embeddings, q/k/v biases
+    source = tiny_model_dir("qwen2")  # tied embeddings, q/k/v biases
     options = RunOptions(training=TrainSettings(steps=4, batch_size=2, seq_len=32, lr=1e-3), progress=False)
     record = shear(str(source), tmp_path / "out", ShearSettings(target="hidden=64,heads=3,kv-heads=3", lora=True),
                    DomainSettings(data="prose=builtin:pydoc", eval_every=2, eval_blocks=2),
@@ -77,24 +76,22 @@ def test_shear_with_lora_cuts_the_merged_model(tmp_path):
     ("heads=5", "divisible"),
     ("layers=8", "larger"),
 ])
-def test_bad_target_is_one_line_and_leaves_nothing(tmp_path, target, message, no_model_load):
-    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
-    done = run_cli("shear", str(source), "--target", target, "--steps", "2", "--out", str(tmp_path / "out"), cwd=tmp_path)
+def test_bad_target_is_one_line_and_leaves_nothing(model_dir, tmp_path, target, message, no_model_load):
+    done = run_cli("shear", str(model_dir), "--target", target, "--steps", "2", "--out", str(tmp_path / "out"),
+                   cwd=tmp_path)
     assert_user_error(done, message)
     assert not (tmp_path / "out").exists()
 
 
-def test_negative_lambda2_init_is_one_line_and_leaves_nothing(tmp_path, no_model_load):
-    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
-    done = run_cli("shear", str(source), "--target", TARGET, "--lambda2-init", "-1", "--steps", "2",
+def test_negative_lambda2_init_is_one_line_and_leaves_nothing(model_dir, tmp_path, no_model_load):
+    done = run_cli("shear", str(model_dir), "--target", TARGET, "--lambda2-init", "-1", "--steps", "2",
                    "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert_user_error(done, "--lambda2-init")
     assert not (tmp_path / "out").exists()
 
 
-def test_train_without_references_is_one_line(tmp_path, no_model_load):
-    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
-    done = run_cli("train", str(source), "--data", DOMAINS, "--dynamic-loading", "--steps", "2", *SMALL,
+def test_train_without_references_is_one_line(model_dir, tmp_path, no_model_load):
+    done = run_cli("train", str(model_dir), "--data", DOMAINS, "--dynamic-loading", "--steps", "2", *SMALL,
                    "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert_user_error(done, "reference")
     assert not (tmp_path / "out").exists()
