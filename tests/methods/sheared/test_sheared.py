@@ -143,14 +143,24 @@ def test_resumed_shear_ends_where_an_uninterrupted_one_does(tmp_path):
 
 
 def test_shearing_moves_the_masks_towards_the_target():
-    model, masks, _, hooks, sampler, blocks, mask, settings = _shear_setup()
-    settings.steps = 12
+    """layers=3,heads=3,intermediate=32 from 4 layers, 6 heads and 48 channels: the Lagrangian's target
+    warms up linearly from the source's counts to those over the 4 warm-up steps; every mask type's
+    expected count falls step by step and ends less than half as far from its target as it started;
+    the final masks keep exactly the target's counts."""
+    model, masks, _, hooks, sampler, blocks, mask, settings = _shear_setup(steps=12, warmup_steps=4)
     run = train(model, blocks, mask, settings, hooks=hooks, sampler=sampler, progress=False)
-    last = run.history[-1]["masks"]
-    first = run.history[0]["masks"]
-    # every mask type's expected size has moved from 'keep everything' towards its target
-    for kind in ("layer", "intermediate"):
-        assert last[f"expected_{kind}"] < first[f"expected_{kind}"]
+    source, goal = {"layer": 4, "head": 6, "intermediate": 48}, {"layer": 3, "head": 3, "intermediate": 32}
+    for kind in ("layer", "head", "intermediate"):
+        history = [h["masks"] for h in run.history]
+        warmed = [goal[kind] + (source[kind] - goal[kind]) * max(0.0, 1 - step / 4) for step in range(12)]
+        assert [h[f"target_{kind}"] for h in history] == pytest.approx(warmed), kind
+        expected = [h[f"expected_{kind}"] for h in history]
+        assert all(later <= earlier + 1e-6 for earlier, later in zip(expected, expected[1:])), (kind, expected)
+        assert abs(expected[-1] - goal[kind]) < 0.5 * abs(expected[0] - goal[kind]), (kind, expected)
+    final, _ = masks.final()
+    assert int(final.layers.sum()) == goal["layer"]
+    assert all(int(final.heads[i].sum()) == goal["head"] for i in range(4))
+    assert all(int(final.channels[i].sum()) == goal["intermediate"] for i in range(4))
 
 
 def test_a_stiff_lambda2_start_keeps_the_masks_on_the_warming_target():
