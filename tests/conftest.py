@@ -1,7 +1,17 @@
+"""What every test shares: offline settings, the tests' own modules on sys.path, the CLI's model-load
+refusal, and the tiny saved models (built once per test run, read by every file that needs one)."""
+
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny.py
+import pytest
+
+# tiny.py, helpers.py and the *_run.py scripts that tests start in a process of their own.
+sys.path.insert(0, os.path.dirname(__file__))
+pytest.register_assert_rewrite("helpers")  # their asserts explain themselves too
+
+from helpers import REFUSE_ENV, snapshot  # noqa: E402
+from tiny import save_tiny_model_dir  # noqa: E402
 
 # The hub is out of reach in CI; fail fast instead of retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,3 +21,46 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # starts: two workers with two threads each would fight over the two cores.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The tiny Llama at hidden size 128, where NF4's CPU kernels apply (`wide_model_dir`).
+WIDE = dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, intermediate_size=128)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Every `run_cli` of the test fails loudly if it loads a model: a bad input is reported first."""
+    monkeypatch.setenv(REFUSE_ENV, "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """`tiny_model_dir(arch="llama", **overrides)`: `tiny.save_tiny_model_dir`'s model directory (a tiny
+    random model of `tiny.tiny_config(arch, **overrides)` with the real SmolLM2 tokenizer), saved once per
+    test run for each architecture and shape. Tests share it: read it, and copy it before changing it;
+    the end of the run checks that no test wrote into one."""
+    built: dict[tuple, tuple] = {}
+
+    def get(arch: str = "llama", **overrides):
+        key = (arch, repr(sorted(overrides.items())))
+        if key not in built:
+            directory = save_tiny_model_dir(tmp_path_factory.mktemp(f"tiny-{arch}") / "model", arch, **overrides)
+            built[key] = directory, snapshot(directory)
+        return built[key][0]
+
+    yield get
+    for directory, saved in built.values():
+        assert snapshot(directory) == saved, f"a test changed the shared model directory {directory}"
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_model_dir):
+    """The tiny random Llama (hidden 96, 4 layers, 6 heads in 3 key/value groups, 48 MLP channels, 128
+    positions) with the real SmolLM2 tokenizer (vocab 49152)."""
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="session")
+def wide_model_dir(tiny_model_dir):
+    """`model_dir` at hidden 128 with 8 heads in 4 key/value groups and 128 MLP channels, so NF4's CPU
+    kernels apply."""
+    return tiny_model_dir("llama", **WIDE)

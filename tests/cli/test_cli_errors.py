@@ -4,7 +4,6 @@ and refuses to overwrite its output."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -12,92 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny.py, also without conftest.py
-
-from tiny import save_tiny_model_dir  # noqa: E402
-
-TIMEOUT = 120
-REFUSE_ENV = "PRUNETUNE_TEST_REFUSE_MODEL_LOADS"
-
-# The CLI as `python -c` runs it under the `no_model_load` fixture: when prunetune.models is first
-# imported, the function every load_model call ends in (the tokenizer and the weights, after the checks
-# of the spec and the config) is replaced by one that fails with a traceback and exit code 1. The hook
-# waits for that import, so commands that never import torch still do not.
-REFUSING_CLI = """
-import importlib.machinery
-import sys
-
-
-class RefuseModelLoads:
-    def find_spec(self, name, path=None, target=None):
-        if name != "prunetune.models":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-
-            def refuse(source, *args, **kwargs):
-                raise AssertionError(f"{source.describe()} was loaded before the mistake was reported")
-
-            module._load_weights = refuse
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-sys.meta_path.insert(0, RefuseModelLoads())
-sys.argv[0] = "prunetune"
-from prunetune.cli import main
-
-main()
-"""
-
-
-def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               COLUMNS="120")
-    entry = ["-c", REFUSING_CLI] if os.environ.get(REFUSE_ENV) else ["-m", "prunetune.cli"]
-    return subprocess.run([sys.executable, *entry, *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT)
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Every `run_cli` of the test fails loudly if it loads a model: a bad input is reported first."""
-    monkeypatch.setenv(REFUSE_ENV, "1")
-
-
-def assert_user_error(done: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert done.returncode == 2, f"exit {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}"
-    assert "Traceback" not in done.stderr + done.stdout
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1 and done.stderr.endswith("\n"), f"stderr is not one line: {done.stderr!r}"
-    assert lines[0].startswith("error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def assert_no_output(out: Path) -> None:
-    assert not out.exists(), f"{out} was left behind"
-    if out.parent.exists():
-        leftovers = sorted(p.name for p in out.parent.glob(f".{out.name}.partial-*"))
-        assert not leftovers, f"partial output left behind: {leftovers}"
-
-
-def snapshot(directory: Path) -> dict[str, tuple[str, int]]:
-    return {str(p.relative_to(directory)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random Llama with the real SmolLM2 tokenizer (vocab 49152), 128 positions."""
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama") / "model")
+from helpers import TIMEOUT, assert_no_output, assert_user_error, run_cli, snapshot
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import TESTS
 from loraprune_run import run
 from tiny import tiny_model, tokens
 
@@ -18,8 +18,6 @@ from prunetune.structure.allocate import target_counts
 from prunetune.structure.masks import Masks
 from prunetune.structure.units import Structure, decoder_layers, unit_sums
 from prunetune.training.loop import TrainSettings, train
-
-HERE = Path(__file__).parent
 
 
 def _reference(name, W, A, B, gA, gB, s, head_dim, score):
@@ -137,7 +135,7 @@ def test_two_processes_prune_like_one_with_the_same_global_batch(tmp_path, disti
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         str(HERE / "loraprune_run.py"), str(out), "2", *(["distill"] if distill else [])],
+         str(TESTS / "loraprune_run.py"), str(out), "2", *(["distill"] if distill else [])],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads(out.read_text())

@@ -7,14 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from test_cli_errors import assert_user_error, no_model_load, run_cli  # noqa: F401 (a fixture)
-from tiny import save_tiny_model_dir
+from helpers import ROOT, TESTS, assert_user_error, run_cli
 
-HERE = Path(__file__).parent
-FSDP_CONFIG = HERE.parent / "configs" / "accelerate" / "fsdp.yaml"
+FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp.yaml"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
           "--num_processes", "2", "--mixed_precision", "no"]
 
@@ -26,7 +23,7 @@ def _launch(*args: str, processes: int = 2, timeout: int = 300) -> subprocess.Co
 
 def _train_run(tmp_path, name: str, batch_size: int, *extra: str, processes: int = 2) -> dict:
     out = tmp_path / f"{name}.json"
-    done = _launch(str(HERE / "fsdp_train_run.py"), str(out), str(batch_size), *extra, processes=processes)
+    done = _launch(str(TESTS / "fsdp_train_run.py"), str(out), str(batch_size), *extra, processes=processes)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -92,14 +89,13 @@ def test_fsdp_with_checkpointing_and_accumulation_follows_one_process(tmp_path):
         assert two["weights"][name] == pytest.approx(value, abs=1e-4), name
 
 
-def test_fsdp_train_command_saves_a_stock_loadable_model(tmp_path):
+def test_fsdp_train_command_saves_a_stock_loadable_model(model_dir, tmp_path):
     """`accelerate launch --config_file fsdp.yaml -m prunetune.cli train`: the same directory one process
     writes, gathered on the main process."""
     from transformers import AutoModelForCausalLM
 
-    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
     out = tmp_path / "trained"
-    done = _launch("-m", "prunetune.cli", "train", str(source), "--data", "a=builtin:pydoc,b=builtin:stdlib-code",
+    done = _launch("-m", "prunetune.cli", "train", str(model_dir), "--data", "a=builtin:pydoc,b=builtin:stdlib-code",
                    "--fixed-mixture", "--steps", "2", "--batch-size", "1", "--seq-len", "32", "--eval-every", "1",
                    "--eval-blocks", "2", "--no-eval", "--max-windows", "2", "--eval-seq-len", "32", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -118,7 +114,7 @@ def test_fsdp_loraprune_scores_and_keeps_like_one_process(tmp_path, distill):
 
     _, _, structure, masks, pruner, _ = run(batch_size=4, distill=distill)
     out = tmp_path / "two.json"
-    done = _launch(str(HERE / "loraprune_run.py"), str(out), "2", *(["distill"] if distill else []))
+    done = _launch(str(TESTS / "loraprune_run.py"), str(out), "2", *(["distill"] if distill else []))
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads(out.read_text())
     assert two["distributed"] == "DistributedType.FSDP"
@@ -137,7 +133,7 @@ def test_fsdp_one_shot_criteria_score_their_shards_like_one_process(tmp_path):
     from prunetune.importance import CRITERIA
 
     out = tmp_path / "scores.json"
-    done = _launch(str(HERE / "sharded_scores_run.py"), str(out))
+    done = _launch(str(TESTS / "sharded_scores_run.py"), str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads(out.read_text())
     assert two["distributed"] == "DistributedType.FSDP"
@@ -154,12 +150,11 @@ def test_fsdp_one_shot_criteria_score_their_shards_like_one_process(tmp_path):
 
 @pytest.mark.parametrize("method", [["loraprune", "--steps", "4"], ["taylor", "--recover-steps", "2"]],
                          ids=["loraprune", "taylor-recovered"])
-def test_fsdp_prune_command_saves_the_cut_model(tmp_path, method):
+def test_fsdp_prune_command_saves_the_cut_model(model_dir, tmp_path, method):
     from transformers import AutoModelForCausalLM
 
-    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
     out = tmp_path / "pruned"
-    done = _launch("-m", "prunetune.cli", "prune", str(source), "--method", *method, "--ratio", "0.5",
+    done = _launch("-m", "prunetune.cli", "prune", str(model_dir), "--method", *method, "--ratio", "0.5",
                    "--layers", "all", "--batch-size", "1", "--seq-len", "32", "--no-eval", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((out / "prunetune.json").read_text())
@@ -173,7 +168,7 @@ SHEAR = ["--target", "layers=3,hidden=64,heads=4,kv-heads=2,intermediate=32", "-
          "--eval-every", "2", "--eval-blocks", "2", "--max-windows", "2", "--eval-seq-len", "32", "--no-eval"]
 
 
-def test_fsdp_shear_ends_with_the_masks_and_shape_of_one_process(tmp_path):
+def test_fsdp_shear_ends_with_the_masks_and_shape_of_one_process(model_dir, tmp_path):
     """All weights, the mask logits and the Lagrange multipliers trained under FSDP: the masks stay the same
     in every process, and the cut model the main process saves has the kept units and the exact shape of
     a one-process run with the same global batch."""
@@ -181,11 +176,10 @@ def test_fsdp_shear_ends_with_the_masks_and_shape_of_one_process(tmp_path):
 
     from prunetune.structure.units import Structure
 
-    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
     records = {}
     for name, processes, batch in (("one", 1, "2"), ("two", 2, "1")):
         out = tmp_path / name
-        done = _launch("-m", "prunetune.cli", "shear", str(source), *SHEAR, "--batch-size", batch, "--out", str(out),
+        done = _launch("-m", "prunetune.cli", "shear", str(model_dir), *SHEAR, "--batch-size", batch, "--out", str(out),
                        processes=processes)
         assert done.returncode == 0, done.stderr[-3000:]
         records[name] = json.loads((out / "prunetune.json").read_text())
@@ -201,7 +195,7 @@ def test_fsdp_shear_ends_with_the_masks_and_shape_of_one_process(tmp_path):
     assert {(s.num_heads, s.num_kv_heads, s.intermediate) for s in structure.layers} == {(4, 2, 32)}
 
 
-def test_fsdp_loram_align_keeps_the_zeros_and_train_saves_the_adapter(tmp_path):
+def test_fsdp_loram_align_keeps_the_zeros_and_train_saves_the_adapter(model_dir, tmp_path):
     """LoRAM's two training steps under FSDP: full-parameter alignment of an unstructured prune keeps every
     pruned weight at zero (each process masks its own rows), and the adapter trained on it loads in PEFT."""
     from peft import PeftModel
@@ -209,9 +203,8 @@ def test_fsdp_loram_align_keeps_the_zeros_and_train_saves_the_adapter(tmp_path):
 
     from prunetune.methods.loram.sparsity import sparsity_summary
 
-    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
     pruned, aligned, adapter = tmp_path / "pruned", tmp_path / "aligned", tmp_path / "adapter"
-    done = run_cli("loram", "prune", str(source), "--method", "unst", "--ratio", "0.5", "--out", str(pruned),
+    done = run_cli("loram", "prune", str(model_dir), "--method", "unst", "--ratio", "0.5", "--out", str(pruned),
                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     small = ["--steps", "3", "--batch-size", "1", "--seq-len", "32"]
@@ -228,12 +221,11 @@ def test_fsdp_loram_align_keeps_the_zeros_and_train_saves_the_adapter(tmp_path):
     PeftModel.from_pretrained(model, adapter)
 
 
-@pytest.mark.parametrize("command", [["prune", "{source}", "--method", "taylor", "--recover-steps", "2", "--no-eval"],
-                                     ["loram", "train", "{source}"]], ids=["prune", "loram-train"])
-def test_quantized_bases_refuse_fsdp_before_loading(tmp_path, command, monkeypatch, no_model_load):
+@pytest.mark.parametrize("command", [["prune", "{model}", "--method", "taylor", "--recover-steps", "2", "--no-eval"],
+                                     ["loram", "train", "{model}"]], ids=["prune", "loram-train"])
+def test_quantized_bases_refuse_fsdp_before_loading(model_dir, tmp_path, command, monkeypatch, no_model_load):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
-    done = run_cli(*[str(source) if a == "{source}" else a for a in command], "--quant", "8bit", "--seq-len", "64",
+    done = run_cli(*[str(model_dir) if a == "{model}" else a for a in command], "--quant", "8bit", "--seq-len", "64",
                    "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert_user_error(done, "FSDP")
     assert not (tmp_path / "out").exists()

@@ -4,8 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from test_cli_errors import assert_user_error, run_cli
-from tiny import save_tiny_model_dir
+from helpers import TASKS, assert_user_error, run_cli
 
 from prunetune.structure.scores import SCORES_FILE, load_scores
 from prunetune.runs.settings import EvalSettings, RunOptions
@@ -20,11 +19,9 @@ EVAL = EvalSettings(data="builtin:pydoc", seq_len=32, max_windows=2)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(wide_model_dir, tmp_path_factory):
     """A LoRAPrune run and a one-shot Taylor run with recovery, on a tiny Llama."""
-    root = tmp_path_factory.mktemp("runs")
-    model = save_tiny_model_dir(root / "model", hidden_size=128, num_attention_heads=8, num_key_value_heads=4,
-                                intermediate_size=128)
+    root, model = tmp_path_factory.mktemp("runs"), wide_model_dir
     options = RunOptions(training=TrainSettings(steps=20, batch_size=2, seq_len=32, lr=1e-3), progress=False)
     prune(str(model), root / "lp", PruneSettings(method="loraprune", ratio=0.5, round_to=8), EVAL, options,
           log=lambda _: None)
@@ -197,12 +194,10 @@ def test_report_of_a_record_without_masks_or_training(tmp_path):
 
 def test_eval_of_a_run_directory_is_stored_in_it(runs, tmp_path):
     import shutil
-    from pathlib import Path
 
     run = tmp_path / "taylor"
     shutil.copytree(runs / "taylor", run)
-    tasks = Path(__file__).parent / "tasks"
-    done = run_cli("eval", run, "--tasks", "tiny_task", "--include-path", tasks, "--data", "builtin:pydoc",
+    done = run_cli("eval", run, "--tasks", "tiny_task", "--include-path", TASKS, "--data", "builtin:pydoc",
                    "--seq-len", "32", "--max-windows", "2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     (evaluation,) = read_record(run)["evaluations"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli_errors import assert_user_error, no_model_load, run_cli  # noqa: F401 (a fixture)
+from helpers import assert_user_error, run_cli
 
 from prunetune.bench.shapes import shape_config
 from prunetune.plan import PlanSettings, parse_memory, plan_method

@@ -9,9 +9,8 @@ the lower layer) is kept; the learned masks' final top-k does the same.
 
 from __future__ import annotations
 
-import pytest
 import torch
-from tiny import save_tiny_model_dir, tiny_model
+from tiny import tiny_model
 
 from prunetune.structure.scores import LayerScores
 from prunetune.methods.sheared.continued import ContinueSettings, continue_training
@@ -30,11 +29,6 @@ DOMAINS = "code=builtin:stdlib-code,prose=builtin:pydoc"
 EVAL = EvalSettings(data="builtin:pydoc", seq_len=32, max_windows=2)
 TIMING = {"seconds", "elapsed_seconds", "created", "peak_memory_bytes", "peak_rss_bytes", "peak_memory_kind",
           "teacher_seconds", "teacher_seconds_per_step"}  # wall-clock measurements, not results
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", "llama")
 
 
 def _disturb(seed: int) -> None:

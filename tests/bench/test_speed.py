@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 import torch
-from test_cli_errors import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 from tiny import tiny_config, tiny_model
 
 from prunetune import load_model

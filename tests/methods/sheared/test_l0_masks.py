@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from tiny import ARCHITECTURES, tiny_model, tokens
+from tiny import ARCHITECTURES, NoTokenizer, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 from prunetune.export.hf import save_model
@@ -25,11 +25,6 @@ TARGETS = {
 }
 TARGET_MODEL = dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=32)
-
-
-class _NoTokenizer:
-    def save_pretrained(self, path):
-        pass
 
 
 def _shear(model, unit: str, seed: int = 0) -> tuple[ShearMasks, Target]:
@@ -64,7 +59,7 @@ def test_masked_eval_equals_folded_and_cut_model(arch, unit, tmp_path):
     assert shape.num_layers == target.layers and shape.hidden == target.hidden
     assert set(shape.layers) == {LayerShape(target.heads, target.kv_heads, target.intermediate)}
 
-    save_model(model, _NoTokenizer(), tmp_path)
+    save_model(model, NoTokenizer(), tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.allclose(loaded(x).logits, pruned, atol=1e-5)

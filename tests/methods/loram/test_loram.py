@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli_errors import no_model_load  # noqa: F401 (a fixture)
-from tiny import save_tiny_model_dir
+from helpers import assert_user_error, run_cli
 
 from prunetune import load_model
 from prunetune.training.lora import LoraSettings
@@ -23,15 +22,14 @@ def quiet(_):
 
 
 @pytest.fixture(scope="module")
-def full(tmp_path_factory):
+def full(wide_model_dir):
     """A tiny Llama, hidden 128 so NF4's CPU kernels apply."""
-    return save_tiny_model_dir(tmp_path_factory.mktemp("loram") / "full", hidden_size=128, num_attention_heads=8,
-                               num_key_value_heads=4, intermediate_size=128)
+    return wide_model_dir
 
 
 @pytest.fixture(scope="module")
-def pruned(full):
-    out = full.parent / "pruned"
+def pruned(full, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loram") / "pruned"
     prune_for_loram(str(full), out, LoramPruneSettings(ratio=0.5, seq_len=32, calib_samples=2),
                     RunOptions(progress=False), log=quiet)
     return out
@@ -209,8 +207,6 @@ def test_loram_run_without_alignment_trains_on_the_pruned_model(full, tmp_path):
     (("loram", "recover", "{full}", "--pruned", "{full}", "--full", "{full}", "--out", "x"), "not a prunetune run directory"),
 ])
 def test_loram_mistakes_are_one_line_errors(full, tmp_path, args, fragment, no_model_load):
-    from test_cli_errors import assert_user_error, run_cli
-
     done = run_cli(*(str(a).format(full=full) for a in args), cwd=tmp_path)
     assert_user_error(done, fragment)
     assert not (tmp_path / "x").exists()

@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-from tiny import save_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 from prunetune import load_model
@@ -17,13 +16,6 @@ from prunetune.training.loop import TrainSettings
 EVAL = EvalSettings(data="builtin:pydoc", seq_len=32, max_windows=3)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama (hidden 128, so NF4's CPU kernel applies) with the real SmolLM2 tokenizer."""
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", hidden_size=128, num_attention_heads=8,
-                               num_key_value_heads=4, intermediate_size=128, num_hidden_layers=4)
-
-
 def _options(steps=6, quant=None, **kw):
     return RunOptions(training=TrainSettings(steps=steps, batch_size=2, seq_len=32, lr=1e-3, **kw),
                       quant=quant, progress=False)
@@ -33,9 +25,9 @@ def _settings(method, **kw):
     return PruneSettings(method=method, ratio=0.5, round_to=8, **kw)
 
 
-def test_loraprune_end_to_end(model_dir, tmp_path):
+def test_loraprune_end_to_end(wide_model_dir, tmp_path):
     out = tmp_path / "lp"
-    record = prune(str(model_dir), out, _settings("loraprune"), EVAL,
+    record = prune(str(wide_model_dir), out, _settings("loraprune"), EVAL,
                    _options(steps=10, checkpoint_every=5), log=lambda _: None)
     stored = json.loads((out / "prunetune.json").read_text())
     assert stored["method"] == "loraprune" and stored["settings"]["layers"] == [0, 1, 2]  # 'paper': last layer kept
@@ -50,9 +42,9 @@ def test_loraprune_end_to_end(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["magnitude", "taylor", "wanda-sp", "random", "lora-guided"])
-def test_one_shot_methods_with_recovery_save_stock_checkpoints(method, model_dir, tmp_path):
+def test_one_shot_methods_with_recovery_save_stock_checkpoints(method, wide_model_dir, tmp_path):
     out = tmp_path / method
-    record = prune(str(model_dir), out, _settings(method, recover_steps=3), EVAL, _options(), log=lambda _: None)
+    record = prune(str(wide_model_dir), out, _settings(method, recover_steps=3), EVAL, _options(), log=lambda _: None)
     assert len(record["training"]["history"]) == 3
     loaded = AutoModelForCausalLM.from_pretrained(out)  # every layer pruned alike: stock transformers
     assert count_parameters(loaded)["total"] == record["parameters"]["after"]["total"]
@@ -60,9 +52,9 @@ def test_one_shot_methods_with_recovery_save_stock_checkpoints(method, model_dir
 
 
 @pytest.mark.parametrize("quant", ["8bit", "nf4"])
-def test_loraprune_on_a_quantized_base_saves_a_dense_model(quant, model_dir, tmp_path):
+def test_loraprune_on_a_quantized_base_saves_a_dense_model(quant, wide_model_dir, tmp_path):
     out = tmp_path / quant
-    record = prune(str(model_dir), out, _settings("loraprune"), EVAL, _options(steps=4, quant=quant),
+    record = prune(str(wide_model_dir), out, _settings("loraprune"), EVAL, _options(steps=4, quant=quant),
                    log=lambda _: None)
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
@@ -70,29 +62,30 @@ def test_loraprune_on_a_quantized_base_saves_a_dense_model(quant, model_dir, tmp
     assert count_parameters(model)["total"] == record["parameters"]["after"]["total"]
 
 
-def test_taylor_refuses_a_quantized_base(model_dir, tmp_path):
+def test_taylor_refuses_a_quantized_base(wide_model_dir, tmp_path):
     from prunetune.errors import UserError
 
     with pytest.raises(UserError, match="taylor"):
-        prune(str(model_dir), tmp_path / "t", _settings("taylor"), EVAL, _options(quant="8bit"), log=lambda _: None)
+        prune(str(wide_model_dir), tmp_path / "t", _settings("taylor"), EVAL, _options(quant="8bit"),
+              log=lambda _: None)
     assert not (tmp_path / "t").exists()
 
 
-def test_same_seed_same_result(model_dir, tmp_path):
+def test_same_seed_same_result(wide_model_dir, tmp_path):
     """The adapter's initialisation, the data order and dropout all follow --seed."""
-    records = [prune(str(model_dir), tmp_path / f"run{i}", _settings("loraprune"), EVAL, _options(steps=4),
+    records = [prune(str(wide_model_dir), tmp_path / f"run{i}", _settings("loraprune"), EVAL, _options(steps=4),
                      log=lambda _: None) for i in range(2)]
     assert records[0]["kept"] == records[1]["kept"]
     assert records[0]["results"]["perplexity_after"] == records[1]["results"]["perplexity_after"] | {
         "seconds": records[0]["results"]["perplexity_after"]["seconds"]}
 
 
-def test_killed_run_resumes_to_the_same_model(model_dir, tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_model(wide_model_dir, tmp_path, monkeypatch):
     """A run killed mid-way leaves only its checkpoint; the same command with --resume finishes it."""
     from prunetune.methods.loraprune.pruner import LoRAPruner
 
     options = dict(steps=8, checkpoint_every=3)
-    whole = prune(str(model_dir), tmp_path / "whole", _settings("loraprune"), EVAL, _options(**options),
+    whole = prune(str(wide_model_dir), tmp_path / "whole", _settings("loraprune"), EVAL, _options(**options),
                   log=lambda _: None)
 
     out = tmp_path / "killed"
@@ -105,13 +98,13 @@ def test_killed_run_resumes_to_the_same_model(model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(LoRAPruner, "before_optimizer_step", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        prune(str(model_dir), out, _settings("loraprune"), EVAL, _options(**options), log=lambda _: None)
+        prune(str(wide_model_dir), out, _settings("loraprune"), EVAL, _options(**options), log=lambda _: None)
     assert not out.exists() and checkpoint_dir_for(out).exists()
     monkeypatch.setattr(LoRAPruner, "before_optimizer_step", original)
 
     resumed_options = _options(**options)
     resumed_options.resume = True
-    resumed = prune(str(model_dir), out, _settings("loraprune"), EVAL, resumed_options, log=lambda _: None)
+    resumed = prune(str(wide_model_dir), out, _settings("loraprune"), EVAL, resumed_options, log=lambda _: None)
     assert resumed["training"]["resumed_from_step"] == 3
     assert resumed["kept"] == whole["kept"]
     assert resumed["results"]["perplexity_after"]["perplexity"] == pytest.approx(

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from test_cli_errors import assert_user_error, no_model_load, run_cli  # noqa: F401 (a fixture)
-from tiny import save_tiny_model_dir, tiny_model
+from helpers import assert_user_error, run_cli
+from tiny import tiny_model
 
 from prunetune.methods.sheared.domains import DomainSampler, parse_domains
 from prunetune.methods.sheared.dynamic_loading import DynamicLoading
@@ -23,13 +23,12 @@ SMALL = ["--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--eval-bl
          "--eval-seq-len", "32"]
 
 
-def test_shear_then_train_end_to_end(tmp_path):
+def test_shear_then_train_end_to_end(model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
     sheared = tmp_path / "sheared"
-    done = run_cli("shear", str(source), "--target", TARGET, "--data", DOMAINS, "--dynamic-loading", "--steps", "6",
-                   *SMALL, "--out", str(sheared), cwd=tmp_path)
+    done = run_cli("shear", str(model_dir), "--target", TARGET, "--data", DOMAINS, "--dynamic-loading", "--steps",
+                   "6", *SMALL, "--out", str(sheared), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     record = json.loads((sheared / "prunetune.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(sheared)  # stock transformers loads the result
@@ -57,12 +56,12 @@ def test_shear_then_train_end_to_end(tmp_path):
     assert (trained / "model.gguf").is_file()
 
 
-def test_shear_with_lora_cuts_the_merged_model(tmp_path):
+def test_shear_with_lora_cuts_the_merged_model(tiny_model_dir, tmp_path):
     from prunetune.methods.sheared.domain_training import DomainSettings
     from prunetune.runs.settings import EvalSettings, RunOptions
     from prunetune.methods.sheared.shear import shear
 
-    source = save_tiny_model_dir(tmp_path / "tiny", "qwen2")  # tied embeddings, q/k/v biases
+    source = tiny_model_dir("qwen2")  # tied embeddings, q/k/v biases
     options = RunOptions(training=TrainSettings(steps=4, batch_size=2, seq_len=32, lr=1e-3), progress=False)
     record = shear(str(source), tmp_path / "out", ShearSettings(target="hidden=64,heads=3,kv-heads=3", lora=True),
                    DomainSettings(data="prose=builtin:pydoc", eval_every=2, eval_blocks=2),
@@ -77,24 +76,22 @@ def test_shear_with_lora_cuts_the_merged_model(tmp_path):
     ("heads=5", "divisible"),
     ("layers=8", "larger"),
 ])
-def test_bad_target_is_one_line_and_leaves_nothing(tmp_path, target, message, no_model_load):
-    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
-    done = run_cli("shear", str(source), "--target", target, "--steps", "2", "--out", str(tmp_path / "out"), cwd=tmp_path)
+def test_bad_target_is_one_line_and_leaves_nothing(model_dir, tmp_path, target, message, no_model_load):
+    done = run_cli("shear", str(model_dir), "--target", target, "--steps", "2", "--out", str(tmp_path / "out"),
+                   cwd=tmp_path)
     assert_user_error(done, message)
     assert not (tmp_path / "out").exists()
 
 
-def test_negative_lambda2_init_is_one_line_and_leaves_nothing(tmp_path, no_model_load):
-    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
-    done = run_cli("shear", str(source), "--target", TARGET, "--lambda2-init", "-1", "--steps", "2",
+def test_negative_lambda2_init_is_one_line_and_leaves_nothing(model_dir, tmp_path, no_model_load):
+    done = run_cli("shear", str(model_dir), "--target", TARGET, "--lambda2-init", "-1", "--steps", "2",
                    "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert_user_error(done, "--lambda2-init")
     assert not (tmp_path / "out").exists()
 
 
-def test_train_without_references_is_one_line(tmp_path, no_model_load):
-    source = save_tiny_model_dir(tmp_path / "tiny", "llama")
-    done = run_cli("train", str(source), "--data", DOMAINS, "--dynamic-loading", "--steps", "2", *SMALL,
+def test_train_without_references_is_one_line(model_dir, tmp_path, no_model_load):
+    done = run_cli("train", str(model_dir), "--data", DOMAINS, "--dynamic-loading", "--steps", "2", *SMALL,
                    "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert_user_error(done, "reference")
     assert not (tmp_path / "out").exists()
@@ -146,14 +143,24 @@ def test_resumed_shear_ends_where_an_uninterrupted_one_does(tmp_path):
 
 
 def test_shearing_moves_the_masks_towards_the_target():
-    model, masks, _, hooks, sampler, blocks, mask, settings = _shear_setup()
-    settings.steps = 12
+    """layers=3,heads=3,intermediate=32 from 4 layers, 6 heads and 48 channels: the Lagrangian's target
+    warms up linearly from the source's counts to those over the 4 warm-up steps; every mask type's
+    expected count falls step by step and ends less than half as far from its target as it started;
+    the final masks keep exactly the target's counts."""
+    model, masks, _, hooks, sampler, blocks, mask, settings = _shear_setup(steps=12, warmup_steps=4)
     run = train(model, blocks, mask, settings, hooks=hooks, sampler=sampler, progress=False)
-    last = run.history[-1]["masks"]
-    first = run.history[0]["masks"]
-    # every mask type's expected size has moved from 'keep everything' towards its target
-    for kind in ("layer", "intermediate"):
-        assert last[f"expected_{kind}"] < first[f"expected_{kind}"]
+    source, goal = {"layer": 4, "head": 6, "intermediate": 48}, {"layer": 3, "head": 3, "intermediate": 32}
+    for kind in ("layer", "head", "intermediate"):
+        history = [h["masks"] for h in run.history]
+        warmed = [goal[kind] + (source[kind] - goal[kind]) * max(0.0, 1 - step / 4) for step in range(12)]
+        assert [h[f"target_{kind}"] for h in history] == pytest.approx(warmed), kind
+        expected = [h[f"expected_{kind}"] for h in history]
+        assert all(later <= earlier + 1e-6 for earlier, later in zip(expected, expected[1:])), (kind, expected)
+        assert abs(expected[-1] - goal[kind]) < 0.5 * abs(expected[0] - goal[kind]), (kind, expected)
+    final, _ = masks.final()
+    assert int(final.layers.sum()) == goal["layer"]
+    assert all(int(final.heads[i].sum()) == goal["head"] for i in range(4))
+    assert all(int(final.channels[i].sum()) == goal["intermediate"] for i in range(4))
 
 
 def test_a_stiff_lambda2_start_keeps_the_masks_on_the_warming_target():
