@@ -8,14 +8,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny.py and test_cli_errors.py, also without conftest.py
-
-from test_cli_errors import REFUSE_ENV, assert_no_output, assert_user_error, run_cli  # noqa: E402
+from helpers import REFUSE_ENV, assert_no_output, assert_user_error, run_cli  # noqa: E402
 from tiny import ARCHITECTURES, GGUF_FILE, save_tiny_model_dir, tiny_model  # noqa: E402
 
 from prunetune.errors import UserError  # noqa: E402
