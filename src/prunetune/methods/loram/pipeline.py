@@ -23,7 +23,7 @@ import torch
 
 from ...export.hf import save_model
 from ...data import load_blocks, load_examples
-from ...errors import UserError
+from ...errors import SettingError, UserError
 from ...evaluate.perplexity import check_seq_len, perplexity
 from ...training.lora import LoraSettings, add_lora
 from ...models import check_load_options, check_model, load_model, resolve_model_spec
@@ -34,6 +34,8 @@ from ...structure.units import count_parameters
 from ...training.loop import TrainSettings, make_accelerator, train
 from ...runs.settings import EvalSettings, RunOptions, checkpoint_dir_for
 from ..prune import PruneSettings, prune
+from ...importance import CRITERIA
+from ...structure.allocate import check_ratio
 
 PRUNE_METHODS = ("stru", "rand", "semi", "unst")
 STRUCTURED = {"stru": "taylor", "rand": "random"}  # LoRAM method -> the shared criterion it uses
@@ -55,22 +57,29 @@ class LoramPruneSettings:
 
     def check(self) -> None:
         if self.method not in PRUNE_METHODS:
-            raise UserError(f"unknown --method '{self.method}'; use {', '.join(PRUNE_METHODS)}")
+            raise SettingError("LoramPruneSettings.method", f"unknown LoramPruneSettings.method '{self.method}'; use "
+                               f"{', '.join(PRUNE_METHODS)}")
         if self.method == "rand" and self.criterion not in (None, "random"):
-            raise UserError("--method rand prunes random units; --criterion applies to stru")
-        if self.method in STRUCTURED:  # the shared pipeline's checks (`loram run` runs it in another process)
-            PruneSettings(method=self.criterion or STRUCTURED[self.method], ratio=self.ratio,
-                          calib_samples=self.calib_samples).check()
+            raise SettingError("LoramPruneSettings.criterion", "LoramPruneSettings.method rand prunes random units; "
+                               "LoramPruneSettings.criterion applies to stru")
+        for name, least in (("calib_samples", 1), ("seq_len", 2)):
+            if getattr(self, name) < least:
+                raise SettingError(f"LoramPruneSettings.{name}",
+                                   f"LoramPruneSettings.{name} must be at least {least}, got {getattr(self, name)}")
+        if self.method in STRUCTURED:
+            criterion = self.criterion or STRUCTURED[self.method]
+            if criterion not in CRITERIA:
+                raise SettingError("LoramPruneSettings.criterion", f"unknown LoramPruneSettings.criterion "
+                                   f"'{criterion}' for {self.method}; use {', '.join(CRITERIA)}")
+            check_ratio(self.ratio, "LoramPruneSettings.ratio")
         else:
             from .wanda_unstructured import SPARSE_CRITERIA
             from .sparsity import check_pattern
 
             check_pattern(self.method, self.ratio)
             if (self.criterion or "wanda") not in SPARSE_CRITERIA:
-                raise UserError(f"unknown --criterion '{self.criterion}' for {self.method}; use "
-                                f"{' or '.join(SPARSE_CRITERIA)}")
-        if self.calib_samples < 1 or self.seq_len < 2:
-            raise UserError("--calib-samples must be at least 1 and --seq-len at least 2")
+                raise SettingError("LoramPruneSettings.criterion", f"unknown LoramPruneSettings.criterion "
+                                   f"'{self.criterion}' for {self.method}; use {' or '.join(SPARSE_CRITERIA)}")
 
 
 def _annotate(out: Path, **fields) -> dict:
@@ -139,14 +148,13 @@ class StepOptions:
         """Everything align and train can check before the model loads: the evaluation after training
         included, which would otherwise fail only once the training is done."""
         training.check()
-        if self.max_windows is not None and self.max_windows < 1:
-            raise UserError(f"--max-windows must be at least 1, got {self.max_windows}")
+        EvalSettings(data=None, seq_len=self.eval_seq_len, max_windows=self.max_windows).check()
         check_load_options(self.dtype, self.device, quant)
         load_examples(self.data, default_split="train")
         for spec in self.eval_data:
             load_examples(spec, default_split="eval")
-        check_model(model_spec, {"--seq-len": training.seq_len}
-                    | ({"--eval-seq-len": self.eval_seq_len} if self.eval_data else {}))
+        check_model(model_spec, {"TrainSettings.seq_len": training.seq_len}
+                    | ({"EvalSettings.seq_len": self.eval_seq_len} if self.eval_data else {}))
 
 
 def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,

@@ -33,8 +33,8 @@ def prune_sparse(model_spec: str, out: Path, settings, options, log: Callable[[s
     check_load_options(options.dtype, options.device)
     if criterion == "wanda":
         load_examples(settings.data, default_split="train")
-    config = check_model(model_spec, {"--seq-len": settings.seq_len} if criterion == "wanda" else {})
-    parse_layers(settings.layers or "all", config.num_hidden_layers)
+    config = check_model(model_spec, {"LoramPruneSettings.seq_len": settings.seq_len} if criterion == "wanda" else {})
+    parse_layers(settings.layers or "all", config.num_hidden_layers, "LoramPruneSettings.layers")
     model, tokenizer = load_model(model_spec, dtype=options.dtype, device=options.device)
     layers = parse_layers(settings.layers or "all", len(model.model.layers))
     before = count_parameters(model)

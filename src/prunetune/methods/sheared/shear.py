@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ...export.hf import save_model
-from ...errors import UserError
+from ...errors import SettingError, UserError
 from ...evaluate.perplexity import check_seq_len
 from ...models import check_architecture, load_config, load_model, resolve_model_spec
 from ...report import check_output_dir, provenance, run_directory, write_json, write_report
@@ -51,14 +51,18 @@ class ShearSettings:
 
     def check(self) -> None:
         if not self.target.strip():
-            raise UserError("--target is required, e.g. layers=24,hidden=2048,heads=16,kv-heads=16,intermediate=5504 "
-                            "or the config.json of a smaller model")
-        if self.mask_lr <= 0 or self.lambda_lr <= 0:
-            raise UserError("--mask-lr and --lambda-lr must be positive")
+            raise SettingError("ShearSettings.target", "ShearSettings.target is required, e.g. layers=24,hidden=2048,"
+                               "heads=16,kv-heads=16,intermediate=5504 or the config.json of a smaller model")
+        for name in ("mask_lr", "lambda_lr"):
+            if getattr(self, name) <= 0:
+                raise SettingError(f"ShearSettings.{name}",
+                                   f"ShearSettings.{name} must be positive, got {getattr(self, name)}")
         if self.lambda2_init < 0:
-            raise UserError(f"--lambda2-init must be at least 0 (0 is the official start), got {self.lambda2_init}")
+            raise SettingError("ShearSettings.lambda2_init", "ShearSettings.lambda2_init must be at least 0 (0 is "
+                               f"the official start), got {self.lambda2_init}")
         if not 0 <= self.warmup <= 1:
-            raise UserError(f"--warmup-share is a share of the steps in [0, 1], got {self.warmup}")
+            raise SettingError("ShearSettings.warmup",
+                               f"ShearSettings.warmup is a share of the steps in [0, 1], got {self.warmup}")
 
 
 def source_structure(model_spec: str) -> Structure:
