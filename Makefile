@@ -28,23 +28,34 @@ $(STAMP): pyproject.toml | $(PY)
 # model's inference speed is measured against its source. Then Sheared-LLaMA at demo size: learned
 # masks prune SmolLM2 to a named shape on the two built-in domains with dynamic batch loading, and
 # the result continues training on them.
+# Every command names every setting its numbers depend on, so a change of default cannot change
+# what the demo prints.
 demo: demo-loraprune demo-sheared
 
 DOMAINS := code=builtin:stdlib-code,prose=builtin:pydoc
-SHEARED_DEMO := --data $(DOMAINS) --dynamic-loading --steps 30 --batch-size 2 --seq-len 128 \
-	--gradient-checkpointing --eval-every 5 --eval-blocks 4 --max-windows 20 --overwrite
+DEMO_EVAL := --eval-data builtin:pydoc --eval-seq-len 256
+SHEARED_DEMO := --data $(DOMAINS) --dynamic-loading --eval-every 5 --eval-blocks 4 --eta 1.0 --clamp \
+	--steps 30 --batch-size 2 --grad-accum 1 --seq-len 128 --lr 1e-4 --warmup 0.05 --no-lora --seed 0 \
+	--gradient-checkpointing $(DEMO_EVAL) --max-windows 20 --overwrite
+SHEAR_DEMO := --target layers=24,heads=6,kv-heads=3,intermediate=1024 --mask-lr 1.0 --lambda-lr 1.0 \
+	--lambda2-init 5000 --warmup-share 0.2
+LORAPRUNE_DEMO := --method loraprune --ratio 0.2 --layers paper --units heads,channels --head-unit kv-group \
+	--round-to auto --allocation uniform --split cost --score abs --normalize auto --ema 0.9 --prune-every 10 \
+	--prune-warmup 0.05 --prune-cooldown 0.5 --distill --teacher base --distill-alpha 0.5 --distill-temperature 1.0 \
+	--data builtin:pydoc --steps 100 --batch-size 2 --grad-accum 1 --seq-len 128 --lr 5e-4 --warmup 0.05 \
+	--max-grad-norm 1.0 --lora-r 8 --lora-alpha 16 --lora-dropout 0.05 --lora-dtype float32 --seed 0 \
+	--gradient-checkpointing $(DEMO_EVAL)
 
 demo-sheared: $(STAMP)
-	$(VENV)/bin/prunetune shear smollm2-135m --target layers=24,heads=6,kv-heads=3,intermediate=1024 \
-		$(SHEARED_DEMO) --out runs/demo-sheared
+	$(VENV)/bin/prunetune shear smollm2-135m $(SHEAR_DEMO) $(SHEARED_DEMO) --out runs/demo-sheared
 	$(VENV)/bin/prunetune train runs/demo-sheared $(SHEARED_DEMO) --out runs/demo-sheared-trained
 
 demo-loraprune: $(STAMP)
-	$(VENV)/bin/prunetune prune smollm2-135m --method loraprune --ratio 0.2 --steps 100 \
-		--batch-size 2 --seq-len 128 --gradient-checkpointing --lr 5e-4 \
-		--eval-data builtin:pydoc --eval-seq-len 256 --out runs/demo --overwrite
-	$(VENV)/bin/prunetune eval runs/demo --tasks tiny_task --include-path tests/tasks
-	$(VENV)/bin/prunetune bench smollm2-135m runs/demo --prompt-len 512 --decode-tokens 32 --warmup 1 --repeats 3
+	$(VENV)/bin/prunetune prune smollm2-135m $(LORAPRUNE_DEMO) --out runs/demo --overwrite
+	$(VENV)/bin/prunetune eval runs/demo --tasks tiny_task --include-path tests/tasks --num-fewshot 0 \
+		--average paper --batch-size 1
+	$(VENV)/bin/prunetune bench smollm2-135m runs/demo --prompt-len 512 --decode-tokens 32 --batch-size 1 \
+		--warmup-runs 1 --repeats 3 --seed 0
 
 # Two workers, one file each at a time (module fixtures are built once), one torch thread each.
 # Then the docs site: --strict fails on a broken link, and the CLI reference is generated from the

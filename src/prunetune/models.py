@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import SettingError, UserError
 from .layer_shapes import LAYER_SHAPES_KEY, empty_model
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -202,6 +202,59 @@ def _damaged_gguf(source: ModelSource, exc: Exception) -> UserError:
 def _lfs_pointer_message(file: Path) -> str:
     return (f"{file} is a Git LFS pointer, not the weights (the model was cloned without git-lfs); run "
             f"'git lfs pull' in {file.parent}, or download the model again")
+def gguf_scalars(path: str | os.PathLike) -> dict[str, object] | None:
+    """A GGUF file's scalar metadata (numbers and strings; an array, such as the vocabulary, is skipped
+    and its key maps to None), read from its header in milliseconds. transformers' GGUF config takes seconds, because it parses
+    the whole vocabulary, and a check that needs only the model's sizes should not wait for that.
+    None for a file this reader does not understand (the caller falls back to load_config)."""
+    import mmap
+    import struct
+
+    from gguf import GGUF_MAGIC, GGUFValueType as T
+
+    sizes = {T.UINT8: "B", T.INT8: "b", T.UINT16: "H", T.INT16: "h", T.UINT32: "I", T.INT32: "i",
+             T.FLOAT32: "f", T.BOOL: "?", T.UINT64: "Q", T.INT64: "q", T.FLOAT64: "d"}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            magic, version = struct.unpack_from("<II", buf, 0)
+            if magic != GGUF_MAGIC or version not in (2, 3):
+                return None
+            _, kv_count = struct.unpack_from("<QQ", buf, 8)
+            at = 24
+            result: dict[str, object] = {}
+
+            def string() -> str:
+                nonlocal at
+                (length,) = struct.unpack_from("<Q", buf, at)
+                at += 8 + length
+                return bytes(buf[at - length:at]).decode("utf-8", errors="replace")
+
+            for _ in range(kv_count):
+                key = string()
+                (kind,) = struct.unpack_from("<I", buf, at)
+                at += 4
+                if kind == T.STRING:
+                    result[key] = string()
+                elif kind == T.ARRAY:
+                    element, count = struct.unpack_from("<IQ", buf, at)
+                    at += 12
+                    result[key] = None
+                    if element == T.STRING:
+                        for _ in range(count):
+                            (length,) = struct.unpack_from("<Q", buf, at)
+                            at += 8 + length
+                    elif element in sizes:
+                        at += count * struct.calcsize(sizes[T(element)])
+                    else:  # nested arrays: not in any model header we read
+                        return None
+                elif kind in sizes:
+                    (result[key],) = struct.unpack_from("<" + sizes[T(kind)], buf, at)
+                    at += struct.calcsize(sizes[T(kind)])
+                else:
+                    return None
+            return result
+        except (struct.error, ValueError):
+            return None
 
 
 def check_load_options(dtype: str = "auto", device: str = "auto", quant: str | None = None) -> None:
@@ -215,7 +268,8 @@ def check_model(spec: str, seq_lens: dict[str, int] | None = None):
     """The config of the model `spec` names, read without its weights, so that a missing model, an
     unsupported architecture, a sequence length beyond its positions or damaged model files (see
     `check_model_files`) fail before it loads.
-    `seq_lens`: {"--seq-len": 256, ...}, the lengths the command will run at, by flag."""
+    `seq_lens`: {"TrainSettings.seq_len": 256, ...}, the lengths the run will use, by the setting that
+    holds each (the error names it)."""
     source = resolve_model_spec(spec)
     config = load_config(source)
     check_architecture(config)
@@ -225,13 +279,15 @@ def check_model(spec: str, seq_lens: dict[str, int] | None = None):
 
 
 def check_positions(config, seq_lens: dict[str, int] | None) -> None:
-    """Every sequence length a command will run at (by flag) fits the model's positions."""
+    """Every sequence length a run will use fits the model's positions; `seq_lens` maps the setting that
+    holds each (the error names it) to its value."""
     limit = int(getattr(config, "max_position_embeddings", 0) or 0)
-    for flag, seq_len in (seq_lens or {}).items():
+    for setting, seq_len in (seq_lens or {}).items():
         if seq_len < 2:
-            raise UserError(f"{flag} must be at least 2, got {seq_len}")
+            raise SettingError(setting, f"{setting} must be at least 2, got {seq_len}")
         if limit and seq_len > limit:
-            raise UserError(f"{flag} {seq_len} is beyond the model's {limit} positions; use {flag} {limit} or less")
+            raise SettingError(setting, f"{setting} {seq_len} is beyond the model's {limit} positions; use "
+                               f"{setting} {limit} or less")
 
 
 # ---------------------------------------------------------------------------------------------

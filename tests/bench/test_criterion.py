@@ -94,8 +94,8 @@ def test_taylor_step_takes_weight_gradients_and_lora_guided_does_not(one_thread)
 @pytest.mark.parametrize("bad, fragment", [
     (dict(shape="gpt-5"), "unknown shape 'gpt-5'; available: llama-7b"),
     (dict(variants=("taylor", "nope")), "unknown variant 'nope'"),
-    (dict(repeats=0), "--repeats"),
-    (dict(seq_len=1), "--seq-len"),
+    (dict(repeats=0), "BenchSettings.repeats"),
+    (dict(seq_len=1), "BenchSettings.seq_len"),
 ])
 def test_bench_bad_settings(bad, fragment):
     with pytest.raises(UserError, match=fragment):
@@ -104,7 +104,7 @@ def test_bench_bad_settings(bad, fragment):
 
 def test_cli_bench_in_a_fresh_process(tmp_path):
     out = tmp_path / "bench.json"
-    done = run_cli("bench-criterion", "--shape", "tiny", "--seq-len", "16", "--warmup", "0", "--repeats", "1",
+    done = run_cli("bench-criterion", "--shape", "tiny", "--seq-len", "16", "--warmup-runs", "0", "--repeats", "1",
                    "--variants", "lora-guided", "--json", out, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "lora-guided" in done.stdout and "peak memory" in done.stdout

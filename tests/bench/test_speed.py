@@ -103,8 +103,8 @@ def test_shape_models_in_process_and_prefill_only():
 
 
 def test_cli_bench_pruned_against_dense_with_lora(work):
-    done = run_cli("bench", "dense", "pruned", "--prompt-len", "16", "--decode-tokens", "4", "--warmup", "1",
-                   "--repeats", "2", "--lora", "adapter", "--json", "speed.json", cwd=work)
+    done = run_cli("bench", "dense", "pruned", "--prompt-len", "16", "--decode-tokens", "4", "--warmup-runs", "1",
+                   "--repeats", "2", "--adapter", "adapter", "--json", "speed.json", cwd=work)
     assert done.returncode == 0, done.stderr
     for text in ("prefill ms", "tok/s", "FLOPs", "peak memory", "pruned + LoRA (unmerged)", "pruned + LoRA (merged)",
                  "fresh process", "LoRA not measured on dense"):
@@ -136,10 +136,10 @@ def test_cli_bench_pruned_against_dense_with_lora(work):
 @pytest.mark.parametrize("change, fragment", [
     (dict(models=("./no-such-dir",)), "no such model"),
     (dict(models=("shape:gpt-5",)), "unknown shape 'gpt-5'"),
-    (dict(prompt_len=120, decode_tokens=16), "has 128 positions, fewer than --prompt-len 120 + --decode-tokens 16; "
-                                             "use --prompt-len 112 or less"),
-    (dict(decode_tokens=200), "keep --prompt-len + --decode-tokens at 128 or less"),
-    (dict(repeats=0), "--repeats must be at least 1"),
+    (dict(prompt_len=120, decode_tokens=16), "has 128 positions, fewer than SpeedSettings.prompt_len 120 + "
+                                             "SpeedSettings.decode_tokens 16; use SpeedSettings.prompt_len 112 or less"),
+    (dict(decode_tokens=200), "keep SpeedSettings.prompt_len + SpeedSettings.decode_tokens at 128 or less"),
+    (dict(repeats=0), "SpeedSettings.repeats must be at least 1"),
     (dict(models=()), "at least one model"),
     (dict(lora="dense"), "not a PEFT adapter directory"),
 ])
@@ -161,7 +161,7 @@ def test_plan_adds_lora_rows_only_where_the_adapter_fits(work, monkeypatch):
 
 @pytest.mark.parametrize("args, fragments", [
     (("bench", "dense", "--prompt-len", "200"), ("has 128 positions",)),
-    (("bench", "dense", "--prompt-len", "16", "--decode-tokens", "8", "--lora", "adapter"),
+    (("bench", "dense", "--prompt-len", "16", "--decode-tokens", "8", "--adapter", "adapter"),
      ("fits none of the models", "dense:")),
 ])
 def test_cli_mistakes_are_one_line(work, args, fragments):

@@ -141,7 +141,7 @@ def save_adapter(directory: Path, b_rows: int) -> Path:
     (("--data", "builtin:pydoc,missing.jsonl"), ("no such data file", "missing.jsonl")),
     (("--data", "notes.docx"), ("unknown data source",)),
     (("--data", "builtin:nothing"), ("unknown built-in source",)),
-    (("--lora", "no/adapter"), ("--lora", "no such directory")),
+    (("--adapter", "no/adapter"), ("adapter 'no/adapter'", "no such directory")),
     (("--limit", "5"), ("--tasks",)),
     (("--quant", "4bit"), ("unknown quantization",)),
     (("--dtype", "float8"), ("unknown dtype",)),
@@ -157,7 +157,7 @@ def test_eval_missing_model(work, no_model_load):
 
 def test_eval_adapter_of_other_shapes(config_dir, work, tmp_path, no_model_load):
     adapter = save_adapter(tmp_path / "adapter", b_rows=64)
-    done = run_cli("eval", config_dir, "--lora", adapter, "--seq-len", "32", cwd=work)
+    done = run_cli("eval", config_dir, "--adapter", adapter, "--seq-len", "32", cwd=work)
     assert_user_error(done, "does not fit", "q_proj is 96x96", "64x96")
 
 
@@ -177,7 +177,8 @@ def test_prune_existing_output(model_dir, tmp_path, no_model_load):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    done = run_cli("prune", model_dir, "--ratio", "0.5", "--out", out, "--no-eval", cwd=tmp_path)
+    done = run_cli("prune", model_dir, "--method", "magnitude", "--ratio", "0.5", "--out", out, "--no-eval",
+                   cwd=tmp_path)
     assert_user_error(done, "already exists", "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
@@ -218,14 +219,14 @@ def test_shear_and_train_existing_output(config_dir, tmp_path, no_model_load, co
 
 @pytest.mark.parametrize("args, fragments", [
     (("train", "{model}", "--data", "missing.txt"), ("no such data file",)),
-    (("train", "{model}", "--eval-data", "builtin:pydoc,missing.txt"), ("no such data file", "missing.txt")),
+    (("train", "{model}", "--eval-data", "missing.txt"), ("no such data file", "missing.txt")),
     (("train", "{model}", "--quant", "4bit"), ("unknown --quant",)),
     (("train", "{model}", "--seq-len", "4096"), ("--seq-len 4096",)),
     (("prune", "{model}", "--method", "rand", "--criterion", "taylor"), ("--criterion applies to stru",)),
     (("prune", "{model}", "--method", "unst", "--data", "missing.txt"), ("no such data file",)),
     (("prune", "{model}", "--method", "unst", "--layers", "2-9"), ("layer",)),
     (("run", "{model}", "--method", "semi", "--ratio", "0.3"), ("semi",)),
-    (("run", "{model}", "--criterion", "bogus"), ("unknown method 'bogus'",)),
+    (("run", "{model}", "--criterion", "bogus"), ("unknown --criterion 'bogus'",)),
     (("run", "{model}", "--data", "missing.txt"), ("no such data file",)),
     (("run", "{model}", "--quant", "4bit"), ("unknown --quant",)),
     (("run", "{model}", "--seq-len", "32", "--eval-seq-len", "4096"), ("--eval-seq-len 4096",)),
@@ -242,7 +243,8 @@ def test_loram_mistakes_before_loading(config_dir, work, no_model_load, args, fr
     (("masks-agree", "{model}", "--layers", "2-9"), ("layer",)),
     (("masks-agree", "{model}", "--seq-len", "4096"), ("--seq-len 4096",)),
     (("bench", "{model}", "./no/model", "--prompt-len", "16", "--decode-tokens", "4"), ("no such model",)),
-    (("bench", "{model}", "--lora", "no/adapter", "--prompt-len", "16", "--decode-tokens", "4"), ("--lora",)),
+    (("bench", "{model}", "--adapter", "no/adapter", "--prompt-len", "16", "--decode-tokens", "4"),
+     ("adapter 'no/adapter'",)),
     (("bench", "{model}", "--json", "no/dir/speed.json"), ("no directory",)),
     (("bench-criterion", "--model", "./no/model"), ("no such model",)),
     (("report", "no/run"), ("no/run",)),
@@ -279,8 +281,8 @@ def test_help_and_argument_errors_import_no_torch(args, tmp_path):
 
 def test_prune_then_refuse_to_overwrite(model_dir, tmp_path):
     out = tmp_path / "out"
-    args = ("prune", model_dir, "--ratio", "0.5", "--round-to", "8", "--out", out, "--max-windows", "2",
-            "--eval-seq-len", "32")
+    args = ("prune", model_dir, "--method", "magnitude", "--ratio", "0.5", "--round-to", "8", "--out", out,
+            "--max-windows", "2", "--eval-seq-len", "32")
     done = run_cli(*args, cwd=tmp_path)
     assert done.returncode == 0, f"stdout: {done.stdout}\nstderr: {done.stderr}"
     assert "Traceback" not in done.stderr

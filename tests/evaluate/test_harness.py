@@ -131,7 +131,7 @@ def test_a_local_json_task_as_the_readme_shows(model_dir, tmp_path):
 
 
 def test_zero_b_adapter_scores_exactly_like_the_base_model(model_dir, zero_adapter, cli_record):
-    done = run_cli("eval", model_dir, "--lora", zero_adapter, "--tasks", "tiny_task", "--include-path",
+    done = run_cli("eval", model_dir, "--adapter", zero_adapter, "--tasks", "tiny_task", "--include-path",
                    "tests/tasks", "--data", "builtin:pydoc", "--seq-len", "32", "--max-windows", "2",
                    "--json", zero_adapter.parent / "eval.json", cwd=ROOT)
     assert done.returncode == 0, f"stdout: {done.stdout}\nstderr: {done.stderr}"
@@ -179,9 +179,9 @@ def test_unknown_task(model_dir, tmp_path):
 
 
 def test_missing_adapter_directory(model_dir, tmp_path):
-    done = run_cli("eval", model_dir, "--lora", tmp_path / "nowhere", "--tasks", "tiny_task", "--include-path", TASKS,
+    done = run_cli("eval", model_dir, "--adapter", tmp_path / "nowhere", "--tasks", "tiny_task", "--include-path", TASKS,
                    cwd=tmp_path)
-    assert_user_error(done, "--lora", "no such directory")
+    assert_user_error(done, "adapter", "no such directory")
 
 
 def test_lm_eval_not_installed(model_dir, tmp_path):

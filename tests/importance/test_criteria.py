@@ -186,7 +186,7 @@ def test_random_is_seeded():
 def test_data_criteria_need_batches(criterion):
     model = tiny_model("llama", num_hidden_layers=1)
     for missing in (None, []):
-        with pytest.raises(UserError, match="needs calibration data: pass --data"):
+        with pytest.raises(UserError, match="needs calibration data: set PruneSettings.data"):
             CRITERIA[criterion](model, missing)
 
 

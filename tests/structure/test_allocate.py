@@ -49,7 +49,7 @@ def test_default_rounding_is_128_on_wide_mlps_and_64_on_narrow_ones():
         assert (counts.head_units, counts.channels) == (heads, channels) and channels % 128 == 0
     assert parse_round_to("auto") == "auto" and parse_round_to("64") == 64 and parse_round_to(8) == 8
     for bad in ("0", "-8", "x", "6.4"):
-        with pytest.raises(UserError, match="--round-to"):
+        with pytest.raises(UserError, match="PruneSettings.round_to"):
             parse_round_to(bad)
 
 

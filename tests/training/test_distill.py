@@ -193,8 +193,8 @@ def test_distilled_loraprune_on_a_quantized_base(wide_model_dir, tmp_path, quant
 def test_distill_flags_that_cannot_work_fail_before_loading(tmp_path):
     missing_model = str(tmp_path / "no-model-here")  # loading it would fail differently
     cases = [
-        (_settings(method="magnitude"), "use it with loraprune or with --recover-steps"),
-        (_settings(method="taylor", recover_steps=2), "--teacher tuned is LoRAPrune's"),
+        (_settings(method="magnitude"), "use it with loraprune or with PruneSettings.recover_steps"),
+        (_settings(method="taylor", recover_steps=2), "DistillSettings.teacher tuned is LoRAPrune's"),
     ]
     for settings, message in cases:
         settings.distill.teacher = "tuned" if settings.recover_steps else "base"

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from ..training.loop import enable_checkpointing
 from ..measure import (
     GIB,
@@ -90,14 +90,10 @@ class BenchSettings:
         if bad or not self.variants:
             what = f"unknown variant '{bad[0]}'" if bad else "no variant given"
             raise UserError(f"{what}; available: {', '.join(VARIANTS)}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.seq_len < 2:
-            raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if self.warmup < 0:
-            raise UserError(f"--warmup must be 0 or more, got {self.warmup}")
-        if self.repeats < 1:
-            raise UserError(f"--repeats must be at least 1, got {self.repeats}")
+        for name, least in (("batch_size", 1), ("seq_len", 2), ("warmup", 0), ("repeats", 1)):
+            if getattr(self, name) < least:
+                raise SettingError(f"BenchSettings.{name}",
+                                   f"BenchSettings.{name} must be at least {least}, got {getattr(self, name)}")
         pick_dtype(self.dtype, pick_device(self.device))
 
     @property
@@ -356,8 +352,8 @@ def bench_criterion(settings: BenchSettings, *, isolate: bool | None = None,
         check_architecture(config)
         limit = int(getattr(config, "max_position_embeddings", 0) or 0)
         if limit and settings.seq_len > limit:
-            raise UserError(f"--seq-len {settings.seq_len} is beyond the model's {limit} positions; "
-                            f"use --seq-len {limit} or less")
+            raise SettingError("BenchSettings.seq_len", f"BenchSettings.seq_len {settings.seq_len} is beyond the "
+                               f"model's {limit} positions; use BenchSettings.seq_len {limit} or less")
     else:
         config = shape_config(settings.shape, settings.seq_len)
     if isolate is None:

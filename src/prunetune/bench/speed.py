@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from .flops import prefill_flops
 from ..measure import (
     device_name,
@@ -73,11 +73,11 @@ class SpeedSettings:
 
         if not self.models:
             raise UserError("name at least one model to measure")
-        for name, value, least in (("--prompt-len", self.prompt_len, 1), ("--decode-tokens", self.decode_tokens, 0),
-                                   ("--batch-size", self.batch_size, 1), ("--warmup", self.warmup, 0),
-                                   ("--repeats", self.repeats, 1)):
-            if value < least:
-                raise UserError(f"{name} must be at least {least}, got {value}")
+        for name, least in (("prompt_len", 1), ("decode_tokens", 0), ("batch_size", 1), ("warmup", 0),
+                            ("repeats", 1)):
+            if getattr(self, name) < least:
+                raise SettingError(f"SpeedSettings.{name}",
+                                   f"SpeedSettings.{name} must be at least {least}, got {getattr(self, name)}")
         pick_dtype(self.dtype, pick_device(self.device))
 
 
@@ -184,10 +184,11 @@ def plan(settings: SpeedSettings) -> tuple[list[Job], list[str]]:
         limit = int(getattr(config, "max_position_embeddings", 0) or 0)
         if limit and needed > limit:
             room = limit - settings.decode_tokens
-            advice = (f"use --prompt-len {room} or less" if room >= 1 else
-                      f"keep --prompt-len + --decode-tokens at {limit} or less")
-            raise UserError(f"'{spec}' has {limit} positions, fewer than --prompt-len {settings.prompt_len} + "
-                            f"--decode-tokens {settings.decode_tokens}; {advice}")
+            advice = (f"use SpeedSettings.prompt_len {room} or less" if room >= 1 else
+                      f"keep SpeedSettings.prompt_len + SpeedSettings.decode_tokens at {limit} or less")
+            raise SettingError("SpeedSettings.prompt_len", f"'{spec}' has {limit} positions, fewer than "
+                               f"SpeedSettings.prompt_len {settings.prompt_len} + SpeedSettings.decode_tokens "
+                               f"{settings.decode_tokens}; {advice}")
         jobs.append(Job(spec))
         if modules is not None:
             why = adapter_mismatch(modules, config)

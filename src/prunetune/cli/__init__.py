@@ -3,7 +3,8 @@
 One module per command group: pruning (prune, masks-agree), evaluation (eval, info, bench,
 bench-criterion, report), loram (the `loram` group), sheared (shear, train), exporting (export,
 and the --export option the training commands share) and planning (plan). None of them imports torch at module level,
-so --help and argument errors answer at once.
+so --help and argument errors answer at once. Options several commands share are declared once in
+options.py; flags.py words the core's errors (which name settings, not flags) with the flags.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import typer
 
 from ..errors import UserError
 from . import evaluation, exporting, loram, planning, pruning, sheared
+from .flags import as_flags
 
 app = typer.Typer(
     add_completion=False,
@@ -56,13 +58,14 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
 
 
 def main() -> None:
-    """Entry point: user mistakes become one `error:` line and exit code 2; bugs keep tracebacks."""
+    """Entry point: user mistakes become one `error:` line (settings worded as the flags that set them)
+    and exit code 2; bugs keep tracebacks."""
     _quiet_libraries()
     usage_errors, aborts = _click_exception_types()
     try:
         result = app(standalone_mode=False)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {as_flags(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except aborts:
         print("error: interrupted", file=sys.stderr)

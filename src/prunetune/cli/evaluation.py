@@ -9,15 +9,18 @@ import typer
 from rich.table import Table
 
 from ..errors import UserError
-from .common import DTYPE_HELP, MODEL_HELP, QUANT_HELP, check_json_path, out
+from . import options
+from .common import check_json_path, out
+from .flags import deprecating_command
+from .options import MODEL_HELP
 
 commands = typer.Typer()
 
 
-@commands.command("eval", epilog="Examples:\n\n"
+@commands.command("eval", cls=deprecating_command("eval"), epilog="Examples:\n\n"
              "prunetune eval runs/mag20 --data wikitext2,ptb --seq-len 128 --json ppl.json\n\n"
              "prunetune eval runs/mag20 --tasks piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,boolq\n\n"
-             "prunetune eval runs/mag20 --tasks mmlu --num-fewshot 5 --lora runs/mag20-adapter\n\n"
+             "prunetune eval runs/mag20 --tasks mmlu --num-fewshot 5 --adapter runs/mag20-adapter\n\n"
              "prunetune eval runs/mag20 --tasks my_task --include-path my_tasks/ --limit 100")
 def eval_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
@@ -38,16 +41,15 @@ def eval_command(
     average: str = typer.Option("paper", help="Tasks: the accuracy averaged over tasks: paper (acc_norm for "
                                 "hellaswag, arc_challenge, openbookqa, acc elsewhere: the LLM-Pruner and "
                                 "LoRAPrune tables), acc, or acc_norm (acc where a task has no acc_norm)."),
-    lora: Optional[Path] = typer.Option(None, help="A PEFT adapter directory to evaluate on top of the model, "
-                                        "unmerged."),
+    lora: Optional[Path] = options.adapter("evaluated on top of the model, unmerged."),
     seq_len: int = typer.Option(256, help="Perplexity window length in tokens (128 for LLM-Pruner tables, "
-                                "2048 for most others)."),
-    batch_size: int = typer.Option(1, help="Perplexity windows, or task requests, per forward pass."),
-    max_windows: Optional[int] = typer.Option(None, help="Perplexity: evaluate at most this many windows."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write every result to this JSON file."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    quant: Optional[str] = typer.Option(None, help=QUANT_HELP),
+                                "2048 for most others): what the training commands call --eval-seq-len."),
+    batch_size: int = options.batch_size(1, why="Here: perplexity windows, or task requests, per forward pass."),
+    max_windows: Optional[int] = options.max_windows(),
+    json_path: Optional[Path] = options.json_path("every result"),
+    dtype: str = options.dtype(),
+    device: str = options.device(),
+    quant: Optional[str] = options.quant(),
 ) -> None:
     """Perplexity over non-overlapping windows and zero-/few-shot tasks (lm-evaluation-harness)."""
     import time
@@ -56,6 +58,7 @@ def eval_command(
     from ..evaluate.adapter import adapter_mismatch, adapter_modules, check_adapter_dir, load_adapter
     from ..evaluate.harness import AVERAGES, evaluate_model, parse_list, task_manager
     from ..models import check_load_options, check_model, load_model, resolve_model_spec
+    from ..runs.settings import EvalSettings
     from ..structure.units import count_parameters
 
     task_list = parse_list(tasks)
@@ -63,8 +66,7 @@ def eval_command(
     data_list = [eval_command_spec(d) for d in parse_list(data) or ([] if task_list else ["builtin:pydoc"])]
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if max_windows is not None and max_windows < 1:
-        raise UserError(f"--max-windows must be at least 1, got {max_windows}")
+    EvalSettings(data=None, max_windows=max_windows).check()  # its window length is --seq-len here: below
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     if num_fewshot < 0:
@@ -192,9 +194,9 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
     out.print(table)
 
 
-@commands.command(epilog="Examples:\n\n"
+@commands.command(cls=deprecating_command("bench"), epilog="Examples:\n\n"
              "prunetune bench runs/dense runs/mag20 runs/mag50 --prompt-len 2048 --json speed.json\n\n"
-             "prunetune bench runs/mag20 --lora runs/mag20-lora   (a PEFT adapter saved with save_pretrained)\n\n"
+             "prunetune bench runs/mag20 --adapter runs/mag20-lora   (a PEFT adapter saved with save_pretrained)\n\n"
              "prunetune bench shape:llama-7b --prompt-len 1024 --decode-tokens 64   (random weights, nothing downloaded)\n\n"
              "Benchmark script: python benchmarks/speed.py (LLaMA-7B shape: dense, pruned 20% and 50%)")
 def bench(
@@ -203,15 +205,15 @@ def bench(
                                        "llama-7b, llama-13b, llama3-8b, smollm2-135m, tiny."),
     prompt_len: int = typer.Option(2048, help="Prompt length in tokens (random tokens)."),
     decode_tokens: int = typer.Option(128, help="Tokens generated greedily after the prompt (0: prefill only)."),
-    batch_size: int = typer.Option(1, help="Sequences per run."),
-    warmup: int = typer.Option(2, help="Untimed runs before timing."),
-    repeats: int = typer.Option(5, help="Timed runs; medians are reported."),
-    lora: Optional[Path] = typer.Option(None, "--lora", help="A PEFT adapter directory: every model it fits is "
-                                        "also measured with the adapter unmerged and merged."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    seed: int = typer.Option(0, help="Seed of the random prompt and of shape: models' weights."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
+    batch_size: int = options.batch_size(1, why="Here: sequences per timed run."),
+    warmup_runs: int = options.warmup_runs(),
+    repeats: int = options.repeats(),
+    lora: Optional[Path] = options.adapter("every model it fits is also measured with the adapter unmerged and "
+                                           "merged."),
+    dtype: str = options.dtype(),
+    device: str = options.device(),
+    seed: int = options.seed("the random prompt and shape: models' weights"),
+    json_path: Optional[Path] = options.json_path("the numbers"),
 ) -> None:
     """Inference speed and memory side by side: prefill latency, decode tokens/s, peak memory, prefill FLOPs.
 
@@ -226,7 +228,7 @@ def bench(
 
     check_json_path(json_path)
     settings = SpeedSettings(models=tuple(models), prompt_len=prompt_len, decode_tokens=decode_tokens,
-                             batch_size=batch_size, warmup=warmup, repeats=repeats,
+                             batch_size=batch_size, warmup=warmup_runs, repeats=repeats,
                              lora=str(lora) if lora else None, dtype=dtype, device=device, seed=seed)
     result = bench_speed(settings, log=lambda msg: out.print(f"[dim]{msg}[/dim]"))
     out.print(result_table(result))
@@ -236,22 +238,23 @@ def bench(
         write_json(json_path, provenance("bench", **result.to_dict()))
 
 
-@commands.command("bench-criterion", epilog="Examples:\n\n"
+@commands.command("bench-criterion", cls=deprecating_command("bench-criterion"), epilog="Examples:\n\n"
              "prunetune bench-criterion --shape llama-7b --seq-len 1024 --json criterion-7b.json\n\n"
              "prunetune bench-criterion --shape smollm2-135m --seq-len 256 --gradient-checkpointing")
 def bench_criterion_command(
     shape: str = typer.Option("llama-7b", help="Randomly initialised model of a named shape: llama-7b, llama-13b, "
                               "llama3-8b, smollm2-135m, tiny (no weights downloaded)."),
     model: Optional[str] = typer.Option(None, help="Measure this real model instead of --shape. " + MODEL_HELP),
-    batch_size: int = typer.Option(1, help="Sequences per step."),
-    seq_len: int = typer.Option(1024, help="Tokens per sequence (random tokens)."),
-    warmup: int = typer.Option(2, help="Untimed steps before timing."),
-    repeats: int = typer.Option(5, help="Timed steps; the median is reported."),
+    batch_size: int = options.batch_size(1, why="Here: sequences per scoring step."),
+    seq_len: int = options.seq_len(1024, why="Here: random tokens per sequence; 1024, a long-context scoring "
+                                   "step, where the criteria's costs differ most."),
+    warmup_runs: int = options.warmup_runs("steps"),
+    repeats: int = options.repeats("steps"),
     variants: str = typer.Option("taylor,lora-guided,lora-guided-8bit", help="Which variants to run (comma-separated)."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    gradient_checkpointing: bool = typer.Option(False, help="Enable gradient checkpointing for every variant."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
+    dtype: str = options.dtype(),
+    device: str = options.device(),
+    gradient_checkpointing: bool = options.gradient_checkpointing(),
+    json_path: Optional[Path] = options.json_path("the numbers"),
 ) -> None:
     """The cost of one scoring step: vanilla Taylor, LoRA-guided, LoRA-guided on an 8-bit base.
 
@@ -261,7 +264,7 @@ def bench_criterion_command(
     from ..report import provenance, write_json
 
     check_json_path(json_path)
-    settings = BenchSettings(shape=shape, model=model, batch_size=batch_size, seq_len=seq_len, warmup=warmup,
+    settings = BenchSettings(shape=shape, model=model, batch_size=batch_size, seq_len=seq_len, warmup=warmup_runs,
                              repeats=repeats, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing,
                              variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
     result = bench_criterion(settings, log=lambda msg: out.print(f"[dim]{msg}[/dim]"))
@@ -279,7 +282,7 @@ def report_command(
     run_dirs: list[Path] = typer.Argument(..., help="Run directories (each with a prunetune.json)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the comparison of several runs goes "
                                            "(report.md and comparison.png)."),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    overwrite: bool = options.overwrite(),
 ) -> None:
     """Redraw a run's report, or compare several runs side by side in one table and one figure."""
     from ..report import compare_runs, read_record, run_directory, write_report

@@ -11,6 +11,7 @@ import typer
 
 from ..errors import UserError
 from ..export import GGUF_FILE, GGUF_OUTTYPES
+from . import options
 from .common import log, out
 
 commands = typer.Typer()
@@ -61,7 +62,7 @@ def export_command(
                                            "written beside and renamed when complete.")],
     fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama) or hf (transformers, vLLM).")] = "gguf",
     outtype: Annotated[str, typer.Option(help="Weight type: gguf: f32, f16 or q8_0; hf: f32, f16 or bf16.")] = "f32",
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    overwrite: bool = options.overwrite(),
 ) -> None:
     """Write a model in the form a serving engine loads."""
     if fmt == "gguf":

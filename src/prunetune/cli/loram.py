@@ -8,8 +8,22 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from .common import DTYPE_HELP, MODEL_HELP, log, out, training_options
+from . import options
+from .common import log, out
 from .exporting import ExportOption, check_export_shape, parse_export
+from .flags import warn
+from .options import MODEL_HELP
+
+# What LoRAM's defaults rest on, from the README's LoRAM benchmark on SmolLM2-135M.
+RATIO_WHY = ("0.5, the README's LoRAM benchmark: on SmolLM2-135M the adapter recovered from 50% kept 27% of a "
+             "full-model LoRA's gain, from 20% 88%; the paper's 7-70B models lose less to pruning.")
+LAYERS_WHY = "Default: paper for stru and rand (LLM-Pruner's choice), all for semi and unst (as Wanda)."
+ALIGN_LR = 2e-5
+ALIGN_LR_WHY = ("2e-5: full-parameter training wants a small one (on SmolLM2-135M, README, alignment at 1e-4 "
+                "hurt the adapter's transfer and 1e-5 less).")
+EVAL_DATA_WHY = ("Default: none, no evaluation after the step (`loram run` evaluates the recovered adapter on the "
+                 "full model itself).")
+CRITERION_HELP = "stru: taylor (default), magnitude or wanda-sp; semi/unst: wanda (default) or magnitude."
 
 commands = typer.Typer(no_args_is_help=True, help="LoRAM: train a LoRA on a pruned (optionally NF4) model, "
                         "recover it to the full model's shapes, serve it on the full model.")
@@ -18,22 +32,20 @@ commands = typer.Typer(no_args_is_help=True, help="LoRAM: train a LoRA on a prun
 @commands.command("prune", epilog="Example: prunetune loram prune smollm2-135m --ratio 0.5 --method stru --out runs/loram/pruned")
 def loram_prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    out_dir: Path = typer.Option(..., "--out", help="Output directory for the pruned model."),
-    ratio: float = typer.Option(0.5, help="stru/rand: fraction of the prunable parameters removed; unst: fraction "
-                                "of each row's weights zeroed; semi is 2:4 (0.5)."),
+    out_dir: Path = options.out("Output directory for the pruned model."),
+    ratio: float = options.ratio(0.5, "unst: the fraction of each row's weights zeroed instead; semi is 2:4 "
+                                 "(0.5). Default " + RATIO_WHY),
     method: str = typer.Option("stru", help="stru (structured, Taylor by default), rand (random units), semi (2:4) "
                                "or unst (unstructured)."),
-    criterion: Optional[str] = typer.Option(None, help="stru: taylor (default), magnitude, wanda-sp; "
-                                            "semi/unst: wanda (default) or magnitude."),
-    layers: Optional[str] = typer.Option(None, help="Layers to prune: paper (all but the first 10% and the last; "
-                                         "default for stru/rand), all (default for semi/unst), or e.g. '3-27'."),
+    criterion: Optional[str] = typer.Option(None, help=CRITERION_HELP),
+    layers: Optional[str] = options.layers(why=LAYERS_WHY),
     data: str = typer.Option("builtin:pydoc", help="Calibration data."),
-    calib_samples: int = typer.Option(10, help="Calibration sequences."),
-    seq_len: int = typer.Option(128, help="Calibration sequence length."),
-    seed: int = typer.Option(0, help="Seed (rand)."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    calib_samples: int = options.calib_samples(),
+    seq_len: int = options.seq_len(128, why="128 here: calibration sequences, as LLM-Pruner's."),
+    seed: int = options.seed("rand's units"),
+    dtype: str = options.dtype(),
+    device: str = options.device(),
+    overwrite: bool = options.overwrite(),
 ) -> None:
     """Prune the model LoRAM will train on and print its parameter reduction ratio."""
     from ..methods.loram.pipeline import LoramPruneSettings, prune_for_loram
@@ -51,30 +63,33 @@ def loram_prune(
 @commands.command("align", epilog="Example: prunetune loram align runs/loram/pruned --data builtin:pydoc --steps 100 --out runs/loram/aligned")
 def loram_align(
     pruned: Path = typer.Argument(..., help="A directory from `prunetune loram prune`."),
-    out_dir: Path = typer.Option(..., "--out", help="Output directory for the aligned pruned model."),
+    out_dir: Path = options.out("Output directory for the aligned pruned model."),
     data: str = typer.Option("builtin:pydoc", help="General corpus for the alignment (its train split)."),
-    steps: int = typer.Option(100, help="Optimizer steps."),
-    batch_size: int = typer.Option(4, help="Sequences per micro-batch."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per step."),
-    seq_len: int = typer.Option(256, help="Tokens per sequence."),
-    lr: float = typer.Option(2e-5, help="Peak learning rate (full-parameter training wants a small one)."),
-    eval_data: str = typer.Option("", help="Comma-separated held-out perplexity data after aligning (none: skip)."),
-    eval_seq_len: int = typer.Option(256, help="Perplexity window length."),
-    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows per data set."),
-    gradient_checkpointing: bool = typer.Option(False, help="Trade compute for activation memory."),
-    checkpoint_every: int = typer.Option(0, help="Resumable checkpoint every N steps (0: never)."),
-    resume: bool = typer.Option(False, help="Continue a killed run (same command)."),
-    seed: int = typer.Option(0, help="Seed of the data order."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    steps: int = options.steps(),
+    batch_size: int = options.batch_size(),
+    grad_accum: int = options.grad_accum(),
+    seq_len: int = options.seq_len(),
+    lr: float = options.lr(ALIGN_LR, ALIGN_LR_WHY),
+    warmup: float = options.warmup(),
+    eval_data: Optional[str] = options.eval_data(None, EVAL_DATA_WHY),
+    eval_seq_len: int = options.eval_seq_len(),
+    max_windows: Optional[int] = options.max_windows(),
+    gradient_checkpointing: bool = options.gradient_checkpointing(),
+    checkpoint_every: int = options.checkpoint_every(),
+    resume: bool = options.resume(),
+    seed: int = options.seed("data order"),
+    dtype: str = options.dtype(),
+    device: str = options.device(),
+    overwrite: bool = options.overwrite(),
 ) -> None:
     """Full-parameter next-token training of the pruned model, once, before any LoRA training."""
     from ..methods.loram.pipeline import StepOptions, align
+    from ..training.loop import TrainSettings
 
-    training = training_options(steps, batch_size, grad_accum, seq_len, lr, gradient_checkpointing,
-                                 checkpoint_every, seed)
-    step = StepOptions(data=data, eval_data=[d for d in eval_data.split(",") if d.strip()], eval_seq_len=eval_seq_len,
+    training = TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
+                             warmup=warmup, gradient_checkpointing=gradient_checkpointing,
+                             checkpoint_every=checkpoint_every, seed=seed)
+    step = StepOptions(data=data, eval_data=_eval_specs(eval_data), eval_seq_len=eval_seq_len,
                        max_windows=max_windows, dtype=dtype, device=device, overwrite=overwrite, resume=resume)
     record = align(pruned, out_dir, training, step, log=log)
     if record:  # under FSDP only the main process has one
@@ -84,38 +99,42 @@ def loram_align(
 @commands.command("train", epilog="Example: prunetune loram train runs/loram/aligned --data builtin:stdlib-code --steps 200 --quant nf4 --out runs/loram/adapter")
 def loram_train(
     model: str = typer.Argument(..., help="The (aligned) pruned model; or any model, e.g. the full one for a baseline."),
-    out_dir: Path = typer.Option(..., "--out", help="Output directory for the PEFT adapter."),
+    out_dir: Path = options.out("Output directory for the PEFT adapter."),
     data: str = typer.Option("builtin:pydoc", help="Training data (instruction data: loss on responses only)."),
-    steps: int = typer.Option(100, help="Optimizer steps."),
-    quant: Optional[str] = typer.Option(None, help="nf4 (QLoRAM: NF4 with double quantization) or 8bit."),
-    batch_size: int = typer.Option(4, help="Sequences per micro-batch."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per step."),
-    seq_len: int = typer.Option(256, help="Tokens per sequence."),
-    lr: float = typer.Option(2e-4, help="Peak learning rate."),
-    lora_r: int = typer.Option(8, help="LoRA rank."),
-    lora_alpha: int = typer.Option(16, help="LoRA alpha."),
-    lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
-    eval_data: str = typer.Option("", help="Comma-separated held-out perplexity data after training (none: skip)."),
-    eval_seq_len: int = typer.Option(256, help="Perplexity window length."),
-    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows per data set."),
-    gradient_checkpointing: bool = typer.Option(False, help="Trade compute for activation memory."),
-    checkpoint_every: int = typer.Option(0, help="Resumable checkpoint every N steps (0: never)."),
-    resume: bool = typer.Option(False, help="Continue a killed run (same command)."),
-    seed: int = typer.Option(0, help="Seed of the data order and the adapter's initialisation."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    steps: int = options.steps(),
+    quant: Optional[str] = options.quant(),
+    batch_size: int = options.batch_size(),
+    grad_accum: int = options.grad_accum(),
+    seq_len: int = options.seq_len(),
+    lr: float = options.lr(),
+    warmup: float = options.warmup(),
+    lora_r: int = options.lora_r(),
+    lora_alpha: int = options.lora_alpha(),
+    lora_dropout: float = options.lora_dropout(),
+    eval_data: Optional[str] = options.eval_data(None, EVAL_DATA_WHY),
+    eval_seq_len: int = options.eval_seq_len(),
+    max_windows: Optional[int] = options.max_windows(),
+    gradient_checkpointing: bool = options.gradient_checkpointing(),
+    checkpoint_every: int = options.checkpoint_every(),
+    resume: bool = options.resume(),
+    seed: int = options.seed("data order and the adapter's initialisation"),
+    dtype: str = options.dtype(),
+    device: str = options.device(),
+    overwrite: bool = options.overwrite(),
 ) -> None:
     """Train a LoRA on the pruned model and save it as a PEFT adapter."""
     from ..training.lora import LoraSettings
     from ..methods.loram.pipeline import StepOptions, train_adapter
+    from ..training.loop import TrainSettings
 
-    training = training_options(steps, batch_size, grad_accum, seq_len, lr, gradient_checkpointing,
-                                 checkpoint_every, seed)
-    step = StepOptions(data=data, eval_data=[d for d in eval_data.split(",") if d.strip()], eval_seq_len=eval_seq_len,
+    training = TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
+                             warmup=warmup, gradient_checkpointing=gradient_checkpointing,
+                             checkpoint_every=checkpoint_every, seed=seed)
+    step = StepOptions(data=data, eval_data=_eval_specs(eval_data), eval_seq_len=eval_seq_len,
                        max_windows=max_windows, dtype=dtype, device=device, overwrite=overwrite, resume=resume)
-    record = train_adapter(model, out_dir, training, LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout),
-                           step, quant=quant, log=log)
+    lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
+    lora.check()  # train_adapter checks it only once the model is loaded
+    record = train_adapter(model, out_dir, training, lora, step, quant=quant, log=log)
     if not record:  # under FSDP only the main process has one
         return
     _print_step(record, out_dir)
@@ -131,10 +150,10 @@ def loram_recover(
     adapter: Path = typer.Argument(..., help="The adapter from `prunetune loram train`."),
     pruned: Path = typer.Option(..., help="The pruned (or aligned) model it was trained on."),
     full: str = typer.Option(..., help="The full model. " + MODEL_HELP),
-    out_dir: Path = typer.Option(..., "--out", help="Output: a PEFT adapter directory for the full model."),
+    out_dir: Path = options.out("Output: a PEFT adapter directory for the full model."),
     merge: bool = typer.Option(False, help="Write the full model with the adapter merged instead."),
-    dtype: str = typer.Option("auto", help="--merge: " + DTYPE_HELP),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    dtype: str = options.dtype(why="With --merge: the merged model's."),
+    overwrite: bool = options.overwrite(),
     export: ExportOption = None,
 ) -> None:
     """Put the adapter trained on the pruned model back at the full model's shapes."""
@@ -156,31 +175,31 @@ def loram_recover(
                    "--data builtin:stdlib-code --steps 100 --baseline --ablation --out runs/loram50")
 def loram_run_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    out_dir: Path = typer.Option(..., "--out", help="Output directory: every step's directory plus the comparison."),
-    ratio: float = typer.Option(0.5, help="Pruning ratio (see `prunetune loram prune --help`)."),
-    method: str = typer.Option("stru", help="stru, rand, semi or unst."),
-    criterion: Optional[str] = typer.Option(None, help="stru: taylor (default), magnitude, wanda-sp; semi/unst: wanda."),
-    layers: Optional[str] = typer.Option(None, help="Layers to prune: paper (default for stru/rand), all (default "
-                                         "for semi/unst), or e.g. '3-27'."),
+    out_dir: Path = options.out("Output directory: every step's directory plus the comparison."),
+    ratio: float = options.ratio(0.5, "See `prunetune loram prune --help`. Default " + RATIO_WHY),
+    method: str = typer.Option("stru", help="stru, rand, semi or unst (see `prunetune loram prune --help`)."),
+    criterion: Optional[str] = typer.Option(None, help=CRITERION_HELP),
+    layers: Optional[str] = options.layers(why=LAYERS_WHY),
     align_data: str = typer.Option("builtin:pydoc", help="General corpus for alignment (and calibration)."),
-    align_steps: int = typer.Option(100, help="Alignment steps (full-parameter); 0 trains the adapter on the "
-                                    "pruned model as it is, which transferred better on SmolLM2 (see the README)."),
-    align_lr: float = typer.Option(2e-5, help="Alignment learning rate."),
+    align_steps: int = typer.Option(100, help="Alignment steps (full-parameter), as the paper aligns its 7-70B "
+                                    "models; 0 trains the adapter on the pruned model as it is, which transferred "
+                                    "better on SmolLM2-135M at every ratio measured (README)."),
+    align_lr: float = typer.Option(ALIGN_LR, help="Alignment learning rate; " + ALIGN_LR_WHY),
     data: str = typer.Option("builtin:stdlib-code", help="The LoRA's training domain; its held-out split is the "
                              "in-domain evaluation."),
     ood_data: Optional[str] = typer.Option(None, help="Out-of-domain evaluation data (default: the other built-in domain)."),
-    steps: int = typer.Option(100, help="LoRA training steps (the baseline trains as many)."),
-    lr: float = typer.Option(2e-4, help="LoRA learning rate."),
-    batch_size: int = typer.Option(4, help="Sequences per step."),
-    seq_len: int = typer.Option(256, help="Tokens per sequence."),
-    quant: Optional[str] = typer.Option(None, help="nf4 for QLoRAM."),
-    gradient_checkpointing: bool = typer.Option(False, help="Trade compute for activation memory in every training."),
+    steps: int = options.steps(why="The LoRA's (the baseline trains as many)."),
+    lr: float = options.lr(),
+    batch_size: int = options.batch_size(),
+    seq_len: int = options.seq_len(),
+    quant: Optional[str] = options.quant("nf4: QLoRAM."),
+    gradient_checkpointing: bool = options.gradient_checkpointing(),
     baseline: bool = typer.Option(False, help="Also train a LoRA on the full model for the same steps and compare."),
     ablation: bool = typer.Option(False, help="Also train on the unaligned pruned model (the paper's ablation)."),
-    eval_seq_len: int = typer.Option(256, help="Perplexity window length."),
-    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows per data set."),
-    seed: int = typer.Option(0, help="Seed."),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    eval_seq_len: int = options.eval_seq_len(),
+    max_windows: Optional[int] = options.max_windows(),
+    seed: int = options.seed("every step's"),
+    overwrite: bool = options.overwrite(),
 ) -> None:
     """LoRAM end to end: prune, align, train, recover; compare on in-domain and out-of-domain text."""
     from ..methods.loram.run import LoramRunSettings, loram_run
@@ -192,6 +211,16 @@ def loram_run_command(
                                 eval_seq_len=eval_seq_len, max_windows=max_windows, seed=seed)
     loram_run(model, out_dir, settings, overwrite=overwrite, log=lambda msg: out.print(f"[bold]{msg}[/bold]"))
     out.print((out_dir / "report.md").read_text())
+
+
+def _eval_specs(eval_data: str | None) -> list[str]:
+    """--eval-data takes one data spec, as everywhere; the comma-separated list it took here is read
+    for one more release."""
+    specs = [d.strip() for d in (eval_data or "").split(",") if d.strip()]
+    if len(specs) > 1:
+        warn("several --eval-data specs separated by commas are deprecated; give one (`prunetune eval --data A,B` "
+             "scores several)")
+    return specs
 
 
 def _print_step(record: dict, out_dir: Path) -> None:

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from . import options
 from .common import out
 
 commands = typer.Typer()
@@ -26,22 +27,23 @@ def plan_command(
                                           "(llama2-7b, llama2-13b, llama2-70b, llama3.1-8b, llama3.1-70b, "
                                           "qwen2.5-7b, llama-7b, llama-65b, smollm2-135m, ...)."),
     method: str = typer.Option("lora", help="lora, loraprune, taylor, loram, qloram, shear or train."),
-    ratio: float = typer.Option(0.5, help="loram/qloram: the pruned model's structured ratio; taylor: its recovery's."),
-    layers: str = typer.Option("paper", help="loram/qloram/taylor: the pruned layers (paper, all, or e.g. 4-77)."),
-    quant: Optional[str] = typer.Option(None, help="A quantized base: 8bit or nf4 (qloram is nf4)."),
-    batch_size: int = typer.Option(4, help="Sequences per micro-batch, per process."),
-    seq_len: int = typer.Option(256, help="Tokens per sequence."),
-    gradient_checkpointing: bool = typer.Option(False, help="Plan with activation checkpointing."),
+    ratio: float = options.ratio(0.5, "loram/qloram: the pruned model's structured ratio (as `loram prune`'s "
+                                 "default); taylor: its recovery's."),
+    layers: Optional[str] = options.layers(why="loram/qloram/taylor's. Default: as those commands prune, paper "
+                                           "for loram/qloram, all for taylor."),
+    quant: Optional[str] = options.quant("qloram is nf4."),
+    batch_size: int = options.batch_size(),
+    seq_len: int = options.seq_len(),
+    gradient_checkpointing: bool = options.gradient_checkpointing(),
     processes: int = typer.Option(1, help="Processes (GPUs); with more than one, DDP unless --fsdp."),
     fsdp: bool = typer.Option(False, help="FSDP: weights, gradients and optimizer state sharded across the processes."),
     gpu_memory: Optional[str] = typer.Option(None, help="A GPU's memory, e.g. 24GiB or 80GB: say which "
                                                         "configurations fit."),
-    dtype: str = typer.Option("bfloat16", help="The weights' dtype (a GPU run's --dtype auto loads bfloat16)."),
-    lora_r: int = typer.Option(8, help="LoRA rank."),
-    lora_dtype: str = typer.Option("float32", help="float32 (PEFT's default) or base (the weights' dtype)."),
-    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill",
-                                           help="Self-distillation (default: on for loraprune, as prune runs it)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the plan (bytes) to this file."),
+    dtype: str = options.dtype("bfloat16", why="bfloat16 here: what a GPU run's --dtype auto loads."),
+    lora_r: int = options.lora_r(),
+    lora_dtype: str = options.lora_dtype(),
+    distill: Optional[bool] = options.distill("Self-distillation (default: on for loraprune, as prune runs it)."),
+    json_path: Optional[Path] = options.json_path("the plan (bytes)"),
 ) -> None:
     """Predict the peak training memory per process, with no weights loaded: the method's own steps run
     on the meta device, every tensor counted."""
@@ -55,7 +57,7 @@ def plan_command(
                             dtype=dtype, lora_r=lora_r, lora_dtype=lora_dtype, distill=distill, layers=layers)
     settings.check()
     config = resolve_config(model)
-    parse_layers(layers, int(config.num_hidden_layers))  # a bad --layers is one line, before any planning
+    parse_layers(settings.layer_spec, int(config.num_hidden_layers), "PlanSettings.layers")  # before planning
     budget = parse_memory(gpu_memory) if gpu_memory is not None else None
     result = plan_method(config, settings)
     _print_plan(model, result)

@@ -8,55 +8,52 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import DTYPE_HELP, MODEL_HELP, QUANT_HELP, check_json_path, log, out
+from . import options
+from .common import check_json_path, log, out
+from .flags import deprecating_command
+from .options import MODEL_HELP
 from .exporting import ExportOption, check_export_shape, parse_export
 
 commands = typer.Typer()
 
 
 @commands.command(epilog="Examples:\n\n"
-             "prunetune prune smollm2-135m --method loraprune --ratio 0.5 --data builtin:pydoc --steps 200 --out runs/lp50\n\n"
+             "prunetune prune smollm2-135m --ratio 0.5 --data builtin:pydoc --steps 200 --out runs/lp50\n\n"
              "prunetune prune smollm2-135m --method taylor --ratio 0.2 --recover-steps 100 --out runs/taylor20")
 def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    out_dir: Path = typer.Option(..., "--out", help="Output directory (written beside, renamed when complete)."),
-    method: str = typer.Option("magnitude", help="loraprune (progressive, LoRA-guided), or one-shot: magnitude, "
-                               "taylor, wanda-sp, random, lora-guided (LoRAPrune's criterion once, from "
-                               "calibration batches)."),
-    ratio: float = typer.Option(0.2, help="Fraction of prunable parameters to remove, in (0, 1)."),
-    layers: Optional[str] = typer.Option(None, help="Layers to prune: all (stock-loadable result; default for one-shot), "
-                                         "paper (all but the first 10% and the last; default for loraprune), or e.g. '3-27'."),
-    units: str = typer.Option("heads,channels", help="Unit kinds to prune: heads, channels, or both."),
-    head_unit: str = typer.Option("kv-group", help="kv-group (a key/value head with its query heads) or q-head (equal query heads per group)."),
-    round_to: Optional[str] = typer.Option(None, show_default=False, help="Keep MLP channel counts a multiple of "
-                                           "this (fast GPU shapes): a number (1: no rounding) or auto, the default "
-                                           "(128 on MLPs 4096 or more wide, 64 on narrower ones)."),
+    out_dir: Path = options.out(),
+    method: str = typer.Option("loraprune", help="loraprune (progressive, LoRA-guided: prunetune's best, see the "
+                               "README's quality table), or one-shot: magnitude, taylor, wanda-sp, random, "
+                               "lora-guided (LoRAPrune's criterion once, from calibration batches)."),
+    ratio: float = options.ratio(0.2),
+    layers: Optional[str] = options.layers(why="Default: paper for loraprune (the official code's), all for the "
+                                           "one-shot methods."),
+    units: str = options.units(),
+    head_unit: str = options.head_unit(),
+    round_to: str = options.round_to(),
     allocation: str = typer.Option("uniform", help="uniform (same ratio in every pruned layer) or global (rank units across layers)."),
     split: str = typer.Option("cost", help="How a budget is shared by heads and channels: cost (rank them by "
                               "importance per parameter; a head goes only when it is worth less than the "
                               "channels it spares) or heads-first (every layer loses --ratio of its heads, "
                               "channels fill the rest: the official code and LLM-Pruner)."),
     data: str = typer.Option("builtin:pydoc", help="Training data (loraprune, recovery) and calibration data (taylor, wanda-sp)."),
-    steps: int = typer.Option(100, help="loraprune: optimizer steps of LoRA training while pruning."),
+    steps: int = options.steps(why="loraprune: the LoRA training while pruning."),
     recover_steps: int = typer.Option(0, help="One-shot methods: LoRA fine-tuning steps after pruning (merged before saving)."),
-    calib_samples: int = typer.Option(10, help="taylor, wanda-sp: calibration sequences."),
-    score: str = typer.Option("abs", help="loraprune: abs (official code) or square (paper)."),
-    normalize: str = typer.Option("auto", help="loraprune: module (L2-normalise each module's unit scores: the "
-                                  "official code), model (one scale per step for the whole model, which keeps heads "
-                                  "and channels comparable), none; auto: model with --split cost, module with heads-first."),
+    calib_samples: int = options.calib_samples(),
+    score: str = options.score(),
+    normalize: str = options.normalize("model with --split cost, module with heads-first (loraprune)."),
     prune_every: int = typer.Option(10, help="loraprune: steps between mask updates."),
     prune_warmup: float = typer.Option(0.05, help="loraprune: fraction of the steps before pruning starts "
                                        "(the official code: 0.1)."),
     prune_cooldown: float = typer.Option(0.5, help="loraprune: fraction of the steps trained at the final shape "
                                          "(the cubic schedule reaches the target at 1 - this; the official "
                                          "code: 0.1)."),
-    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", show_default=False,
-                                           help="Train against the unpruned model's next-token distributions "
-                                           "(KL divergence). loraprune: on by default, the teacher is the model "
-                                           "itself with its masks off, no second copy (the paper's exact recipe: "
-                                           "--no-distill --split heads-first --normalize module --prune-warmup 0.1 "
-                                           "--prune-cooldown 0.1); --recover-steps: off by default, the teacher is the "
-                                           "source model, loaded a second time."),
+    distill: Optional[bool] = options.distill(
+        "Train against the unpruned model's next-token distributions (KL divergence). loraprune: on by default, "
+        "the teacher is the model itself with its masks off, no second copy (the paper's exact recipe: "
+        "--no-distill --split heads-first --normalize module --prune-warmup 0.1 --prune-cooldown 0.1); "
+        "--recover-steps: off by default, the teacher is the source model, loaded a second time."),
     teacher: str = typer.Option("base", help="--distill with loraprune: base (adapters off: the pretrained model) "
                                 "or tuned (adapters on: the unpruned model as it fine-tunes)."),
     distill_temperature: float = typer.Option(1.0, help="--distill: softmax temperature of both sides."),
@@ -64,29 +61,28 @@ def prune(
                                                   "distillation term; the language-model loss gets 1 - this "
                                                   "(default: 0.5 for loraprune, 1 for --recover-steps)."),
     ema: float = typer.Option(0.9, help="loraprune: weight of the old moving-average score."),
-    lora_r: int = typer.Option(8, help="LoRA rank."),
-    lora_alpha: int = typer.Option(16, help="LoRA alpha."),
-    lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
-    lora_dtype: str = typer.Option("float32", help="LoRA weights in float32 (PEFT's default) or base (the model's "
-                                   "dtype, e.g. bf16: no casts, faster on a GPU)."),
-    batch_size: int = typer.Option(4, help="Sequences per micro-batch (per process)."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    seq_len: int = typer.Option(256, help="Training and calibration sequence length."),
-    lr: float = typer.Option(2e-4, help="Peak learning rate (AdamW, cosine schedule)."),
-    warmup: float = typer.Option(0.05, help="Learning-rate warm-up, as a fraction of the steps."),
-    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping (0: off)."),
-    gradient_checkpointing: bool = typer.Option(False, help="Trade compute for activation memory."),
-    checkpoint_every: int = typer.Option(0, help="Save a resumable checkpoint every N steps (0: never)."),
-    resume: bool = typer.Option(False, help="Continue a killed run from its last checkpoint (same command)."),
-    seed: int = typer.Option(0, help="Seed for data order, LoRA init and the random criterion."),
-    eval_data: str = typer.Option("builtin:pydoc", help="Data for perplexity before and after; see `prunetune eval --help`."),
-    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity evaluation."),
-    eval_seq_len: int = typer.Option(256, help="Perplexity window length in tokens."),
-    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    quant: Optional[str] = typer.Option(None, help=QUANT_HELP),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    lora_r: int = options.lora_r(),
+    lora_alpha: int = options.lora_alpha(),
+    lora_dropout: float = options.lora_dropout(),
+    lora_dtype: str = options.lora_dtype(),
+    batch_size: int = options.batch_size(),
+    grad_accum: int = options.grad_accum(),
+    seq_len: int = options.seq_len(),
+    lr: float = options.lr(),
+    warmup: float = options.warmup(),
+    max_grad_norm: float = options.max_grad_norm(),
+    gradient_checkpointing: bool = options.gradient_checkpointing(),
+    checkpoint_every: int = options.checkpoint_every(),
+    resume: bool = options.resume(),
+    seed: int = options.seed("data order, LoRA's initialisation, the random criterion"),
+    eval_data: str = options.eval_data(),
+    no_eval: bool = options.no_eval(),
+    eval_seq_len: int = options.eval_seq_len(),
+    max_windows: Optional[int] = options.max_windows(),
+    dtype: str = options.dtype(),
+    device: str = options.device(),
+    quant: Optional[str] = options.quant(),
+    overwrite: bool = options.overwrite(),
     export: ExportOption = None,
 ) -> None:
     """Prune a model to a ratio of its prunable parameters and save the smaller model."""
@@ -97,11 +93,11 @@ def prune(
     from ..runs.settings import EvalSettings, RunOptions
     from ..methods.prune import PruneSettings
     from ..methods.prune import prune as run_prune
-    from ..structure.allocate import DEFAULT_ROUND_TO, parse_round_to
+    from ..structure.allocate import parse_round_to
     from ..training.loop import TrainSettings
 
     settings = PruneSettings(method=method, ratio=ratio, layers=layers, units=units, head_unit=head_unit,
-                             round_to=parse_round_to(round_to or DEFAULT_ROUND_TO), allocation=allocation,
+                             round_to=parse_round_to(round_to), allocation=allocation,
                              split=split, data=data, calib_samples=calib_samples, recover_steps=recover_steps,
                              seed=seed,
                              loraprune=LoRAPruneSettings(prune_every=prune_every, ema=ema, score=score,
@@ -110,15 +106,15 @@ def prune(
                              distill=DistillSettings(enabled=distill, temperature=distill_temperature,
                                                      alpha=distill_alpha, teacher=teacher))
     evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=eval_seq_len, max_windows=max_windows)
-    options = RunOptions(
+    run_options = RunOptions(
         training=TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                                warmup=warmup, max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
                                checkpoint_every=checkpoint_every, seed=seed),
         lora=LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dtype=lora_dtype),
         dtype=dtype, device=device, quant=quant, overwrite=overwrite, resume=resume, export=gguf_outtype,
     )
-    check_export_shape(gguf_outtype, model, per_layer=(layers or ("paper" if method == "loraprune" else "all")) != "all")
-    record = run_prune(model, out_dir, settings, evaluation, options, log=log)
+    check_export_shape(gguf_outtype, model, per_layer=settings.layer_spec != "all")
+    record = run_prune(model, out_dir, settings, evaluation, run_options, log=log)
     if record.get("architecture"):  # only the main process of a multi-GPU run prints
         _print_prune_summary(record, out_dir)
 
@@ -149,37 +145,41 @@ def _print_prune_summary(record: dict, out_dir: Path) -> None:
     out.print(f"saved to {out_dir} as {arch['saved_as']} (load with {loader}); took {record['elapsed_seconds']:.0f}s")
 
 
-@commands.command("masks-agree", epilog="Examples:\n\n"
+@commands.command("masks-agree", cls=deprecating_command("masks-agree"), epilog="Examples:\n\n"
              "prunetune masks-agree smollm2-135m --ratios 0.1,0.2,0.3,0.5 --json agree.json\n\n"
              "prunetune masks-agree smollm2-135m --steps 100 --batches 16 --layers paper")
 def masks_agree_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
     ratios: str = typer.Option("0.1,0.2,0.3,0.5", help="Pruning ratios to compare at, comma-separated, each in (0, 1)."),
     batches: int = typer.Option(8, help="Calibration batches; both criteria see the same ones."),
-    batch_size: int = typer.Option(1, help="Sequences per batch."),
-    seq_len: int = typer.Option(128, help="Tokens per sequence."),
+    batch_size: int = options.batch_size(1, why="One: each calibration batch is one sequence."),
+    seq_len: int = options.seq_len(128, why="128 here: calibration sequences, as LLM-Pruner's."),
     data: str = typer.Option("builtin:pydoc", help="Calibration (and LoRA training) data; its train split."),
-    layers: str = typer.Option("all", help="Layers to prune: all, paper, or e.g. '3-27'."),
-    units: str = typer.Option("heads,channels", help="Unit kinds: heads, channels, or both."),
-    head_unit: str = typer.Option("kv-group", help="kv-group or q-head."),
-    round_to: int = typer.Option(1, help="Round MLP channel counts to a multiple of this (1: no rounding)."),
-    steps: int = typer.Option(0, help="Train the LoRA this many steps first (0: an untrained LoRA with a random B)."),
-    lr: float = typer.Option(2e-4, help="Learning rate of the LoRA training (--steps)."),
-    lora_r: int = typer.Option(8, help="LoRA rank."),
-    lora_alpha: int = typer.Option(16, help="LoRA alpha."),
-    score: str = typer.Option("abs", help="LoRA-guided score: abs (official code) or square (paper)."),
-    normalize: bool = typer.Option(True, help="LoRA-guided: L2-normalise each module's unit scores (official code)."),
-    seed: int = typer.Option(0, help="Seed of the LoRA init and training."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result to this JSON file."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    layers: str = options.layers("all", why="All here: the agreement is measured in every layer."),
+    units: str = options.units(),
+    head_unit: str = options.head_unit(),
+    round_to: str = options.round_to("1", why="1 here, so that rounding does not decide the agreement."),
+    steps: int = options.steps(0, why="Here the LoRA's training before scoring (0: an untrained LoRA with a "
+                               "random B)."),
+    lr: float = options.lr(),
+    lora_r: int = options.lora_r(),
+    lora_alpha: int = options.lora_alpha(),
+    score: str = options.score(),
+    normalize: str = options.normalize("module here, as LoRAPrune's under the heads-first split every "
+                                       "comparison uses."),
+    seed: int = options.seed("LoRA's initialisation and training"),
+    json_path: Optional[Path] = options.json_path(),
+    dtype: str = options.dtype(),
+    device: str = options.device(),
 ) -> None:
     """Overlap of the units the LoRA-guided criterion and vanilla Taylor keep, from the same batches."""
     from ..methods.loraprune.masks_agree import AgreeSettings, agreement_table, masks_agree, parse_ratios
     from ..report import write_json
+    from ..structure.allocate import parse_round_to
 
     settings = AgreeSettings(ratios=parse_ratios(ratios), batches=batches, batch_size=batch_size, seq_len=seq_len,
-                             data=data, layers=layers, units=units, head_unit=head_unit, round_to=round_to,
+                             data=data, layers=layers, units=units, head_unit=head_unit,
+                             round_to=parse_round_to(round_to, "AgreeSettings.round_to"),
                              steps=steps, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, score=score,
                              normalize=normalize, seed=seed)
     settings.check()

@@ -26,7 +26,7 @@ def adapter_modules(path: str) -> dict[str, tuple[int, int]]:
         state = torch.load(bin_file, map_location="cpu", weights_only=True, mmap=True)
         shapes = {key: tuple(value.shape) for key, value in state.items()}
     else:
-        raise UserError(f"--lora '{path}' has no adapter_model.safetensors or adapter_model.bin")
+        raise UserError(f"adapter '{path}' has no adapter_model.safetensors or adapter_model.bin")
     halves: dict[str, dict[str, tuple]] = {}
     for key, shape in shapes.items():
         for half in ("lora_A", "lora_B"):
@@ -35,7 +35,7 @@ def adapter_modules(path: str) -> dict[str, tuple[int, int]]:
     modules = {name.removeprefix(PEFT_PREFIX): (ab["lora_B"][0], ab["lora_A"][1])
                for name, ab in halves.items() if len(ab) == 2}
     if not modules:
-        raise UserError(f"--lora '{path}' holds no LoRA matrices (lora_A/lora_B weights)")
+        raise UserError(f"adapter '{path}' holds no LoRA matrices (lora_A/lora_B weights)")
     return modules
 
 
@@ -59,7 +59,7 @@ def check_adapter_dir(adapter_dir: str | Path) -> Path:
     path = Path(adapter_dir).expanduser()
     if not (path / "adapter_config.json").is_file():
         what = "no such directory" if not path.exists() else "not a PEFT adapter directory (no adapter_config.json)"
-        raise UserError(f"--lora '{adapter_dir}': {what}; pass a directory written by PEFT's save_pretrained")
+        raise UserError(f"adapter '{adapter_dir}': {what}; pass a directory written by PEFT's save_pretrained")
     return path
 
 

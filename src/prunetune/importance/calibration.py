@@ -14,7 +14,7 @@ QUANTIZED_PARAMS = ("Int8Params", "Params4bit")
 
 def require_batches(batches: list[torch.Tensor] | None, criterion: str) -> list[torch.Tensor]:
     if not batches:
-        raise UserError(f"the {criterion} criterion needs calibration data: pass --data")
+        raise UserError(f"the {criterion} criterion needs calibration data: set PruneSettings.data")
     return list(batches)
 
 

@@ -24,7 +24,7 @@ from ..structure.scores import LayerScores
 def quantized_refusal(model: nn.Module, what: str) -> None:
     if any(is_quantized_linear(projection(layer, name)) for layer in decoder_layers(model) for name in PROJECTIONS):
         raise UserError(f"{what} needs gradients of the weights and cannot run on a quantized base; "
-                        "use loraprune or magnitude, or load the model without --quant")
+                        "use loraprune or magnitude, or load the model without RunOptions.quant")
 
 
 @contextmanager

@@ -23,7 +23,7 @@ import torch
 
 from ..data import load_blocks, load_examples
 from ..training.distill import DistillSettings, ModelTeacher, self_teacher_for
-from ..errors import UserError
+from ..errors import SettingError
 from ..importance import CRITERIA
 from ..training.lora import add_lora
 from ..models import load_model
@@ -56,7 +56,7 @@ NEEDS_CALIBRATION = ("taylor", "wanda-sp", "lora-guided")
 
 @dataclass
 class PruneSettings:
-    method: str = "magnitude"
+    method: str = "loraprune"  # prunetune's best method (README's quality table)
     ratio: float = 0.2
     layers: str | None = None  # None: 'paper' for loraprune (the official choice), 'all' otherwise
     units: str = "heads,channels"
@@ -76,39 +76,43 @@ class PruneSettings:
         return self.layers or ("paper" if self.method == "loraprune" else "all")
 
     def check(self) -> None:
+        """Every check of these settings alone (the layers need the model's config: parse_layers)."""
         if self.method not in METHODS:
-            raise UserError(f"unknown method '{self.method}'; available: {', '.join(METHODS)}")
+            raise SettingError("PruneSettings.method", f"unknown PruneSettings.method '{self.method}'; available: "
+                               f"{', '.join(METHODS)}")
         check_ratio(self.ratio)
         parse_units(self.units)
-        if self.head_unit not in HEAD_UNITS:
-            raise UserError(f"unknown --head-unit '{self.head_unit}'; use {' or '.join(HEAD_UNITS)}")
-        if self.allocation not in ALLOCATIONS:
-            raise UserError(f"unknown --allocation '{self.allocation}'; use {' or '.join(ALLOCATIONS)}")
-        if self.split not in SPLITS:
-            raise UserError(f"unknown --split '{self.split}'; use {' or '.join(SPLITS)}")
+        for name, choices in (("head_unit", HEAD_UNITS), ("allocation", ALLOCATIONS), ("split", SPLITS)):
+            if getattr(self, name) not in choices:
+                raise SettingError(f"PruneSettings.{name}", f"unknown PruneSettings.{name} '{getattr(self, name)}'; "
+                                   f"use {' or '.join(choices)}")
         parse_round_to(self.round_to)
-        if self.recover_steps < 0 or self.calib_samples < 1:
-            raise UserError("--recover-steps must be 0 or more and --calib-samples at least 1")
+        if self.recover_steps < 0:
+            raise SettingError("PruneSettings.recover_steps",
+                               f"PruneSettings.recover_steps must be 0 or more, got {self.recover_steps}")
+        if self.calib_samples < 1:
+            raise SettingError("PruneSettings.calib_samples",
+                               f"PruneSettings.calib_samples must be at least 1, got {self.calib_samples}")
         if self.method == "loraprune" and self.recover_steps:
-            raise UserError("--recover-steps is for one-shot methods; loraprune trains for --steps")
+            raise SettingError("PruneSettings.recover_steps", "PruneSettings.recover_steps is for one-shot methods; "
+                               "loraprune trains for TrainSettings.steps")
+        if self.method == "loraprune":
+            self.loraprune.check()
+        self.distill.check()
+        if self.distill.enabled:
+            if self.method != "loraprune" and not self.recover_steps:
+                raise SettingError("DistillSettings.enabled", "DistillSettings.enabled trains against a teacher: use "
+                                   "it with loraprune or with PruneSettings.recover_steps")
+            if self.method != "loraprune" and self.distill.teacher == "tuned":
+                raise SettingError("DistillSettings.teacher", "DistillSettings.teacher tuned is LoRAPrune's (the "
+                                   "unpruned model as it fine-tunes); a one-shot method's recovery distils from the "
+                                   "source model: leave DistillSettings.teacher at base")
 
 
-def _check_before_loading(model_spec: str, settings: PruneSettings, options: RunOptions, trains: bool) -> None:
+def _check_before_loading(settings: PruneSettings, calibrates: bool) -> None:
     """What a prune can get wrong without the weights: a mistake costs seconds, not a model load."""
     settings.check()
-    if trains:
-        options.training.check()
-    if settings.method == "loraprune":
-        settings.loraprune.check()
-    distill = settings.distill
-    if distill.enabled:
-        distill.check()
-        if not trains:
-            raise UserError("--distill trains against a teacher: use it with loraprune or with --recover-steps")
-        if settings.method != "loraprune" and distill.teacher == "tuned":
-            raise UserError("--teacher tuned is LoRAPrune's (the unpruned model as it fine-tunes); a one-shot "
-                            "method's recovery distils from the source model: leave --teacher at base")
-    if trains or settings.method in NEEDS_CALIBRATION:
+    if calibrates:
         load_examples(settings.data, default_split="train")
 
 
@@ -130,9 +134,10 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     settings.distill = settings.distill.resolved(settings.method)
     distill = settings.distill
     run = Run(command, out, options, evaluation, log=log, model=model_spec,
-              seq_lens={"--seq-len": training.seq_len} if calibrates else {},
-              checks=[lambda: _check_before_loading(model_spec, settings, options, trains)],
-              config_checks=[lambda config: parse_layers(settings.layer_spec, int(config.num_hidden_layers))])
+              seq_lens={"TrainSettings.seq_len": training.seq_len} if calibrates else {},
+              checks=[lambda: _check_before_loading(settings, calibrates)],
+              config_checks=[lambda config: parse_layers(settings.layer_spec, int(config.num_hidden_layers),
+                                                         "PruneSettings.layers")])
     model, tokenizer = run.load(model_spec, quant=options.quant, seq_lens=[training.seq_len] if calibrates else [])
     before = Structure.of(model)
     layers = parse_layers(settings.layer_spec, before.num_layers)

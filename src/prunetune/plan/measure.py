@@ -30,7 +30,7 @@ def _model(config, settings: PlanSettings, device: torch.device, pruned: bool, q
     dtype = getattr(torch, settings.dtype)
     model = random_model(copy.deepcopy(config), device, dtype)  # a copy: cutting the model changes its config
     if pruned:
-        pruned_shape(model, settings.ratio, settings.layers)
+        pruned_shape(model, settings.ratio, settings.layer_spec)
     if not quant:
         return model
     model.save_pretrained(tmp / "model")

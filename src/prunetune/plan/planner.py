@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from ..training.loss import CHUNK_ELEMENTS, MIN_CHUNK
 from .meta_step import META, meta_memory, planning, quant_state_bytes, quantize_projections
 
@@ -48,23 +48,34 @@ class PlanSettings:
     lora_r: int = 8
     lora_dtype: str = "float32"  # PEFT's default on a bf16 base; "base": the weights' dtype
     distill: bool | None = None  # None: on for loraprune (prunetune's default), off otherwise
-    layers: str = "paper"  # the pruned layers of loram / qloram / taylor's recovery
+    # the pruned layers of loram / qloram / taylor's recovery; None: as those commands prune by
+    # default (paper for LoRAM's stru, all for prune's one-shot taylor)
+    layers: str | None = None
 
     def check(self) -> None:
         if self.method not in METHODS:
-            raise UserError(f"unknown --method '{self.method}'; use {', '.join(METHODS)}")
+            raise SettingError("PlanSettings.method", f"unknown PlanSettings.method '{self.method}'; use "
+                               f"{', '.join(METHODS)}")
         if self.quant not in (None, "8bit", "nf4"):
-            raise UserError(f"unknown --quant '{self.quant}'; use 8bit or nf4")
+            raise SettingError("PlanSettings.quant", f"unknown PlanSettings.quant '{self.quant}'; use 8bit or nf4")
         if self.quant and self.method in ("taylor", "shear", "train"):
-            raise UserError(f"--method {self.method} trains or differentiates every weight; it takes no --quant")
+            raise SettingError("PlanSettings.quant", f"PlanSettings.method {self.method} trains or differentiates "
+                               "every weight; it takes no PlanSettings.quant")
         if not 0 < self.ratio < 1:
-            raise UserError(f"--ratio must be in (0, 1), got {self.ratio}")
-        if self.batch_size < 1 or self.seq_len < 2 or self.processes < 1:
-            raise UserError("--batch-size and --processes must be at least 1, --seq-len at least 2")
+            raise SettingError("PlanSettings.ratio", f"PlanSettings.ratio must be in (0, 1), got {self.ratio}")
+        for name, least in (("batch_size", 1), ("seq_len", 2), ("processes", 1), ("lora_r", 1)):
+            if getattr(self, name) < least:
+                raise SettingError(f"PlanSettings.{name}",
+                                   f"PlanSettings.{name} must be at least {least}, got {getattr(self, name)}")
         if self.fsdp and self.processes < 2:
-            raise UserError("--fsdp needs --processes of at least 2")
+            raise SettingError("PlanSettings.fsdp", "PlanSettings.fsdp needs PlanSettings.processes of at least 2")
         if self.fsdp and (self.quant or self.method == "qloram"):
-            raise UserError("FSDP shards plain weights; a quantized base runs in one process or under DDP")
+            raise SettingError("PlanSettings.fsdp", "FSDP shards plain weights; a quantized base runs in one "
+                               "process or under DDP")
+
+    @property
+    def layer_spec(self) -> str:
+        return self.layers or ("all" if self.method == "taylor" else "paper")
 
     @property
     def base_quant(self) -> str | None:
@@ -266,12 +277,12 @@ def plan_method(config, settings: PlanSettings) -> dict:
             steps["training"].notes.append("the mask logits and multipliers (one value per unit) are left out")
     elif method == "taylor":
         steps["scoring"] = plan_taylor_scoring(_meta_model(config, dtype), settings)
-        model = _with_lora(pruned_shape(_meta_model(config, dtype), settings.ratio, settings.layers), settings)
+        model = _with_lora(pruned_shape(_meta_model(config, dtype), settings.ratio, settings.layer_spec), settings)
         steps["recovery"] = plan_training_step(model, settings)
     else:  # LoRA on the full model (lora, loraprune) or on the pruned one (loram, qloram)
         model = _meta_model(config, dtype)
         if method in ("loram", "qloram"):
-            pruned_shape(model, settings.ratio, settings.layers)
+            pruned_shape(model, settings.ratio, settings.layer_spec)
         if settings.base_quant:
             quantize_projections(model, settings.base_quant, dtype)
         model = _with_lora(model, settings)

@@ -27,7 +27,7 @@ from ..evaluate.perplexity import check_seq_len
 from ..export import GGUF_FILE
 from ..export.hf import save_model
 from ..data import load_examples
-from ..models import check_load_options, check_model, check_positions, load_model
+from ..models import check_model, check_positions, load_model
 from ..report import check_output_dir, extra_file, provenance, run_directory, write_json, write_report
 from ..structure.units import Structure
 from ..training.loop import make_accelerator, train
@@ -60,13 +60,13 @@ class Run:
             evaluation.check()
             if evaluation.data:
                 load_examples(evaluation.data, default_split="eval")
-                seq_lens = (seq_lens or {}) | {"--eval-seq-len": evaluation.seq_len}
+                seq_lens = (seq_lens or {}) | {"EvalSettings.seq_len": evaluation.seq_len}
         self.config = check_model(model) if model is not None else None
         for check in config_checks:
             check(self.config)
         if self.config is not None:
             check_positions(self.config, seq_lens)
-        check_load_options(options.dtype, options.device, options.quant)
+        options.check()  # the training, the adapter and the loading options
         check_output_dir(self.out, options.overwrite)
         refuse_quant_under_fsdp(options.quant)
         self.accelerator = make_accelerator(options.training) if accelerate else None

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import SettingError
 from ..evaluate.perplexity import perplexity
 from ..training.loop import TrainSettings
 from ..training.lora import LoraSettings
@@ -21,8 +21,14 @@ class EvalSettings:
     max_windows: int | None = None
 
     def check(self) -> None:
+        """The one check of the evaluation's settings, for every command that evaluates (the data spec
+        itself is read by the run, which knows its default split; the length against the model's
+        positions needs its config)."""
         if self.max_windows is not None and self.max_windows < 1:
-            raise UserError(f"--max-windows must be at least 1, got {self.max_windows}")
+            raise SettingError("EvalSettings.max_windows",
+                               f"EvalSettings.max_windows must be at least 1, got {self.max_windows}")
+        if self.seq_len < 2:
+            raise SettingError("EvalSettings.seq_len", f"EvalSettings.seq_len must be at least 2, got {self.seq_len}")
 
     def measure(self, model, tokenizer, when: str, progress: bool, log: Callable[[str], None]) -> dict:
         """The run's one comparable perplexity, logged as "perplexity WHEN"; as stored in prunetune.json."""
@@ -44,6 +50,15 @@ class RunOptions:
     resume: bool = False
     progress: bool = True
     export: str | None = None  # also write DIR/model.gguf at this GGUF outtype (f32, f16, q8_0) when the run ends
+
+    def check(self) -> None:
+        """The training, the adapter's settings and the loading options (a CUDA device that is not
+        there, an unknown dtype or quantization), before anything loads."""
+        from ..models import check_load_options
+
+        self.training.check()
+        self.lora.check()
+        check_load_options(self.dtype, self.device, self.quant)
 
 
 def checkpoint_dir_for(out: Path) -> Path:

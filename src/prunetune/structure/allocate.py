@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from .scores import LayerScores
 from .masks import Masks
 from .units import HEAD_UNITS, Structure
@@ -60,8 +60,9 @@ DEFAULT_ROUND_TO = "auto"
 AUTO_WIDE = 4096
 
 
-def parse_round_to(value: int | str) -> int | str:
-    """'auto' or a whole number of channels (at least 1), from the command line or the API."""
+def parse_round_to(value: int | str, setting: str = "PruneSettings.round_to") -> int | str:
+    """'auto' or a whole number of channels (at least 1), from the command line or the API; `setting`
+    names the field in the error."""
     if value == "auto":
         return value
     try:
@@ -69,7 +70,7 @@ def parse_round_to(value: int | str) -> int | str:
     except (TypeError, ValueError):
         number = 0
     if number < 1 or str(value).strip() != str(number):
-        raise UserError(f"--round-to must be 'auto' or a whole number of at least 1, got {value!r}")
+        raise SettingError(setting, f"{setting} must be 'auto' or a whole number of at least 1, got {value!r}")
     return number
 
 
@@ -86,8 +87,9 @@ def paper_layers(num_layers: int) -> list[int]:
     return list(range(first, num_layers - 1)) if num_layers > 1 else [0]
 
 
-def parse_layers(spec: str | None, num_layers: int) -> list[int]:
-    """'all' (the default), 'paper', or a list like '3-27' or '0,2,5-9' (inclusive ranges).
+def parse_layers(spec: str | None, num_layers: int, setting: str = "PruneSettings.layers") -> list[int]:
+    """'all' (the default), 'paper', or a list like '3-27' or '0,2,5-9' (inclusive ranges); `setting`
+    names the field in the error.
 
     Pruning every layer alike keeps the model loadable by stock transformers (and servable by
     vLLM); 'paper' usually loses less quality but gives layers of different shapes.
@@ -100,25 +102,28 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int]:
     for part in spec.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not match:
-            raise UserError(f"cannot read --layers '{spec}'; use 'all', 'paper', or ranges like '3-27' or '0,2,5-9'")
+            raise SettingError(setting, f"cannot read {setting} '{spec}'; use 'all', 'paper', or ranges like "
+                               "'3-27' or '0,2,5-9'")
         lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
         if lo > hi or hi >= num_layers:
-            raise UserError(f"--layers '{part.strip()}' is outside the model's layers 0-{num_layers - 1}")
+            raise SettingError(setting, f"{setting} '{part.strip()}' is outside the model's layers "
+                               f"0-{num_layers - 1}")
         chosen.update(range(lo, hi + 1))
     return sorted(chosen)
 
 
-def parse_units(spec: str) -> tuple[str, ...]:
+def parse_units(spec: str, setting: str = "PruneSettings.units") -> tuple[str, ...]:
     units = tuple(u.strip() for u in spec.split(",") if u.strip())
     bad = [u for u in units if u not in UNIT_KINDS]
     if bad or not units:
-        raise UserError(f"unknown unit kind {bad or spec!r}; use {' or '.join(UNIT_KINDS)} (comma-separated)")
+        raise SettingError(setting, f"unknown unit kind {bad or spec!r} in {setting}; use "
+                           f"{' or '.join(UNIT_KINDS)} (comma-separated)")
     return units
 
 
-def check_ratio(ratio: float) -> None:
+def check_ratio(ratio: float, setting: str = "PruneSettings.ratio") -> None:
     if not 0.0 < ratio < 1.0:
-        raise UserError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
+        raise SettingError(setting, f"{setting} must be between 0 and 1 (exclusive), got {ratio}")
 
 
 def _top(scores: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -324,7 +329,7 @@ def final_counts(structure: Structure, scores: list[LayerScores] | None, ratio: 
     if allocation not in ALLOCATIONS:
         raise UserError(f"unknown allocation '{allocation}'; use {' or '.join(ALLOCATIONS)}")
     if split not in SPLITS:
-        raise UserError(f"unknown --split '{split}'; use {' or '.join(SPLITS)}")
+        raise SettingError("PruneSettings.split", f"unknown PruneSettings.split '{split}'; use {' or '.join(SPLITS)}")
     if split == "cost":
         return cost_counts(structure, scores, ratio, layers, units, head_unit, round_to, allocation)
     if allocation == "uniform":

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from ..modeling import eval_mode
 from .loss import CHUNK_ELEMENTS, FinalHidden
 
@@ -60,11 +60,14 @@ class DistillSettings:
 
     def check(self) -> None:
         if self.temperature <= 0:
-            raise UserError(f"--distill-temperature must be positive, got {self.temperature}")
+            raise SettingError("DistillSettings.temperature",
+                               f"DistillSettings.temperature must be positive, got {self.temperature}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            raise UserError(f"--distill-alpha is the distillation term's weight in [0, 1], got {self.alpha}")
+            raise SettingError("DistillSettings.alpha", "DistillSettings.alpha is the distillation term's weight "
+                               f"in [0, 1], got {self.alpha}")
         if self.teacher not in TEACHERS:
-            raise UserError(f"unknown --teacher '{self.teacher}'; use {' or '.join(TEACHERS)}")
+            raise SettingError("DistillSettings.teacher", f"unknown DistillSettings.teacher '{self.teacher}'; use "
+                               f"{' or '.join(TEACHERS)}")
 
 
 class SelfTeacher:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from .tensor_memory import TensorMemory, module_tensors, optimizer_tensors
 from .loss import ChunkedLoss
 from ..progress import track
@@ -61,15 +61,22 @@ class TrainSettings:
     seed: int = 0
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name, least in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 2)):
+            if getattr(self, name) < least:
+                raise SettingError(f"TrainSettings.{name}",
+                                   f"TrainSettings.{name} must be at least {least}, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+            raise SettingError("TrainSettings.lr", f"TrainSettings.lr must be positive, got {self.lr}")
         if not 0 <= self.warmup < 1:
-            raise UserError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+            raise SettingError("TrainSettings.warmup",
+                               f"TrainSettings.warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            name = "weight_decay" if self.weight_decay < 0 else "max_grad_norm"
+            raise SettingError(f"TrainSettings.{name}",
+                               f"TrainSettings.{name} must be 0 (off) or positive, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
-            raise UserError(f"--checkpoint-every must be 0 (off) or positive, got {self.checkpoint_every}")
+            raise SettingError("TrainSettings.checkpoint_every", "TrainSettings.checkpoint_every must be 0 (off) "
+                               f"or positive, got {self.checkpoint_every}")
 
 
 class TrainHooks:
@@ -284,7 +291,8 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
     accelerator = accelerator or make_accelerator(settings)
     if len(blocks) < settings.batch_size * accelerator.num_processes:
         raise UserError(f"the training data has {len(blocks)} blocks of {blocks.shape[1]} tokens, fewer than one "
-                        f"batch of {settings.batch_size * accelerator.num_processes}; use more data or a smaller --batch-size")
+                        f"batch of {settings.batch_size * accelerator.num_processes}; use more data or a smaller "
+                        "TrainSettings.batch_size")
     torch.manual_seed(settings.seed + accelerator.process_index)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -303,7 +311,7 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     if resume:
         if checkpoint is None or not (checkpoint / "state.pt").exists():
-            raise UserError(f"--resume: no checkpoint in '{checkpoint_dir}'")
+            raise UserError(f"RunOptions.resume: no checkpoint in '{checkpoint_dir}'")
         start_step = _load_checkpoint(checkpoint, model if sharded else accelerator.unwrap_model(model), optimizer,
                                       scheduler, hooks, result, sharded)
         result.resumed_from_step = start_step

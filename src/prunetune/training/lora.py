@@ -21,16 +21,30 @@ class LoraSettings:
     # "base": adapters in the base model's dtype (bf16 on a GPU), no casts, so faster on a GPU.
     dtype: str = "float32"
 
+    def check(self) -> None:
+        from ..errors import SettingError
+
+        for name in ("r", "alpha"):
+            if getattr(self, name) < 1:
+                raise SettingError(f"LoraSettings.{name}",
+                                   f"LoraSettings.{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise SettingError("LoraSettings.dropout", f"LoraSettings.dropout is a probability in [0, 1), "
+                               f"got {self.dropout}")
+        if self.dtype not in LORA_DTYPES:
+            raise SettingError("LoraSettings.dtype", f"unknown LoraSettings.dtype '{self.dtype}'; use "
+                               f"{' or '.join(LORA_DTYPES)}")
+
+
+LORA_DTYPES = ("float32", "base")
+
 
 def add_lora(model: nn.Module, settings: LoraSettings | None = None) -> nn.Module:
     """Wrap `model` with a fresh LoRA adapter; only the adapter trains."""
     from peft import LoraConfig, get_peft_model
 
     settings = settings or LoraSettings()
-    if settings.dtype not in ("float32", "base"):
-        from ..errors import UserError
-
-        raise UserError(f"unknown --lora-dtype '{settings.dtype}'; use float32 or base")
+    settings.check()
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=settings.dtype == "float32")

@@ -37,8 +37,8 @@ def refuse_quant_under_fsdp(quant: str | None) -> None:
     if quant and fsdp_requested():
         from ..errors import UserError
 
-        raise UserError("FSDP shards plain weights; --quant (a bitsandbytes base) runs in one process or under DDP "
-                        "(configs/accelerate/ddp.yaml)")
+        raise UserError("FSDP shards plain weights; RunOptions.quant (a bitsandbytes base) runs in one process or "
+                        "under DDP (configs/accelerate/ddp.yaml)")
 
 
 def is_fsdp(accelerator) -> bool:

@@ -73,9 +73,9 @@ def test_one_pass_gives_taylor_and_lora_guided_scores():
 def test_parse_ratios():
     assert parse_ratios("0.1, 0.2,0.5") == (0.1, 0.2, 0.5)
     for bad in ("0", "1", "0.2,-0.1", "x", ""):
-        with pytest.raises(UserError, match="--ratios"):
+        with pytest.raises(UserError, match="AgreeSettings.ratios"):
             parse_ratios(bad)
-    with pytest.raises(UserError, match="--ratio"):
+    with pytest.raises(UserError, match="AgreeSettings.ratios"):
         AgreeSettings(ratios=(1.2,)).check()
 
 

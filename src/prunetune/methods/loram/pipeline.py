@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ...data import load_blocks, load_examples
-from ...errors import UserError
+from ...errors import SettingError, UserError
 from ...evaluate.perplexity import perplexity
 from ...training.lora import LoraSettings, add_lora
 from ...models import resolve_model_spec
@@ -32,6 +32,8 @@ from ...training.loop import TrainSettings
 from ...runs.lifecycle import Run
 from ...runs.settings import EvalSettings, RunOptions
 from ..prune import PruneSettings, prune
+from ...importance import CRITERIA
+from ...structure.allocate import check_ratio
 
 PRUNE_METHODS = ("stru", "rand", "semi", "unst")
 STRUCTURED = {"stru": "taylor", "rand": "random"}  # LoRAM method -> the shared criterion it uses
@@ -53,22 +55,29 @@ class LoramPruneSettings:
 
     def check(self) -> None:
         if self.method not in PRUNE_METHODS:
-            raise UserError(f"unknown --method '{self.method}'; use {', '.join(PRUNE_METHODS)}")
+            raise SettingError("LoramPruneSettings.method", f"unknown LoramPruneSettings.method '{self.method}'; use "
+                               f"{', '.join(PRUNE_METHODS)}")
         if self.method == "rand" and self.criterion not in (None, "random"):
-            raise UserError("--method rand prunes random units; --criterion applies to stru")
-        if self.method in STRUCTURED:  # the shared pipeline's checks (`loram run` runs it in another process)
-            PruneSettings(method=self.criterion or STRUCTURED[self.method], ratio=self.ratio,
-                          calib_samples=self.calib_samples).check()
+            raise SettingError("LoramPruneSettings.criterion", "LoramPruneSettings.method rand prunes random units; "
+                               "LoramPruneSettings.criterion applies to stru")
+        for name, least in (("calib_samples", 1), ("seq_len", 2)):
+            if getattr(self, name) < least:
+                raise SettingError(f"LoramPruneSettings.{name}",
+                                   f"LoramPruneSettings.{name} must be at least {least}, got {getattr(self, name)}")
+        if self.method in STRUCTURED:
+            criterion = self.criterion or STRUCTURED[self.method]
+            if criterion not in CRITERIA:
+                raise SettingError("LoramPruneSettings.criterion", f"unknown LoramPruneSettings.criterion "
+                                   f"'{criterion}' for {self.method}; use {', '.join(CRITERIA)}")
+            check_ratio(self.ratio, "LoramPruneSettings.ratio")
         else:
             from .wanda_unstructured import SPARSE_CRITERIA
             from .sparsity import check_pattern
 
             check_pattern(self.method, self.ratio)
             if (self.criterion or "wanda") not in SPARSE_CRITERIA:
-                raise UserError(f"unknown --criterion '{self.criterion}' for {self.method}; use "
-                                f"{' or '.join(SPARSE_CRITERIA)}")
-        if self.calib_samples < 1 or self.seq_len < 2:
-            raise UserError("--calib-samples must be at least 1 and --seq-len at least 2")
+                raise SettingError("LoramPruneSettings.criterion", f"unknown LoramPruneSettings.criterion "
+                                   f"'{self.criterion}' for {self.method}; use {' or '.join(SPARSE_CRITERIA)}")
 
 
 def prune_for_loram(model_spec: str, out: Path, settings: LoramPruneSettings, options: RunOptions | None = None,
@@ -129,7 +138,7 @@ class StepOptions:
     def check(self) -> None:
         """The data and evaluation after training, checked before anything loads (the evaluation would
         otherwise fail only once the training is done)."""
-        EvalSettings(max_windows=self.max_windows).check()
+        EvalSettings(data=None, seq_len=self.eval_seq_len, max_windows=self.max_windows).check()
         load_examples(self.data, default_split="train")
         for spec in self.eval_data:
             load_examples(spec, default_split="eval")
@@ -139,9 +148,10 @@ class StepOptions:
         """The lifecycle of a LoRAM step that trains on `model_spec`."""
         options = RunOptions(training=training, lora=lora or LoraSettings(), dtype=self.dtype, device=self.device,
                              quant=quant, overwrite=self.overwrite, resume=self.resume, progress=self.progress)
-        seq_lens = {"--seq-len": training.seq_len} | ({"--eval-seq-len": self.eval_seq_len} if self.eval_data else {})
+        seq_lens = {"TrainSettings.seq_len": training.seq_len} | (
+            {"EvalSettings.seq_len": self.eval_seq_len} if self.eval_data else {})
         return Run(command, out, options, log=log, model=model_spec, seq_lens=seq_lens,
-                   checks=[*checks, training.check, self.check])
+                   checks=[*checks, self.check])
 
     def evaluate(self, run: Run, model, tokenizer) -> dict:
         """Held-out perplexity on every --eval-data after training."""

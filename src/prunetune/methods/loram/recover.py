@@ -115,7 +115,7 @@ def check_recoverable(kept: dict, full: FullShapes) -> None:
     if len(kept["layers"]) < len(full.layers) or kept["num_hidden"] < full.hidden:
         what = "layers were removed" if len(kept["layers"]) < len(full.layers) else "hidden channels were pruned"
         raise UserError(f"LoRAM recovery supports head and MLP-channel pruning only, but {what}; "
-                        "recover from a run that pruned heads and MLP channels (--units heads,channels)")
+                        "recover from a run that pruned heads and MLP channels (PruneSettings.units heads,channels)")
     if [entry["layer"] for entry in kept["layers"]] != list(range(len(full.layers))):
         raise UserError(f"the kept summary lists layers {[e['layer'] for e in kept['layers']]}, "
                         f"but the full model has {len(full.layers)}; it belongs to another model")

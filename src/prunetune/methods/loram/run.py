@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ...data import load_examples
-from ...errors import UserError
+from ...errors import SettingError, UserError
 from ...evaluate.perplexity import perplexity
 from ...models import check_model, load_model
 from ...report import (
@@ -38,11 +38,10 @@ from ...report import (
     write_json,
 )
 from ...structure.allocate import parse_layers
-from ...runs.settings import RunOptions
+from ...runs.settings import EvalSettings, RunOptions
 from ...training.loop import TrainSettings
 from ...training.lora import LoraSettings
-from .pipeline import (PRUNE_METHODS, QUANT_BITS, LoramPruneSettings, StepOptions, align, prune_for_loram, recover,
-                       train_adapter)
+from .pipeline import (QUANT_BITS, LoramPruneSettings, StepOptions, align, prune_for_loram, recover, train_adapter)
 
 
 @dataclass
@@ -75,26 +74,29 @@ class LoramRunSettings:
         return "builtin:pydoc" if self.data.split("@")[0] != "builtin:pydoc" else "builtin:stdlib-code"
 
     def check(self) -> None:
-        if self.method not in PRUNE_METHODS:
-            raise UserError(f"unknown --method '{self.method}'; use {', '.join(PRUNE_METHODS)}")
-        if not 0 < self.ratio < 1:
-            raise UserError(f"--ratio must be in (0, 1), got {self.ratio}")
-        for name in ("steps", "batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.align_steps < 0:
-            raise UserError(f"--align-steps must be at least 0 (0: no alignment), got {self.align_steps}")
+        # the prune step's own checks, so that they fail now rather than in its process, worded with
+        # this class's fields of the same names
+        try:
+            LoramPruneSettings(method=self.method, ratio=self.ratio, criterion=self.criterion,
+                               layers=self.layers).check()
+        except SettingError as exc:
+            raise SettingError(exc.setting.replace("LoramPruneSettings.", "LoramRunSettings."),
+                               str(exc).replace("LoramPruneSettings.", "LoramRunSettings.")) from None
+        for name, least in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("align_steps", 0)):
+            if getattr(self, name) < least:
+                raise SettingError(f"LoramRunSettings.{name}",
+                                   f"LoramRunSettings.{name} must be at least {least}, got {getattr(self, name)}")
         if self.align_steps == 0 and self.ablation:
-            raise UserError("--ablation adds an adapter trained without alignment; with --align-steps 0 the "
-                            "adapter already is that one")
-        if self.lr <= 0 or self.align_lr <= 0:
-            raise UserError("--lr and --align-lr must be positive")
+            raise SettingError("LoramRunSettings.ablation", "LoramRunSettings.ablation adds an adapter trained "
+                               "without alignment; with LoramRunSettings.align_steps 0 the adapter already is that one")
+        for name in ("lr", "align_lr"):
+            if getattr(self, name) <= 0:
+                raise SettingError(f"LoramRunSettings.{name}",
+                                   f"LoramRunSettings.{name} must be positive, got {getattr(self, name)}")
         if self.quant not in QUANT_BITS:
-            raise UserError(f"unknown --quant '{self.quant}'; use {' or '.join(q for q in QUANT_BITS if q)}")
-        if self.max_windows is not None and self.max_windows < 1:
-            raise UserError(f"--max-windows must be at least 1, got {self.max_windows}")
-        # the prune step's own checks, so that they fail now rather than in its process
-        LoramPruneSettings(method=self.method, ratio=self.ratio, criterion=self.criterion, layers=self.layers).check()
+            raise SettingError("LoramRunSettings.quant", f"unknown LoramRunSettings.quant '{self.quant}'; use "
+                               f"{' or '.join(q for q in QUANT_BITS if q)}")
+        EvalSettings(data=None, seq_len=self.eval_seq_len, max_windows=self.max_windows).check()
         for spec in (self.align_data, self.data, self.out_of_domain):
             load_examples(spec, default_split="train")  # a bad data spec fails before any work
 
@@ -153,9 +155,9 @@ def loram_run(model_spec: str, out: Path, s: LoramRunSettings, *, overwrite: boo
     out = Path(out)
     s.check()
     check_output_dir(out, overwrite)
-    config = check_model(model_spec, {"--seq-len": s.seq_len, "--eval-seq-len": s.eval_seq_len})
+    config = check_model(model_spec, {"LoramRunSettings.seq_len": s.seq_len, "LoramRunSettings.eval_seq_len": s.eval_seq_len})
     if s.layers:
-        parse_layers(s.layers, config.num_hidden_layers)
+        parse_layers(s.layers, config.num_hidden_layers, "LoramRunSettings.layers")
 
     def training(steps: int, lr: float) -> TrainSettings:
         return TrainSettings(steps=steps, lr=lr, batch_size=s.batch_size, seq_len=s.seq_len, seed=s.seed,

@@ -31,8 +31,9 @@ def prune_sparse(model_spec: str, out: Path, settings, options: RunOptions, log:
             load_examples(settings.data, default_split="train")
 
     run = Run("loram prune", out, options, log=log, checks=[check], model=model_spec, accelerate=False,
-              config_checks=[lambda config: parse_layers(settings.layers or "all", config.num_hidden_layers)],
-              seq_lens={"--seq-len": settings.seq_len} if criterion == "wanda" else {})
+              config_checks=[lambda config: parse_layers(settings.layers or "all", config.num_hidden_layers,
+                                                            "LoramPruneSettings.layers")],
+              seq_lens={"LoramPruneSettings.seq_len": settings.seq_len} if criterion == "wanda" else {})
     model, tokenizer = run.load(model_spec)
     layers = parse_layers(settings.layers or "all", len(model.model.layers))
     before = count_parameters(model)

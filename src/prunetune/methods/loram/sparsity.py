@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import UserError
+from ...errors import SettingError, UserError
 from ...training.sharding import is_sharded, local_tensor, row_slice
 from ...training.loop import TrainHooks
 from ...structure.units import PROJECTIONS, base_linear, count_parameters, decoder_layers, dense_weight, projection
@@ -30,17 +30,21 @@ SparseMasks = dict[tuple[int, str], torch.Tensor]
 
 def check_pattern(pattern: str, ratio: float, n_m: tuple[int, int] = (2, 4)) -> None:
     """UserError unless `pattern` with `ratio` (and N:M for semi) is something we can do."""
+    # pattern and ratio are LoramPruneSettings.method and .ratio (`loram prune --method unst|semi`)
     if pattern not in PATTERNS:
-        raise UserError(f"unknown sparsity pattern '{pattern}'; use unst (unstructured) or semi (N:M, 2:4)")
+        raise SettingError("LoramPruneSettings.method", f"unknown sparsity pattern '{pattern}'; use unst "
+                           "(unstructured) or semi (N:M, 2:4)")
     if not 0 < ratio < 1:
-        raise UserError(f"--ratio is the fraction of weights zeroed and must be in (0, 1), got {ratio}")
+        raise SettingError("LoramPruneSettings.ratio", "LoramPruneSettings.ratio is the fraction of weights zeroed "
+                           f"and must be in (0, 1), got {ratio}")
     if pattern == "semi":
         n, m = n_m
         if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
             raise UserError(f"N:M sparsity keeps N of every M weights with 0 < N < M, got {n}:{m}")
         if abs(ratio - (1 - n / m)) > 1e-9:
-            raise UserError(f"semi ({n}:{m}) sparsity zeroes a fixed {1 - n / m:g} of the weights; "
-                            f"pass --ratio {1 - n / m:g} or use --method unst for ratio {ratio}")
+            raise SettingError("LoramPruneSettings.ratio", f"semi ({n}:{m}) sparsity zeroes a fixed {1 - n / m:g} "
+                               f"of the weights; set LoramPruneSettings.ratio {1 - n / m:g} or use "
+                               f"LoramPruneSettings.method unst for ratio {ratio}")
 
 
 def require_dense(model: nn.Module) -> None:
@@ -48,7 +52,7 @@ def require_dense(model: nn.Module) -> None:
 
     if is_quantized(model):
         raise UserError("unstructured and 2:4 pruning write zeros into the weights and need a 16/32-bit model, "
-                        "not an 8-bit or NF4 one; load it without --quant (quantize the pruned model afterwards)")
+                        "not an 8-bit or NF4 one; load it without RunOptions.quant (quantize the pruned model afterwards)")
 
 
 def keep_mask(scores: torch.Tensor, pattern: str, ratio: float = 0.5, n_m: tuple[int, int] = (2, 4)) -> torch.Tensor:

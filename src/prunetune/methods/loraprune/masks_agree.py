@@ -32,14 +32,19 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ...errors import UserError
+from ...errors import SettingError
 from ...importance.lora_guided import SCORE_KINDS, lora_guided_scores
 from ...structure.scores import LayerScores
 from ...importance.taylor import quantized_refusal, scores_from_weight_gradients, weight_gradients
 from ...training.lora import LoraSettings, add_lora, lora_matrices
-from ...structure.allocate import achieved_ratio, check_ratio, parse_layers, parse_units, select_masks
+from ...structure.allocate import achieved_ratio, check_ratio, parse_layers, parse_round_to, parse_units, select_masks
 from ...structure.masks import Masks
 from ...structure.units import HEAD_UNITS, Structure, decoder_layers
+from .pruner import check_normalize, resolve_normalize, scale_to_unit_total
+
+# heads-first: per-module normalised LoRA-guided scores put heads and channels on no common scale,
+# and the comparison is of the criteria, not of a split rule
+COMPARED_SPLIT = "heads-first"
 
 
 @dataclass
@@ -52,36 +57,47 @@ class AgreeSettings:
     layers: str | None = "all"
     units: str = "heads,channels"
     head_unit: str = "kv-group"
-    round_to: int = 1  # 1: counts are not rounded, so rounding does not decide the agreement
+    round_to: int | str = 1  # 1: counts are not rounded, so rounding does not decide the agreement
     steps: int = 0  # LoRA training steps before scoring (0: a random B instead, see `randomize_lora_b`)
-    lr: float = 2e-4
+    lr: float = 5e-4  # as every LoRA training's default (README's measurements)
     lora_r: int = 8
     lora_alpha: int = 16
     score: str = "abs"  # lora-guided: abs (official code) or square (paper)
-    normalize: bool = True  # lora-guided: L2-normalise each module's unit scores (official code)
+    # lora-guided: LoRAPrune's words (module, model, none); auto is module here, as in LoRAPrune under
+    # the heads-first split every comparison uses (the official code's per-module L2 normalisation)
+    normalize: str = "auto"
     seed: int = 0
 
     def check(self) -> None:
         if not self.ratios:
-            raise UserError("--ratios needs at least one ratio, e.g. 0.1,0.2,0.3,0.5")
+            raise SettingError("AgreeSettings.ratios", "AgreeSettings.ratios needs at least one ratio, e.g. "
+                               "0.1,0.2,0.3,0.5")
         for ratio in self.ratios:
-            check_ratio(ratio)
-        parse_units(self.units)
-        for name in ("batches", "batch_size", "round_to", "lora_r"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if self.steps < 0:
-            raise UserError(f"--steps must be 0 or more, got {self.steps}")
-        if self.head_unit not in HEAD_UNITS:
-            raise UserError(f"unknown --head-unit '{self.head_unit}'; use {' or '.join(HEAD_UNITS)}")
-        if self.score not in SCORE_KINDS:
-            raise UserError(f"unknown --score '{self.score}'; use {' or '.join(SCORE_KINDS)}")
+            check_ratio(ratio, "AgreeSettings.ratios")
+        parse_units(self.units, "AgreeSettings.units")
+        parse_round_to(self.round_to, "AgreeSettings.round_to")
+        for name, least in (("batches", 1), ("batch_size", 1), ("lora_r", 1), ("lora_alpha", 1), ("seq_len", 2),
+                            ("steps", 0)):
+            if getattr(self, name) < least:
+                raise SettingError(f"AgreeSettings.{name}",
+                                   f"AgreeSettings.{name} must be at least {least}, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise SettingError("AgreeSettings.lr", f"AgreeSettings.lr must be positive, got {self.lr}")
+        for name, choices in (("head_unit", HEAD_UNITS), ("score", SCORE_KINDS)):
+            if getattr(self, name) not in choices:
+                raise SettingError(f"AgreeSettings.{name}", f"unknown AgreeSettings.{name} '{getattr(self, name)}'; "
+                                   f"use {' or '.join(choices)}")
+        check_normalize(self.normalize, "AgreeSettings.normalize")
+
+    @property
+    def normalization(self) -> str:
+        """module, model or none, as LoRAPrune resolves the word under the heads-first split."""
+        return resolve_normalize(self.normalize, COMPARED_SPLIT)
 
 
 def parse_ratios(spec: str) -> tuple[float, ...]:
-    """'0.1,0.2,0.3' -> (0.1, 0.2, 0.3); each strictly between 0 and 1."""
+    """'0.1,0.2,0.3' -> (0.1, 0.2, 0.3), the text form of AgreeSettings.ratios; each strictly between 0 and 1."""
+    name = "AgreeSettings.ratios"
     ratios = []
     for part in spec.split(","):
         if not part.strip():
@@ -89,12 +105,13 @@ def parse_ratios(spec: str) -> tuple[float, ...]:
         try:
             ratio = float(part)
         except ValueError:
-            raise UserError(f"cannot read --ratios '{spec}'; use comma-separated fractions like 0.1,0.2,0.3,0.5") from None
+            raise SettingError(name, f"cannot read {name} '{spec}'; use comma-separated fractions like "
+                               "0.1,0.2,0.3,0.5") from None
         if not 0.0 < ratio < 1.0:
-            raise UserError(f"--ratios: every ratio must be between 0 and 1 (exclusive), got {part.strip()}")
+            raise SettingError(name, f"{name}: every ratio must be between 0 and 1 (exclusive), got {part.strip()}")
         ratios.append(ratio)
     if not ratios:
-        raise UserError("--ratios needs at least one ratio, e.g. 0.1,0.2,0.3,0.5")
+        raise SettingError(name, f"{name} needs at least one ratio, e.g. 0.1,0.2,0.3,0.5")
     return tuple(ratios)
 
 
@@ -125,7 +142,8 @@ def accumulate_scores(model: nn.Module, batches: list[torch.Tensor], *, score: s
                       normalize: bool = True) -> tuple[list[LayerScores], list[LayerScores]]:
     """(taylor, lora-guided) scores from one forward and backward pass per batch; `model` has LoRA."""
     if not batches:
-        raise UserError("masks-agree needs calibration data: pass --data and --batches")
+        raise SettingError("AgreeSettings.batches", "masks-agree needs calibration batches: AgreeSettings.data "
+                           "and AgreeSettings.batches")
     quantized_refusal(model, "masks-agree (it compares against taylor)")
     loras = [lora for layer in decoder_layers(model) for lora in lora_matrices(layer)]
     if not loras:
@@ -185,14 +203,12 @@ def compare_masks(structure: Structure, masks_a: Masks, masks_b: Masks, layers: 
 
 def compare_scores(structure: Structure, scores_a: list[LayerScores], scores_b: list[LayerScores],
                    ratios, layers: list[int], units: tuple[str, ...] = ("heads", "channels"),
-                   head_unit: str = "kv-group", round_to: int = 1) -> list[dict]:
+                   head_unit: str = "kv-group", round_to: int | str = 1) -> list[dict]:
     """For each ratio: masks from both score sets, and their agreement per unit kind."""
     results = []
     for ratio in ratios:
-        # heads-first: the per-module normalised LoRA-guided scores put heads and channels on no
-        # common scale, and the comparison is of the criteria, not of a split rule
-        a = select_masks(structure, scores_a, ratio, layers, units, head_unit, round_to, split="heads-first")
-        b = select_masks(structure, scores_b, ratio, layers, units, head_unit, round_to, split="heads-first")
+        a = select_masks(structure, scores_a, ratio, layers, units, head_unit, round_to, split=COMPARED_SPLIT)
+        b = select_masks(structure, scores_b, ratio, layers, units, head_unit, round_to, split=COMPARED_SPLIT)
         entry = {"ratio": ratio, "ratio_achieved": achieved_ratio(structure, a, layers, units)}
         for kind in units:
             entry[kind] = compare_masks(structure, a, b, layers, kind)
@@ -217,8 +233,8 @@ def masks_agree(model_spec: str, settings: AgreeSettings, *, dtype: str = "auto"
     settings.check()
     load_examples(settings.data)  # a bad data spec fails before the model loads
     check_load_options(dtype, device)
-    config = check_model(model_spec, {"--seq-len": settings.seq_len})  # ... and so do its layers and length
-    parse_layers(settings.layers, config.num_hidden_layers)
+    config = check_model(model_spec, {"AgreeSettings.seq_len": settings.seq_len})  # ... its layers and length
+    parse_layers(settings.layers, config.num_hidden_layers, "AgreeSettings.layers")
     model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
     structure = Structure.of(model)
     layers = parse_layers(settings.layers, structure.num_layers)
@@ -227,8 +243,9 @@ def masks_agree(model_spec: str, settings: AgreeSettings, *, dtype: str = "auto"
     blocks, loss_mask = load_blocks(settings.data, tokenizer, settings.seq_len, default_split="train")
     needed = settings.batches * settings.batch_size
     if len(blocks) < needed:
-        raise UserError(f"the data has {len(blocks)} blocks of {settings.seq_len} tokens, fewer than --batches "
-                        f"{settings.batches} x --batch-size {settings.batch_size}; use fewer or shorter batches")
+        raise SettingError("AgreeSettings.batches", f"the data has {len(blocks)} blocks of {settings.seq_len} tokens, "
+                           f"fewer than AgreeSettings.batches {settings.batches} x AgreeSettings.batch_size "
+                           f"{settings.batch_size}; use fewer or shorter batches")
     torch.manual_seed(settings.seed)  # PEFT's init of A
     model = add_lora(model, LoraSettings(r=settings.lora_r, alpha=settings.lora_alpha))
     if settings.steps:
@@ -242,7 +259,10 @@ def masks_agree(model_spec: str, settings: AgreeSettings, *, dtype: str = "auto"
         lora_state = f"untrained; B drawn at random (seed {settings.seed}) instead of PEFT's zeros"
     batches = list(blocks[:needed].split(settings.batch_size))
     log(f"scoring with both criteria on {len(batches)} batches of {settings.batch_size} x {settings.seq_len} tokens")
-    taylor, lora = accumulate_scores(model, batches, score=settings.score, normalize=settings.normalize)
+    taylor, lora = accumulate_scores(model, batches, score=settings.score,
+                                     normalize=settings.normalization == "module")
+    if settings.normalization == "model":
+        lora = scale_to_unit_total(lora)
     results = compare_scores(structure, taylor, lora, settings.ratios, layers, units, settings.head_unit,
                              settings.round_to)
     return provenance(
@@ -254,7 +274,8 @@ def masks_agree(model_spec: str, settings: AgreeSettings, *, dtype: str = "auto"
         criteria={
             "taylor": "|W * dL/dW| summed per unit, W the frozen base weight (LLM-Pruner)",
             "lora-guided": f"LoRAPrune's estimate from the accumulated LoRA gradients, score {settings.score}, "
-                           f"per-module L2 normalisation {'on' if settings.normalize else 'off'}",
+                           f"normalisation {settings.normalization}"
+                           + (" (per-module L2, the official code)" if settings.normalization == "module" else ""),
             "gradients": f"mean over {len(batches)} batches, one backward pass each, shared by both",
         },
         results=results,

@@ -52,27 +52,47 @@ class LoRAPruneSettings:
     cooldown: float = 0.5  # fraction of steps trained at the final shape
 
     def check(self) -> None:
-        from ...errors import UserError
+        from ...errors import SettingError
 
-        if self.normalize not in NORMALIZATIONS:
-            raise UserError(f"unknown --normalize '{self.normalize}'; use {', '.join(NORMALIZATIONS)}")
-        if not (0 <= self.warmup < 1 and 0 <= self.cooldown < 1 and self.warmup + self.cooldown < 1):
-            raise UserError(f"--prune-warmup and --prune-cooldown are fractions of the steps with a sum below 1, "
-                            f"got {self.warmup} and {self.cooldown}")
+        check_normalize(self.normalize, "LoRAPruneSettings.normalize")
+        for name in ("warmup", "cooldown"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SettingError(f"LoRAPruneSettings.{name}", f"LoRAPruneSettings.{name} is a fraction of the "
+                                   f"steps in [0, 1), got {getattr(self, name)}")
+        if self.warmup + self.cooldown >= 1:
+            raise SettingError("LoRAPruneSettings.cooldown", "LoRAPruneSettings.warmup and "
+                               "LoRAPruneSettings.cooldown are fractions of the steps with a sum below 1, "
+                               f"got {self.warmup} and {self.cooldown}")
         if self.prune_every < 1:
-            raise UserError(f"--prune-every must be at least 1, got {self.prune_every}")
+            raise SettingError("LoRAPruneSettings.prune_every",
+                               f"LoRAPruneSettings.prune_every must be at least 1, got {self.prune_every}")
         if not 0 <= self.ema < 1:
-            raise UserError(f"--ema must be in [0, 1), got {self.ema}")
+            raise SettingError("LoRAPruneSettings.ema", f"LoRAPruneSettings.ema must be in [0, 1), got {self.ema}")
         if self.score not in SCORE_KINDS:
-            raise UserError(f"unknown --score '{self.score}'; use {' or '.join(SCORE_KINDS)}")
+            raise SettingError("LoRAPruneSettings.score", f"unknown LoRAPruneSettings.score '{self.score}'; use "
+                               f"{' or '.join(SCORE_KINDS)}")
 
     def normalization(self, split: str) -> str:
-        if self.normalize != "auto":
-            return self.normalize
-        return "model" if split == "cost" else "module"
+        return resolve_normalize(self.normalize, split)
 
 
 NORMALIZATIONS = ("auto", "module", "model", "none")
+
+
+def check_normalize(value: str, setting: str) -> None:
+    """One of NORMALIZATIONS; LoRAPrune's setting and masks-agree's take the same words."""
+    from ...errors import SettingError
+
+    if value not in NORMALIZATIONS:
+        raise SettingError(setting, f"unknown {setting} '{value}'; use {', '.join(NORMALIZATIONS)}")
+
+
+def resolve_normalize(value: str, split: str) -> str:
+    """module, model or none: `auto` is model under the cost split (one scale keeps heads and channels
+    comparable) and module under heads-first (the official code's)."""
+    if value != "auto":
+        return value
+    return "model" if split == "cost" else "module"
 
 
 def cubic_fraction(step: int, total: int, warmup: float, cooldown: float) -> float:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ...errors import UserError
+from ...errors import SettingError
 from ...models import check_model, load_model
 from ...report import is_run_directory, read_record
 from ...structure.units import count_parameters
@@ -46,9 +46,10 @@ def _source_losses(model_spec: str, settings: ContinueSettings, domain_settings:
     missing = [d.name for d in domains.domains if d.reference is None]
     if (domain_settings.dynamic and missing and not settings.reference_model and not domains.scaling_points
             and not set(missing) <= set(recorded)):
-        raise UserError(
-            "dynamic batch loading needs reference losses: pass --references name=loss,..., --reference-model "
-            "(e.g. the model it was pruned from), or a shear run directory that recorded them for these domains")
+        raise SettingError(
+            "DomainSettings.dynamic", "DomainSettings.dynamic batch loading needs reference losses: pass "
+            "DomainSettings.references name=loss,..., ContinueSettings.reference_model (e.g. the model it was "
+            "pruned from), or a shear run directory that recorded them for these domains")
 
     def losses(model, eval_sets: dict) -> tuple[dict[str, float], str]:
         if settings.reference_model:
@@ -71,17 +72,17 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
 
     def check_settings() -> None:
         nonlocal domains, reference_losses
-        training.check()
         domains = domain_settings.check()
         reference_losses = _source_losses(model_spec, settings, domain_settings, domains, options, training.batch_size)
         if options.quant:
-            raise UserError("prunetune train saves a dense model; --quant is not supported here (use --lora)")
+            raise SettingError("RunOptions.quant", "continued training saves a dense model; RunOptions.quant is not "
+                               "supported here (use ContinueSettings.lora to save memory)")
         if settings.reference_model:
             check_model(settings.reference_model)  # it loads after the model; a bad spec fails now
 
     # every domain's held-out perplexity is measured at the end, at the evaluation's length
     run = Run("train", out, options, evaluation, log=log, checks=[check_settings], model=model_spec,
-              seq_lens={"--seq-len": training.seq_len, "--eval-seq-len": evaluation.seq_len})
+              seq_lens={"TrainSettings.seq_len": training.seq_len, "EvalSettings.seq_len": evaluation.seq_len})
     model, tokenizer = run.load(model_spec, seq_lens=[training.seq_len, evaluation.seq_len])
     params = count_parameters(model)
     run.perplexity(model, tokenizer, "before")

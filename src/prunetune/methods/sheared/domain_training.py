@@ -16,7 +16,7 @@ import torch
 
 from ...data import DataSpec, load_examples
 from .domains import DomainSampler, DomainSet, load_domain_blocks, parse_domains
-from ...errors import UserError
+from ...errors import SettingError, UserError
 from ...evaluate.perplexity import perplexity
 from ...training.lora import LoraSettings, add_lora
 from ...training.loop import TrainSettings
@@ -38,18 +38,21 @@ class DomainSettings:
     def check(self) -> DomainSet:
         """Validate the settings, parse the domains and read every domain's data (without a tokenizer),
         so that a bad spec or file in any domain fails before a model loads."""
-        if self.eval_every < 1 or self.eval_blocks < 1:
-            raise UserError("--eval-every and --eval-blocks must be at least 1")
+        for name in ("eval_every", "eval_blocks"):
+            if getattr(self, name) < 1:
+                raise SettingError(f"DomainSettings.{name}",
+                                   f"DomainSettings.{name} must be at least 1, got {getattr(self, name)}")
         if self.eta <= 0:
-            raise UserError(f"--eta must be positive, got {self.eta}")
+            raise SettingError("DomainSettings.eta", f"DomainSettings.eta must be positive, got {self.eta}")
         if not 0 <= self.smoothing < 1:
-            raise UserError(f"--smoothing is a share in [0, 1), got {self.smoothing}")
+            raise SettingError("DomainSettings.smoothing",
+                               f"DomainSettings.smoothing is a share in [0, 1), got {self.smoothing}")
         domains = parse_domains(self.data, self.weights, self.references)
         for domain in domains.domains:
             try:
                 load_examples(domain.data, default_split="train")
             except UserError as exc:
-                raise UserError(f"domain '{domain.name}': {exc}") from None
+                raise SettingError("DomainSettings.data", f"domain '{domain.name}': {exc}") from None
         return domains
 
 

@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 from ...data import DataSpec, load_blocks
-from ...errors import UserError
+from ...errors import SettingError, UserError
 from ...training.loop import TrainSettings
 
+DATA_SETTING = "DomainSettings.data"  # the field that names the domains (parse_domains' `spec`)
 SYNTAX = "name each domain: code=builtin:stdlib-code,prose=builtin:pydoc (or give a .yaml file)"
 YAML_SUFFIXES = (".yaml", ".yml")
 DOMAIN_KEYS = ("data", "weight", "reference")
@@ -88,14 +89,14 @@ def _pairs(text: str, what: str) -> list[tuple[str, str]]:
     pairs = []
     for item in text.split(","):
         if not item.strip():
-            raise UserError(f"empty entry in {what} '{text}' (a stray comma?); write NAME=VALUE,NAME=VALUE")
+            raise SettingError(what, f"empty entry in {what} '{text}' (a stray comma?); write NAME=VALUE,NAME=VALUE")
         name, sep, value = item.partition("=")
         name, value = name.strip(), value.strip()
         if not sep:
-            raise UserError(f"'{item.strip()}' in {what} is not NAME=VALUE; {SYNTAX}" if what == "--domains"
-                            else f"'{item.strip()}' in {what} is not NAME=NUMBER; write e.g. code=0.7,prose=0.3")
+            raise SettingError(what, f"'{item.strip()}' in {what} is not NAME=VALUE; {SYNTAX}" if what == DATA_SETTING
+                               else f"'{item.strip()}' in {what} is not NAME=NUMBER; write e.g. code=0.7,prose=0.3")
         if not name or not value:
-            raise UserError(f"empty name or value in {what} '{text}'; write NAME=VALUE,NAME=VALUE")
+            raise SettingError(what, f"empty name or value in {what} '{text}'; write NAME=VALUE,NAME=VALUE")
         pairs.append((name, value))
     return pairs
 
@@ -113,8 +114,8 @@ def _check_data(name: str, spec: str) -> str:
 
 def _from_command_line(spec: str) -> list[dict]:
     if "=" not in spec:
-        raise UserError(f"'{spec}' is a single data spec, not a list of domains; {SYNTAX}")
-    return [{"name": name, "data": data} for name, data in _pairs(spec, "--domains")]
+        raise SettingError(DATA_SETTING, f"'{spec}' is a single data spec, not a list of domains; {SYNTAX}")
+    return [{"name": name, "data": data} for name, data in _pairs(spec, DATA_SETTING)]
 
 
 def _read_yaml(path: Path):
@@ -190,7 +191,7 @@ def _override(entries: list[dict], text: str | None, key: str, what: str) -> Non
     by_name = {e["name"]: e for e in entries}
     for name, value in _pairs(text, what):
         if name not in by_name:
-            raise UserError(f"unknown domain '{name}' in {what}; domains are {', '.join(by_name)}")
+            raise SettingError(what, f"unknown domain '{name}' in {what}; domains are {', '.join(by_name)}")
         by_name[name][key] = value
 
 
@@ -199,13 +200,13 @@ def parse_domains(spec: str, weights: str | None = None, references: str | None 
     `references` (`code=1.9`) from the command line override the file."""
     spec = (spec or "").strip()
     if not spec:
-        raise UserError(f"no domains given; {SYNTAX}")
+        raise SettingError(DATA_SETTING, f"no domains given; {SYNTAX}")
     if Path(spec).suffix.lower() in YAML_SUFFIXES:
         entries, raw_points = _from_yaml(Path(spec).expanduser())
     else:
         entries, raw_points = _from_command_line(spec), []
-    _override(entries, weights, "weight", "--weights")
-    _override(entries, references, "reference", "--references")
+    _override(entries, weights, "weight", "DomainSettings.weights")
+    _override(entries, references, "reference", "DomainSettings.references")
     domains = tuple(_domain(e) for e in entries)
     names = tuple(d.name for d in domains)
     duplicate = next((n for n in names if names.count(n) > 1), None)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .domains import DomainSampler, DomainSet
-from ...errors import UserError
+from ...errors import SettingError, UserError
 from ...training.loop import TrainHooks
 
 ETA = 1.0
@@ -145,8 +145,9 @@ def resolve_references(domains: DomainSet, target_parameters: int | None,
     missing = [name for name in domains.names if name not in references]
     if missing:
         if source_losses is None:
-            raise UserError(f"no reference loss for domain '{missing[0]}'; give one (reference: in the domains file "
-                            "or --references NAME=LOSS), scaling-law points with the target's size, or the source model")
+            raise SettingError("DomainSettings.references", f"no reference loss for domain '{missing[0]}'; give one "
+                               "(reference: in the domains file or DomainSettings.references NAME=LOSS), scaling-law "
+                               "points with the target's size, or the source model")
         measured = source_losses()
         for name in missing:
             references[name], origin[name] = float(measured[name]), "source model's loss"
@@ -223,7 +224,8 @@ class DynamicLoading(TrainHooks):
                  clamp: bool = True, batch_size: int = 4, device=None, dynamic: bool = True):
         self.names = tuple(names)
         if eval_every < 1:
-            raise UserError(f"--eval-every must be at least 1, got {eval_every}")
+            raise SettingError("DomainSettings.eval_every",
+                               f"DomainSettings.eval_every must be at least 1, got {eval_every}")
         if set(eval_blocks) != set(self.names) or set(references) != set(self.names):
             raise ValueError(f"evaluation blocks and references must cover exactly the domains {self.names}")
         if len(sampler.weights) != len(self.names):

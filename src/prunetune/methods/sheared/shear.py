@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...errors import UserError
+from ...errors import SettingError
 from ...models import check_architecture
 from .l0_masks import ShearMasks
 from ...structure.surgery import cut, merge_lora
-from .target import Target, parse_target, target_parameters
+from .target import Target, parse_target, quick_source, target_parameters
 from ...structure.units import Structure, count_parameters
 from ...training.loop import ComposedHooks, TrainHooks
 from .domain_training import DomainSettings, domain_perplexities, model_losses, prepare_domains, trainable
@@ -46,14 +46,18 @@ class ShearSettings:
 
     def check(self) -> None:
         if not self.target.strip():
-            raise UserError("--target is required, e.g. layers=24,hidden=2048,heads=16,kv-heads=16,intermediate=5504 "
-                            "or the config.json of a smaller model")
-        if self.mask_lr <= 0 or self.lambda_lr <= 0:
-            raise UserError("--mask-lr and --lambda-lr must be positive")
+            raise SettingError("ShearSettings.target", "ShearSettings.target is required, e.g. layers=24,hidden=2048,"
+                               "heads=16,kv-heads=16,intermediate=5504 or the config.json of a smaller model")
+        for name in ("mask_lr", "lambda_lr"):
+            if getattr(self, name) <= 0:
+                raise SettingError(f"ShearSettings.{name}",
+                                   f"ShearSettings.{name} must be positive, got {getattr(self, name)}")
         if self.lambda2_init < 0:
-            raise UserError(f"--lambda2-init must be at least 0 (0 is the official start), got {self.lambda2_init}")
+            raise SettingError("ShearSettings.lambda2_init", "ShearSettings.lambda2_init must be at least 0 (0 is "
+                               f"the official start), got {self.lambda2_init}")
         if not 0 <= self.warmup <= 1:
-            raise UserError(f"--warmup-share is a share of the steps in [0, 1], got {self.warmup}")
+            raise SettingError("ShearSettings.warmup",
+                               f"ShearSettings.warmup is a share of the steps in [0, 1], got {self.warmup}")
 
 
 def source_structure(config) -> Structure:
@@ -134,11 +138,13 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
     def check_settings() -> None:
         nonlocal domains
         settings.check()
-        training.check()
         domains = domain_settings.check()
         if options.quant:
-            raise UserError("shearing trains the mask logits through every weight; --quant is not supported here "
-                            "(use --lora to save memory)")
+            raise SettingError("RunOptions.quant", "shearing trains the mask logits through every weight; "
+                               "RunOptions.quant is not supported here (use ShearSettings.lora to save memory)")
+        quick = quick_source(model_spec)  # a GGUF source's sizes from its header: its whole config takes seconds
+        if quick is not None:
+            parse_target(settings.target, quick)
 
     # every domain's held-out perplexity is measured at the end, at the evaluation's length
     before = target = None
@@ -149,7 +155,8 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
         target = parse_target(settings.target, before)
 
     run = Run("shear", out, options, evaluation, log=log, checks=[check_settings], config_checks=[check_target],
-              model=model_spec, seq_lens={"--seq-len": training.seq_len, "--eval-seq-len": evaluation.seq_len})
+              model=model_spec,
+              seq_lens={"TrainSettings.seq_len": training.seq_len, "EvalSettings.seq_len": evaluation.seq_len})
     model, tokenizer = run.load(model_spec, seq_lens=[training.seq_len, evaluation.seq_len])
     params_before = count_parameters(model)
     goal = target_parameters(target, before)

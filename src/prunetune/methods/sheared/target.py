@@ -49,6 +49,34 @@ def parse_target(spec: str, source: Structure) -> Target:
     return _validate(values, source)
 
 
+def quick_source(model_spec: str) -> Structure | None:
+    """A GGUF source's unit counts from its file header alone, enough for `parse_target`'s checks: its
+    config through transformers takes seconds (the whole vocabulary is parsed), so a target the source
+    cannot have would otherwise fail several times slower than any other mistake. None for other
+    sources, whose config.json reads at once, and for a header this does not understand."""
+    from ...models import SUPPORTED_ARCHITECTURES, gguf_scalars, resolve_model_spec
+    from ...structure.units import LayerShape
+
+    source = resolve_model_spec(model_spec)
+    if source.kind != "gguf":
+        return None
+    meta = gguf_scalars(Path(source.path) / source.gguf_file) or {}
+    arch = meta.get("general.architecture")
+    names = {"layers": "block_count", "hidden": "embedding_length", "heads": "attention.head_count",
+             "intermediate": "feed_forward_length"}
+    counts = {key: meta.get(f"{arch}.{name}") for key, name in names.items()}
+    # absent: as many kv heads as heads (llama.cpp's default); None: one per layer (an array)
+    counts["kv-heads"] = meta.get(f"{arch}.attention.head_count_kv", counts["heads"])
+    if arch not in SUPPORTED_ARCHITECTURES or not all(isinstance(v, int) and v > 0 for v in counts.values()):
+        return None
+    head_dim = meta.get(f"{arch}.attention.key_length") or counts["hidden"] // counts["heads"]
+    shape = LayerShape(counts["heads"], counts["kv-heads"], counts["intermediate"])
+    return Structure(model_type=arch, hidden=counts["hidden"], head_dim=int(head_dim),
+                     vocab=int(meta.get(f"{arch}.vocab_size") or 0), tied_embeddings=False,
+                     max_positions=int(meta.get(f"{arch}.context_length") or 0), layers=(shape,) * counts["layers"],
+                     qkv_bias=False, o_bias=False, mlp_bias=False)
+
+
 def _source_values(source: Structure) -> dict[str, int]:
     shape = source.layers[0]
     return {"layers": source.num_layers, "hidden": source.hidden, "heads": shape.num_heads,
