@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import os
-import sys
 import typing
 from collections import defaultdict
 from pathlib import Path
