@@ -2,7 +2,7 @@
 
 The CPU stand-in for `torch.cuda.max_memory_allocated` watches every operator (a TorchDispatchMode),
 which slows each step it watches. `train()` therefore counts the first two steps only, where the peak
-is reached (tests/test_train_memory.py: the same peak as counting every step). This times six
+is reached (tests/training/test_train_memory.py: the same peak as counting every step). This times six
 LoRAPrune steps (real SmolLM2-135M, LoRA, masks moving from the first step, batch 4 x 128, the
 issue's measurement) with the count on every step, on the first two (the default) and off, in
 alternation (A B C A B C ...) so that a drifting machine hits all three alike; medians and each

@@ -3,7 +3,7 @@
 Core code names settings in its errors as `Class.field` (errors.SettingError); `as_flags` words
 such a message with the flags the user typed ("ShearSettings.warmup is a share of the steps ..."
 becomes "--warmup-share is a share of the steps ..."). SETTING_FLAGS is the one table that maps
-them; tests/test_cli_flags.py checks that every setting a check names is in it.
+them; tests/cli/test_cli_flags.py checks that every setting a check names is in it.
 
 RENAMED lists the spellings that keep working for one release: each prints one `warning:` line on
 stderr and is read as its new form (CHANGELOG.md, "Renamed flags").

@@ -1,5 +1,5 @@
 """Every option more than one command takes, declared once: one name, one meaning, one syntax and one
-default wherever it appears (tests/test_cli_flags.py holds every command to that).
+default wherever it appears (tests/cli/test_cli_flags.py holds every command to that).
 
 Each function returns the `typer.Option` a command's parameter defaults to, e.g.
 `steps: int = options.steps()`. Where a command must start from another default (inference

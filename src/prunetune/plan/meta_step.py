@@ -5,7 +5,7 @@ the meta device every operator computes its output's shape and dtype and allocat
 project's own step (PEFT's LoRA, the chunked loss or the distillation loss, gradient checkpointing,
 AdamW, LoRAPrune's criterion) runs on a 70B-shaped model in seconds. `TensorMemory(device="meta")`
 counts each storage it creates and frees exactly as it does on the CPU, where the two agree to the
-byte (tests/test_plan.py). Three things are adjusted while a step is planned (`planning()`):
+byte (tests/plan/test_plan.py). Three things are adjusted while a step is planned (`planning()`):
 
 - transformers asks whether the positions are packed sequences, which reads values; training
   blocks never are, so the answer is fixed to "no".

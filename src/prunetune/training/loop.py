@@ -281,7 +281,7 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
     On the CPU the peak tensor memory is counted over the first `memory_steps` steps of the run (None:
     every step; 0: none, and the peak is the resident set's). Counting every tensor costs time (a LoRAPrune step took 1.44x as long), and the peak
     is reached by then: the first step creates AdamW's state and the second runs with all of it, and
-    every later step repeats the second one's allocations (tests/test_train.py checks that the peak
+    every later step repeats the second one's allocations (tests/training/test_train_memory.py checks that the peak
     over every step is the same).
     """
     from transformers import get_cosine_schedule_with_warmup
