@@ -162,8 +162,8 @@ def main() -> None:
                                  warmup=args.warmup, repeats=args.repeats, dtype=args.dtype,
                                  lora=adapter.name)
         console.print(f"prunetune bench {' '.join(models)} --prompt-len {args.prompt_len} --decode-tokens "
-                      f"{args.decode_tokens} --warmup {args.warmup} --repeats {args.repeats} --dtype {args.dtype} "
-                      f"--lora {adapter.name}"
+                      f"{args.decode_tokens} --warmup-runs {args.warmup} --repeats {args.repeats} --dtype {args.dtype} "
+                      f"--adapter {adapter.name}"
                       f"   (in {work})")
         here = os.getcwd()
         os.chdir(work)  # the table's labels are the directory names
