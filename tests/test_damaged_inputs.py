@@ -54,7 +54,7 @@ def edited_config(good_model: Path, **changes) -> str:
 
 
 def prune(model, out: Path, *extra, cwd: Path):
-    return run_cli("prune", model, "--ratio", "0.5", "--out", out, "--no-eval", *extra, cwd=cwd)
+    return run_cli("prune", model, "--method", "magnitude", "--ratio", "0.5", "--out", out, "--no-eval", *extra, cwd=cwd)
 
 
 # ---------------------------------------------------------------------------------------------
