@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prunetune-installed
 
-.PHONY: demo demo-loraprune demo-sheared test setup clean serving-setup test-serving docs
+.PHONY: demo demo-loraprune demo-sheared test test-slow setup clean serving-setup test-serving docs
 
 setup: $(STAMP)
 
@@ -62,8 +62,13 @@ demo-loraprune: $(STAMP)
 # Typer app as the site builds (docs/hooks/cli_reference.py), so a command that cannot load fails too.
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -n 2 --dist loadfile --ignore=tests/serving
+	$(PY) -m pytest -n 2 --dist loadfile --ignore=tests/serving -m "not slow"
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d site
+
+# Checks that take minutes each (benchmark scripts end to end, second paths through a pipeline); CI
+# runs them after `make test`.
+test-slow: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile --ignore=tests/serving -m slow
 
 # The docs site at http://127.0.0.1:8000, rebuilt on every change.
 docs: $(STAMP)

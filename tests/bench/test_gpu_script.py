@@ -17,6 +17,8 @@ from helpers import ROOT
 
 from prunetune.bench.shapes import random_model, shape_config
 
+pytestmark = pytest.mark.slow  # runs four benchmark scripts end to end (minutes)
+
 # What GPU_SH_QUICK=1 passes to each step (benchmarks/gpu.sh).
 CRITERION_SEQ_LEN, SPEED_LAYERS, SPEED_PROMPT, STEPS = 64, 2, 32, 3
 

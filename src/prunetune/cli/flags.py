@@ -53,11 +53,14 @@ SETTING_FLAGS = {
     "ShearSettings.lambda2_init": "--lambda2-init",
     "ShearSettings.warmup": "--warmup-share",
     "ShearSettings.lora": "--lora",
+    "ShearSettings.mask_init": "--mask-init",
+    "ShearSettings.init_samples": "--init-samples",
     **{f"DomainSettings.{name}": f"--{name.replace('_', '-')}" for name in (
         "data", "weights", "references", "eval_every", "eval_blocks", "eta", "clamp")},
     "DomainSettings.dynamic": "--dynamic-loading",
     "ContinueSettings.lora": "--lora",
     "ContinueSettings.reference_model": "--reference-model",
+    "ContinueSettings.teacher": "--teacher",
     # methods/loram/
     **{f"LoramPruneSettings.{name}": f"--{name.replace('_', '-')}" for name in (
         "method", "ratio", "criterion", "layers", "data", "calib_samples", "seq_len", "seed")},

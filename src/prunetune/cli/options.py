@@ -200,6 +200,15 @@ def distill(text: str) -> Any:
     return typer.Option(None, "--distill/--no-distill", show_default=False, help=text)
 
 
+def distill_alpha(default: float | str) -> Any:
+    return typer.Option(None, "--distill-alpha", show_default=False, help="--distill: weight of the distillation "
+                        f"term; the language-model loss gets 1 - this (default: {default}).")
+
+
+def distill_temperature() -> Any:
+    return _option(1.0, "--distill-temperature", "--distill: softmax temperature of both sides.")
+
+
 # ---------------------------------------------------------------------------------------------
 # Timing (bench, bench-criterion)
 

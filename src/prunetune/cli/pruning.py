@@ -56,10 +56,8 @@ def prune(
         "--recover-steps: off by default, the teacher is the source model, loaded a second time."),
     teacher: str = typer.Option("base", help="--distill with loraprune: base (adapters off: the pretrained model) "
                                 "or tuned (adapters on: the unpruned model as it fine-tunes)."),
-    distill_temperature: float = typer.Option(1.0, help="--distill: softmax temperature of both sides."),
-    distill_alpha: Optional[float] = typer.Option(None, show_default=False, help="--distill: weight of the "
-                                                  "distillation term; the language-model loss gets 1 - this "
-                                                  "(default: 0.5 for loraprune, 1 for --recover-steps)."),
+    distill_temperature: float = options.distill_temperature(),
+    distill_alpha: Optional[float] = options.distill_alpha("0.5 for loraprune, 1 for --recover-steps"),
     ema: float = typer.Option(0.9, help="loraprune: weight of the old moving-average score."),
     lora_r: int = options.lora_r(),
     lora_alpha: int = options.lora_alpha(),

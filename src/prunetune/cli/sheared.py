@@ -68,6 +68,15 @@ def shear(
                                        "code's start."),
     warmup_share: float = typer.Option(0.2, help="Share of the steps over which the target sparsity warms up "
                                        "linearly (official: 0.2)."),
+    mask_init: str = typer.Option("taylor", help="Where the mask logits start: taylor, wanda-sp, magnitude or "
+                                  "lora-guided orders them by that criterion's scores (whole layers by block "
+                                  "influence), which also break final ties; uniform is the paper's tie."),
+    init_samples: int = typer.Option(16, help="--mask-init: calibration sequences, spread over the domains."),
+    distill: Optional[bool] = options.distill("Distil from the source model (default: on). With --lora it is the "
+                                              "model itself with masks and adapters off (no memory); otherwise "
+                                              "a second copy."),
+    distill_alpha: Optional[float] = options.distill_alpha(0.5),
+    distill_temperature: float = options.distill_temperature(),
     warmup: float = options.warmup(), lora: bool = options.train_lora(), lora_r: int = options.lora_r(),
     lora_alpha: int = options.lora_alpha(), lora_dropout: float = options.lora_dropout(),
     gradient_checkpointing: bool = options.gradient_checkpointing(),
@@ -89,8 +98,12 @@ def shear(
                        checkpoint_every=checkpoint_every, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
                        lora_dropout=lora_dropout, dtype=dtype, device=device, overwrite=overwrite, resume=resume,
                        export=gguf_outtype)
+    from ..training.distill import DistillSettings
+
     settings = ShearSettings(target=target, mask_lr=mask_lr, lambda_lr=lambda_lr, lambda2_init=lambda2_init,
-                             warmup=warmup_share, lora=lora)
+                             warmup=warmup_share, lora=lora, mask_init=mask_init, init_samples=init_samples,
+                             distill=DistillSettings(enabled=distill, alpha=distill_alpha,
+                                                     temperature=distill_temperature))
     evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=eval_seq_len, max_windows=max_windows)
     record = run_shear(model, out_dir, settings,
                        _domain_settings(data, weights, references, dynamic, eval_every, eval_blocks, eta, clamp),
@@ -113,6 +126,12 @@ def train(
     clamp: bool = options.clamp(),
     reference_model: Optional[str] = typer.Option(None, help="Measure the reference losses on this model (e.g. "
                                                   "the one it was pruned from)."),
+    distill: Optional[bool] = options.distill("Distil from a teacher, a second model in memory (default: on when "
+                                              "there is one: --teacher, or the source a shear directory names)."),
+    teacher: Optional[str] = typer.Option(None, show_default=False, help="--distill: the teacher model (default: "
+                                          "the source model a `prunetune shear` directory records)."),
+    distill_alpha: Optional[float] = options.distill_alpha(0.5),
+    distill_temperature: float = options.distill_temperature(),
     steps: int = options.steps(), batch_size: int = options.batch_size(), grad_accum: int = options.grad_accum(),
     seq_len: int = options.seq_len(),
     lr: float = options.lr(SHEARED_LR, SHEARED_LR_WHY),
@@ -143,7 +162,12 @@ def train(
 
     if gguf_outtype:  # training keeps the shape it is given
         check_export_shape(gguf_outtype, model, per_layer=not is_uniform(check_model(model)))
-    record = continue_training(model, out_dir, ContinueSettings(lora=lora, reference_model=reference_model),
+    from ..training.distill import DistillSettings
+
+    continue_settings = ContinueSettings(lora=lora, reference_model=reference_model, teacher=teacher,
+                                         distill=DistillSettings(enabled=distill, alpha=distill_alpha,
+                                                                 temperature=distill_temperature))
+    record = continue_training(model, out_dir, continue_settings,
                                _domain_settings(data, weights, references, dynamic, eval_every, eval_blocks, eta,
                                                 clamp),
                                evaluation, run_options, log=log)

@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 from ..data import load_blocks, load_examples
-from ..training.distill import DistillSettings, ModelTeacher, self_teacher_for
+from ..training.distill import DistillSettings, self_teacher_for, source_teacher
 from ..errors import SettingError
 from ..importance import CRITERIA
 from ..training.lora import add_lora
-from ..models import load_model
 from ..structure.scores import SCORES_FILE, save_scores
 from ..importance.sharded import SHARDED_CRITERIA
 from ..training.sharding import is_fsdp
@@ -185,10 +184,8 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     if settings.recover_steps:
         teacher = teacher_bytes = None
         if distill.enabled:  # the unpruned source, loaded a second time: the memory LoRAPrune's teacher saves
-            source, _ = load_model(model_spec, dtype=options.dtype, device=str(next(model.parameters()).device),
-                                   quant=options.quant)
-            teacher = ModelTeacher(source)
-            teacher_bytes = sum(t.numel() * t.element_size() for t in (*source.parameters(), *source.buffers()))
+            teacher, teacher_bytes = source_teacher(model_spec, dtype=options.dtype, quant=options.quant,
+                                                    device=str(next(model.parameters()).device))
         torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
         model = add_lora(model, options.lora)
         recovery = TrainSettings(**{**asdict(training), "steps": settings.recover_steps})

@@ -41,22 +41,30 @@ MIN_CHUNK = 64
 LORAPRUNE_ALPHA = 0.5
 
 
+# Per method, what `enabled` and `alpha` left at None mean: (on, weight of the distillation term).
+# LoRAPrune's and shearing-with-LoRA's teacher is the model being trained with its masks off (no
+# memory); a one-shot recovery's is a second copy, so it is off unless asked for. Half and half was
+# measured best for LoRAPrune (docs/results/quality.md) and for shearing (docs/results/sheared.md).
+METHOD_DEFAULTS = {"loraprune": (True, LORAPRUNE_ALPHA), "sheared": (True, 0.5), "continued": (True, 0.5)}
+OTHER_DEFAULT = (False, 1.0)
+
+
 @dataclass
 class DistillSettings:
-    # None: on for LoRAPrune (its teacher costs no memory; measured better off the training domain,
-    # README), off for one-shot recovery (its teacher is a second copy of the model)
+    # None: the method's default (METHOD_DEFAULTS): on for LoRAPrune and Sheared-LLaMA, off for
+    # one-shot recovery (its teacher is a second copy of the model)
     enabled: bool | None = None
     temperature: float = 1.0
-    # Weight of the distillation term; 1 - alpha goes to the language-model loss. None: LORAPRUNE_ALPHA
-    # for LoRAPrune (half and half measured best, README's quality table), 1 for one-shot recovery.
+    # Weight of the distillation term; 1 - alpha goes to the language-model loss. None: the method's
+    # default (METHOD_DEFAULTS), 1 for one-shot recovery.
     alpha: float | None = None
     teacher: str = "base"  # LoRAPrune: base (adapters off) or tuned (adapters on)
 
     def resolved(self, method: str) -> "DistillSettings":
-        """These settings with `enabled` and `alpha` decided for a pruning method."""
-        enabled = (method == "loraprune") if self.enabled is None else self.enabled
-        alpha = (LORAPRUNE_ALPHA if method == "loraprune" else 1.0) if self.alpha is None else self.alpha
-        return DistillSettings(enabled, self.temperature, alpha, self.teacher)
+        """These settings with `enabled` and `alpha` decided for a method (METHOD_DEFAULTS)."""
+        enabled, alpha = METHOD_DEFAULTS.get(method, OTHER_DEFAULT)
+        return DistillSettings(enabled if self.enabled is None else self.enabled, self.temperature,
+                               alpha if self.alpha is None else self.alpha, self.teacher)
 
     def check(self) -> None:
         if self.temperature <= 0:
@@ -185,6 +193,15 @@ def _distill_sums(s_states, t_states, targets, student_head, teacher_head, tempe
     # KL(p ‖ q) = Σ p log p − Σ p log q, with log q = scaled − logsumexp(scaled)
     kl = (teacher_neg_entropy - (teacher_p * scaled).sum(dim=-1) + scaled_norm) * valid
     return torch.stack([cross_entropy, kl.sum()])
+
+
+def source_teacher(model_spec: str, *, dtype: str, device: str, quant: str | None = None) -> tuple[ModelTeacher, int]:
+    """The unpruned source loaded a second time as a frozen teacher, and the bytes that copy holds."""
+    from ..models import load_model
+
+    source, _ = load_model(model_spec, dtype=dtype, device=device, quant=quant)
+    held = sum(t.numel() * t.element_size() for t in (*source.parameters(), *source.buffers()))
+    return ModelTeacher(source), held
 
 
 def self_teacher_for(model: nn.Module, masks_off, settings: DistillSettings) -> SelfTeacher:

@@ -184,6 +184,7 @@ def test_loram_run_end_to_end_compares_every_configuration(full, tmp_path):
         assert card.data.library_name == ("peft" if "adapter" in step or step == "baseline" else "prunetune")
 
 
+@pytest.mark.slow  # the aligned run above covers the pipeline; this is its second path
 def test_loram_run_without_alignment_trains_on_the_pruned_model(full, tmp_path):
     from prunetune.methods.loram.run import LoramRunSettings, loram_run
 

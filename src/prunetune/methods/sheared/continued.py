@@ -5,18 +5,23 @@ or with a LoRA (merged into the saved model), with a fixed mixture or dynamic ba
 reference losses default to what the shear run recorded (its source model's per-domain loss), so the
 two stages chase the same references; `--reference-model` measures another model's, and
 `--references` / a scaling law in the domain file give them outright.
+
+Distillation (on by default when there is a teacher): the model learns the teacher's next-token
+distributions mixed with the language-model loss. The teacher is `--teacher`, or the source model
+a shear run directory records, loaded a second time (frozen, no gradients).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...errors import SettingError
 from ...models import check_model, load_model
 from ...report import is_run_directory, read_record
 from ...structure.units import count_parameters
+from ...training.distill import DistillSettings, source_teacher
 from .domains import DomainSet
 from .domain_training import DomainSettings, domain_perplexities, prepare_domains, trainable
 from .dynamic_loading import domain_losses
@@ -28,6 +33,17 @@ from ...runs.settings import EvalSettings, RunOptions
 class ContinueSettings:
     lora: bool = False  # full-parameter by default, as the paper's continued pre-training
     reference_model: str | None = None  # measure the references on this model instead
+    teacher: str | None = None  # distil from this model (default: the source a shear run records)
+    distill: DistillSettings = field(default_factory=DistillSettings)  # None fields: the method's default
+
+
+def _teacher_spec(model_spec: str, settings: ContinueSettings) -> str | None:
+    """The teacher to distil from: --teacher, else the source model a shear run directory names."""
+    if settings.teacher:
+        return settings.teacher
+    if is_run_directory(Path(model_spec)):
+        return read_record(Path(model_spec)).get("source_model")
+    return None
 
 
 def _recorded_references(model_spec: str) -> dict[str, float]:
@@ -69,9 +85,22 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
     options = options or RunOptions()
     training = options.training
     domains = reference_losses = None
+    teacher_spec = _teacher_spec(model_spec, settings)
+    distill = settings.distill.resolved("continued")
+    if settings.distill.enabled is None and teacher_spec is None:
+        distill.enabled = False  # on by default only where there is a teacher
 
     def check_settings() -> None:
         nonlocal domains, reference_losses
+        distill.check()
+        if distill.teacher != "base":
+            raise SettingError("DistillSettings.teacher", "continued training names its teacher model with "
+                               "ContinueSettings.teacher")
+        if distill.enabled and teacher_spec is None:
+            raise SettingError("DistillSettings.enabled", "DistillSettings.enabled needs a teacher: pass "
+                               "ContinueSettings.teacher, or train a `prunetune shear` directory (its source model)")
+        if distill.enabled:
+            check_model(teacher_spec)  # it loads after the model; a bad spec fails now
         domains = domain_settings.check()
         reference_losses = _source_losses(model_spec, settings, domain_settings, domains, options, training.batch_size)
         if options.quant:
@@ -100,8 +129,15 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
     run.log("reference losses (" + run_domains.reference_source + "): "
             + ", ".join(f"{k} {v:.3f}" for k, v in run_domains.references.items()))
     model = trainable(model, options.lora if settings.lora else None, training.seed)
+    teacher = teacher_bytes = None
+    if distill.enabled:
+        teacher, teacher_bytes = source_teacher(teacher_spec, dtype=options.dtype, device=str(run.accelerator.device))
+        run.log(f"distilling from {teacher_spec} (a second model: {teacher_bytes / 2**20:,.0f} MiB)")
     trained = run.train(model, run_domains.blocks, run_domains.loss_mask, hooks=run_domains.hook,
-                        sampler=run_domains.sampler)
+                        sampler=run_domains.sampler, teacher=teacher, distill=distill)
+    if trained.distill:
+        trained.distill |= {"teacher": teacher_spec, "teacher_model_bytes": teacher_bytes}
+    del teacher
     model = trained.model  # under FSDP: the gathered model on the main process, None on the others
     if model is None:
         return run.leave()
@@ -115,7 +151,7 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
         carried = {k: source[k] for k in ("source_model", "target", "kept") if k in source}
     return run.finish(
         model, tokenizer, model=model_spec, method="continued pre-training", **carried,
-        settings=asdict(settings) | {"dtype": options.dtype} | ({"lora": asdict(options.lora)} if settings.lora else {}),
+        settings=asdict(settings) | {"distill": asdict(distill), "dtype": options.dtype} | ({"lora": asdict(options.lora)} if settings.lora else {}),
         parameters={"total": params["total"], "non_embedding": params["non_embedding"]},
         data=asdict(domain_settings) | run_domains.record(),
         training=trained.record(training),

@@ -11,9 +11,14 @@ sigmoid(log_alpha / temperature * 0.8) (the code's "magical number", from Wang e
 Reproducibility: the initial log_alpha and every sample's noise come from the `generator` the gates
 are given (a CPU `torch.Generator`; the noise is drawn on the CPU and moved to log_alpha's device, so
 a seed gives the same noise on every device and every process), never from torch's global generator,
-which model loading, dropout and evaluation also draw from. Ties in the final selection are broken
-by a stated rule: among equal log_alpha the unit with the lower index is kept (a stable descending
-sort). Many units sit exactly on the clamp at the end of a short shear, so the rule matters.
+which model loading, dropout and evaluation also draw from.
+
+Importance start (prunetune's, not the official code's): `init_from(priority)` replaces the tied
+N(5, 0.01) start with log_alpha ordered by an importance score, from LOG_ALPHA_MAX for a row's most
+important unit down by INIT_SPREAD for its least important, so a short shear starts from a
+considered choice instead of a tie. Ties in the final selection are broken by the same `priority`
+(higher kept first) and then by index (lower kept first): many units sit exactly on a clamp at the
+end of a short shear, so the rule matters. Without a priority the rule is the index alone.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ EPSILON = 1e-6
 MAGICAL_NUMBER = 0.8
 LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(1e-2), math.log(1e2)
 INIT_MEAN, INIT_STD = 5.0, 1e-2
+# The importance start's range: log_alpha from LOG_ALPHA_MAX (P(z > 0) 0.998) for the most important
+# unit of a row down to LOG_ALPHA_MAX - INIT_SPREAD (0.95) for the least, linear in rank; every unit
+# is still kept at the start, as the official start keeps them (the target sparsity warms up from 0).
+INIT_SPREAD = 3.0
 # log(-l / r): where the stretched sample crosses zero, in logit space.
 _ZERO_LOGIT = math.log(-LIMIT_LEFT / LIMIT_RIGHT)
 
@@ -48,6 +57,22 @@ class HardConcrete(nn.Module):
         # Initial values and sample noise; None: torch's global generator (not reproducible by itself).
         self.generator = generator
         self.log_alpha = nn.Parameter(torch.empty(rows, size).normal_(INIT_MEAN, INIT_STD, generator=generator))
+        # Tie-break order of the final selection (higher first); recomputed by a run, not checkpointed.
+        self.register_buffer("priority", torch.zeros(rows, size), persistent=False)
+
+    @torch.no_grad()
+    def init_from(self, priority: torch.Tensor) -> None:
+        """Start log_alpha ordered by `priority` ([rows, size], higher = more important) and break
+        final ties by it. Ranks, not raw values, set the start, so any criterion's scale works."""
+        priority = priority.detach().float().reshape(self.log_alpha.shape).cpu()
+        size = priority.shape[-1]
+        # rank 0 = least important; equal scores take the index order (stable), lower index higher
+        order = priority.argsort(dim=-1, stable=True)
+        ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(size).expand_as(order))
+        ranks = ranks.float() / max(1, size - 1)
+        start = LOG_ALPHA_MAX - INIT_SPREAD * (1.0 - ranks)
+        self.log_alpha.copy_(start.to(self.log_alpha.device))
+        self.priority.copy_(priority.to(self.priority.device))
 
     def constrain(self) -> None:
         """Clamp log_alpha in place (the official `constrain_parameters`), outside autograd."""
@@ -70,12 +95,15 @@ class HardConcrete(nn.Module):
 
     def keep_mask(self) -> torch.Tensor:
         """Boolean final mask: the `keep` units of each row with the largest log_alpha, equal per group;
-        among equal log_alpha the lower index is kept (stable descending sort, unlike topk, whose
-        order among ties is unspecified)."""
+        among equal log_alpha the higher priority, then the lower index, is kept (stable descending
+        sorts, unlike topk, whose order among ties is unspecified)."""
         self.constrain()
         rows = self.log_alpha.shape[0]
-        blocks = self.log_alpha.detach().reshape(rows, self.groups, self.size // self.groups)
-        top = blocks.argsort(dim=-1, descending=True, stable=True)[..., : self.keep // self.groups]
+        shape = (rows, self.groups, self.size // self.groups)
+        blocks = self.log_alpha.detach().reshape(shape)
+        by_priority = self.priority.reshape(shape).to(blocks.device).argsort(dim=-1, descending=True, stable=True)
+        order = blocks.gather(-1, by_priority).argsort(dim=-1, descending=True, stable=True)
+        top = by_priority.gather(-1, order)[..., : self.keep // self.groups]
         mask = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, top, True)
         return mask.reshape(rows, self.size)
 

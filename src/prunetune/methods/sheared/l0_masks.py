@@ -43,7 +43,6 @@ from ...structure.units import Structure, base_linear, projection
 from ...modeling import unwrap
 
 MASK_TYPES = ("layer", "head", "intermediate", "hidden")
-_ALWAYS_ON = MaskHooks([])  # the switch masks.py's norm hook reads; these hooks are never suspended
 
 
 class ShearMasks(nn.Module):
@@ -67,6 +66,12 @@ class ShearMasks(nn.Module):
         })
         self._current: dict[str, torch.Tensor | None] | None = None
 
+    def init_from(self, priorities: dict[str, torch.Tensor]) -> None:
+        """Start each gate set's log_alpha from an importance score ([rows, units] by mask type,
+        higher = more important) instead of the tie; the scores also break final ties."""
+        for kind, priority in priorities.items():
+            self.distributions[kind].init_from(priority)
+
     # ----------------------------------------------------------------- parameters
     def mask_parameters(self) -> list[nn.Parameter]:
         return [d.log_alpha for d in self.distributions.values()]
@@ -87,32 +92,38 @@ class ShearMasks(nn.Module):
 
     # ----------------------------------------------------------------- gates in the forward pass
     def attach(self, model: nn.Module) -> MaskHooks:
-        """Hook the masks into `model` (plain or PEFT-wrapped); the handle's `remove()` takes them off."""
+        """Hook the masks into `model` (plain or PEFT-wrapped); the handle's `remove()` takes them off
+        and its `suspended()` lets the unmasked model run (the source model, as a teacher)."""
         if Structure.of(model) != self.structure:
             raise ValueError("these masks were built for a model of another shape")
         hf = unwrap(model)
-        handles = [hf.register_forward_pre_hook(self._refresh)]
+        switch = MaskHooks()
+        handles = switch._handles
+        handles.append(hf.register_forward_pre_hook(self._refresh(switch)))
         types = self.distributions
         if "hidden" in types:
-            handles.append(hf.model.embed_tokens.register_forward_hook(self._output_hook("embed", None)))
+            handles.append(hf.model.embed_tokens.register_forward_hook(self._output_hook("embed", None, switch)))
             norms = [hf.model.norm] + [n for layer in hf.model.layers
                                        for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-            handles += [norm.register_forward_hook(self._norm_hook) for norm in norms]
+            handles += [norm.register_forward_hook(self._norm_hook(switch)) for norm in norms]
         for i, layer in enumerate(hf.model.layers):
             o_proj, down_proj = projection(layer, "o_proj"), projection(layer, "down_proj")
             if "head" in types:
-                handles.append(o_proj.register_forward_pre_hook(self._input_hook("o_input", i)))
+                handles.append(o_proj.register_forward_pre_hook(self._input_hook("o_input", i, switch)))
             if "intermediate" in types:
-                handles.append(down_proj.register_forward_pre_hook(self._input_hook("down_input", i)))
+                handles.append(down_proj.register_forward_pre_hook(self._input_hook("down_input", i, switch)))
             if "layer" in types or "hidden" in types:
-                handles += [m.register_forward_hook(self._output_hook("residual", i)) for m in (o_proj, down_proj)]
-        return MaskHooks(handles)
+                handles += [m.register_forward_hook(self._output_hook("residual", i, switch)) for m in (o_proj, down_proj)]
+        return switch
 
-    def _refresh(self, module: nn.Module, args) -> None:
-        """Once per forward: sample the gates (training) or take the deterministic ones (eval)."""
-        gates = {kind: d.sample() if module.training else d.deterministic()
-                 for kind, d in self.distributions.items()}
-        self._current = self._scales(gates)
+    def _refresh(self, switch: MaskHooks):
+        def hook(module: nn.Module, args) -> None:
+            """Once per forward: sample the gates (training) or take the deterministic ones (eval). A
+            suspended pass keeps the last sample, which a checkpointed backward may still recompute."""
+            if switch.active:
+                self._current = self._scales({kind: d.sample() if module.training else d.deterministic()
+                                              for kind, d in self.distributions.items()})
+        return hook
 
     def _scales(self, gates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """The gates as the per-module scale vectors the hooks multiply by."""
@@ -144,19 +155,27 @@ class ShearMasks(nn.Module):
         scale = self._current[name]
         return scale if row is None else scale[row]
 
-    def _input_hook(self, name: str, row: int):
+    def _input_hook(self, name: str, row: int, switch: MaskHooks):
         def hook(module, args):
+            if not switch.active:
+                return None
             x = args[0]
             return (x * self._read(name, row).to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
         return hook
 
-    def _output_hook(self, name: str, row: int | None):
+    def _output_hook(self, name: str, row: int | None, switch: MaskHooks):
         def hook(module, args, output):
+            if not switch.active:
+                return None
             return output * self._read(name, row).to(device=output.device, dtype=output.dtype)
         return hook
 
-    def _norm_hook(self, module, args, output):
-        return _rms_norm_over_kept(self._read("norm_keep", None), _ALWAYS_ON)(module, args, output)
+    def _norm_hook(self, switch: MaskHooks):
+        def hook(module, args, output):
+            if not switch.active:
+                return None
+            return _rms_norm_over_kept(self._read("norm_keep", None), switch)(module, args, output)
+        return hook
 
     @property
     def _device(self) -> torch.device:

@@ -13,7 +13,7 @@ mask logits and the multipliers, the model's own (1e-4 there) for the weights.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,9 @@ from .l0_masks import ShearMasks
 from ...structure.surgery import cut, merge_lora
 from .target import Target, parse_target, quick_source, target_parameters
 from ...structure.units import Structure, count_parameters
+from ...training.distill import DistillSettings, SelfTeacher, source_teacher
 from ...training.loop import ComposedHooks, TrainHooks
+from .mask_init import MASK_INITS, mask_priorities
 from .domain_training import DomainSettings, domain_perplexities, model_losses, prepare_domains, trainable
 from ...runs.lifecycle import Run
 from ...runs.settings import EvalSettings, RunOptions
@@ -43,6 +45,13 @@ class ShearSettings:
     lambda2_init: float = 5000.0
     warmup: float = 0.2  # share of the steps over which the target sparsity warms up (official: 640 of 3200)
     lora: bool = False  # train a LoRA instead of every weight (memory), merged before the cut
+    # Where the mask logits start: "uniform" is the paper's tie (every log α at the clamp, ties kept by
+    # index); a criterion orders them by importance and breaks final ties by its scores (mask_init.py).
+    mask_init: str = "taylor"
+    init_samples: int = 16  # calibration sequences for mask_init, spread over the training domains
+    # Distillation from the source model: with LoRA the model itself with masks and adapters off (no
+    # memory), otherwise a second copy. None fields take the method's default (training/distill.py).
+    distill: DistillSettings = field(default_factory=DistillSettings)
 
     def check(self) -> None:
         if not self.target.strip():
@@ -58,6 +67,16 @@ class ShearSettings:
         if not 0 <= self.warmup <= 1:
             raise SettingError("ShearSettings.warmup",
                                f"ShearSettings.warmup is a share of the steps in [0, 1], got {self.warmup}")
+        if self.mask_init not in MASK_INITS:
+            raise SettingError("ShearSettings.mask_init", f"unknown ShearSettings.mask_init '{self.mask_init}'; "
+                               f"use one of {', '.join(MASK_INITS)}")
+        if self.init_samples < 1:
+            raise SettingError("ShearSettings.init_samples",
+                               f"ShearSettings.init_samples must be at least 1, got {self.init_samples}")
+        self.distill.check()
+        if self.distill.teacher != "base":
+            raise SettingError("DistillSettings.teacher", "shearing distils from the source model: leave "
+                               "DistillSettings.teacher at base")
 
 
 def source_structure(config) -> Structure:
@@ -168,12 +187,28 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
     run.log("reference losses (" + run_domains.reference_source + "): "
             + ", ".join(f"{k} {v:.3f}" for k, v in run_domains.references.items()))
 
-    model = trainable(model, options.lora if settings.lora else None, training.seed)
     masks = ShearMasks(before, target, warmup_steps=round(settings.warmup * training.steps),
-                       lambda2_init=settings.lambda2_init, seed=training.seed).to(run.accelerator.device)
+                       lambda2_init=settings.lambda2_init, seed=training.seed)
+    if settings.mask_init != "uniform":
+        masks.init_from(mask_priorities(model, masks, settings.mask_init, run_domains.blocks,
+                                        settings.init_samples, training.batch_size, training.seed))
+        run.log(f"mask logits start from {settings.mask_init} scores ({settings.init_samples} sequences)")
+    masks.to(run.accelerator.device)
+    model = trainable(model, options.lora if settings.lora else None, training.seed)
     handle = masks.attach(model)
+    distill = settings.distill.resolved("sheared")
+    teacher = teacher_bytes = None
+    if distill.enabled and settings.lora:  # the source itself: masks suspended, adapters off
+        teacher, teacher_bytes = SelfTeacher(model, handle.suspended, adapters=False), 0
+    elif distill.enabled:
+        teacher, teacher_bytes = source_teacher(model_spec, dtype=options.dtype, device=str(run.accelerator.device))
     trained = run.train(model, run_domains.blocks, run_domains.loss_mask,
-                        hooks=ComposedHooks(ShearHooks(masks, settings), run_domains.hook), sampler=run_domains.sampler)
+                        hooks=ComposedHooks(ShearHooks(masks, settings), run_domains.hook), sampler=run_domains.sampler,
+                        teacher=teacher, distill=distill)
+    if trained.distill:
+        trained.distill |= {"teacher": "source (masks and adapters off)" if settings.lora else "source (a second copy)",
+                            "teacher_model_bytes": teacher_bytes}
+    del teacher
 
     # A probe sequence checks that the cut model computes what the masked one did (eval mode: the
     # deterministic gates final() returns); the difference is recorded. Under FSDP every process runs
@@ -204,7 +239,7 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
         model, tokenizer, source_structure=before,
         source_model=model_spec,
         method="sheared",
-        settings=asdict(settings) | {"dtype": options.dtype} | ({"lora": asdict(options.lora)} if settings.lora else {}),
+        settings=asdict(settings) | {"distill": asdict(distill), "dtype": options.dtype} | ({"lora": asdict(options.lora)} if settings.lora else {}),
         target=asdict(target) | {"spec": target.describe()},
         parameters={"before": params_before, "after": params_after, "target": goal,
                     "expected_by_masks": round(expected),
