@@ -82,8 +82,8 @@ def qloram_only(args, run: Path) -> None:
     if not (run / "aligned" / "prunetune.json").exists():
         prunetune("loram", "prune", "smollm2-135m", "--ratio", "0.5", "--method", "stru", "--data", "builtin:pydoc",
                   "--out", run / "pruned", "--overwrite")
-        prunetune("loram", "align", run / "pruned", "--data", "builtin:pydoc", "--steps", args.align_steps,
-                  "--lr", "1e-4", *COMMON, "--out", run / "aligned", "--overwrite")
+        prunetune("loram", "align", run / "pruned", "--no-distill", "--data", "builtin:pydoc",
+                  "--steps", args.align_steps, "--lr", "1e-4", *COMMON, "--out", run / "aligned", "--overwrite")
     qlora = train_nf4(args, run / "aligned")
     baseline = args.out / "baseline-adapter"
     if not (baseline / "prunetune.json").exists():
@@ -144,14 +144,18 @@ def memory_only(args, run: Path) -> None:
 # --cells: the paper's "scaling law of parameter reduction" in small. Each cell is a ratio and how the
 # pruned model was aligned before the adapter trained on it; every finished cell goes to the results
 # file at once and is skipped on the next run, so the table can be finished across sessions.
+# "distill": the pruned model learns the full model's next-token distributions (`loram align`'s
+# default); the others are the paper's continued pre-training (`--no-distill`).
 ALIGNMENTS = {
     "aligned": {"lr": "1e-4", "steps": None, "data": "builtin:pydoc"},  # the 50% row's alignment
     "unaligned": None,
     "aligned-lr1e-5": {"lr": "1e-5", "steps": None, "data": "builtin:pydoc"},
     "aligned-25-steps": {"lr": "1e-4", "steps": 25, "data": "builtin:pydoc"},
     "aligned-mixed": {"lr": "1e-4", "steps": None, "data": "MIXED"},  # both domains' training text
+    "distilled": {"lr": "1e-4", "steps": None, "data": "builtin:pydoc", "distill": True},
 }
-CELLS = [(0.2, "aligned"), (0.2, "unaligned"), (0.35, "aligned"), (0.35, "unaligned"),
+CELLS = [(0.5, "distilled"), (0.2, "distilled"), (0.35, "distilled"),
+         (0.2, "aligned"), (0.2, "unaligned"), (0.35, "aligned"), (0.35, "unaligned"),
          (0.35, "aligned-lr1e-5"), (0.35, "aligned-25-steps"), (0.35, "aligned-mixed")]
 CELL_RESULTS = Path(__file__).resolve().parent / "results" / "loram_cells.json"
 
@@ -186,7 +190,8 @@ def run_cell(args, ratio: float, alignment: str) -> dict:
         data = mixed_data(args.out) if how["data"] == "MIXED" else how["data"]
         if not (trained_on / "prunetune.json").exists():
             prunetune("loram", "align", pruned, "--data", data, "--steps", how["steps"] or args.align_steps,
-                      "--lr", how["lr"], *COMMON, "--out", trained_on, "--overwrite")
+                      "--lr", how["lr"], "--distill" if how.get("distill") else "--no-distill", *COMMON,
+                      "--out", trained_on, "--overwrite")
     adapter = base / f"adapter-{alignment}"
     if not (adapter / "prunetune.json").exists():
         prunetune("loram", "train", trained_on, "--data", "builtin:stdlib-code", "--steps", args.steps, "--lr", "5e-4",
@@ -249,8 +254,10 @@ def cells_report(saved: dict) -> str:
         row = rows[key]
         share = (untouched["in_domain"] - row["in_domain"]) / (untouched["in_domain"] - baseline["in_domain"])
         how = ALIGNMENTS.get(alignment)
-        described = "none" if how is None else (f"{how['steps'] or align_steps} steps at lr {how['lr']} on "
-                                                + ("both domains" if how["data"] == "MIXED" else "pydoc"))
+        described = "none" if how is None else (
+            ("distillation from the full model, " if how.get("distill") else "next-token loss, ")
+            + f"{how['steps'] or align_steps} steps at lr {how['lr']} on "
+            + ("both domains" if how["data"] == "MIXED" else "pydoc"))
         lines.append([f"{float(ratio):.0%}", described, f"{row['reduction_ratio']:.2f}x", f"{row['in_domain']:.2f}",
                       f"{row['out_of_domain']:.2f}", f"{share:.0%}"])
     lines.append(["–", "full model + LoRA trained on it (baseline)", "1.00x", f"{baseline['in_domain']:.2f}",
@@ -324,7 +331,8 @@ def main() -> None:
         return
     if not (run / "prunetune.json").exists():
         prunetune("loram", "run", "smollm2-135m", "--ratio", "0.5", "--method", "stru", "--align-data", "builtin:pydoc",
-                  "--align-steps", args.align_steps, "--align-lr", "1e-4", "--data", "builtin:stdlib-code",
+                  "--align-steps", args.align_steps, "--align-lr", "1e-4", "--align-next-token",
+                  "--data", "builtin:stdlib-code",
                   "--steps", args.steps, "--lr", "5e-4", *COMMON, "--max-windows", args.max_windows,
                   "--baseline", "--ablation", "--out", run)
     qlora = train_nf4(args, run / "aligned")

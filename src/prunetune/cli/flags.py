@@ -65,9 +65,9 @@ SETTING_FLAGS = {
     **{f"LoramPruneSettings.{name}": f"--{name.replace('_', '-')}" for name in (
         "method", "ratio", "criterion", "layers", "data", "calib_samples", "seq_len", "seed")},
     **{f"LoramRunSettings.{name}": f"--{name.replace('_', '-')}" for name in (
-        "ratio", "method", "criterion", "layers", "align_data", "align_steps", "align_lr", "data", "ood_data",
-        "steps", "lr", "batch_size", "seq_len", "quant", "gradient_checkpointing", "baseline", "ablation",
-        "eval_seq_len", "max_windows", "seed")},
+        "ratio", "method", "criterion", "layers", "align_data", "align_steps", "align_lr", "align_distill", "data",
+        "ood_data", "steps", "lr", "batch_size", "seq_len", "quant", "gradient_checkpointing", "baseline",
+        "ablation", "eval_seq_len", "max_windows", "seed")},
     # plan/, bench/
     **{f"PlanSettings.{name}": f"--{name.replace('_', '-')}" for name in (
         "method", "ratio", "quant", "batch_size", "seq_len", "gradient_checkpointing", "processes", "fsdp", "dtype",

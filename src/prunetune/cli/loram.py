@@ -71,6 +71,11 @@ def loram_align(
     seq_len: int = options.seq_len(),
     lr: float = options.lr(ALIGN_LR, ALIGN_LR_WHY),
     warmup: float = options.warmup(),
+    distill: Optional[bool] = options.distill("Align by distillation: the pruned model learns the full model's "
+                                              "next-token distributions (the full model is loaded a second time; "
+                                              "default: on). --no-distill: the paper's continued pre-training."),
+    distill_alpha: Optional[float] = options.distill_alpha(1.0),
+    distill_temperature: float = options.distill_temperature(),
     eval_data: Optional[str] = options.eval_data(None, EVAL_DATA_WHY),
     eval_seq_len: int = options.eval_seq_len(),
     max_windows: Optional[int] = options.max_windows(),
@@ -91,7 +96,10 @@ def loram_align(
                              checkpoint_every=checkpoint_every, seed=seed)
     step = StepOptions(data=data, eval_data=_eval_specs(eval_data), eval_seq_len=eval_seq_len,
                        max_windows=max_windows, dtype=dtype, device=device, overwrite=overwrite, resume=resume)
-    record = align(pruned, out_dir, training, step, log=log)
+    from ..training.distill import DistillSettings
+
+    record = align(pruned, out_dir, training, step, log=log,
+                   distill=DistillSettings(enabled=distill, alpha=distill_alpha, temperature=distill_temperature))
     if record:  # under FSDP only the main process has one
         _print_step(record, out_dir)
 
@@ -185,6 +193,9 @@ def loram_run_command(
                                     "models; 0 trains the adapter on the pruned model as it is, which transferred "
                                     "better on SmolLM2-135M at every ratio measured (README)."),
     align_lr: float = typer.Option(ALIGN_LR, help="Alignment learning rate; " + ALIGN_LR_WHY),
+    align_distill: bool = typer.Option(True, "--align-distill/--align-next-token", help="Align by distillation "
+                                       "from the full model (--align-next-token: the paper's continued "
+                                       "pre-training)."),
     data: str = typer.Option("builtin:stdlib-code", help="The LoRA's training domain; its held-out split is the "
                              "in-domain evaluation."),
     ood_data: Optional[str] = typer.Option(None, help="Out-of-domain evaluation data (default: the other built-in domain)."),
@@ -205,7 +216,7 @@ def loram_run_command(
     from ..methods.loram.run import LoramRunSettings, loram_run
 
     settings = LoramRunSettings(ratio=ratio, method=method, criterion=criterion, layers=layers, align_data=align_data,
-                                align_steps=align_steps, align_lr=align_lr, data=data, ood_data=ood_data, steps=steps,
+                                align_steps=align_steps, align_lr=align_lr, align_distill=align_distill, data=data, ood_data=ood_data, steps=steps,
                                 lr=lr, batch_size=batch_size, seq_len=seq_len, quant=quant,
                                 gradient_checkpointing=gradient_checkpointing, baseline=baseline, ablation=ablation,
                                 eval_seq_len=eval_seq_len, max_windows=max_windows, seed=seed)

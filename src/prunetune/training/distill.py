@@ -45,7 +45,9 @@ LORAPRUNE_ALPHA = 0.5
 # LoRAPrune's and shearing-with-LoRA's teacher is the model being trained with its masks off (no
 # memory); a one-shot recovery's is a second copy, so it is off unless asked for. Half and half was
 # measured best for LoRAPrune (docs/results/quality.md) and for shearing (docs/results/sheared.md).
-METHOD_DEFAULTS = {"loraprune": (True, LORAPRUNE_ALPHA), "sheared": (True, 0.5), "continued": (True, 0.5)}
+METHOD_DEFAULTS = {"loraprune": (True, LORAPRUNE_ALPHA), "sheared": (True, 0.5), "continued": (True, 0.5),
+                   # LoRAM's alignment: the pruned model learns the full model's distributions alone
+                   "loram-align": (True, 1.0)}
 OTHER_DEFAULT = (False, 1.0)
 
 

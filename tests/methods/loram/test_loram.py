@@ -55,7 +55,7 @@ def test_structured_prune_records_the_reduction_ratio(full, pruned):
     assert count_parameters(model)["total"] == after
 
 
-def test_align_trains_every_weight_and_carries_the_kept_units(pruned, tmp_path):
+def test_align_trains_every_weight_and_carries_the_kept_units(full, pruned, tmp_path):
     out = tmp_path / "aligned"
     record = align(pruned, out, training(), StepOptions(progress=False), log=quiet)
     before, _ = load_model(str(pruned))
@@ -66,6 +66,40 @@ def test_align_trains_every_weight_and_carries_the_kept_units(pruned, tmp_path):
     stored = read_record(out)
     assert stored["kept"] == read_record(pruned)["kept"] and stored["loram"]["method"] == "stru"
     assert record["training"]["peak_memory_bytes"] > 0
+    # distillation from the full model by default: its teacher is the model the pruned one came from
+    assert stored["alignment"]["objective"] == "distillation"
+    assert record["training"]["distill"]["teacher"] == str(full)
+    assert record["training"]["distill"]["alpha"] == 1.0 and record["training"]["distill"]["teacher_model_bytes"] > 0
+
+
+def test_distilled_alignment_brings_the_pruned_model_closer_to_the_full_one(tiny_model_dir, tmp_path):
+    """On the alignment text, the KL divergence to the full model falls with distillation, further than
+    with next-token training on the same batches; --no-distill is the paper's next-token alignment."""
+    import torch.nn.functional as F
+
+    from prunetune.data import load_blocks
+    from prunetune.training.distill import DistillSettings
+
+    full = tiny_model_dir("llama", initializer_range=0.3)  # peaked next-token distributions to match
+    pruned = tmp_path / "pruned"
+    prune_for_loram(str(full), pruned, LoramPruneSettings(ratio=0.5, seq_len=32, calib_samples=2),
+                    RunOptions(progress=False), log=quiet)
+    teacher, tokenizer = load_model(str(full))
+    text = load_blocks("builtin:pydoc", tokenizer, 32, default_split="train")[0][:8]
+
+    def divergence(model_dir) -> float:
+        model, _ = load_model(str(model_dir))
+        with torch.no_grad():
+            p = F.log_softmax(teacher(text).logits, -1)
+            q = F.log_softmax(model(text).logits, -1)
+        return float(F.kl_div(q, p, log_target=True, reduction="batchmean"))
+
+    settings = TrainSettings(steps=12, batch_size=2, seq_len=32, lr=1e-3)
+    align(pruned, tmp_path / "kd", settings, StepOptions(progress=False), log=quiet)
+    record = align(pruned, tmp_path / "lm", settings, StepOptions(progress=False), log=quiet,
+                   distill=DistillSettings(enabled=False))
+    assert record["alignment"]["objective"] == "next-token loss" and "distill" not in record["training"]
+    assert divergence(tmp_path / "kd") < min(divergence(tmp_path / "lm"), divergence(pruned))
 
 
 def test_qloram_trains_an_nf4_adapter_on_the_cpu(pruned, tmp_path):

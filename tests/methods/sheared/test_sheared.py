@@ -43,6 +43,9 @@ def test_shear_then_train_end_to_end(model_dir, tmp_path):
     assert all("domain_weights" in h and "masks" in h for h in history)
     assert (sheared / "run" / "plots" / "masks.png").exists() and (sheared / "run" / "plots" / "domain_weights.png").exists()
     assert "## Domains" in (sheared / "report.md").read_text()
+    # the defaults: masks start from Taylor scores, and the source model (a second copy) is the teacher
+    assert record["settings"]["mask_init"] == "taylor" and record["settings"]["distill"]["enabled"]
+    assert record["training"]["distill"]["teacher"] == "source (a second copy)"
 
     trained = tmp_path / "trained"
     done = run_cli("train", str(sheared), "--data", DOMAINS, "--dynamic-loading", "--steps", "4", *SMALL,
@@ -51,6 +54,7 @@ def test_shear_then_train_end_to_end(model_dir, tmp_path):
     again = json.loads((trained / "prunetune.json").read_text())
     # the references come from the shear run: the source model's own per-domain losses
     assert again["data"]["reference_losses"] == record["data"]["reference_losses"]
+    assert again["training"]["distill"]["teacher"] == str(model_dir)  # the source the shear run records
     assert Structure.of(AutoModelForCausalLM.from_pretrained(trained)).hidden == 64
     assert [(e["architecture"], e["outtype"]) for e in again["exports"]] == [("llama", "q8_0")]
     assert (trained / "model.gguf").is_file()
@@ -69,6 +73,14 @@ def test_shear_with_lora_cuts_the_merged_model(tiny_model_dir, tmp_path):
     assert record["checks"]["masked_vs_cut_max_abs_logit_diff"] < 1e-4
     assert record["architecture"]["layer_shapes"] == [{"num_heads": 3, "num_kv_heads": 3, "intermediate": 48}] * 4
     assert record["parameters"]["after"]["total"] == record["parameters"]["target"]
+    assert record["training"]["distill"]["teacher_model_bytes"] == 0  # the model itself, masks and LoRA off
+
+
+def test_train_with_distill_but_no_teacher_is_one_line(model_dir, tmp_path, no_model_load):
+    done = run_cli("train", str(model_dir), "--data", DOMAINS, "--references", "code=3,prose=3", "--distill",
+                   "--steps", "2", *SMALL, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert_user_error(done, "--teacher")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("target, message", [

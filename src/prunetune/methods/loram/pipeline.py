@@ -3,7 +3,8 @@
     prune    MODEL -> PRUNED       structured (stru: Taylor by default, rand: random units) through the
                                    shared pruning pipeline, or unstructured / 2:4 (unst, semi: weights keep
                                    their shapes, pruned entries zero)
-    align    PRUNED -> ALIGNED     full-parameter next-token training on a general corpus, once
+    align    PRUNED -> ALIGNED     full-parameter training on a general corpus, once: by distillation
+                                   from the full model (default) or next-token loss (the paper)
     train    PRUNED -> ADAPTER     LoRA on the (aligned) pruned model, optionally on an NF4 base (QLoRAM)
     recover  ADAPTER -> FULL       the adapter at the full model's shapes (structure/recover.py)
 
@@ -28,6 +29,7 @@ from ...models import resolve_model_spec
 from ...report import read_record
 from .sparsity import reduction_ratio
 from ...structure.units import count_parameters
+from ...training.distill import DistillSettings, source_teacher
 from ...training.loop import TrainSettings
 from ...runs.lifecycle import Run
 from ...runs.settings import EvalSettings, RunOptions
@@ -160,11 +162,29 @@ class StepOptions:
 
 
 def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
-          log: Callable[[str], None] = print) -> dict:
-    """Step 2: full-parameter next-token training of the pruned model (done once, by a publisher)."""
+          log: Callable[[str], None] = print, distill: DistillSettings | None = None) -> dict:
+    """Step 2: full-parameter training of the pruned model (done once, by a publisher).
+
+    With distillation (the default, `DistillSettings.enabled` None or True) the pruned model learns the
+    full model's next-token distributions on the corpus, the full model loaded a second time as the
+    teacher (alpha 1 by default: the distributions alone), so that it behaves like the model the
+    adapter will be served on. Without, it is the paper's continued pre-training (next-token loss).
+    """
     pruned = Path(pruned)
     carried = _source_fields(pruned)
-    run = step.run("loram align", out, training, str(pruned), log=log)
+    distill = (distill or DistillSettings()).resolved("loram-align")
+    teacher_spec = carried.get("source_model")
+
+    def check_teacher() -> None:
+        distill.check()
+        if distill.teacher != "base":
+            raise SettingError("DistillSettings.teacher", "alignment distils from the full model the pruned one "
+                               "came from: leave DistillSettings.teacher at base")
+        if distill.enabled and not teacher_spec:
+            raise SettingError("DistillSettings.enabled", f"'{pruned}' does not record the model it was pruned "
+                               "from, the teacher of distilled alignment; align with DistillSettings.enabled off")
+
+    run = step.run("loram align", out, training, str(pruned), checks=[check_teacher], log=log)
     model, tokenizer = run.load(str(pruned), seq_lens=[training.seq_len])
     blocks, mask = load_blocks(step.data, tokenizer, training.seq_len, default_split="train")
     for param in model.parameters():
@@ -174,13 +194,22 @@ def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
         from .sparsity import KeepZeros
 
         hooks = KeepZeros.from_zeros(model)  # full training must not revive the pruned weights
-    trained = run.train(model, blocks, mask, hooks=hooks)
+    teacher = teacher_bytes = None
+    if distill.enabled:
+        teacher, teacher_bytes = source_teacher(teacher_spec, dtype=step.dtype, device=str(run.accelerator.device))
+        run.log(f"aligning by distillation from {teacher_spec} (a second model: {teacher_bytes / 2**20:,.0f} MiB)")
+    trained = run.train(model, blocks, mask, hooks=hooks, teacher=teacher, distill=distill)
+    if trained.distill:
+        trained.distill |= {"teacher": teacher_spec, "teacher_model_bytes": teacher_bytes}
+    del teacher
     model = trained.model
     if model is None:  # FSDP: the main process holds the gathered model, evaluates and saves it
         return run.leave()
     for param in model.parameters():
         param.requires_grad_(False)
     return run.finish(model, tokenizer, source=str(pruned), **carried, data=step.data,
+                      alignment={"objective": "distillation" if distill.enabled else "next-token loss",
+                                 "distill": asdict(distill)},
                       training=trained.record(training), results=step.evaluate(run, model, tokenizer),
                       parameters={"after": count_parameters(model)})
 

@@ -41,6 +41,7 @@ from ...structure.allocate import parse_layers
 from ...runs.settings import EvalSettings, RunOptions
 from ...training.loop import TrainSettings
 from ...training.lora import LoraSettings
+from ...training.distill import DistillSettings
 from .pipeline import (QUANT_BITS, LoramPruneSettings, StepOptions, align, prune_for_loram, recover, train_adapter)
 
 
@@ -53,6 +54,7 @@ class LoramRunSettings:
     align_data: str = "builtin:pydoc"
     align_steps: int = 100
     align_lr: float = 2e-5
+    align_distill: bool = True  # align by distillation from the full model; False: next-token loss (the paper)
     data: str = "builtin:stdlib-code"
     ood_data: str | None = None  # default: the other built-in domain
     steps: int = 100
@@ -169,7 +171,7 @@ def loram_run(model_spec: str, out: Path, s: LoramRunSettings, *, overwrite: boo
                                      data=s.align_data, seed=s.seed), RunOptions(), log=log)
         if s.align_steps:
             _run_step("align", align, tmp / "pruned", tmp / "aligned", training(s.align_steps, s.align_lr),
-                      StepOptions(data=s.align_data), log=log)
+                      StepOptions(data=s.align_data), log=log, distill=DistillSettings(enabled=s.align_distill))
         trained = {"adapter": _trained_on(tmp, s)}
         if s.ablation:
             trained["adapter-unaligned"] = tmp / "pruned"
@@ -255,7 +257,9 @@ def run_report(record: dict) -> str:
         f"# prunetune loram run: {record['source_model']}", "",
         f"Created {record['created']} on {record['device']}; took {record['elapsed_seconds']:.0f} s. "
         f"{s['method']} pruning at ratio {s['ratio']}, "
-        + (f"aligned {s['align_steps']} steps on {s['align_data']}, " if s["align_steps"] else "not aligned, ")
+        + (f"aligned {s['align_steps']} steps on {s['align_data']} "
+           f"({'by distillation from the full model' if s.get('align_distill') else 'by next-token loss'}), "
+           if s["align_steps"] else "not aligned, ")
         + f"LoRA trained {s['steps']} steps on {s['data']}" + (f" on an {s['quant']} base" if s["quant"] else "")
         + f"; parameter reduction ratio {record['reduction_ratio']:.2f}x.", "",
         markdown_table(header, table), "",
