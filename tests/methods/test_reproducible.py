@@ -9,6 +9,7 @@ the lower layer) is kept; the learned masks' final top-k does the same.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny import tiny_model
 
@@ -54,6 +55,7 @@ def _options(steps: int, **training) -> RunOptions:
 # Whole runs, twice
 
 
+@pytest.mark.slow  # two whole runs; the LoRAPrune pair below stays in make test
 def test_two_identical_shear_runs_give_identical_masks_and_losses(model_dir, tmp_path):
     records = []
     for run in range(2):
@@ -73,6 +75,7 @@ def test_two_identical_shear_runs_give_identical_masks_and_losses(model_dir, tmp
     assert first["parameters"]["expected_by_masks"] == second["parameters"]["expected_by_masks"]
 
 
+@pytest.mark.slow  # two whole runs; the LoRAPrune pair below stays in make test
 def test_two_identical_train_runs_with_dynamic_loading_are_identical(model_dir, tmp_path):
     """LoRA (seeded initialisation, dropout from the seeded global generator) and dynamic loading."""
     records = []

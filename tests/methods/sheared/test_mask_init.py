@@ -24,6 +24,15 @@ def test_the_importance_start_orders_log_alpha_and_keeps_every_unit():
     assert gates.keep_mask().tolist() == [[False, True, False, False, True], [True, True, False, False, False]]
 
 
+def test_without_a_warm_up_the_masks_start_at_the_target():
+    gates = HardConcrete(1, 6, keep=2, groups=2)
+    gates.init_from(torch.tensor([[1.0, 3.0, 2.0, 9.0, 8.0, 7.0]]), at_target=True)
+    kept = [False, True, False, True, False, False]  # the best of each group
+    assert gates.keep_mask().tolist() == [kept]
+    p = gates.keep_probability()[0]
+    assert (p[torch.tensor(kept)] > 0.99).all() and (p[~torch.tensor(kept)] < 0.12).all()
+
+
 def test_ties_at_a_clamp_go_to_the_higher_score_then_the_lower_index():
     gates = HardConcrete(1, 6, keep=3)
     with torch.no_grad():
@@ -67,13 +76,16 @@ def test_hidden_channel_scores_see_a_dead_channel():
 def test_mask_priorities_cover_every_gate_set(criterion):
     model = tiny_model("qwen2")
     structure = Structure.of(model)
-    masks = ShearMasks(structure, parse_target(TARGET, structure), warmup_steps=4)
+    masks = ShearMasks(structure, parse_target(TARGET, structure), warmup_steps=0)
     blocks = torch.cat([tokens(4, 16, seed=s) for s in (1, 2)])
     priorities = mask_priorities(model, masks, criterion, blocks, samples=4, batch_size=2, seed=0)
     assert {k: tuple(v.shape) for k, v in priorities.items()} == {
         k: tuple(d.log_alpha.shape) for k, d in masks.distributions.items()}
     masks.init_from(priorities)
     assert all(d.priority.abs().sum() > 0 for d in masks.distributions.values())
+    # no warm-up: the expected size starts at the target's (within the pruned units' leftover chance)
+    for kind, d in masks.distributions.items():
+        assert float(d.keep_probability().sum(-1).mean()) == pytest.approx(d.keep, abs=0.12 * (d.size - d.keep) + 0.01)
     assert not any(p.grad is not None for p in model.parameters())  # the scoring left no gradients behind
 
 

@@ -38,6 +38,9 @@ INIT_MEAN, INIT_STD = 5.0, 1e-2
 # unit of a row down to LOG_ALPHA_MAX - INIT_SPREAD (0.95) for the least, linear in rank; every unit
 # is still kept at the start, as the official start keeps them (the target sparsity warms up from 0).
 INIT_SPREAD = 3.0
+# At the target (no warm-up): kept units start in [LOG_ALPHA_MAX - 1, LOG_ALPHA_MAX] (P(z > 0) > 0.99),
+# the others in [LOG_ALPHA_MIN, LOG_ALPHA_MIN + 1] (P(z > 0) < 0.12).
+INIT_SPREAD_AT_TARGET = 1.0
 # log(-l / r): where the stretched sample crosses zero, in logit space.
 _ZERO_LOGIT = math.log(-LIMIT_LEFT / LIMIT_RIGHT)
 
@@ -61,18 +64,29 @@ class HardConcrete(nn.Module):
         self.register_buffer("priority", torch.zeros(rows, size), persistent=False)
 
     @torch.no_grad()
-    def init_from(self, priority: torch.Tensor) -> None:
+    def init_from(self, priority: torch.Tensor, at_target: bool = False) -> None:
         """Start log_alpha ordered by `priority` ([rows, size], higher = more important) and break
-        final ties by it. Ranks, not raw values, set the start, so any criterion's scale works."""
+        final ties by it. Ranks, not raw values, set the start, so any criterion's scale works.
+
+        Every unit kept (`at_target` False): log_alpha from LOG_ALPHA_MAX down by INIT_SPREAD, for a
+        target that warms up from no sparsity. At the target: the `keep` best units of each row (and
+        group) within INIT_SPREAD_AT_TARGET of LOG_ALPHA_MAX, the others within it of LOG_ALPHA_MIN,
+        so the masks meet the target from the first step (what a target without warm-up asks for)."""
         priority = priority.detach().float().reshape(self.log_alpha.shape).cpu()
         size = priority.shape[-1]
         # rank 0 = least important; equal scores take the index order (stable), lower index higher
         order = priority.argsort(dim=-1, stable=True)
         ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(size).expand_as(order))
         ranks = ranks.float() / max(1, size - 1)
-        start = LOG_ALPHA_MAX - INIT_SPREAD * (1.0 - ranks)
-        self.log_alpha.copy_(start.to(self.log_alpha.device))
         self.priority.copy_(priority.to(self.priority.device))
+        if at_target:
+            self.log_alpha.copy_(ranks.to(self.log_alpha.device))  # the selection by priority alone
+            kept = self.keep_mask().cpu()
+            start = torch.where(kept, LOG_ALPHA_MAX - INIT_SPREAD_AT_TARGET * (1.0 - ranks),
+                                LOG_ALPHA_MIN + INIT_SPREAD_AT_TARGET * ranks)
+        else:
+            start = LOG_ALPHA_MAX - INIT_SPREAD * (1.0 - ranks)
+        self.log_alpha.copy_(start.to(self.log_alpha.device))
 
     def constrain(self) -> None:
         """Clamp log_alpha in place (the official `constrain_parameters`), outside autograd."""

@@ -68,9 +68,10 @@ class ShearMasks(nn.Module):
 
     def init_from(self, priorities: dict[str, torch.Tensor]) -> None:
         """Start each gate set's log_alpha from an importance score ([rows, units] by mask type,
-        higher = more important) instead of the tie; the scores also break final ties."""
+        higher = more important) instead of the tie; the scores also break final ties. Without a
+        warm-up the masks start at the target (the best units kept), else with every unit kept."""
         for kind, priority in priorities.items():
-            self.distributions[kind].init_from(priority)
+            self.distributions[kind].init_from(priority, at_target=self.warmup_steps == 0)
 
     # ----------------------------------------------------------------- parameters
     def mask_parameters(self) -> list[nn.Parameter]:
