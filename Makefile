@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml | $(PY)
 # LoRA trains for 100 steps (a few minutes and under 2 GiB on 2 CPU cores); then a zero-shot task
 # (the offline ten-question task the tests ship) is added to the run's report, and the pruned
 # model's inference speed is measured against its source. Then Sheared-LLaMA at demo size: learned
-# masks prune SmolLM2 to a named shape on the two built-in domains with dynamic batch loading, and
-# the result continues training on them.
+# masks, started from Taylor scores at the target, prune SmolLM2 to a named shape (a quarter of the
+# non-embedding parameters) on the two built-in domains with dynamic batch loading, distilling from
+# the source, and the result continues training on them with the same teacher.
 # Every command names every setting its numbers depend on, so a change of default cannot change
 # what the demo prints.
 demo: demo-loraprune demo-sheared
@@ -37,8 +38,8 @@ DEMO_EVAL := --eval-data builtin:pydoc --eval-seq-len 256
 SHEARED_DEMO := --data $(DOMAINS) --dynamic-loading --eval-every 5 --eval-blocks 4 --eta 1.0 --clamp \
 	--steps 30 --batch-size 2 --grad-accum 1 --seq-len 128 --lr 1e-4 --warmup 0.05 --no-lora --seed 0 \
 	--gradient-checkpointing $(DEMO_EVAL) --max-windows 20 --overwrite
-SHEAR_DEMO := --target layers=24,heads=6,kv-heads=3,intermediate=1024 --mask-lr 1.0 --lambda-lr 1.0 \
-	--lambda2-init 5000 --warmup-share 0.2
+SHEAR_DEMO := --target heads=6,kv-heads=3,intermediate=1152 --mask-init taylor --init-samples 16 --mask-lr 0.1 \
+	--lambda-lr 1.0 --lambda2-init 5000 --warmup-share 0 --distill --distill-alpha 0.5 --distill-temperature 1.0
 LORAPRUNE_DEMO := --method loraprune --ratio 0.2 --layers paper --units heads,channels --head-unit kv-group \
 	--round-to auto --allocation uniform --split cost --score abs --normalize auto --ema 0.9 --prune-every 10 \
 	--prune-warmup 0.05 --prune-cooldown 0.5 --distill --teacher base --distill-alpha 0.5 --distill-temperature 1.0 \
@@ -48,7 +49,8 @@ LORAPRUNE_DEMO := --method loraprune --ratio 0.2 --layers paper --units heads,ch
 
 demo-sheared: $(STAMP)
 	$(VENV)/bin/prunetune shear smollm2-135m $(SHEAR_DEMO) $(SHEARED_DEMO) --out runs/demo-sheared
-	$(VENV)/bin/prunetune train runs/demo-sheared $(SHEARED_DEMO) --out runs/demo-sheared-trained
+	$(VENV)/bin/prunetune train runs/demo-sheared $(SHEARED_DEMO) --distill --distill-alpha 0.5 \
+		--distill-temperature 1.0 --out runs/demo-sheared-trained
 
 demo-loraprune: $(STAMP)
 	$(VENV)/bin/prunetune prune smollm2-135m $(LORAPRUNE_DEMO) --out runs/demo --overwrite

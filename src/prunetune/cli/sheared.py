@@ -60,14 +60,18 @@ def shear(
     steps: int = options.steps(), batch_size: int = options.batch_size(), grad_accum: int = options.grad_accum(),
     seq_len: int = options.seq_len(),
     lr: float = options.lr(SHEARED_LR, "Of the model's weights. " + SHEARED_LR_WHY),
-    mask_lr: float = typer.Option(1.0, help="Learning rate of the mask logits (official: 1.0)."),
+    mask_lr: Optional[float] = typer.Option(None, show_default=False, help="Learning rate of the mask logits "
+                                            "(default: 0.1 from an importance start; 1.0, the official code's, "
+                                            "from --mask-init uniform)."),
     lambda_lr: float = typer.Option(1.0, help="Learning rate of the Lagrange multipliers, which ascend "
                                     "(official: 1.0)."),
     lambda2_init: float = typer.Option(5000.0, help="Starting value of λ2, the quadratic term's multiplier. Stiff "
                                        "keeps the masks on the warming target in short runs; 0 is the official "
                                        "code's start."),
-    warmup_share: float = typer.Option(0.2, help="Share of the steps over which the target sparsity warms up "
-                                       "linearly (official: 0.2)."),
+    warmup_share: Optional[float] = typer.Option(None, show_default=False, help="Share of the steps over which "
+                                                 "the target sparsity warms up linearly (default: 0 from an "
+                                                 "importance start, whose masks start at the target; 0.2, the "
+                                                 "official share, from --mask-init uniform)."),
     mask_init: str = typer.Option("taylor", help="Where the mask logits start: taylor, wanda-sp, magnitude or "
                                   "lora-guided orders them by that criterion's scores (whole layers by block "
                                   "influence), which also break final ties; uniform is the paper's tie."),

@@ -129,7 +129,7 @@ def _shear_setup(seed: int = 0, steps: int = 8, warmup_steps: int = 4, lambda2_i
                              batch_size=2)
     masks = ShearMasks(structure, target, warmup_steps=warmup_steps, lambda2_init=lambda2_init)
     handle = masks.attach(model)
-    hooks = ComposedHooks(ShearHooks(masks, ShearSettings(target="x", lambda2_init=lambda2_init)), dynamic)
+    hooks = ComposedHooks(ShearHooks(masks, ShearSettings(target="x", lambda2_init=lambda2_init, mask_init="uniform")), dynamic)
     return model, masks, handle, hooks, sampler, blocks, mask, settings
 
 

@@ -151,7 +151,8 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
         carried = {k: source[k] for k in ("source_model", "target", "kept") if k in source}
     return run.finish(
         model, tokenizer, model=model_spec, method="continued pre-training", **carried,
-        settings=asdict(settings) | {"distill": asdict(distill), "dtype": options.dtype} | ({"lora": asdict(options.lora)} if settings.lora else {}),
+        settings=asdict(settings) | {"distill": asdict(distill), "dtype": options.dtype}
+        | ({"lora": asdict(options.lora)} if settings.lora else {}),
         parameters={"total": params["total"], "non_embedding": params["non_embedding"]},
         data=asdict(domain_settings) | run_domains.record(),
         training=trained.record(training),

@@ -114,7 +114,8 @@ class ShearMasks(nn.Module):
             if "intermediate" in types:
                 handles.append(down_proj.register_forward_pre_hook(self._input_hook("down_input", i, switch)))
             if "layer" in types or "hidden" in types:
-                handles += [m.register_forward_hook(self._output_hook("residual", i, switch)) for m in (o_proj, down_proj)]
+                handles += [m.register_forward_hook(self._output_hook("residual", i, switch))
+                            for m in (o_proj, down_proj)]
         return switch
 
     def _refresh(self, switch: MaskHooks):

@@ -13,6 +13,7 @@ mask logits and the multipliers, the model's own (1e-4 there) for the weights.
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,14 +37,18 @@ from ...runs.settings import EvalSettings, RunOptions
 @dataclass
 class ShearSettings:
     target: str = ""
-    mask_lr: float = 1.0  # the official code's learning rate of the mask logits
+    # Learning rate of the mask logits. None: 1.0 (the official code's) from the uniform start, 0.1
+    # from an importance start, which already holds a choice worth keeping (docs/methods/sheared.md).
+    mask_lr: float | None = None
     lambda_lr: float = 1.0  # ... and of the Lagrange multipliers (gradient ascent)
     # λ2's starting value, the quadratic term's stiffness. The official code starts both multipliers
     # at 0, which suits its 3,200 steps; in runs of a few hundred steps λ1 then winds up while the
     # masks trail the warm-up and overshoots by 5-9% of the parameters. A stiff start keeps the masks
     # on the warming target (benchmarks/sheared.py and the README have the measurements).
     lambda2_init: float = 5000.0
-    warmup: float = 0.2  # share of the steps over which the target sparsity warms up (official: 640 of 3200)
+    # Share of the steps over which the target sparsity warms up. None: 0.2 (official: 640 of 3200) from
+    # the uniform start; 0 from an importance start, whose masks then start at the target.
+    warmup: float | None = None
     lora: bool = False  # train a LoRA instead of every weight (memory), merged before the cut
     # Where the mask logits start: "uniform" is the paper's tie (every log α at the clamp, ties kept by
     # index); a criterion orders them by importance and breaks final ties by its scores (mask_init.py).
@@ -53,18 +58,25 @@ class ShearSettings:
     # memory), otherwise a second copy. None fields take the method's default (training/distill.py).
     distill: DistillSettings = field(default_factory=DistillSettings)
 
+    def resolved(self) -> "ShearSettings":
+        """These settings with the defaults that depend on the start filled in."""
+        importance = self.mask_init != "uniform"
+        return dataclasses.replace(
+            self, mask_lr=self.mask_lr if self.mask_lr is not None else (0.1 if importance else 1.0),
+            warmup=self.warmup if self.warmup is not None else (0.0 if importance else 0.2))
+
     def check(self) -> None:
         if not self.target.strip():
             raise SettingError("ShearSettings.target", "ShearSettings.target is required, e.g. layers=24,hidden=2048,"
                                "heads=16,kv-heads=16,intermediate=5504 or the config.json of a smaller model")
-        for name in ("mask_lr", "lambda_lr"):
+        for name in ("mask_lr", "lambda_lr") if self.mask_lr is not None else ("lambda_lr",):
             if getattr(self, name) <= 0:
                 raise SettingError(f"ShearSettings.{name}",
                                    f"ShearSettings.{name} must be positive, got {getattr(self, name)}")
         if self.lambda2_init < 0:
             raise SettingError("ShearSettings.lambda2_init", "ShearSettings.lambda2_init must be at least 0 (0 is "
                                f"the official start), got {self.lambda2_init}")
-        if not 0 <= self.warmup <= 1:
+        if self.warmup is not None and not 0 <= self.warmup <= 1:
             raise SettingError("ShearSettings.warmup",
                                f"ShearSettings.warmup is a share of the steps in [0, 1], got {self.warmup}")
         if self.mask_init not in MASK_INITS:
@@ -96,6 +108,7 @@ class ShearHooks(TrainHooks):
 
     def __init__(self, masks: ShearMasks, settings: ShearSettings):
         self.masks = masks
+        settings = settings.resolved()
         self.mask_optimizer = torch.optim.AdamW(masks.mask_parameters(), lr=settings.mask_lr, weight_decay=0.0)
         self.lambda_optimizer = torch.optim.AdamW(masks.lagrangian_parameters(), lr=settings.lambda_lr,
                                                   weight_decay=0.0, maximize=True)
@@ -187,6 +200,7 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
     run.log("reference losses (" + run_domains.reference_source + "): "
             + ", ".join(f"{k} {v:.3f}" for k, v in run_domains.references.items()))
 
+    settings = settings.resolved()
     masks = ShearMasks(before, target, warmup_steps=round(settings.warmup * training.steps),
                        lambda2_init=settings.lambda2_init, seed=training.seed)
     if settings.mask_init != "uniform":
@@ -239,7 +253,8 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
         model, tokenizer, source_structure=before,
         source_model=model_spec,
         method="sheared",
-        settings=asdict(settings) | {"distill": asdict(distill), "dtype": options.dtype} | ({"lora": asdict(options.lora)} if settings.lora else {}),
+        settings=asdict(settings) | {"distill": asdict(distill), "dtype": options.dtype}
+        | ({"lora": asdict(options.lora)} if settings.lora else {}),
         target=asdict(target) | {"spec": target.describe()},
         parameters={"before": params_before, "after": params_after, "target": goal,
                     "expected_by_masks": round(expected),
