@@ -328,7 +328,8 @@ SETTINGS_CLASSES = [
     ("prunetune.plan.planner", "PlanSettings"), ("prunetune.bench.speed", "SpeedSettings"),
     ("prunetune.bench.criterion", "BenchSettings"),
 ]
-NESTED = {"PruneSettings.loraprune", "PruneSettings.distill", "LoraSettings.targets"}
+NESTED = {"PruneSettings.loraprune", "PruneSettings.distill", "ShearSettings.distill", "ContinueSettings.distill",
+          "LoraSettings.targets"}
 
 
 @pytest.mark.parametrize("module, name", SETTINGS_CLASSES)
