@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modeling import eval_mode
 from ..structure.units import decoder_layers, dense_weight, projection
-from .calibration import input_device, require_batches
+from .calibration import require_batches, run_with_hooks
 from .wanda import input_norms
 
 READS_RESIDUAL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -36,14 +35,7 @@ def block_influence(model: nn.Module, batches: list[torch.Tensor] | None) -> tor
         return hook
 
     handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    device = input_device(model)
-    try:
-        with eval_mode(model), torch.inference_mode():
-            for batch in batches:
-                model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, batches, handles)
     return (totals / sum(b.numel() for b in batches)).float()
 
 

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from ..structure.units import PROJECTIONS, base_linear, decoder_layers, dense_weight, linear_shape, projection
-from ..modeling import eval_mode
-from .calibration import input_device, require_batches
+from .calibration import require_batches, run_with_hooks
 from ..structure.scores import LayerScores
 
 
@@ -43,14 +42,7 @@ def squared_input_sums(model: nn.Module, counting: Callable[[], bool] = lambda: 
 def input_norms(model: nn.Module, batches: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """Per layer and projection, the L2 norm of each input feature over all tokens of all batches (float32)."""
     sums, handles = squared_input_sums(model)
-    try:
-        device = input_device(model)
-        with eval_mode(model), torch.inference_mode():
-            for batch in batches:
-                model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, batches, handles)
     return [{name: s.sqrt() for name, s in layer.items()} for layer in sums]
 
 
