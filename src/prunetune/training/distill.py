@@ -68,6 +68,14 @@ class DistillSettings:
         return DistillSettings(enabled if self.enabled is None else self.enabled, self.temperature,
                                alpha if self.alpha is None else self.alpha, self.teacher)
 
+    def check_model_teacher(self, who: str) -> None:
+        """`check()` for a method whose teacher is a model (its source, or one it names): the `tuned`
+        teacher, LoRAPrune's own adapters, has no meaning there."""
+        self.check()
+        if self.teacher != "base":
+            raise SettingError("DistillSettings.teacher", f"{who} distils from a model, not from its own adapters: "
+                               "leave DistillSettings.teacher at base")
+
     def check(self) -> None:
         if self.temperature <= 0:
             raise SettingError("DistillSettings.temperature",

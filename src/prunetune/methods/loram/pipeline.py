@@ -176,10 +176,7 @@ def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
     teacher_spec = carried.get("source_model")
 
     def check_teacher() -> None:
-        distill.check()
-        if distill.teacher != "base":
-            raise SettingError("DistillSettings.teacher", "alignment distils from the full model the pruned one "
-                               "came from: leave DistillSettings.teacher at base")
+        distill.check_model_teacher("alignment")
         if distill.enabled and not teacher_spec:
             raise SettingError("DistillSettings.enabled", f"'{pruned}' does not record the model it was pruned "
                                "from, the teacher of distilled alignment; align with DistillSettings.enabled off")

@@ -92,10 +92,7 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
 
     def check_settings() -> None:
         nonlocal domains, reference_losses
-        distill.check()
-        if distill.teacher != "base":
-            raise SettingError("DistillSettings.teacher", "continued training names its teacher model with "
-                               "ContinueSettings.teacher")
+        distill.check_model_teacher("continued training")
         if distill.enabled and teacher_spec is None:
             raise SettingError("DistillSettings.enabled", "DistillSettings.enabled needs a teacher: pass "
                                "ContinueSettings.teacher, or train a `prunetune shear` directory (its source model)")

@@ -85,10 +85,7 @@ class ShearSettings:
         if self.init_samples < 1:
             raise SettingError("ShearSettings.init_samples",
                                f"ShearSettings.init_samples must be at least 1, got {self.init_samples}")
-        self.distill.check()
-        if self.distill.teacher != "base":
-            raise SettingError("DistillSettings.teacher", "shearing distils from the source model: leave "
-                               "DistillSettings.teacher at base")
+        self.distill.check_model_teacher("shearing")
 
 
 def source_structure(config) -> Structure:
