@@ -27,6 +27,9 @@ DOCS = ROOT / "docs" / "results"
 PAGES = {
     "quality": ("Quality at equal training budgets",
                 "LoRAPrune, Taylor and the other criteria on SmolLM2-135M at 20% and 50%, seeds, two domains"),
+    "heldout": ("Against the strongest baselines, on text nobody tuned to",
+                "LoRAPrune, prunetune's best one-shot and Torch-Pruning at equal size and tokens, three domains, "
+                "seeds"),
     "allocation": ("How a budget is shared by heads and channels",
                    "the cost split against heads-first, masks only, no training"),
     "loram": ("LoRAM at 20% and 35%", "the recovered adapter's share of the full-model LoRA's gain, with and "

@@ -21,7 +21,6 @@ Several workers may share the plan (each claims the next free cell), e.g. one pe
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import platform
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
+from _cells import claim, load_results, release, save_cell, stat
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "quality.json"
@@ -105,53 +105,6 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
 
 
-def load_results(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {"cells": {}}
-
-
-def save_cell(path: Path, key: str, cell: dict, settings: dict) -> None:
-    """Add one cell to the results file, merged with what other workers wrote meanwhile."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = load_results(path)
-        results["settings"] = settings
-        results["cells"][key] = cell
-        tmp = path.with_suffix(".partial")
-        tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-
-
-def worker_alive(pid_text: str) -> bool:
-    """Whether the claim's process is a live quality worker. A bare pid check is not enough: a pid
-    is reused after a reboot (a claim left holding "1" would look alive for ever)."""
-    try:
-        pid = int(pid_text)
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError, ValueError):
-        return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    return not cmdline.exists() or b"quality.py" in cmdline.read_bytes()
-
-
-def claim(runs: Path, key: str) -> bool:
-    """Take a cell for this worker, so several workers (one per core) can share the plan; a claim
-    whose process is gone is stale."""
-    claims = runs / ".claims"
-    claims.mkdir(parents=True, exist_ok=True)
-    marker = claims / key.replace("/", "_")
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        if worker_alive(marker.read_text()):
-            return False
-        marker.unlink(missing_ok=True)
-        return claim(runs, key)
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    return True
-
-
 def evaluate(model: str, args, out_json: Path) -> dict:
     command = [sys.executable, "-m", "prunetune.cli", "eval", model, "--data", ",".join(EVAL_SETS.values()),
                "--seq-len", str(args.eval_seq_len), "--max-windows", str(args.eval_windows), "--json", str(out_json)]
@@ -219,12 +172,6 @@ def groups(results: dict) -> dict:
             multiplier = cell["steps"] // results["settings"]["steps"]
             rows.setdefault((cell["ratio"], cell["config"], multiplier), []).append(cell)
     return rows
-
-
-def stat(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def report(results: dict) -> str:
@@ -345,7 +292,7 @@ def main() -> None:
     if results.get("settings", settings) != settings:
         raise SystemExit(f"{args.results} holds cells of other settings ({results['settings']}); use another --results")
     args.runs.mkdir(parents=True, exist_ok=True)
-    if "dense" not in results["cells"] and claim(args.runs, "dense"):
+    if "dense" not in results["cells"] and claim(args.runs, "dense", "quality.py"):
         save_cell(args.results, "dense", {"perplexity": evaluate(args.model, args, args.runs / "dense-eval.json"),
                                           "date": time.strftime("%Y-%m-%d"), "machine": machine()}, settings)
     cells = plan([float(r) for r in args.ratios.split(",")])
@@ -362,11 +309,11 @@ def main() -> None:
             continue
         if args.max_cells is not None and done >= args.max_cells:
             break
-        if not claim(args.runs, key):
+        if not claim(args.runs, key, "quality.py"):
             continue
         print(f"== cell {key}", flush=True)
         save_cell(args.results, key, run_cell(*cell, args), settings)
-        (args.runs / ".claims" / key.replace("/", "_")).unlink(missing_ok=True)
+        release(args.runs, key)
         done += 1
     print(report(load_results(args.results)))
 

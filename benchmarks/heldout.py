@@ -1,0 +1,399 @@
+"""LoRAPrune against the strongest baselines a user could run instead, at equal size and equal training
+tokens, scored on text nobody here tuned to. SmolLM2-135M, 20% and 50%.
+
+Every method calibrates and trains on one domain (builtin:pydoc's training split) and is scored on
+three: pydoc's held-out tenth (the training domain), the standard library's code (builtin:stdlib-code's
+held-out tenth) and the Debian Administrator's Handbook (English prose from another world, whole; see
+benchmarks/handbook.py, which installs it), in 512-token windows.
+
+The rows:
+- `loraprune`: prunetune's default, `prunetune prune --method loraprune` with its defaults. Its
+  parameter count at each ratio (seed 0) is the size every other row is cut to, within 1%.
+- `one-shot`: prunetune's best one-shot configuration, chosen by measurement: each candidate criterion,
+  layer choice, allocation and split (SELECTION) is cut to that size and scored, masks only, on the
+  training domain's held-out text (never on the other two); the best one then gets the recovery below.
+- `torch-pruning`: Torch-Pruning's first-order Taylor importance on MLP channels (the way its Llama
+  example prunes without heads; benchmarks/torch_pruning_peer.py), installed with
+  `pip install torch-pruning` as a user would, then the same recovery.
+- `loraprune-paper`: the LoRAPrune paper's recipe, so its claim stays checkable.
+- `dense-lora`: the unpruned model after the same recovery, what a pruned model is up against.
+
+The recovery every baseline gets is `prunetune train --lora` for as many steps, sequences and tokens
+as LoRAPrune trains, with the loss LoRAPrune's default uses: half next-token loss, half distillation
+from the unpruned model. Only the choice of what to cut differs.
+
+    python benchmarks/heldout.py                  # run the missing cells in order (resumable; one worker per core)
+    python benchmarks/heldout.py --only 0.2/torch-pruning/1
+    python benchmarks/heldout.py --report         # docs/results/heldout.md
+
+Each finished cell goes into benchmarks/results/heldout.json at once; run directories stay in runs/heldout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
+from _cells import claim, load_results, release, save_cell, stat
+from handbook import handbook_spec
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "heldout.json"
+SCRIPT = "heldout.py"
+DOMAINS = ("pydoc", "stdlib-code", "handbook")
+HELD_OUT = ("stdlib-code", "handbook")  # the domains nothing was trained or calibrated on
+RATIOS = (0.2, 0.5)
+SEEDS = (0, 1, 2)
+
+DEFAULT = "loraprune"
+ROWS = {
+    "loraprune": ("prunetune's default LoRAPrune", "--method loraprune --steps {steps}"),
+    "loraprune-paper": ("LoRAPrune, the paper's recipe (heads-first split, per-module normalisation, no "
+                        "distillation, the official code's schedule)",
+                        "--method loraprune --steps {steps} --split heads-first --normalize module --no-distill "
+                        "--prune-warmup 0.1 --prune-cooldown 0.1 --round-to 1"),
+    "one-shot": ("prunetune's best one-shot configuration at this ratio (see the selection table), then the "
+                 "recovery", None),
+    "torch-pruning": ("Torch-Pruning, first-order Taylor on MLP channels, then the recovery", None),
+    "dense-lora": ("the unpruned model after the recovery", None),
+}
+BASELINES = ("one-shot", "torch-pruning")
+# one-shot candidates: name -> `prunetune prune` arguments (--round-to 1: so every one reaches the size)
+SELECTION = {
+    f"{criterion}/{layers}/{allocation}/{split}": f"--method {criterion} --layers {layers} --allocation {allocation} "
+                                                  f"--split {split} --round-to 1"
+    for criterion in ("taylor", "wanda-sp") for layers in ("paper", "all") for allocation in ("uniform", "global")
+    for split in ("cost",)
+} | {"taylor/paper/uniform/heads-first": "--method taylor --layers paper --allocation uniform --split heads-first "
+                                        "--round-to 1"}
+
+
+def prunetune(*args: str) -> None:
+    command = [sys.executable, "-m", "prunetune.cli", *args]
+    print("$ prunetune", " ".join(args), flush=True)
+    subprocess.run(command, check=True)
+
+
+def record(run: Path) -> dict:
+    return json.loads((run / "prunetune.json").read_text())
+
+
+def evaluate(model: Path | str, args, out_json: Path, domains=DOMAINS, windows: int | None = None) -> dict:
+    specs = {"pydoc": "builtin:pydoc@eval", "stdlib-code": "builtin:stdlib-code@eval", "handbook": handbook_spec()}
+    prunetune("eval", str(model), "--data", ",".join(specs[d] for d in domains), "--seq-len", str(args.eval_seq_len),
+              "--max-windows", str(windows or args.eval_windows), "--json", str(out_json))
+    scored = json.loads(out_json.read_text())["perplexity"]
+    return {d: {"perplexity": r["perplexity"], "tokens": r["tokens_scored"]} for d, r in zip(domains, scored)}
+
+
+def common(args, seed: int) -> list[str]:
+    return ["--data", args.data, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+            "--lr", str(args.lr), "--seed", str(seed)]
+
+
+def structure(model: str) -> dict:
+    """The source's parameter count and prunable parameters per layer choice (heads and channels)."""
+    code = ("import json,sys; from prunetune.models import load_model; from prunetune.structure.units import "
+            "Structure; from prunetune.structure.allocate import parse_layers, parse_units\n"
+            "m,_=load_model(sys.argv[1], dtype='float32', device='cpu'); s=Structure.of(m)\n"
+            "u=parse_units('heads,channels')\n"
+            "print(json.dumps({'total': sum(p.numel() for p in m.parameters()), 'prunable': "
+            "{l: s.prunable_params(parse_layers(l, s.num_layers), u) for l in ('paper','all')}}))")
+    out = subprocess.run([sys.executable, "-c", code, model], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def ratio_for(args, target: int, layers: str) -> float:
+    """The --ratio that removes what a model of `target` parameters lacks, over `layers`' prunable parameters."""
+    source = args.structure
+    return round((source["total"] - target) / source["prunable"][layers], 5)
+
+
+def target(results: dict, ratio: float) -> int | None:
+    cell = results["cells"].get(f"{ratio}/{DEFAULT}/0")
+    return cell and cell["parameters"]
+
+
+def layers_of(prune_args: str) -> str:
+    words = prune_args.split()
+    return words[words.index("--layers") + 1] if "--layers" in words else "paper"
+
+
+def recover(args, model: Path, out: Path, seed: int) -> dict:
+    """The same LoRA recovery for every baseline: LoRAPrune's steps, batch, tokens, learning rate and loss."""
+    prunetune("train", str(model), "--data", f"train={args.data}", "--fixed-mixture", "--lora", "--steps",
+              str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr",
+              str(args.lr), "--seed", str(seed), "--distill", "--teacher", args.model, "--distill-alpha", "0.5",
+              "--no-eval", "--out", str(out), "--overwrite")
+    return record(out)
+
+
+def training_summary(rec: dict) -> dict:
+    t = rec["training"]
+    return {"train_seconds": t["seconds"], "seconds_per_step": t["seconds"] / len(t["history"]),
+            "peak_memory_bytes": t["peak_memory_bytes"], "peak_rss_bytes": t.get("peak_rss_bytes")}
+
+
+def run_selection(args, ratio: float, name: str, results: dict) -> dict:
+    out = args.runs / f"select-{ratio}-{name.replace('/', '-')}"
+    layers = layers_of(SELECTION[name])
+    prunetune("prune", args.model, "--ratio", str(ratio_for(args, target(results, ratio), layers)),
+              *common(args, 0), *SELECTION[name].split(), "--calib-samples", "10", "--no-eval", "--out", str(out),
+              "--overwrite")
+    rec = record(out)
+    cell = {"ratio": ratio, "candidate": name, "parameters": rec["parameters"]["after"]["total"],
+            "perplexity": evaluate(out, args, out / "eval.json", domains=("pydoc",), windows=args.select_windows)}
+    shutil.rmtree(out)  # 500 MB of weights nobody reads again
+    return cell
+
+
+def best_candidate(results: dict, ratio: float) -> str | None:
+    scored = {c["candidate"]: c["perplexity"]["pydoc"]["perplexity"] for k, c in results["cells"].items()
+              if k.startswith(f"select/{ratio}/")}
+    return min(scored, key=scored.get) if len(scored) == len(SELECTION) else None
+
+
+def run_row(args, ratio: float | None, row: str, seed: int, results: dict) -> dict:
+    out = args.runs / f"{ratio}-{row}-{seed}"
+    started = time.time()
+    commands = []
+    if row in ("loraprune", "loraprune-paper"):
+        extra = ROWS[row][1].format(steps=args.steps).split()
+        r = ratio if row == DEFAULT else ratio_for(args, target(results, ratio), "paper")
+        prunetune("prune", args.model, "--ratio", str(r), *common(args, seed), *extra, "--no-eval", "--out", str(out),
+                  "--overwrite")
+        final = out
+    else:
+        pruned = args.runs / f"{ratio}-{row}-pruned"
+        if row == "one-shot":
+            chosen = best_candidate(results, ratio)
+            prune_args = SELECTION[chosen].split()
+            prunetune("prune", args.model, "--ratio", str(ratio_for(args, target(results, ratio), layers_of(SELECTION[chosen]))),
+                      *common(args, seed), *prune_args, "--calib-samples", "10", "--no-eval", "--out", str(pruned),
+                      "--overwrite")
+        elif row == "torch-pruning":
+            chosen = None
+            subprocess.run([sys.executable, str(HERE / "torch_pruning_peer.py"), args.model, "--params",
+                            str(target(results, ratio)), "--out", str(pruned), "--data", args.data,
+                            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)], check=True)
+        else:  # dense-lora
+            chosen, pruned = None, args.model
+        rec = recover(args, pruned, out, seed)
+        final = out
+        commands.append(f"candidate {chosen}" if chosen else row)
+    rec = record(final)
+    cell = {"ratio": ratio, "row": row, "seed": seed, "steps": args.steps,
+            "parameters": rec["parameters"]["after"]["total"] if "after" in rec["parameters"]
+            else rec["parameters"].get("total"),
+            "perplexity": evaluate(final, args, final / "eval.json"),
+            **training_summary(rec), "wall_seconds": round(time.time() - started, 1),
+            "date": time.strftime("%Y-%m-%d"), "machine": _report.machine(), "torch": rec.get("torch")}
+    if row == "one-shot":
+        cell["candidate"] = best_candidate(results, ratio)
+    if ratio is not None and target(results, ratio):
+        cell["size_vs_default"] = cell["parameters"] / target(results, ratio)
+    for leftover in (args.runs / f"{ratio}-{row}-pruned",):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return cell
+
+
+def plan() -> list[tuple]:
+    """(key, kind, ratio, name, seed, what it needs first) in the order they run: what the targets need first."""
+    cells = [("dense", "dense", None, None, 0, [])]
+    cells += [(f"{r}/{DEFAULT}/0", "row", r, DEFAULT, 0, []) for r in RATIOS]
+    for r in RATIOS:
+        cells += [(f"select/{r}/{name}", "select", r, name, 0, [f"{r}/{DEFAULT}/0"]) for name in SELECTION]
+    for seed in SEEDS:
+        for r in RATIOS:
+            for row in (DEFAULT, *BASELINES):
+                needs = [f"{r}/{DEFAULT}/0"] + ([f"select/{r}/{n}" for n in SELECTION] if row == "one-shot" else [])
+                cells.append((f"{r}/{row}/{seed}", "row", r, row, seed, needs))
+    cells += [(f"{r}/loraprune-paper/0", "row", r, "loraprune-paper", 0, [f"{r}/{DEFAULT}/0"]) for r in RATIOS]
+    cells.append(("dense-lora/0", "row", None, "dense-lora", 0, []))
+    seen, unique = set(), []
+    for cell in cells:
+        if cell[0] not in seen:
+            seen.add(cell[0])
+            unique.append(cell)
+    return unique
+
+
+def work(args, settings: dict) -> None:
+    wanted = set(args.only or [])
+    todo = [c for c in plan() if not wanted or c[0] in wanted]
+    while True:
+        results = load_results(args.results)
+        pending = [c for c in todo if c[0] not in results["cells"]]
+        if not pending:
+            return
+        ran = False
+        for key, kind, ratio, name, seed, needs in pending:
+            if any(n not in results["cells"] for n in needs) or not claim(args.runs, key, SCRIPT):
+                continue
+            print(f"== cell {key}", flush=True)
+            if kind == "dense":
+                cell = {"perplexity": evaluate(args.model, args, args.runs / "dense-eval.json"),
+                        "parameters": args.structure["total"], "date": time.strftime("%Y-%m-%d"),
+                        "machine": _report.machine()}
+            elif kind == "select":
+                cell = run_selection(args, ratio, name, results)
+            else:
+                cell = run_row(args, ratio, name, seed, results)
+            save_cell(args.results, key, cell, settings)
+            release(args.runs, key)
+            ran = True
+            break
+        if not ran:
+            if args.only and all(any(n not in load_results(args.results)["cells"] for n in c[5]) for c in pending):
+                raise SystemExit(f"{', '.join(c[0] for c in pending)} need cells not yet run: "
+                                 f"{sorted({n for c in pending for n in c[5]})}")
+            time.sleep(20)  # the rest is claimed by other workers, or waits on what they run
+
+
+# ----------------------------------------------------------------------------------------------------
+# The page
+
+
+def rows_of(results: dict) -> dict:
+    rows: dict = {}
+    for key, cell in results["cells"].items():
+        if "row" in cell:
+            rows.setdefault((cell["ratio"], cell["row"]), []).append(cell)
+    return rows
+
+
+def ppl(group: list[dict], domain: str) -> list[float]:
+    return [c["perplexity"][domain]["perplexity"] for c in group]
+
+
+def results_table(results: dict) -> str:
+    dense = results["cells"].get("dense")
+    out = []
+    if dense:
+        out.append("Unpruned SmolLM2-135M: " + ", ".join(f"{d} {dense['perplexity'][d]['perplexity']:.2f}"
+                                                         for d in DOMAINS) + f" ({dense['parameters']:,} parameters).")
+    rows = []
+    order = list(ROWS)
+    for (ratio, row), group in sorted(rows_of(results).items(), key=lambda g: (-(g[0][0] or 0), order.index(g[0][1]))):
+        rows.append([f"{ratio:.0%}" if ratio else "none", f"`{row}`" + (f" ({group[0]['candidate']})" if
+                                                                          row == "one-shot" else ""),
+                     len(group), *(stat(ppl(group, d)) for d in DOMAINS), f"{group[0]['parameters']:,}",
+                     f"{group[0]['size_vs_default']:.3f}" if "size_vs_default" in group[0] else "",
+                     f"{statistics.mean(c['seconds_per_step'] for c in group):.2f}",
+                     f"{max(c['peak_memory_bytes'] for c in group) / 2**20:,.0f}",
+                     f"{statistics.mean(c['wall_seconds'] for c in group) / 60:.1f}"])
+    out.append(_report.table(["ratio", "row", "seeds", "pydoc (trained on)", "stdlib-code", "handbook", "parameters",
+                              "size / default's", "s/step", "peak tensor MiB", "minutes per run"], rows))
+    out.append("Rows:\n\n" + "\n".join(f"- `{name}`: {text}" for name, (text, _) in ROWS.items()))
+    return "\n\n".join(out)
+
+
+def selection_table(results: dict) -> str:
+    rows = []
+    for ratio in RATIOS:
+        best = best_candidate(results, ratio)
+        for key, c in sorted(results["cells"].items()):
+            if key.startswith(f"select/{ratio}/"):
+                rows.append([f"{ratio:.0%}", c["candidate"] + (" (chosen)" if c["candidate"] == best else ""),
+                             f"{c['perplexity']['pydoc']['perplexity']:.2f}", f"{c['parameters']:,}"])
+    return _report.table(["ratio", "criterion / layers / allocation / split", "pydoc held-out, masks only",
+                          "parameters"], rows)
+
+
+def targets_table(results: dict) -> str:
+    rows_by = rows_of(results)
+    dense = results["cells"].get("dense")
+    rows = []
+    for ratio in RATIOS:
+        ours = rows_by.get((ratio, DEFAULT), [])
+        for baseline in BASELINES:
+            theirs = rows_by.get((ratio, baseline), [])
+            if len(ours) < 2 or len(theirs) < 2:
+                continue
+            parts, met = [], True
+            for d in DOMAINS:
+                a, b = ppl(ours, d), ppl(theirs, d)
+                spread = max(statistics.stdev(a), statistics.stdev(b))
+                margin = (statistics.mean(b) - statistics.mean(a)) / spread if spread else float("inf")
+                met &= margin > 2
+                parts.append(f"{d} {stat(a)} against {stat(b)} ({margin:+.1f} SD)")
+            rows.append([f"at {ratio:.0%}, the default below `{baseline}` by more than 2 SD on every domain",
+                         f"{'; '.join(parts)} ({len(ours)} and {len(theirs)} seeds)", "met" if met else "missed"])
+        if ratio == 0.2 and ours and dense:
+            gaps = {d: statistics.mean(ppl(ours, d)) / dense["perplexity"][d]["perplexity"] - 1 for d in DOMAINS}
+            rows.append(["at 20%, within 10% of the dense model's perplexity on every domain",
+                         "; ".join(f"{d} {g:+.0%}" for d, g in gaps.items()),
+                         "met" if max(gaps.values()) <= 0.10 else "missed"])
+    return _report.table(["target", "measured", ""], rows) if rows else ""
+
+
+def command(results: dict) -> str:
+    s = results["settings"]
+    return (f"python benchmarks/heldout.py --model {s['model']} --steps {s['steps']} --batch-size {s['batch_size']} "
+            f"--seq-len {s['seq_len']} --lr {s['lr']} --data {s['data']} --eval-seq-len {s['eval_seq_len']} "
+            f"--eval-windows {s['eval_windows']} --select-windows {s['select_windows']}")
+
+
+def write_report(results: dict, source: Path, out_dir: Path) -> None:
+    cells = [c for c in results["cells"].values() if "machine" in c]
+    provenance = _report.provenance(command(results), [c["machine"] for c in cells], [c["date"] for c in cells],
+                                    [c.get("torch") for c in cells])
+    s = results["settings"]
+    sections = [_report.section(
+        "Perplexity on three domains at equal size and equal tokens", provenance,
+        f"Trained and calibrated on `{s['data']}` (training split) only: {s['steps']} steps of {s['batch_size']} x "
+        f"{s['seq_len']} tokens for every row. Perplexity over at most {s['eval_windows']} non-overlapping "
+        f"{s['eval_seq_len']}-token windows of each domain, the same windows for every row. Mean ± sample standard "
+        "deviation over the seeds; s/step and minutes are means, the peak tensor memory the largest over seeds "
+        "(training only; a baseline's prune step is not included).", results_table(results))]
+    if selection_table(results).count("\n") > 1:
+        sections.append(_report.section(
+            "Choosing prunetune's best one-shot configuration", provenance,
+            f"Each candidate cut to the default's size at that ratio, masks only (no recovery), scored on the "
+            f"first {s['select_windows']} windows of pydoc's held-out split: the training domain, so the choice "
+            "never sees the two domains the rows are judged on.", selection_table(results)))
+    if targets_table(results):
+        sections.append(_report.section("The default against the targets", provenance, targets_table(results)))
+    _report.write_page("heldout", [_report.relative(source)], sections, out_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--data", default="builtin:pydoc")
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--select-windows", type=int, default=20)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--runs", type=Path, default=Path("runs/heldout"))
+    parser.add_argument("--only", action="append", help="run just this cell (e.g. 0.2/torch-pruning/1); repeatable")
+    _report.add_options(parser)
+    args = parser.parse_args()
+
+    results = load_results(args.results)
+    settings = {k: v for k, v in vars(args).items() if k in ("model", "steps", "batch_size", "seq_len", "lr", "data",
+                                                             "eval_seq_len", "eval_windows", "select_windows")}
+    if args.report:
+        write_report(results, args.results, args.out_dir)
+        return
+    if results.get("settings", settings) != settings:
+        raise SystemExit(f"{args.results} holds cells of other settings ({results['settings']}); use another --results")
+    args.runs.mkdir(parents=True, exist_ok=True)
+    args.structure = structure(args.model)
+    work(args, settings)
+    write_report(load_results(args.results), args.results, Path("/tmp/heldout-page"))
+
+
+if __name__ == "__main__":
+    main()
