@@ -12,6 +12,7 @@ FAMILY_OVERRIDES = {
     "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "olmo2": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "olmo3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=8),
     "granite": dict(embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.0,
                     pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "smollm3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),

@@ -147,3 +147,14 @@ def test_cut_model_saves_and_loads_in_stock_transformers(arch, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # stock transformers, no prunetune code
     assert (loaded(x).logits - before).abs().max() <= TOL
     assert (model(x).logits - before).abs().max() <= TOL  # the model in memory still works after writing
+
+
+@pytest.mark.parametrize("model_type", ["gemma4_text", "qwen3_5_text", "llama4_text"])
+def test_newer_families_that_do_not_fit_say_what_is_missing(model_type):
+    from transformers import AutoConfig
+
+    from prunetune.families import NOT_YET
+
+    with pytest.raises(UserError) as error:
+        check_supported(AutoConfig.for_model(model_type))
+    assert str(error.value).endswith(NOT_YET[model_type]) and "\n" not in str(error.value)

@@ -77,3 +77,21 @@ def test_every_criterion_scores_every_unit(arch, criterion):
         assert layer_scores.kv_heads.shape == (shape.num_kv_heads,)
         assert layer_scores.channels.shape == (shape.intermediate,)
         assert torch.isfinite(layer_scores.channels).all() and torch.isfinite(layer_scores.q_heads).all()
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_the_planner_predicts_the_measured_peak(arch):
+    from tiny import tiny_config
+
+    from prunetune.plan import PlanSettings, plan_method
+    from prunetune.plan.measure import measure_method
+
+    config = tiny_config(arch)
+    settings = PlanSettings(method="loraprune", batch_size=2, seq_len=32, dtype="float32")
+    if family_of(config).uniform_only:
+        settings.layers = "all"
+    plan = plan_method(config, settings)
+    measured = measure_method(config, settings)
+    assert set(measured) == set(plan["steps"])
+    for step, value in measured.items():
+        assert plan["steps"][step]["peak"] == pytest.approx(value, rel=0.03), step
