@@ -158,3 +158,32 @@ def test_newer_families_that_do_not_fit_say_what_is_missing(model_type):
     with pytest.raises(UserError) as error:
         check_supported(AutoConfig.for_model(model_type))
     assert str(error.value).endswith(NOT_YET[model_type]) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("arch", [a for a in FAMILIES if a != "phi3"])
+def test_layers_of_different_shapes_save_and_load_through_prunetune(arch, tmp_path):
+    from prunetune.export.hf import VLLM_ARCHITECTURE, save_model
+    from prunetune.models import load_model
+    from tiny import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    model = tiny_model(arch, vocab_size=len(tokenizer))
+    cut(model, _masks("mixture", Structure.of(model), uniform=False, seed=6))
+    x = tokens()
+    before = model(x).logits
+    save_model(model, tokenizer, tmp_path)
+    assert VLLM_ARCHITECTURE not in (tmp_path / "config.json").read_text()  # the plugin builds Llama's layer only
+    loaded, _ = load_model(str(tmp_path), dtype="float32", device="cpu")
+    assert Structure.of(loaded) == Structure.of(model)
+    assert (loaded(x).logits - before).abs().max() <= TOL
+
+
+def test_phi3_refuses_layers_of_different_shapes_before_loading(tmp_path):
+    from helpers import assert_user_error, run_cli
+    from tiny import save_tiny_model_dir
+
+    source = save_tiny_model_dir(tmp_path / "phi3", "phi3")
+    done = run_cli("prune", str(source), "--layers", "paper", "--out", str(tmp_path / "out"), "--steps", "1",
+                   cwd=tmp_path)
+    assert_user_error(done, "Phi-3 needs every layer pruned alike", "--layers")
+    assert not (tmp_path / "out").exists()
