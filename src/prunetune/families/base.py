@@ -16,8 +16,9 @@ which other weights go with a unit:
   and cut sees the same seven projections;
 - config lists with one entry per layer (`layer_types`, SmolLM3's `no_rope_layers`): cut with layers.
 
-A new family is one small module: a `Family` with the fields that differ from Llama's. The unit kinds
-a family offers (`unit_kinds`) leave room for the ones still to come (experts, whole layers).
+A new family is one small module: a `Family` with the fields that differ from Llama's. Unit kinds still
+to come (the experts of a mixture-of-experts layer) add fields here in the same way: where the units
+live, what is cut with them; the core keeps asking the family and never a model type.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ class Family:
     no_hidden_cut: str | None = None
     # why every layer must keep one shape (None: layers may differ, through prunetune's loader and plugins)
     uniform_only: str | None = None
-    unit_kinds: tuple[str, ...] = ("heads", "channels", "hidden", "layers")
 
     # -- where things are ----------------------------------------------------------------------
     def projection(self, layer: nn.Module, name: str) -> nn.Module:
@@ -66,13 +66,9 @@ class Family:
         return [getattr(layer, name) for name in self.residual_norms]
 
     def projection_norm(self, layer: nn.Module, name: str) -> nn.Module | None:
+        """The norm over projection `name`'s whole output (OLMo 2's q/k norms), or None."""
         path = self.projection_norms.get(name)
-        if path is None:
-            return None
-        owner = layer
-        for part in path.split("."):
-            owner = getattr(owner, part)
-        return owner
+        return None if path is None else getattr(*_resolve(layer, path))
 
     # -- fused projections ---------------------------------------------------------------------
     def split_fused(self, model: nn.Module) -> None:
