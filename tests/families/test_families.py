@@ -187,3 +187,12 @@ def test_phi3_refuses_layers_of_different_shapes_before_loading(tmp_path):
                    cwd=tmp_path)
     assert_user_error(done, "Phi-3 needs every layer pruned alike", "--layers")
     assert not (tmp_path / "out").exists()
+
+
+def test_gguf_export_of_another_family_names_the_form_that_works(tmp_path):
+    from prunetune.export.gguf import check_gguf_export
+
+    config = tiny_model("gemma2").config
+    with pytest.raises(UserError, match="convert_hf_to_gguf.py") as error:
+        check_gguf_export(config, tmp_path / "m.gguf", "f32", False)
+    assert "\n" not in str(error.value)

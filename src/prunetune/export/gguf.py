@@ -65,9 +65,12 @@ def check_gguf_export(config, out: Path, outtype: str, overwrite: bool) -> str:
     check_parent_writable(out)
     check_architecture(config)
     if config.model_type not in WRITTEN_MODEL_TYPES:
+        if not is_uniform(config):
+            raise UserError(f"llama.cpp builds '{config.model_type}' models with one shape in every layer; prune "
+                            "with --layers all, then convert the output with llama.cpp's convert_hf_to_gguf.py")
         raise UserError(f"prunetune writes GGUF for {', '.join(WRITTEN_MODEL_TYPES)} models, not "
-                        f"'{config.model_type}'; write it with --format hf (a uniform model loads in stock "
-                        "transformers and vLLM) and convert that directory with llama.cpp's convert_hf_to_gguf.py")
+                        f"'{config.model_type}'; this output loads in stock transformers and vLLM as it is: convert "
+                        "its directory with llama.cpp's convert_hf_to_gguf.py")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UserError(f"activation '{config.hidden_act}' is not SiLU; llama.cpp's graphs for these models use SiLU")
     shapes, uniform, head_dim = layer_shapes(config), is_uniform(config), _head_dim(config)
