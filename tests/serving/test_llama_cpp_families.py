@@ -4,15 +4,12 @@ user converts any checkpoint (llama.cpp's own `convert_hf_to_gguf.py`, at the co
 bundles; `make serving-setup` unpacks it into .venv-serving/llama.cpp), then run by llama-cpp-python:
 f32 logits within the tiny models' tolerance of transformers', and the same greedy tokens.
 
-Gemma 2's converter reads a SentencePiece `tokenizer.model`, so it gets one trained here on pydoc's text
-(400 pieces with byte fallback); the others take SmolLM2's byte-level BPE tokenizer. What llama.cpp
-cannot hold is stated, not skipped silently:
-- OLMo 2, OLMo 3 and Granite: llama.cpp builds their attention with head count x head size equal to the
-  hidden size (the converter writes no separate head size), so a model with heads cut does not load;
-  those are checked with every head kept (MLP channels cut).
-- Phi-3: not checked here: its converter reads a SentencePiece tokenizer, and llama.cpp refuses the
-  vocabulary of the tiny one this test can train (a failed lookup while loading), which says nothing
-  about the pruned weights."""
+Gemma 2's and Phi-3's converters read a SentencePiece `tokenizer.model`, so they get one trained here on
+pydoc's text (400 pieces with byte fallback, and the special tokens llama.cpp looks up in a model named
+Phi-3); the others take SmolLM2's byte-level BPE tokenizer. What llama.cpp cannot hold is stated, not
+skipped: for Phi-3, OLMo 2, OLMo 3 and Granite it builds attention with head count x head size equal to
+the hidden size (the converter writes no separate head size), so a model with heads cut does not load
+(`check_tensor_dims: ... wrong shape`); those are checked with every head kept (MLP channels cut)."""
 
 from __future__ import annotations
 
@@ -38,9 +35,9 @@ from prunetune.structure.surgery import cut  # noqa: E402
 from prunetune.structure.units import Structure  # noqa: E402
 
 CONVERTER = Path(os.environ.get("LLAMA_CPP_CONVERTER", Path(sys.prefix) / "llama.cpp"))
-SENTENCEPIECE = ("gemma2",)
-HEADS_KEPT = ("olmo2", "olmo3", "granite")  # llama.cpp: heads x head size must equal the hidden size
-CHECKED = [arch for arch in FAMILIES if arch != "phi3"]
+SENTENCEPIECE = ("gemma2", "phi3")
+HEADS_KEPT = ("phi3", "olmo2", "olmo3", "granite")  # llama.cpp: heads x head size must equal the hidden size
+PHI3_SPECIAL = ["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
 # Gemma's GELU and soft-capping run in llama.cpp's own approximations: 1e-3 apart on these tiny models
 TOLERANCE = {"gemma2": 5e-3, "gemma3_text": 5e-3}
 NEW_TOKENS = 16
@@ -55,11 +52,11 @@ def sentencepiece_model(tmp_path_factory) -> Path:
     (root / "text.txt").write_text("\n".join(topics[key] for key in sorted(topics)[:80]))
     sentencepiece.SentencePieceTrainer.train(input=str(root / "text.txt"), model_prefix=str(root / "tok"),
                                              vocab_size=400, model_type="bpe", byte_fallback=True,
-                                             minloglevel=2)
+                                             user_defined_symbols=PHI3_SPECIAL, minloglevel=2)
     return root / "tok.model"
 
 
-@pytest.mark.parametrize("arch", CHECKED)
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_converted_by_llama_cpp_and_run_there(arch, sentencepiece_model, tmp_path):
     assert (CONVERTER / "convert_hf_to_gguf.py").exists(), f"no converter in {CONVERTER}; run make serving-setup"
     spm = arch in SENTENCEPIECE
