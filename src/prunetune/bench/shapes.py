@@ -66,10 +66,12 @@ def random_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0
     """A model of `config` with random weights, built in place on `device` (no fp32 copy on the CPU first)."""
     from transformers import AutoModelForCausalLM
 
+    from ..families import prepare
+
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
+    return prepare(model).eval()
 
 
 def placeholder_tokenizer(vocab_size: int):

@@ -33,6 +33,8 @@ from ..layer_shapes import is_uniform, layer_shapes
 from . import GGUF_OUTTYPES as OUTTYPES
 Q8_0_BLOCK = 32  # a q8_0 row is a whole number of 32-value blocks; other rows are written f16, as llama.cpp does
 
+# The model types this writer knows the llama.cpp graphs of.
+WRITTEN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # transformers module names -> gguf.MODEL_TENSOR members, per decoder layer.
 _LAYER_TENSORS = {
     "input_layernorm": "ATTN_NORM", "post_attention_layernorm": "FFN_NORM",
@@ -62,6 +64,13 @@ def check_gguf_export(config, out: Path, outtype: str, overwrite: bool) -> str:
         raise UserError(f"'{out}' already exists; pass --overwrite or choose another --out")
     check_parent_writable(out)
     check_architecture(config)
+    if config.model_type not in WRITTEN_MODEL_TYPES:
+        if not is_uniform(config):
+            raise UserError(f"llama.cpp builds '{config.model_type}' models with one shape in every layer; prune "
+                            "with --layers all, then convert the output with llama.cpp's convert_hf_to_gguf.py")
+        raise UserError(f"prunetune writes GGUF for {', '.join(WRITTEN_MODEL_TYPES)} models, not "
+                        f"'{config.model_type}'; this output loads in stock transformers and vLLM as it is: convert "
+                        "its directory with llama.cpp's convert_hf_to_gguf.py")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UserError(f"activation '{config.hidden_act}' is not SiLU; llama.cpp's graphs for these models use SiLU")
     shapes, uniform, head_dim = layer_shapes(config), is_uniform(config), _head_dim(config)

@@ -20,6 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import UserError
+from ..families import family_of
 from ..layer_shapes import LAYER_SHAPES_KEY, is_uniform
 from ..structure.surgery import dequantize, merge_lora, sync_config
 from ..structure.units import Structure
@@ -34,6 +35,9 @@ _LEFTOVERS = ("quantization_config", "_name_or_path", "_model_name_or_path")
 # different shapes, so vLLM finds prunetune's plugin under this name (export/vllm_plugin.py);
 # transformers reads model_type, not this, so the config still parses as Llama, Mistral or Qwen.
 VLLM_ARCHITECTURE = "PrunetuneForCausalLM"
+# The families that plugin builds (vLLM's Llama layer with per-layer sizes); another family's per-layer
+# model keeps its own class name and loads through prunetune.load_model.
+VLLM_PLUGIN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # Fields a Llama config shares with Mistral's.
 _MISTRAL_FIELDS = (
@@ -91,8 +95,14 @@ def save_model(model: nn.Module, tokenizer, out_dir: Path) -> tuple[nn.Module, s
         mistral.save_pretrained(out_dir)
         saved_as = "mistral"
     else:
-        hf.save_pretrained(out_dir)
-    if not is_uniform(config):  # save_pretrained writes the class's own name; the file names the plugin's
+        family = family_of(hf)
+        family.join_fused(hf)  # written in the family's own layout (Phi-3's fused projections)
+        try:
+            hf.save_pretrained(out_dir)
+        finally:
+            family.split_fused(hf)
+    if not is_uniform(config) and config.model_type in VLLM_PLUGIN_MODEL_TYPES:
+        # save_pretrained writes the class's own name; the file names the plugin's
         path = Path(out_dir) / "config.json"
         saved = json.loads(path.read_text())
         saved["architectures"] = [VLLM_ARCHITECTURE]

@@ -24,6 +24,7 @@ import torch
 from ..data import load_blocks, load_examples
 from ..training.distill import DistillSettings, self_teacher_for, source_teacher
 from ..errors import SettingError
+from ..families import family_of
 from ..importance import CRITERIA
 from ..training.lora import add_lora
 from ..structure.scores import SCORES_FILE, save_scores
@@ -115,6 +116,20 @@ def _check_before_loading(settings: PruneSettings, calibrates: bool) -> None:
         load_examples(settings.data, default_split="train")
 
 
+def _check_family(config, settings: PruneSettings) -> None:
+    """A family whose layers must keep one shape (Phi-3) prunes every layer alike: its default layers are
+    all of them, and settings that would leave layers of different shapes are refused before loading."""
+    family = family_of(config)
+    if not family.uniform_only:
+        return
+    if settings.layers is None:
+        settings.layers = "all"
+    if settings.layer_spec != "all" or settings.allocation != "uniform":
+        setting = "PruneSettings.layers" if settings.layer_spec != "all" else "PruneSettings.allocation"
+        raise SettingError(setting, f"{family.name} needs every layer pruned alike ({family.uniform_only}): set "
+                           "PruneSettings.layers to all and PruneSettings.allocation to uniform")
+
+
 def _without_method_groups(items) -> dict:
     """asdict's factory that leaves out the nested settings; the record adds those that apply."""
     return {k: v for k, v in items if k not in ("loraprune", "distill")}
@@ -135,7 +150,8 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     run = Run(command, out, options, evaluation, log=log, model=model_spec,
               seq_lens={"TrainSettings.seq_len": training.seq_len} if calibrates else {},
               checks=[lambda: _check_before_loading(settings, calibrates)],
-              config_checks=[lambda config: parse_layers(settings.layer_spec, int(config.num_hidden_layers),
+              config_checks=[lambda config: _check_family(config, settings),
+                             lambda config: parse_layers(settings.layer_spec, int(config.num_hidden_layers),
                                                          "PruneSettings.layers")])
     model, tokenizer = run.load(model_spec, quant=options.quant, seq_lens=[training.seq_len] if calibrates else [])
     before = Structure.of(model)

@@ -24,6 +24,7 @@ BLOCKS = 16  # random training blocks: enough for two steps at any planned batch
 def _model(config, settings: PlanSettings, device: torch.device, pruned: bool, quant: str | None,
            tmp: Path) -> nn.Module:
     from ..bench.shapes import placeholder_tokenizer, random_model
+    from ..families import family_of
     from ..models import load_model
     from .planner import pruned_shape
 
@@ -33,6 +34,7 @@ def _model(config, settings: PlanSettings, device: torch.device, pruned: bool, q
         pruned_shape(model, settings.ratio, settings.layer_spec)
     if not quant:
         return model
+    family_of(model).join_fused(model)  # written in the family's layout, as load_model expects
     model.save_pretrained(tmp / "model")
     placeholder_tokenizer(config.vocab_size).save_pretrained(tmp / "model")
     del model

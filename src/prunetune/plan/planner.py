@@ -116,8 +116,10 @@ def _meta_model(config, dtype: torch.dtype) -> nn.Module:
     cutting the model changes it."""
     from transformers import AutoModelForCausalLM
 
+    from ..families import prepare
+
     with torch.device(META):
-        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
+        return prepare(AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype))
 
 
 def pruned_shape(model: nn.Module, ratio: float, layer_spec: str) -> nn.Module:

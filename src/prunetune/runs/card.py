@@ -189,7 +189,12 @@ def _body(record: dict, method: str, base: _Base, adapter: bool) -> str:
 
 
 def _model_usage(record: dict) -> list[str]:
-    stock = record.get("architecture", {}).get("stock_loadable", True)
+    from ..export.gguf import WRITTEN_MODEL_TYPES
+    from ..export.hf import VLLM_PLUGIN_MODEL_TYPES
+
+    architecture = record.get("architecture", {})
+    stock = architecture.get("stock_loadable", True)
+    model_type = architecture.get("saved_as", "llama")
     lines = ["```python"]
     if stock:
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -198,11 +203,16 @@ def _model_usage(record: dict) -> list[str]:
     else:
         lines += ["# Its layers have different shapes: stock transformers cannot build it; prunetune can.",
                   "import prunetune", 'model, tokenizer = prunetune.load_model("PATH")']
-    lines += ["```", "", "```sh",
-              "vllm serve PATH" + ("" if stock else "   # with prunetune installed: its vLLM plugin builds the layers"),
-              "prunetune export PATH --format gguf --outtype f16 --out model.gguf && llama-cli -m model.gguf",
-              "```"]
-    return lines
+    lines += ["```", "", "```sh"]
+    if stock or model_type in VLLM_PLUGIN_MODEL_TYPES:
+        lines.append("vllm serve PATH" + ("" if stock else "   # with prunetune installed: its vLLM plugin builds the layers"))
+    if model_type in WRITTEN_MODEL_TYPES:
+        lines.append("prunetune export PATH --format gguf --outtype f16 --out model.gguf && llama-cli -m model.gguf")
+    elif stock:
+        lines.append("python convert_hf_to_gguf.py PATH --outfile model.gguf   # llama.cpp's converter")
+    else:
+        lines.append("# vLLM and llama.cpp build this family with one shape in every layer: prune with --layers all")
+    return lines + ["```"]
 
 
 def _adapter_usage(base: _Base) -> list[str]:

@@ -13,6 +13,8 @@ Where outputs alone are not enough for masked == pruned, the mask acts one step 
     what the norm computes after the channels are cut.
   - layers: o_proj and down_proj outputs are multiplied by the layer's keep value, so a removed
     layer passes its input through unchanged.
+  - a norm over a whole projection's output (OLMo 2's q/k norms) averages over the kept heads' rows
+    only, as it will once the heads are cut.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .units import Structure, decoder_layers, projection
+from ..families import family_of
 from ..modeling import unwrap
+from .units import Structure, decoder_layers, projection
 
 
 @dataclass
@@ -184,15 +187,17 @@ def _scale_input(scale: torch.Tensor, switch: MaskHooks):
 
 
 def _rms_norm_over_kept(keep: torch.Tensor, switch: MaskHooks):
-    """RMSNorm whose mean runs over the kept channels only (the input is zero elsewhere)."""
-    kept = keep.float().sum()
+    """RMSNorm whose mean runs over the kept channels only (what the norm computes once the others are cut;
+    the input elsewhere is left out of the mean whatever it holds)."""
+    keep = keep.float()
+    kept = keep.sum()
 
     def hook(module, args, output):
         if not switch.active:
             return None
         x = args[0]
         x32 = x.float()
-        variance = x32.pow(2).sum(-1, keepdim=True) / kept.to(x32.device)
+        variance = (x32.pow(2) * keep.to(x32.device)).sum(-1, keepdim=True) / kept.to(x32.device)
         normed = x32 * torch.rsqrt(variance + module.variance_epsilon)
         return module.weight * normed.to(x.dtype)
     return hook
@@ -203,6 +208,7 @@ def apply_masks(model: nn.Module, masks: Masks) -> MaskHooks:
     structure = Structure.of(model)
     masks.validate(structure)
     hf = unwrap(model)
+    family = family_of(hf)
     hooks = MaskHooks()
     handles = hooks._handles
 
@@ -210,10 +216,11 @@ def apply_masks(model: nn.Module, masks: Masks) -> MaskHooks:
         handles.append(module.register_forward_hook(_scale_output(scale.float(), hooks)))
 
     hidden = masks.hidden
+    if hidden is not None and family.no_hidden_cut:
+        raise ValueError(f"{family.name}'s hidden channels cannot be masked: {family.no_hidden_cut}")
     if hidden is not None:
         out_hook(hf.model.embed_tokens, hidden)
-        for norm in [hf.model.norm] + [n for layer in hf.model.layers
-                                        for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
+        for norm in [hf.model.norm] + [n for layer in hf.model.layers for n in family.norms_over_residual(layer)]:
             handles.append(norm.register_forward_hook(_rms_norm_over_kept(hidden, hooks)))
 
     for i, layer in enumerate(decoder_layers(model)):
@@ -221,9 +228,13 @@ def apply_masks(model: nn.Module, masks: Masks) -> MaskHooks:
         heads = masks.heads.get(i)
         if heads is not None:
             kv = masks.kv_heads(i, structure)
-            out_hook(projection(layer, "q_proj"), heads.repeat_interleave(head_dim))
-            out_hook(projection(layer, "k_proj"), kv.repeat_interleave(head_dim))
-            out_hook(projection(layer, "v_proj"), kv.repeat_interleave(head_dim))
+            rows = {"q_proj": heads.repeat_interleave(head_dim), "k_proj": kv.repeat_interleave(head_dim),
+                    "v_proj": kv.repeat_interleave(head_dim)}
+            for name, keep in rows.items():
+                out_hook(projection(layer, name), keep)
+                norm = family.projection_norm(layer, name)
+                if norm is not None:
+                    handles.append(norm.register_forward_hook(_rms_norm_over_kept(keep, hooks)))
             o_proj = projection(layer, "o_proj")
             handles.append(o_proj.register_forward_pre_hook(_scale_input(heads.repeat_interleave(head_dim).float(), hooks)))
         channels = masks.channels.get(i)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..families import family_of
 from ..layer_shapes import LAYER_SHAPES_KEY
-from .masks import Masks
-from .units import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Structure, base_linear, dense_weight, projection
 from ..modeling import unwrap
+from .masks import Masks
+from .units import PROJECTIONS, Structure, base_linear, dense_weight, linear_shape, projection
 
 
 def _replace_param(owner: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -56,11 +57,11 @@ def _head_rows(keep: torch.Tensor, head_dim: int) -> torch.Tensor:
 def dequantize(model: nn.Module) -> nn.Module:
     """Replace every bitsandbytes linear (also under a LoRA layer) by an nn.Linear, in place."""
     hf = unwrap(model)
+    family = family_of(hf)
     for layer in hf.model.layers:
-        for name in ATTENTION_PROJECTIONS + MLP_PROJECTIONS:
+        for name in PROJECTIONS:
             module = projection(layer, name)
-            owner, attr = (module, "base_layer") if hasattr(module, "base_layer") else (
-                layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp, name)
+            owner, attr = (module, "base_layer") if hasattr(module, "base_layer") else family.projection_owner(layer, name)
             quantized = getattr(owner, attr)
             kind = type(quantized.weight).__name__
             if kind not in ("Int8Params", "Params4bit"):
@@ -87,29 +88,34 @@ def cut(model: nn.Module, masks: Masks) -> nn.Module:
     """Remove every unit the masks drop; masks are indexed by the model's current layer numbers."""
     structure = Structure.of(model)
     masks.validate(structure)
-    dequantize(model)
     hf = unwrap(model)
+    family = family_of(hf)
+    if masks.hidden is not None and not masks.hidden.all() and family.no_hidden_cut:
+        raise ValueError(f"{family.name}'s hidden channels cannot be cut: {family.no_hidden_cut}")
+    dequantize(model)
     layers = hf.model.layers
 
     for i, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
+        head_dim = layer.self_attn.head_dim
         heads = masks.heads.get(i)
         if heads is not None and not heads.all():
             kv = masks.kv_heads(i, structure)
-            q_rows, kv_rows = _head_rows(heads, attn.head_dim), _head_rows(kv, attn.head_dim)
-            slice_projection(attn.q_proj, rows=q_rows)
-            slice_projection(attn.k_proj, rows=kv_rows)
-            slice_projection(attn.v_proj, rows=kv_rows)
-            slice_projection(attn.o_proj, cols=q_rows)
-            attn.num_key_value_groups = int(heads.sum()) // int(kv.sum())
+            rows = {"q_proj": _head_rows(heads, head_dim), "k_proj": _head_rows(kv, head_dim),
+                    "v_proj": _head_rows(kv, head_dim)}
+            for name, kept_rows in rows.items():
+                slice_projection(projection(layer, name), rows=kept_rows)
+                norm = family.projection_norm(layer, name)  # OLMo 2: a norm over the whole projection
+                if norm is not None:
+                    _replace_param(norm, "weight", norm.weight.data.index_select(0, kept_rows.to(norm.weight.device)))
+            slice_projection(projection(layer, "o_proj"), cols=rows["q_proj"])
         channels = masks.channels.get(i)
         if channels is not None and not channels.all():
             keep = channels.nonzero().flatten()
-            slice_projection(mlp.gate_proj, rows=keep)
-            slice_projection(mlp.up_proj, rows=keep)
-            slice_projection(mlp.down_proj, cols=keep)
-            if hasattr(mlp, "intermediate_size"):
-                mlp.intermediate_size = len(keep)
+            slice_projection(projection(layer, "gate_proj"), rows=keep)
+            slice_projection(projection(layer, "up_proj"), rows=keep)
+            slice_projection(projection(layer, "down_proj"), cols=keep)
+        q_rows, k_rows, channels_now = (linear_shape(projection(layer, n))[0] for n in ("q_proj", "k_proj", "gate_proj"))
+        family.after_cut(layer, q_rows // head_dim, k_rows // head_dim, channels_now)
 
     if masks.hidden is not None and not masks.hidden.all():
         _cut_hidden(hf, masks.hidden.nonzero().flatten())
@@ -121,9 +127,7 @@ def cut(model: nn.Module, masks: Masks) -> nn.Module:
             layer.self_attn.layer_idx = new_index  # the KV cache is indexed by position in the stack
             if hasattr(layer, "layer_idx"):
                 layer.layer_idx = new_index
-        layer_types = getattr(hf.config, "layer_types", None)
-        if layer_types:
-            hf.config.layer_types = [t for i, t in enumerate(layer_types) if masks.layers[i]]
+        family.cut_layer_lists(hf.config, masks.layers.tolist())
 
     sync_config(model)
     return model
@@ -136,7 +140,7 @@ def _cut_hidden(hf: nn.Module, keep: torch.Tensor) -> None:
     embed.embedding_dim = len(keep)
     norms = [hf.model.norm]
     for layer in hf.model.layers:
-        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        norms += family_of(hf).norms_over_residual(layer)
         for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
             slice_projection(projection(layer, name), cols=keep)
         for name in ("o_proj", "down_proj"):
@@ -188,8 +192,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
         return model
     dequantize(model)
     hf = model.get_base_model()
+    family = family_of(hf)
     for layer in hf.model.layers:
-        for name in ATTENTION_PROJECTIONS + MLP_PROJECTIONS:
+        for name in PROJECTIONS:
             module = projection(layer, name)
             if not hasattr(module, "base_layer"):
                 continue
@@ -197,5 +202,5 @@ def merge_lora(model: nn.Module) -> nn.Module:
             with torch.no_grad():
                 for adapter in module.active_adapters:
                     base.weight += module.get_delta_weight(adapter).to(base.weight.dtype)
-            setattr(layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp, name, base)
+            setattr(*family.projection_owner(layer, name), base)
     return hf

@@ -1,9 +1,8 @@
 """The prunable units of a decoder model, and where their weights live.
 
-All four supported architectures (Llama, Mistral, Qwen2, Qwen3) share one module layout:
-`model.embed_tokens`, `model.layers[i].self_attn.{q,k,v,o}_proj`, `model.layers[i].mlp.{gate,up,down}_proj`,
-`model.layers[i].{input,post_attention}_layernorm`, `model.norm`, `lm_head`. Qwen2 adds q/k/v
-biases and Qwen3 per-head q/k norms; neither changes which rows and columns make up a unit.
+Every supported family has `model.embed_tokens`, `model.layers[i]`, `model.norm` and `lm_head`; where
+the seven projections sit inside a layer, and which norms go with them, is the family's business
+(`prunetune.families`): the core asks `projection(layer, name)` and never names a family.
 
 Units:
   - attention: query heads (rows of q, columns of o) and key/value heads (rows of k and v). The
@@ -22,11 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..families import PROJECTION_NAMES, family_of
 from ..modeling import unwrap
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+PROJECTIONS = PROJECTION_NAMES
+ATTENTION_PROJECTIONS = PROJECTIONS[:4]
+MLP_PROJECTIONS = PROJECTIONS[4:]
 HEAD_UNITS = ("kv-group", "q-head")
 
 
@@ -36,8 +36,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def projection(layer: nn.Module, name: str) -> nn.Module:
     """The module at a projection's place: a Linear, a bitsandbytes Linear, or a PEFT LoRA layer."""
-    parent = layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp
-    return getattr(parent, name)
+    return family_of(layer).projection(layer, name)
 
 
 def base_linear(module: nn.Module) -> nn.Module:
@@ -75,6 +74,9 @@ class Structure:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    head_norms: bool = False  # q/k norms over the whole projection (OLMo 2): a head's slice goes with it
+    residual_norms: int = 2  # norms over the hidden size in each layer (Gemma 2 and 3: four)
+    head_dim_norms: int = 0  # norms over one head's dimensions in each layer (Qwen3, Gemma 3: q and k)
 
     @classmethod
     def of(cls, model: nn.Module) -> "Structure":
@@ -83,11 +85,10 @@ class Structure:
         layers = []
         head_dim = None
         for layer in hf.model.layers:
-            attn = layer.self_attn
-            head_dim = attn.head_dim
-            q_out, _ = linear_shape(attn.q_proj)
-            k_out, _ = linear_shape(attn.k_proj)
-            inter, _ = linear_shape(layer.mlp.gate_proj)
+            head_dim = layer.self_attn.head_dim
+            q_out, _ = linear_shape(projection(layer, "q_proj"))
+            k_out, _ = linear_shape(projection(layer, "k_proj"))
+            inter, _ = linear_shape(projection(layer, "gate_proj"))
             layers.append(LayerShape(q_out // head_dim, k_out // head_dim, inter))
         if head_dim is None:
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -100,9 +101,10 @@ class Structure:
             tied_embeddings=hf.lm_head.weight is hf.model.embed_tokens.weight,
             max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
             layers=tuple(layers),
-            qkv_bias=first is not None and base_linear(first.self_attn.q_proj).bias is not None,
-            o_bias=first is not None and base_linear(first.self_attn.o_proj).bias is not None,
-            mlp_bias=first is not None and base_linear(first.mlp.gate_proj).bias is not None,
+            qkv_bias=first is not None and base_linear(projection(first, "q_proj")).bias is not None,
+            o_bias=first is not None and base_linear(projection(first, "o_proj")).bias is not None,
+            mlp_bias=first is not None and base_linear(projection(first, "gate_proj")).bias is not None,
+            **family_fields(family_of(hf)),
         )
 
     @property
@@ -116,11 +118,11 @@ class Structure:
     # Parameters that go away with one unit (weights and the biases that belong to the unit).
     @property
     def params_per_q_head(self) -> int:
-        return self.head_dim * (self.hidden + int(self.qkv_bias)) + self.head_dim * self.hidden
+        return self.head_dim * (self.hidden + int(self.qkv_bias) + int(self.head_norms)) + self.head_dim * self.hidden
 
     @property
     def params_per_kv_head(self) -> int:
-        return 2 * self.head_dim * (self.hidden + int(self.qkv_bias))
+        return 2 * self.head_dim * (self.hidden + int(self.qkv_bias)) + self.head_dim * int(self.head_norms)
 
     @property
     def params_per_channel(self) -> int:
@@ -142,6 +144,12 @@ class Structure:
             if "channels" in units:
                 total += self.mlp_params(self.layers[i])
         return total
+
+
+def family_fields(family) -> dict:
+    """What a Structure records of its family's norms (the parameters a layer holds besides projections)."""
+    return {"head_norms": bool(family.projection_norms), "residual_norms": len(family.residual_norms),
+            "head_dim_norms": len(family.head_dim_norms)}
 
 
 def unit_sums(name: str, per_weight: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -32,7 +32,8 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 ROWS_PRUNED = {"q_proj": "heads", "k_proj": "kv_heads", "v_proj": "kv_heads",
                "gate_proj": "channels", "up_proj": "channels"}
 COLUMNS_PRUNED = {"o_proj": "heads", "down_proj": "channels"}
-_KEY = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(lora_A|lora_B)\.(weight|bias)$")
+# (a fused family's projections sit one level deeper, e.g. Phi-3's self_attn.qkv_proj.q_proj)
+_KEY = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(?:\w+\.)?(\w+)\.(lora_A|lora_B)\.(weight|bias)$")
 
 
 @dataclass(frozen=True)

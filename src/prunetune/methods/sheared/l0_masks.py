@@ -40,6 +40,7 @@ from .hard_concrete import HardConcrete
 from ...structure.masks import MaskHooks, Masks, _rms_norm_over_kept
 from .target import Target, layer_parameters, outer_parameters
 from ...structure.units import Structure, base_linear, projection
+from ...families import family_of
 from ...modeling import unwrap
 
 MASK_TYPES = ("layer", "head", "intermediate", "hidden")
@@ -98,19 +99,23 @@ class ShearMasks(nn.Module):
         if Structure.of(model) != self.structure:
             raise ValueError("these masks were built for a model of another shape")
         hf = unwrap(model)
+        family = family_of(hf)
         switch = MaskHooks()
         handles = switch._handles
         handles.append(hf.register_forward_pre_hook(self._refresh(switch)))
         types = self.distributions
         if "hidden" in types:
             handles.append(hf.model.embed_tokens.register_forward_hook(self._output_hook("embed", None, switch)))
-            norms = [hf.model.norm] + [n for layer in hf.model.layers
-                                       for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+            norms = [hf.model.norm] + [n for layer in hf.model.layers for n in family.norms_over_residual(layer)]
             handles += [norm.register_forward_hook(self._norm_hook(switch)) for norm in norms]
         for i, layer in enumerate(hf.model.layers):
             o_proj, down_proj = projection(layer, "o_proj"), projection(layer, "down_proj")
             if "head" in types:
                 handles.append(o_proj.register_forward_pre_hook(self._input_hook("o_input", i, switch)))
+                for name in ("q_proj", "k_proj"):  # OLMo 2: q/k norms over every head average over the kept
+                    norm = family.projection_norm(layer, name)
+                    if norm is not None:
+                        handles.append(norm.register_forward_hook(self._projection_norm_hook(name, i, switch)))
             if "intermediate" in types:
                 handles.append(down_proj.register_forward_pre_hook(self._input_hook("down_input", i, switch)))
             if "layer" in types or "hidden" in types:
@@ -177,6 +182,19 @@ class ShearMasks(nn.Module):
             if not switch.active:
                 return None
             return _rms_norm_over_kept(self._read("norm_keep", None), switch)(module, args, output)
+        return hook
+
+    def _projection_norm_hook(self, name: str, row: int, switch: MaskHooks):
+        """A norm over a whole q or k projection, averaged over the rows of the heads whose gate is not zero."""
+        def hook(module, args, output):
+            if not switch.active:
+                return None
+            heads = self._read("o_input", row).reshape(-1, self.structure.head_dim)[:, 0] != 0  # per query head
+            if name == "k_proj":
+                shape = self.structure.layers[row]
+                heads = heads.reshape(shape.num_kv_heads, shape.group_size).any(dim=1)
+            keep = heads.repeat_interleave(self.structure.head_dim)
+            return _rms_norm_over_kept(keep, switch)(module, args, output)
         return hook
 
     @property

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ...errors import SettingError
+from ...families import family_of, prepare
 from ...models import check_architecture
 from .l0_masks import ShearMasks
 from ...structure.surgery import cut, merge_lora
@@ -96,7 +97,7 @@ def source_structure(config) -> Structure:
     check_architecture(config)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
-    return Structure.of(meta)
+    return Structure.of(prepare(meta))
 
 
 class ShearHooks(TrainHooks):
@@ -182,6 +183,10 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
         nonlocal before, target
         before = source_structure(config)
         target = parse_target(settings.target, before)
+        family = family_of(config)
+        if target.hidden != before.hidden and family.no_hidden_cut:
+            raise SettingError("ShearSettings.target", f"{family.name}'s hidden size cannot be pruned: "
+                               f"{family.no_hidden_cut}")
 
     run = Run("shear", out, options, evaluation, log=log, checks=[check_settings], config_checks=[check_target],
               model=model_spec,

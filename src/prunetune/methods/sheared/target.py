@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import UserError
-from ...structure.units import Structure
+from ...families import BY_MODEL_TYPE
+from ...structure.units import Structure, family_fields
 
 KEYS = ("layers", "hidden", "heads", "kv-heads", "intermediate")
-# Architectures whose attention normalises q and k per head (a head_dim-sized weight each, per layer).
-PER_HEAD_QK_NORM = ("qwen3",)
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def quick_source(model_spec: str) -> Structure | None:
     return Structure(model_type=arch, hidden=counts["hidden"], head_dim=int(head_dim),
                      vocab=int(meta.get(f"{arch}.vocab_size") or 0), tied_embeddings=False,
                      max_positions=int(meta.get(f"{arch}.context_length") or 0), layers=(shape,) * counts["layers"],
-                     qkv_bias=False, o_bias=False, mlp_bias=False)
+                     qkv_bias=False, o_bias=False, mlp_bias=False, **family_fields(BY_MODEL_TYPE[arch]))
 
 
 def _source_values(source: Structure) -> dict[str, int]:
@@ -179,7 +178,8 @@ def layer_parameters(source: Structure, hidden, heads, kv_heads, intermediate):
                  + 2 * kv_heads * hd * (hidden + qkv_bias)    # k_proj, v_proj
                  + hidden * heads * hd + o_bias * hidden)      # o_proj
     mlp = 3 * intermediate * hidden + mlp_bias * (2 * intermediate + hidden)
-    norms = 2 * hidden + (2 * hd if source.model_type in PER_HEAD_QK_NORM else 0)
+    norms = (source.residual_norms * hidden + source.head_dim_norms * hd
+             + int(source.head_norms) * (heads + kv_heads) * hd)  # OLMo 2: q/k norms as wide as q and k
     return attention + mlp + norms
 
 
