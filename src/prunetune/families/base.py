@@ -91,8 +91,12 @@ class Family:
                     setattr(owner, attr, module.joined())
 
     def fused_widths(self, layer: nn.Module, path: str, module: nn.Module) -> list[int]:
-        """How many output rows of a fused projection belong to each of its projections."""
-        raise NotImplementedError(f"{self.name} fuses {path} but does not say how to split it")
+        """How many output rows of a fused projection belong to each of its projections: equal shares
+        (gate and up); a family whose fused rows differ in width (Phi-3's q, k, v) overrides this."""
+        names = self.fused[path]
+        if module.out_features % len(names):
+            raise ValueError(f"{self.name}: {path} has {module.out_features} rows, not {len(names)} equal parts")
+        return [module.out_features // len(names)] * len(names)
 
     # -- the config after a cut ----------------------------------------------------------------
     def cut_layer_lists(self, config, keep: list[bool]) -> None:

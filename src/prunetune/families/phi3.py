@@ -11,7 +11,7 @@ from .base import Family
 class Phi3Family(Family):
     def fused_widths(self, layer: nn.Module, path: str, module: nn.Module) -> list[int]:
         if path == "mlp.gate_up_proj":
-            return [module.out_features // 2] * 2
+            return super().fused_widths(layer, path, module)
         attn = layer.self_attn
         kv = attn.num_key_value_heads * attn.head_dim
         return [module.out_features - 2 * kv, kv, kv]
