@@ -70,3 +70,9 @@ def stat(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def check_settings(results: dict, settings: dict, path: Path) -> None:
+    """A results file holds cells of one set of settings: a run under others needs its own file."""
+    if results.get("settings", settings) != settings:
+        raise SystemExit(f"{path} holds cells of other settings ({results['settings']}); use another --results")

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
-from _cells import claim, load_results, release, save_cell, stat
+from _cells import check_settings, claim, load_results, release, save_cell, stat
 from handbook import handbook_spec
 
 HERE = Path(__file__).resolve().parent
@@ -394,8 +394,7 @@ def main() -> None:
     if args.report:
         write_report(results, args.results, args.out_dir)
         return
-    if results.get("settings", settings) != settings:
-        raise SystemExit(f"{args.results} holds cells of other settings ({results['settings']}); use another --results")
+    check_settings(results, settings, args.results)
     args.runs.mkdir(parents=True, exist_ok=True)
     args.structure = structure(args.model)
     work(args, settings)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
-from _cells import claim, load_results, release, save_cell, stat
+from _cells import check_settings, claim, load_results, release, save_cell, stat
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "quality.json"
@@ -289,8 +289,7 @@ def main() -> None:
     if args.report:
         write_report(results, args.results, args.out_dir)
         return
-    if results.get("settings", settings) != settings:
-        raise SystemExit(f"{args.results} holds cells of other settings ({results['settings']}); use another --results")
+    check_settings(results, settings, args.results)
     args.runs.mkdir(parents=True, exist_ok=True)
     if "dense" not in results["cells"] and claim(args.runs, "dense", "quality.py"):
         save_cell(args.results, "dense", {"perplexity": evaluate(args.model, args, args.runs / "dense-eval.json"),
