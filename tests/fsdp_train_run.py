@@ -66,3 +66,4 @@ if __name__ == "__main__":
                        "held": result.held_bytes,
                        "plain": all(type(p) is torch.nn.Parameter for p in model.parameters()),
                        "record": result.record(TrainSettings()) | {"history": None}}, f)
+    accelerator.end_training()  # closes the process group: left to teardown it can abort the process

@@ -47,3 +47,4 @@ if __name__ == "__main__":
     if accelerator.is_main_process:
         with open(sys.argv[1], "w") as f:
             json.dump(result, f)
+    accelerator.end_training()  # closes the process group: left to teardown it can abort the process

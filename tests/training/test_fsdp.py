@@ -168,6 +168,7 @@ SHEAR = ["--target", "layers=3,hidden=64,heads=4,kv-heads=2,intermediate=32", "-
          "--eval-every", "2", "--eval-blocks", "2", "--max-windows", "2", "--eval-seq-len", "32", "--no-eval"]
 
 
+@pytest.mark.slow  # a second method through the FSDP CLI path the prune and train tests cover: make test-slow
 def test_fsdp_shear_ends_with_the_masks_and_shape_of_one_process(model_dir, tmp_path):
     """All weights, the mask logits and the Lagrange multipliers trained under FSDP: the masks stay the same
     in every process, and the cut model the main process saves has the kept units and the exact shape of
@@ -195,6 +196,7 @@ def test_fsdp_shear_ends_with_the_masks_and_shape_of_one_process(model_dir, tmp_
     assert {(s.num_heads, s.num_kv_heads, s.intermediate) for s in structure.layers} == {(4, 2, 32)}
 
 
+@pytest.mark.slow  # a second method through the FSDP CLI path the prune and train tests cover: make test-slow
 def test_fsdp_loram_align_keeps_the_zeros_and_train_saves_the_adapter(model_dir, tmp_path):
     """LoRAM's two training steps under FSDP: full-parameter alignment of an unstructured prune keeps every
     pruned weight at zero (each process masks its own rows), and the adapter trained on it loads in PEFT."""

@@ -78,6 +78,17 @@ def main() -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        _leave_process_group()
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _leave_process_group() -> None:
+    """Under `accelerate launch`, close the process group before the interpreter exits: left to teardown,
+    its threads can abort the process ("terminate called without an active exception") after a run that
+    succeeded."""
+    torch = sys.modules.get("torch")  # never imported just for this: --help stays fast
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
