@@ -196,3 +196,12 @@ def test_gguf_export_of_another_family_names_the_form_that_works(tmp_path):
     with pytest.raises(UserError, match="convert_hf_to_gguf.py") as error:
         check_gguf_export(config, tmp_path / "m.gguf", "f32", False)
     assert "\n" not in str(error.value)
+
+
+def test_a_run_names_what_loads_its_model_and_the_form_that_serves_other_families():
+    from prunetune.runs.card import loaders
+
+    assert "vLLM" in loaders({"architecture": {"stock_loadable": True, "saved_as": "gemma2"}})
+    assert "vLLM with prunetune" in loaders({"architecture": {"stock_loadable": False, "saved_as": "qwen2"}})
+    line = loaders({"architecture": {"stock_loadable": False, "saved_as": "gemma2"}})
+    assert "prunetune.load_model only" in line and "--layers all" in line

@@ -7,8 +7,10 @@ import pytest
 import torch
 from peft import PeftModel
 from tiny import FAMILIES, tiny_model, tokens
+from transformers import AutoModelForCausalLM
 
 from prunetune.families import family_of
+from prunetune.families.adapters import load_peft
 from prunetune.methods.loram.recover import recover_adapter
 from prunetune.structure.masks import Masks, apply_masks
 from prunetune.structure.surgery import cut
@@ -42,10 +44,18 @@ def test_recovered_adapter_on_the_full_model_equals_the_pruned_model_with_its_ad
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
     pruned.eval().save_pretrained(tmp_path / "adapter")
     recover_adapter(tmp_path / "adapter", masks.kept_summary(structure), full, tmp_path / "recovered", "full")
-    served = PeftModel.from_pretrained(copy.deepcopy(full), str(tmp_path / "recovered")).eval()
+    served = load_peft(copy.deepcopy(full), tmp_path / "recovered").eval()
     x = tokens()
     with torch.no_grad():
         with apply_masks(served, masks):
             masked = served(x).logits
         expected = pruned(x).logits
     assert (masked - expected).abs().max() <= 1e-4
+    if family_of(full).fused:  # the recovered adapter is stock PEFT's, on the stock (fused) model
+        stock = copy.deepcopy(full)
+        family_of(stock).join_fused(stock)
+        stock.save_pretrained(tmp_path / "stock")
+        on_stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "stock"),
+                                             str(tmp_path / "recovered")).eval()
+        with torch.no_grad():
+            assert (on_stock(x).logits - served(x).logits).abs().max() <= 1e-5

@@ -216,9 +216,9 @@ def load(settings: SpeedSettings, job: Job, device: torch.device, dtype: torch.d
         model, tokenizer = load_model(job.model, dtype=str(dtype).removeprefix("torch."), device=str(device))
         del tokenizer
     if job.variant != "model":
-        from peft import PeftModel
+        from ..families.adapters import load_peft
 
-        model = PeftModel.from_pretrained(model, settings.lora)
+        model = load_peft(model, settings.lora)
         if job.variant == "lora-merged":
             model = model.merge_and_unload()
     return model.eval()

@@ -137,10 +137,10 @@ def _print_prune_summary(record: dict, out_dir: Path) -> None:
     out.print(f"prunable parameters: {record['prunable']}")
     if "perplexity_before" in results:
         out.print(f"perplexity protocol: {results['perplexity_before']['protocol']}")
-    arch = record["architecture"]
-    loader = ("AutoModelForCausalLM.from_pretrained, vLLM" if arch["stock_loadable"] else
-              "prunetune.load_model, or vLLM with prunetune installed beside it")
-    out.print(f"saved to {out_dir} as {arch['saved_as']} (load with {loader}); took {record['elapsed_seconds']:.0f}s")
+    from ..runs.card import loaders
+
+    out.print(f"saved to {out_dir} as {record['architecture']['saved_as']} (load with {loaders(record)}); "
+              f"took {record['elapsed_seconds']:.0f}s")
 
 
 @commands.command("masks-agree", cls=deprecating_command("masks-agree"), epilog="Examples:\n\n"

@@ -65,32 +65,15 @@ def check_adapter_dir(adapter_dir: str | Path) -> Path:
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """Put a saved PEFT adapter on top of `model`, unmerged, for inference."""
-    from peft import PeftModel
+    from ..families.adapters import load_peft
 
     path = check_adapter_dir(adapter_dir)
     try:
-        wrapped = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        wrapped = load_peft(model, path, is_trainable=False)
     except RuntimeError as exc:  # size mismatch: the adapter was trained on a model of other shapes
         first = str(exc).strip().splitlines()
         reason = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
         raise UserError(f"the adapter in '{adapter_dir}' does not fit this model ({reason[:200]}); "
                         "load it on the model it was trained on") from None
-    unplaced = _unplaced_weights(wrapped, path)
-    if unplaced:  # PEFT loads non-strictly: these would be dropped without a word
-        raise UserError(f"the adapter in '{adapter_dir}' has {len(unplaced)} weights this model has no place for "
-                        f"(e.g. {unplaced[0]}); load it on the model it was trained on")
     return wrapped.eval()
 
-
-def _unplaced_weights(wrapped: nn.Module, path: Path) -> list[str]:
-    """Saved adapter weights with no matching parameter in `wrapped` (its keys carry the adapter name,
-    `lora_A.default.weight`, where the saved ones have `lora_A.weight`)."""
-    saved = path / "adapter_model.safetensors"
-    if not saved.is_file():  # an older adapter_model.bin: PEFT's own loading is all we have
-        return []
-    from safetensors import safe_open
-
-    names = wrapped.active_adapters if hasattr(wrapped, "active_adapters") else ["default"]
-    have = {key.replace(f".{name}.", ".") for key in wrapped.state_dict() for name in names}
-    with safe_open(str(saved), framework="pt") as f:
-        return sorted(key for key in f.keys() if key not in have)

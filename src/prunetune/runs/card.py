@@ -188,6 +188,19 @@ def _body(record: dict, method: str, base: _Base, adapter: bool) -> str:
     return "\n".join(sections) + "\n"
 
 
+def loaders(record: dict) -> str:
+    """What loads the model a run wrote, in a few words (the CLI's last line)."""
+    from ..export.hf import VLLM_PLUGIN_MODEL_TYPES
+
+    architecture = record.get("architecture", {})
+    if architecture.get("stock_loadable", True):
+        return "AutoModelForCausalLM.from_pretrained, vLLM"
+    if architecture.get("saved_as", "llama") in VLLM_PLUGIN_MODEL_TYPES:
+        return "prunetune.load_model, or vLLM with prunetune installed beside it"
+    return ("prunetune.load_model only: vLLM and llama.cpp build this family with one shape in every layer, "
+            "which --layers all gives")
+
+
 def _model_usage(record: dict) -> list[str]:
     from ..export.gguf import WRITTEN_MODEL_TYPES
     from ..export.hf import VLLM_PLUGIN_MODEL_TYPES

@@ -30,6 +30,7 @@ from ..data import load_examples
 from ..models import check_model, check_positions, load_model
 from ..report import check_output_dir, extra_file, provenance, run_directory, write_json, write_report
 from ..structure.units import Structure
+from ..families.adapters import to_stock_layout
 from ..training.loop import make_accelerator, train
 from ..training.sharding import leave_to_main, refuse_quant_under_fsdp
 from .card import write_card
@@ -130,6 +131,7 @@ class Run:
                     write(tmp)
                 elif as_adapter:
                     model.save_pretrained(tmp)
+                    to_stock_layout(tmp, model)  # Phi-3: adapts qkv_proj and gate_up_proj, as stock PEFT does
                     tokenizer.save_pretrained(tmp)
                 else:
                     model, saved_as = save_model(model, tokenizer, tmp)

@@ -100,10 +100,21 @@ def prune_for_loram(model_spec: str, out: Path, settings: LoramPruneSettings, op
                           "original_parameters": params["before"]["total"],
                           "reduction_ratio": reduction_ratio(params["before"]["total"], params["after"]["total"])}}
 
-    return prune(model_spec, out, PruneSettings(method=criterion, ratio=settings.ratio, layers=settings.layers or "paper",
+    return prune(model_spec, out, PruneSettings(method=criterion, ratio=settings.ratio,
+                                                layers=settings.layers or _default_layers(model_spec),
                                                 data=settings.data, calib_samples=settings.calib_samples,
                                                 seed=settings.seed),
                  EvalSettings(data=None), options, log=log, command="loram prune", annotate=loram_fields)
+
+
+def _default_layers(model_spec: str) -> str:
+    """LoRAM's structured default is the paper's layers; a family whose layers must keep one shape (Phi-3)
+    prunes them all."""
+    from ...families import family_of
+    from ...models import load_config
+
+    config = load_config(resolve_model_spec(model_spec))
+    return "all" if family_of(config).uniform_only else "paper"
 
 
 def _source_fields(pruned: Path) -> dict:
@@ -258,7 +269,7 @@ def recover(adapter: Path, pruned: Path, full_spec: str, out: Path, *, merge: bo
     original positions, zeros elsewhere. Unstructured / 2:4: the shapes never changed, so the adapter
     is re-targeted unchanged (the pruned weights come back in the full model)."""
     from .recover import (merge_into, read_adapter, read_pruned_run, recover_adapter, recover_identity,
-                          recover_tensors)
+                          recover_tensors_and_config)
 
     adapter, pruned, full_spec = Path(adapter), Path(pruned), str(full_spec)
     carried = _source_fields(pruned)
@@ -266,11 +277,11 @@ def recover(adapter: Path, pruned: Path, full_spec: str, out: Path, *, merge: bo
 
     def check_inputs() -> None:  # the recovery itself, in memory: an adapter that does not fit fails here
         resolve_model_spec(full_spec)  # a mistyped --full fails here rather than being written into the adapter
-        tensors, _ = read_adapter(adapter)
+        tensors, config = read_adapter(adapter)
         if structured:
             pruned_run = read_pruned_run(pruned)
             _check_full_model(full_spec, pruned_run.full)
-            recover_tensors(tensors, pruned_run.kept, pruned_run.full)
+            recover_tensors_and_config(tensors, config, pruned_run.kept, pruned_run.full)
 
     options = RunOptions(dtype=dtype, device="cpu", overwrite=overwrite, export=export if merge else None)
     run = Run("loram recover", out, options, checks=[check_inputs], log=log, accelerate=False)

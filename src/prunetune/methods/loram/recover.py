@@ -10,7 +10,9 @@ with the recovered adapter and the pruned units masked computes what the pruned 
 adapter computed.
 
 Adapters are read and written as PEFT saves them: adapter_config.json and adapter_model.safetensors
-with keys like `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` (no adapter name).
+with keys like `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` (no adapter name). A fused
+family's adapter (Phi-3's `qkv_proj`) is split into its projections for recovery and joined again after
+(families/adapters.py), so the recovered adapter is in the layout stock PEFT reads on the stock model.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import torch
 from torch import nn
 
 from ...errors import UserError
+from ...families.adapters import (CONFIG_FILE, WEIGHTS_FILE, fused_family, join, load_peft, read_adapter_files,
+                                  split, widths_from_shapes, write_adapter_files)
 from ...layer_shapes import LAYER_SHAPES_KEY
 from ...structure.units import LayerShape, Structure
 
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # Projection -> the kept-summary field that says which of its rows (B) or columns (A) survived.
 ROWS_PRUNED = {"q_proj": "heads", "k_proj": "kv_heads", "v_proj": "kv_heads",
                "gate_proj": "channels", "up_proj": "channels"}
@@ -90,8 +93,6 @@ def read_pruned_run(run_dir: str | Path) -> PrunedRun:
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, adapter config) of a PEFT LoRA adapter directory."""
-    from safetensors.torch import load_file
-
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / CONFIG_FILE).is_file() or not (adapter_dir / WEIGHTS_FILE).is_file():
         raise UserError(f"'{adapter_dir}' is not a PEFT adapter directory (it needs {CONFIG_FILE} and {WEIGHTS_FILE})")
@@ -99,16 +100,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict
     if config.get("peft_type") != "LORA" or config.get("use_dora"):
         raise UserError(f"'{adapter_dir}' holds a {'DoRA' if config.get('use_dora') else config.get('peft_type')} "
                         "adapter; recovery moves plain LoRA adapters only")
-    return load_file(str(adapter_dir / WEIGHTS_FILE)), config
-
-
-def save_adapter(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Write an adapter directory exactly as PEFT's save_pretrained lays it out."""
-    from safetensors.torch import save_file
-
-    tensors = {key: tensor.contiguous() for key, tensor in tensors.items()}
-    save_file(tensors, str(Path(directory) / WEIGHTS_FILE), metadata={"format": "pt"})
-    (Path(directory) / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return read_adapter_files(adapter_dir)[0], config
 
 
 def check_recoverable(kept: dict, full: FullShapes) -> None:
@@ -199,6 +191,34 @@ def recover_tensors(tensors: dict[str, torch.Tensor], kept: dict, full) -> dict[
     return out
 
 
+def recover_tensors_and_config(tensors: dict[str, torch.Tensor], config: dict, kept: dict, full
+                               ) -> tuple[dict[str, torch.Tensor], dict]:
+    """recover_tensors for an adapter of any family, with its config: a fused family's adapter (Phi-3's
+    `qkv_proj`, in stock PEFT's layout) is split at the pruned model's widths, recovered projection by
+    projection, and joined again at the full model's widths."""
+    family = fused_family(tensors)
+    if family is None:
+        return recover_tensors(tensors, kept, full), config
+    full = FullShapes.of(full)
+    check_recoverable(kept, full)
+    head_dim = full.head_dim or _infer_head_dim(tensors, kept) or _fused_head_dim(tensors, kept, family)
+    pruned = [LayerShape(len(e["heads"]), len(e["kv_heads"]), len(e["channels"])) for e in kept["layers"]]
+    tensors, config = split(tensors, config, family, widths_from_shapes(pruned, head_dim))
+    recovered = recover_tensors(tensors, kept, FullShapes(full.layers, full.hidden, head_dim))
+    return join(recovered, config, family, widths_from_shapes(full.layers, head_dim))
+
+
+def _fused_head_dim(tensors: dict[str, torch.Tensor], kept: dict, family) -> int | None:
+    """The head size, from a fused attention projection's B (its rows are every kept head's, q, k and v)."""
+    for key, tensor in tensors.items():
+        match = re.search(r"\.layers\.(\d+)\.(.+)\.lora_B\.weight$", key)
+        if match and "q_proj" in family.fused.get(match[2], ()) and int(match[1]) < len(kept["layers"]):
+            entry = kept["layers"][int(match[1])]
+            units = sum(len(entry["heads"] if p == "q_proj" else entry["kv_heads"]) for p in family.fused[match[2]])
+            return tensor.shape[0] // units
+    return None
+
+
 def recover_adapter(pruned_adapter_dir: str | Path, kept: dict, full, out_dir: str | Path,
                     base_model_name_or_path: str) -> Path:
     """Write the adapter trained on a pruned model as a PEFT adapter of the full model into `out_dir`.
@@ -208,10 +228,8 @@ def recover_adapter(pruned_adapter_dir: str | Path, kept: dict, full, out_dir: s
     result loads with `PeftModel.from_pretrained(full_model, out_dir)`. Nothing is written when the
     adapter does not fit (`loram recover` writes into a run directory, which makes it atomic).
     """
-    tensors, config = read_adapter(pruned_adapter_dir)
-    recovered = recover_tensors(tensors, kept, full)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    save_adapter(out_dir, recovered, config | {"base_model_name_or_path": base_model_name_or_path})
+    tensors, config = recover_tensors_and_config(*read_adapter(pruned_adapter_dir), kept, full)
+    write_adapter_files(out_dir, tensors, config | {"base_model_name_or_path": base_model_name_or_path})
     return Path(out_dir)
 
 
@@ -224,13 +242,10 @@ def recover_identity(pruned_adapter_dir: str | Path, out_dir: str | Path, base_m
     (LoRAM's bet is that an update learned on the sparse model still transfers to the dense one).
     """
     tensors, config = read_adapter(pruned_adapter_dir)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    save_adapter(out_dir, tensors, config | {"base_model_name_or_path": base_model_name_or_path})
+    write_adapter_files(out_dir, tensors, config | {"base_model_name_or_path": base_model_name_or_path})
     return Path(out_dir)
 
 
 def merge_into(full_model: nn.Module, recovered_adapter_dir: str | Path) -> nn.Module:
     """The full model with the recovered adapter folded into its weights (W + s·B_R·A_R), via PEFT."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(full_model, str(recovered_adapter_dir)).merge_and_unload()
+    return load_peft(full_model, recovered_adapter_dir).merge_and_unload()

@@ -211,7 +211,7 @@ def _training(adapter: Path) -> dict:
 
 
 def _compare(model_spec: str, tmp: Path, s: LoramRunSettings) -> list[dict]:
-    from peft import PeftModel
+    from ...families.adapters import load_peft
 
     rows = []
     full, tokenizer = load_model(model_spec)
@@ -223,11 +223,11 @@ def _compare(model_spec: str, tmp: Path, s: LoramRunSettings) -> list[dict]:
     if s.baseline:
         adapters.append(("full model + LoRA trained on it (baseline)", "baseline", "baseline"))
     for label, directory, trained in adapters:
-        wrapped = PeftModel.from_pretrained(full, str(tmp / directory))
+        wrapped = load_peft(full, tmp / directory)
         rows.append({"configuration": label} | _perplexities(wrapped, tokenizer, s) | _training(tmp / trained))
         full = wrapped.unload()  # the same full model, adapter taken off, for the next one
     pruned, pruned_tokenizer = load_model(str(_trained_on(tmp, s)))
-    wrapped = PeftModel.from_pretrained(pruned, str(tmp / "adapter"))
+    wrapped = load_peft(pruned, tmp / "adapter")
     rows.append({"configuration": "pruned model + its adapter (without recovery)"}
                 | _perplexities(wrapped, pruned_tokenizer, s) | _training(tmp / "adapter"))
     return rows
