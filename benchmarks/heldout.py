@@ -63,6 +63,19 @@ ROWS = {
                  "recovery", None),
     "torch-pruning": ("Torch-Pruning, first-order Taylor on MLP channels, then the recovery", None),
     "dense-lora": ("the unpruned model after the recovery", None),
+    "width": ("Taylor on heads and channels of every layer (uniform, cost split), then the recovery", None),
+    "depth": ("whole layers by block influence (the nearest whole-layer count), then the recovery", None),
+    "mix": ("heads, channels and layers, the depth/width split with the lowest calibration loss, then the "
+            "recovery", None),
+}
+# Depth against width: one-shot prunes of every layer cut to LoRAPrune's size, Taylor scoring the
+# heads and channels, the same recovery. Whole layers cannot hit a size within 1% (a SmolLM2 layer is
+# 2.6% of the model), so `depth` is the nearest whole-layer count and its size is in the table.
+DEPTH_ROWS = {
+    "width": "--method taylor --layers all --units heads,channels --allocation uniform --split cost --round-to 1",
+    "depth": "--method taylor --layers all --units layers",
+    "mix": "--method taylor --layers all --units heads,channels,layers --allocation uniform --split cost "
+           "--round-to 1",
 }
 BASELINES = ("one-shot", "torch-pruning")
 # one-shot candidates: name -> `prunetune prune` arguments (--round-to 1: so every one reaches the size).
@@ -179,6 +192,12 @@ def run_row(args, ratio: float | None, row: str, seed: int, results: dict) -> di
             prunetune("prune", args.model, "--ratio", str(ratio_for(args, target(results, ratio), layers_of(SELECTION[chosen]))),
                       *common(args, seed), *prune_args, "--calib-samples", "10", "--no-eval", "--out", str(pruned),
                       "--overwrite")
+        elif row in DEPTH_ROWS:
+            chosen = None
+            prunetune("prune", args.model, "--ratio", str(ratio_for(args, target(results, ratio), "all")),
+                      *common(args, seed), *DEPTH_ROWS[row].split(), "--calib-samples", "10", "--no-eval",
+                      "--out", str(pruned), "--overwrite")
+            shape = record(pruned)
         elif row == "torch-pruning":
             chosen = None
             subprocess.run([sys.executable, str(HERE / "torch_pruning_peer.py"), args.model, "--params",
@@ -198,6 +217,9 @@ def run_row(args, ratio: float | None, row: str, seed: int, results: dict) -> di
             "date": time.strftime("%Y-%m-%d"), "machine": _report.machine(), "torch": rec.get("torch")}
     if row == "one-shot":
         cell["candidate"] = best_candidate(results, ratio)
+    if row in DEPTH_ROWS:
+        cell["layers_removed"] = shape.get("depth", {}).get("layers_removed", [])
+        cell["layer_shape"] = shape["architecture"]["layer_shapes"][0]
     if ratio is not None and target(results, ratio):
         cell["size_vs_default"] = cell["parameters"] / target(results, ratio)
     for leftover in (args.runs / f"{ratio}-{row}-pruned",):
@@ -218,6 +240,7 @@ def plan() -> list[tuple]:
                 cells.append((f"{r}/{row}/{seed}", "row", r, row, seed, needs))
     cells += [(f"{r}/loraprune-paper/0", "row", r, "loraprune-paper", 0, [f"{r}/{DEFAULT}/0"]) for r in RATIOS]
     cells.append(("dense-lora/0", "row", None, "dense-lora", 0, []))
+    cells += [(f"{r}/{row}/0", "row", r, row, 0, [f"{r}/{DEFAULT}/0"]) for r in RATIOS for row in DEPTH_ROWS]
     seen, unique = set(), []
     for cell in cells:
         if cell[0] not in seen:
@@ -274,6 +297,16 @@ def ppl(group: list[dict], domain: str) -> list[float]:
     return [c["perplexity"][domain]["perplexity"] for c in group]
 
 
+def _row_detail(row: str, cell: dict) -> str:
+    if row == "one-shot":
+        return f" ({cell['candidate']})"
+    if row in DEPTH_ROWS:
+        shape = cell["layer_shape"]
+        return (f" ({len(cell['layers_removed'])} layers removed; each left keeps {shape['num_heads']} / "
+                f"{shape['num_kv_heads']} heads, {shape['intermediate']} channels)")
+    return ""
+
+
 def results_table(results: dict) -> str:
     dense = results["cells"].get("dense")
     out = []
@@ -283,8 +316,7 @@ def results_table(results: dict) -> str:
     rows = []
     order = list(ROWS)
     for (ratio, row), group in sorted(rows_of(results).items(), key=lambda g: (-(g[0][0] or 0), order.index(g[0][1]))):
-        rows.append([f"{ratio:.0%}" if ratio else "none", f"`{row}`" + (f" ({group[0]['candidate']})" if
-                                                                          row == "one-shot" else ""),
+        rows.append([f"{ratio:.0%}" if ratio else "none", f"`{row}`" + _row_detail(row, group[0]),
                      len(group), *(stat(ppl(group, d)) for d in DOMAINS), f"{group[0]['parameters']:,}",
                      f"{group[0]['size_vs_default']:.3f}" if "size_vs_default" in group[0] else "",
                      f"{statistics.mean(c['seconds_per_step'] for c in group):.2f}",

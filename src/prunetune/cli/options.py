@@ -169,7 +169,9 @@ def ratio(default: float, why: str | None = None) -> Any:
 
 
 def units() -> Any:
-    return _option("heads,channels", "--units", "Unit kinds to prune: heads, channels, or both.")
+    return _option("heads,channels", "--units", "Unit kinds to prune, comma-separated: heads, channels, layers "
+                   "(whole decoder layers, by block influence; with heads or channels the split between depth and "
+                   "width is the one with the lowest calibration loss).")
 
 
 def head_unit() -> Any:

@@ -34,6 +34,7 @@ from ..structure.allocate import (
     ALLOCATIONS,
     DEFAULT_ROUND_TO,
     DEFAULT_SPLIT,
+    LAYER_UNIT,
     SPLITS,
     achieved_ratio,
     check_ratio,
@@ -43,6 +44,8 @@ from ..structure.allocate import (
     parse_units,
     select_masks,
 )
+from ..structure.depth import counted_units, width_units
+from .depth_width import select_with_depth
 from ..structure.surgery import cut
 from ..structure.units import HEAD_UNITS, Structure, count_parameters
 from ..runs.lifecycle import Run
@@ -96,6 +99,9 @@ class PruneSettings:
         if self.method == "loraprune" and self.recover_steps:
             raise SettingError("PruneSettings.recover_steps", "PruneSettings.recover_steps is for one-shot methods; "
                                "loraprune trains for TrainSettings.steps")
+        if self.method == "loraprune" and LAYER_UNIT in parse_units(self.units):
+            raise SettingError("PruneSettings.units", "PruneSettings.units layers is for the one-shot criteria "
+                               f"({', '.join(CRITERIA)}); loraprune prunes heads and channels as it trains")
         if self.method == "loraprune":
             self.loraprune.check()
         self.distill.check()
@@ -144,7 +150,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     options = options or RunOptions()
     training = options.training
     trains = settings.method == "loraprune" or settings.recover_steps > 0
-    calibrates = trains or settings.method in NEEDS_CALIBRATION
+    calibrates = trains or settings.method in NEEDS_CALIBRATION or LAYER_UNIT in parse_units(settings.units)
     settings.distill = settings.distill.resolved(settings.method)
     distill = settings.distill
     run = Run(command, out, options, evaluation, log=log, model=model_spec,
@@ -153,17 +159,21 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
               config_checks=[lambda config: _check_family(config, settings),
                              lambda config: parse_layers(settings.layer_spec, int(config.num_hidden_layers),
                                                          "PruneSettings.layers")])
+    if LAYER_UNIT in parse_units(settings.units) and is_fsdp(run.accelerator):
+        raise SettingError("PruneSettings.units", "PruneSettings.units layers scores whole layers in one process; "
+                           "run it without FSDP (one-shot pruning needs no sharding to fit: it trains nothing)")
     model, tokenizer = run.load(model_spec, quant=options.quant, seq_lens=[training.seq_len] if calibrates else [])
     before = Structure.of(model)
     layers = parse_layers(settings.layer_spec, before.num_layers)
-    units = parse_units(settings.units)
+    kinds = parse_units(settings.units)
+    units, width = counted_units(kinds), width_units(kinds)  # a whole layer counts every projection
     params_before = count_parameters(model) | {"prunable": before.prunable_params(layers, units)}
     run.perplexity(model, tokenizer, "before")
 
     blocks = mask = None
     if calibrates:
         blocks, mask = load_blocks(settings.data, tokenizer, training.seq_len, default_split="train")
-    record_training = {}
+    record_training, depth = {}, None
 
     if settings.method == "loraprune":
         torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
@@ -182,15 +192,20 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         record_training = {"training": trained.record(training) | {"schedule": pruner.history}}
     else:
         batches = None
-        if settings.method in NEEDS_CALIBRATION:
+        if settings.method in NEEDS_CALIBRATION or LAYER_UNIT in kinds:
             calib = blocks[: settings.calib_samples].to(run.accelerator.device)
             batches = list(calib.split(training.batch_size))
         if is_fsdp(run.accelerator) and settings.method in SHARDED_CRITERIA:  # each process scores its own rows
             scores, model = SHARDED_CRITERIA[settings.method](model, batches)
         else:
             scores = CRITERIA[settings.method](model, batches, seed=settings.seed)
-        masks = select_masks(before, scores, settings.ratio, layers, units, settings.head_unit,
-                             settings.round_to, settings.allocation, settings.split)
+        if LAYER_UNIT in kinds:
+            masks, depth = select_with_depth(model, before, scores, batches, settings.ratio, layers, width,
+                                             settings.head_unit, settings.round_to, settings.allocation,
+                                             settings.split, log=run.log)
+        else:
+            masks = select_masks(before, scores, settings.ratio, layers, units, settings.head_unit,
+                                 settings.round_to, settings.allocation, settings.split)
 
     if model is None:  # FSDP: the main process holds the trained model and writes the run
         return run.leave()
@@ -214,7 +229,9 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         if model is None:
             return run.leave()
     after = Structure.of(model)
-    params_after = count_parameters(model) | {"prunable": after.prunable_params(layers, units)}
+    survivors = [i for i in range(before.num_layers) if masks.layer_kept(i)]  # old index -> new: its position
+    params_after = count_parameters(model) | {
+        "prunable": after.prunable_params([survivors.index(i) for i in layers if i in survivors], units)}
     run.perplexity(model, tokenizer, "after")
     fields = dict(
         source_model=model_spec,
@@ -229,6 +246,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
                     "ratio_target": settings.ratio, "ratio_achieved": ratio},
         kept=kept,
         **record_training,
+        **({"depth": depth} if depth is not None else {}),
     )
     if annotate is not None:
         fields |= annotate(fields)

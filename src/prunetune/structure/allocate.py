@@ -42,7 +42,8 @@ from .scores import LayerScores
 from .masks import Masks
 from .units import HEAD_UNITS, Structure
 
-UNIT_KINDS = ("heads", "channels")
+UNIT_KINDS = ("heads", "channels")  # the width units; whole layers are the depth unit (depth.py)
+LAYER_UNIT = "layers"
 ALLOCATIONS = ("uniform", "global")
 SPLITS = ("cost", "heads-first")
 DEFAULT_SPLIT = "cost"
@@ -114,10 +115,10 @@ def parse_layers(spec: str | None, num_layers: int, setting: str = "PruneSetting
 
 def parse_units(spec: str, setting: str = "PruneSettings.units") -> tuple[str, ...]:
     units = tuple(u.strip() for u in spec.split(",") if u.strip())
-    bad = [u for u in units if u not in UNIT_KINDS]
+    bad = [u for u in units if u not in (*UNIT_KINDS, LAYER_UNIT)]
     if bad or not units:
         raise SettingError(setting, f"unknown unit kind {bad or spec!r} in {setting}; use "
-                           f"{' or '.join(UNIT_KINDS)} (comma-separated)")
+                           f"{', '.join((*UNIT_KINDS, LAYER_UNIT))} (comma-separated)")
     return units
 
 
@@ -397,10 +398,12 @@ def select_masks(
 
 
 def achieved_ratio(before: Structure, masks: Masks, layers: list[int], units: tuple[str, ...]) -> float:
-    """Fraction of the prunable parameters of `layers` that the masks remove."""
+    """Fraction of the prunable parameters of `layers` that the masks remove (a removed layer, all of its own)."""
     total = before.prunable_params(layers, units)
     kept = 0
     for i in layers:
+        if not masks.layer_kept(i):
+            continue
         shape = before.layers[i]
         heads = masks.heads.get(i)
         kv = masks.kv_heads(i, before)

@@ -1,0 +1,59 @@
+"""One-shot pruning with whole layers among the units: which layers go, and how the budget is shared
+between depth and width (structure/depth.py has the rule; this runs the model to apply it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..importance.layers import block_influence
+from ..structure.allocate import select_masks
+from ..structure.depth import combine, depth_counts, remaining_ratio, removal_order
+from ..structure.masks import Masks, apply_masks
+from ..structure.scores import LayerScores
+from ..structure.units import Structure
+
+
+@torch.no_grad()
+def masked_loss(model: nn.Module, batches: list[torch.Tensor], masks: Masks) -> float:
+    """Mean next-token loss over the calibration batches with `masks` applied."""
+    was_training = model.training
+    model.eval()
+    with apply_masks(model, masks):
+        loss = sum(float(model(input_ids=b, labels=b).loss) for b in batches) / len(batches)
+    model.train(was_training)
+    return loss
+
+
+def select_with_depth(model: nn.Module, structure: Structure, scores: list[LayerScores], batches: list[torch.Tensor],
+                      ratio: float, layers: list[int], width: tuple[str, ...], head_unit: str, round_to: int | str,
+                      allocation: str, split: str, log: Callable[[str], None] = print) -> tuple[Masks, dict]:
+    """The masks (some layers removed whole, the rest of the budget from heads and channels) and what the
+    record says of the choice: each layer's block influence and every candidate's calibration loss."""
+    influence = block_influence(model, batches)
+    order = removal_order(influence, layers)
+    candidates = []
+    for count in depth_counts(structure, influence, ratio, layers, with_width=bool(width)):
+        removed = sorted(order[:count])
+        masks = Masks()
+        rest = remaining_ratio(structure, ratio, layers, removed, width) if width else 0.0
+        if rest >= 1.0:
+            continue  # the remaining layers cannot give that much width
+        if rest > 1e-9:
+            left = [i for i in layers if i not in removed]
+            masks = select_masks(structure, scores, rest, left, width, head_unit, round_to, allocation, split)
+        candidates.append({"layers_removed": removed, "width_ratio": round(rest, 4),
+                           "masks": combine(masks, structure, removed)})
+    if len(candidates) > 1:
+        for candidate in candidates:
+            candidate["calibration_loss"] = masked_loss(model, batches, candidate["masks"])
+            log(f"depth {len(candidate['layers_removed'])} layers + width {candidate['width_ratio']:.3f}: "
+                f"calibration loss {candidate['calibration_loss']:.4f}")
+    best = min(candidates, key=lambda c: c.get("calibration_loss", 0.0))
+    record = {"layer_score": "block influence, 1 - cos(input, output)",
+              "influence": [round(float(v), 6) for v in influence],
+              "candidates": [{k: v for k, v in c.items() if k != "masks"} for c in candidates],
+              "layers_removed": best["layers_removed"]}
+    return best["masks"], record
