@@ -38,7 +38,7 @@ DEMO_EVAL := --eval-data builtin:pydoc --eval-seq-len 256
 SHEARED_DEMO := --data $(DOMAINS) --dynamic-loading --eval-every 5 --eval-blocks 4 --eta 1.0 --clamp \
 	--steps 30 --batch-size 2 --grad-accum 1 --seq-len 128 --lr 1e-4 --warmup 0.05 --no-lora --seed 0 \
 	--gradient-checkpointing $(DEMO_EVAL) --max-windows 20 --overwrite
-SHEAR_DEMO := --target heads=6,kv-heads=3,intermediate=1152 --mask-init taylor --init-samples 16 --mask-lr 0.1 \
+SHEAR_DEMO := --target intermediate=1024 --mask-init taylor --init-samples 16 --mask-lr 0.1 \
 	--lambda-lr 1.0 --lambda2-init 5000 --warmup-share 0 --distill --distill-alpha 0.5 --distill-temperature 1.0
 LORAPRUNE_DEMO := --method loraprune --ratio 0.2 --layers paper --units heads,channels --head-unit kv-group \
 	--round-to auto --allocation uniform --split cost --score abs --normalize auto --ema 0.9 --prune-every 10 \

@@ -17,6 +17,7 @@ COMMON=(--data code=builtin:stdlib-code,prose=builtin:pydoc --dynamic-loading --
         --max-windows 20 --overwrite)
 SHAPE25=heads=6,kv-heads=3,intermediate=1152          # a quarter of the non-embedding parameters
 SHAPE45=layers=24,heads=6,kv-heads=3,intermediate=1024  # the old demo's shape, 45% of them
+SHAPE25MLP=intermediate=1024                            # the same parameters as SHAPE25, every head kept
 PAPER=(--mask-init uniform --mask-lr 1.0 --warmup-share 0.2 --no-distill)
 
 row() {  # NAME TARGET SHEAR_ARGS...
@@ -32,9 +33,10 @@ row paper-45 "$SHAPE45" "${PAPER[@]}"
 row ranked-45 "$SHAPE45" --mask-init taylor --mask-lr 1.0 --warmup-share 0.2 --distill
 row ranked-25 "$SHAPE25" --mask-init taylor --mask-lr 1.0 --warmup-share 0.2 --distill
 row target-25-lr1 "$SHAPE25" --mask-init taylor --mask-lr 1.0 --warmup-share 0 --distill
-row target-25 "$SHAPE25" --mask-init taylor --mask-lr 0.1 --warmup-share 0 --distill  # the defaults, the demo
+row target-25 "$SHAPE25" --mask-init taylor --mask-lr 0.1 --warmup-share 0 --distill  # the defaults, the old demo
+row target-25-mlp "$SHAPE25MLP" --mask-init taylor --mask-lr 0.1 --warmup-share 0 --distill  # the demo
 
-for name in paper-45 ranked-45 ranked-25 target-25-lr1 target-25; do
+for name in paper-45 ranked-45 ranked-25 target-25-lr1 target-25 target-25-mlp; do
   python3 - "$OUT/$name" <<'PY'
 import json, sys
 shear, train = (json.load(open(f"{sys.argv[1]}-{step}/prunetune.json")) for step in ("shear", "train"))
