@@ -82,3 +82,9 @@ def test_a_model_with_layers_removed_loads_in_stock_transformers(arch, tmp_path)
     assert stock.config.num_hidden_layers == 2 and family_of(stock.config) is family_of(model)
     with torch.no_grad():
         assert (stock(x).logits - masked).abs().max() <= 1e-4
+
+
+def test_a_ratio_no_depth_and_width_mix_can_reach_is_one_line(tiny_model_dir, tmp_path):
+    with pytest.raises(SettingError, match="no number of whole layers"):
+        _prune(tiny_model_dir("llama"), tmp_path / "out", method="magnitude", units="channels,layers", ratio=0.9)
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import SettingError
 from ..importance.layers import block_influence
 from ..structure.allocate import select_masks
 from ..structure.depth import combine, depth_counts, remaining_ratio, removal_order
@@ -46,6 +47,10 @@ def select_with_depth(model: nn.Module, structure: Structure, scores: list[Layer
             masks = select_masks(structure, scores, rest, left, width, head_unit, round_to, allocation, split)
         candidates.append({"layers_removed": removed, "width_ratio": round(rest, 4),
                            "masks": combine(masks, structure, removed)})
+    if not candidates:
+        raise SettingError("PruneSettings.ratio", f"no number of whole layers leaves a {ratio} cut that the remaining "
+                           f"layers' {' and '.join(width)} can give; add heads or channels to PruneSettings.units, or "
+                           "lower PruneSettings.ratio")
     if len(candidates) > 1:
         for candidate in candidates:
             candidate["calibration_loss"] = masked_loss(model, batches, candidate["masks"])
