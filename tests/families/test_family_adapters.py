@@ -23,6 +23,12 @@ def _randomise(model, seed=0):
     return model.eval()
 
 
+def _assert_same_logits(a, b):
+    x = tokens()
+    with torch.no_grad():
+        assert (a(x).logits - b(x).logits).abs().max() <= 1e-5
+
+
 def _stock(split_model, directory):
     """The split model's weights as the stock (fused) checkpoint a user has, loaded by transformers."""
     joined = copy.deepcopy(split_model)
@@ -44,9 +50,7 @@ def test_an_adapter_prunetune_writes_loads_in_stock_peft_on_stock_phi3(settings,
     assert not any(".qkv_proj.q_proj." in key or ".gate_up_proj.up_proj." in key for key in tensors)
     assert {"qkv_proj", "gate_up_proj"} <= set(config["target_modules"])
     served = PeftModel.from_pretrained(_stock(base, tmp_path / "stock"), str(tmp_path / "adapter")).eval()
-    x = tokens()
-    with torch.no_grad():
-        assert (served(x).logits - adapted(x).logits).abs().max() <= 1e-5
+    _assert_same_logits(served, adapted)
 
 
 def test_unequal_scalings_and_rslora_survive_the_join(tmp_path):
@@ -57,9 +61,7 @@ def test_unequal_scalings_and_rslora_survive_the_join(tmp_path):
     adapted.save_pretrained(tmp_path / "adapter")
     to_stock_layout(tmp_path / "adapter", adapted)
     served = PeftModel.from_pretrained(_stock(base, tmp_path / "stock"), str(tmp_path / "adapter")).eval()
-    x = tokens()
-    with torch.no_grad():
-        assert (served(x).logits - adapted(x).logits).abs().max() <= 1e-5
+    _assert_same_logits(served, adapted)
 
 
 def test_a_stock_peft_adapter_loads_on_prunetunes_split_model(tmp_path):
@@ -71,9 +73,7 @@ def test_a_stock_peft_adapter_loads_on_prunetunes_split_model(tmp_path):
     trained.save_pretrained(tmp_path / "adapter")
     loaded = load_peft(copy.deepcopy(base), tmp_path / "adapter").eval()
     assert any(".qkv_proj.q_proj." in name for name, _ in loaded.named_parameters())
-    x = tokens()
-    with torch.no_grad():
-        assert (loaded(x).logits - trained(x).logits).abs().max() <= 1e-5
+    _assert_same_logits(loaded, trained)
 
 
 def test_a_round_trip_keeps_each_projections_rank(tmp_path):
@@ -85,9 +85,7 @@ def test_a_round_trip_keeps_each_projections_rank(tmp_path):
     ranks = {name: p.shape[0] for name, p in reloaded.named_parameters() if name.endswith("lora_A.default.weight")}
     assert set(ranks.values()) == {4}
     assert reloaded.peft_config["default"].rank_pattern == {}
-    x = tokens()
-    with torch.no_grad():
-        assert (reloaded(x).logits - adapted(x).logits).abs().max() <= 1e-5
+    _assert_same_logits(reloaded, adapted)
 
 
 def test_families_without_fused_projections_keep_peft_s_layout(tmp_path):

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-
-PEFT_PREFIX = "base_model.model."
+from ..families.adapters import PEFT_PREFIX
 
 
 def adapter_modules(path: str) -> dict[str, tuple[int, int]]:
