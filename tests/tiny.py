@@ -18,6 +18,17 @@ FAMILY_OVERRIDES = {
     "smollm3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 FAMILIES = tuple(FAMILY_OVERRIDES)
+# Mixtures of experts: six experts, two per token, each 32 channels wide (so `COMMON`'s 48 is the dense
+# width a cut must not write over where the family keeps both).
+MOE_OVERRIDES = {
+    "mixtral": dict(num_local_experts=6, num_experts_per_tok=2, intermediate_size=32, router_jitter_noise=0.0,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=None),
+    "qwen3_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=[], pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "olmoe": dict(num_experts=6, num_experts_per_tok=2, intermediate_size=32, norm_topk_prob=False,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
+}
+MOE_FAMILIES = tuple(MOE_OVERRIDES)
 
 COMMON = dict(
     vocab_size=96,
@@ -49,10 +60,11 @@ def tiny_config(arch: str, **overrides):
         return Qwen2Config(**kwargs)
     if arch == "qwen3":
         return Qwen3Config(**kwargs)
-    if arch in FAMILY_OVERRIDES:
+    if arch in FAMILY_OVERRIDES or arch in MOE_OVERRIDES:
         from transformers import AutoConfig
 
-        return AutoConfig.for_model(arch, **{**FAMILY_OVERRIDES[arch], **kwargs})
+        family = FAMILY_OVERRIDES.get(arch) or MOE_OVERRIDES[arch]
+        return AutoConfig.for_model(arch, **{**kwargs, **family, **overrides})
     raise ValueError(arch)
 
 

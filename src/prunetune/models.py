@@ -418,6 +418,15 @@ def _shape(shape: tuple) -> str:
     return "x".join(map(str, shape)) or "a scalar"
 
 
+def _experts_renamed(config) -> bool:
+    """Whether a family's checkpoints may store experts under other names than its modules (the experts
+    of a mixture, which transformers converts while loading): those weights are left to the load."""
+    from .families import BY_MODEL_TYPE
+
+    family = BY_MODEL_TYPE.get(getattr(config, "model_type", None))
+    return family is not None and family.moe is not None
+
+
 def _compare_with_config(directory: Path, config, found: dict[str, tuple[tuple, str]]) -> None:
     """The shapes config.json implies (the model built on the meta device: no memory, no weights) against
     the shapes in the files' headers."""
@@ -431,6 +440,9 @@ def _compare_with_config(directory: Path, config, found: dict[str, tuple[tuple, 
     expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     if not expected.keys() & found.keys():
         return  # another naming scheme, which transformers maps while loading; leave it to the load
+    if _experts_renamed(config):  # Mixtral's checkpoints name each expert's weights; transformers stacks them
+        expected = {name: shape for name, shape in expected.items() if ".mlp." not in name}
+        found = {name: value for name, value in found.items() if ".mlp." not in name and ".block_sparse_moe." not in name}
     per_layer = f" (and {LAYER_SHAPES_KEY})" if getattr(config, LAYER_SHAPES_KEY, None) else ""
     restore = "download the model again if config.json is the original"
 

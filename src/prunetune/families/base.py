@@ -16,17 +16,21 @@ which other weights go with a unit:
   and cut sees the same seven projections;
 - config lists with one entry per layer (`layer_types`, SmolLM3's `no_rope_layers`): cut with layers.
 
-A new family is one small module: a `Family` with the fields that differ from Llama's. Unit kinds still
-to come (the experts of a mixture-of-experts layer) add fields here in the same way: where the units
-live, what is cut with them; the core keeps asking the family and never a model type.
+A new family is one small module: a `Family` with the fields that differ from Llama's. A mixture of
+experts (moe.py) says where its router and experts live, and its layers have attention's four
+projections only; the core keeps asking the family and never a model type.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .moe import MoeLayout
 
 PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LLAMA_PROJECTIONS = {name: f"{'self_attn' if name in PROJECTION_NAMES[:4] else 'mlp'}.{name}"
@@ -46,8 +50,17 @@ class Family:
     layer_lists: tuple[str, ...] = ("layer_types",)  # config lists with one entry per decoder layer
     # why hidden channels cannot be cut (None: they can)
     no_hidden_cut: str | None = None
+    # why attention heads cannot be cut (None: they can)
+    no_head_cut: str | None = None
     # why every layer must keep one shape (None: layers may differ, through prunetune's loader and plugins)
     uniform_only: str | None = None
+    moe: "MoeLayout | None" = None  # where a mixture of experts keeps its router and experts (moe.py)
+
+    @property
+    def projection_names(self) -> tuple[str, ...]:
+        """The projections every decoder layer has: all seven, or attention's four where the MLP is a
+        mixture of experts (whose units are experts and their channels, not projections)."""
+        return tuple(name for name in PROJECTION_NAMES if name in self.projections)
 
     # -- where things are ----------------------------------------------------------------------
     def projection(self, layer: nn.Module, name: str) -> nn.Module:
@@ -56,6 +69,8 @@ class Family:
 
     def projection_owner(self, layer: nn.Module, name: str) -> tuple[nn.Module, str]:
         """The module that holds projection `name` as an attribute, and that attribute's name."""
+        if name not in self.projections:
+            raise ValueError(f"{self.name} has no {name}: its MLP is a mixture of experts (prunetune.families.moe)")
         owner, attr = _resolve(layer, self.projections[name])
         if isinstance(owner, nn.Linear):  # a fused projection not split yet
             raise ValueError(f"{self.name}'s fused projections are not split; call prunetune.families.prepare(model) "

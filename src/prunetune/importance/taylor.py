@@ -15,14 +15,15 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..structure.units import PROJECTIONS, base_linear, decoder_layers, dense_weight, projection
+from ..structure.units import base_linear, decoder_layers, dense_weight, layer_projections, moe_parts, projection
 from ..modeling import eval_mode
 from .calibration import input_device, is_quantized_linear, require_batches
 from ..structure.scores import LayerScores
 
 
 def quantized_refusal(model: nn.Module, what: str) -> None:
-    if any(is_quantized_linear(projection(layer, name)) for layer in decoder_layers(model) for name in PROJECTIONS):
+    if any(is_quantized_linear(projection(layer, name)) for layer in decoder_layers(model)
+           for name in layer_projections(layer)):
         raise UserError(f"{what} needs gradients of the weights and cannot run on a quantized base; "
                         "use loraprune or magnitude, or load the model without RunOptions.quant")
 
@@ -30,13 +31,15 @@ def quantized_refusal(model: nn.Module, what: str) -> None:
 @contextmanager
 def weight_gradients(model: nn.Module, batches: list[torch.Tensor], *, also: list[torch.Tensor] = (),
                      mean: bool = False) -> Iterator[None]:
-    """Back-propagate the batches with only the projection weights (and `also`) requiring grad.
+    """Back-propagate the batches with only the projection weights (a mixture of experts': the router's
+    and the experts' parameters; and `also`) requiring grad.
 
     Inside the block their `.grad` holds the sum (or, with `mean`, the mean) over the batches of the
     gradient of each batch's mean loss. Afterwards every flag and earlier gradient is as it was.
     """
     layers = decoder_layers(model)
-    trained = [base_linear(projection(layer, name)).weight for layer in layers for name in PROJECTIONS] + list(also)
+    trained = [base_linear(projection(layer, name)).weight for layer in layers for name in layer_projections(layer)]
+    trained += [p for layer in layers for p in _expert_params(layer)] + list(also)
     params = list(model.parameters())
     requires_grad = [p.requires_grad for p in params]
     saved_grads = [p.grad for p in trained]
@@ -60,18 +63,30 @@ def weight_gradients(model: nn.Module, batches: list[torch.Tensor], *, also: lis
             p.requires_grad_(flag)
 
 
+def _expert_params(layer: nn.Module) -> list[nn.Parameter]:
+    moe = moe_parts(layer)
+    return [] if moe is None else [moe[0].weight, moe[1].gate_up_proj, moe[1].down_proj]
+
+
+def _weight_times_grad(weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    if grad is None:  # the weight did not take part in the loss
+        return torch.zeros(weight.shape)
+    return (weight.detach().float() * grad.float()).abs()
+
+
 def scores_from_weight_gradients(model: nn.Module) -> list[LayerScores]:
-    """|W ⊙ ∂L/∂W| per unit, from the gradients now on the projection weights."""
+    """|W ⊙ ∂L/∂W| per unit, from the gradients now on the projection (and expert) weights."""
     scores = []
     for layer in decoder_layers(model):
         def per_weight(name: str, layer=layer) -> torch.Tensor:
             module = projection(layer, name)
-            grad = base_linear(module).weight.grad
-            if grad is None:  # the weight did not take part in the loss
-                return torch.zeros(dense_weight(module).shape)
-            return (dense_weight(module).float() * grad.float()).abs()
+            return _weight_times_grad(dense_weight(module), base_linear(module).weight.grad)
 
-        scores.append(LayerScores.from_weights(per_weight, layer.self_attn.head_dim))
+        layer_scores = LayerScores.from_weights(per_weight, layer.self_attn.head_dim, layer_projections(layer))
+        if moe_parts(layer) is not None:
+            router, gate_up, down = (_weight_times_grad(p, p.grad) for p in _expert_params(layer))
+            layer_scores = layer_scores.with_experts(gate_up, down, router)
+        scores.append(layer_scores)
     return scores
 
 

@@ -24,7 +24,7 @@ import torch
 from ..data import load_blocks, load_examples
 from ..training.distill import DistillSettings, self_teacher_for, source_teacher
 from ..errors import SettingError
-from ..families import family_of
+from ..families import family_of, refuse_experts
 from ..importance import CRITERIA
 from ..training.lora import add_lora
 from ..structure.scores import SCORES_FILE, save_scores
@@ -34,6 +34,7 @@ from ..structure.allocate import (
     ALLOCATIONS,
     DEFAULT_ROUND_TO,
     DEFAULT_SPLIT,
+    EXPERT_KINDS,
     LAYER_UNIT,
     SPLITS,
     achieved_ratio,
@@ -45,7 +46,9 @@ from ..structure.allocate import (
     select_masks,
 )
 from ..structure.depth import counted_units, width_units
+from ..structure.experts import count_routing, routing_on
 from .depth_width import select_with_depth
+from .expert_budget import select_with_experts
 from ..structure.surgery import cut
 from ..structure.units import HEAD_UNITS, Structure, count_parameters
 from ..runs.lifecycle import Run
@@ -122,10 +125,32 @@ def _check_before_loading(settings: PruneSettings, calibrates: bool) -> None:
         load_examples(settings.data, default_split="train")
 
 
-def _check_family(config, settings: PruneSettings) -> None:
-    """A family whose layers must keep one shape (Phi-3) prunes every layer alike: its default layers are
-    all of them, and settings that would leave layers of different shapes are refused before loading."""
+def _check_family(config, settings: PruneSettings, command: str = "prune") -> None:
+    """A family whose layers must keep one shape (Phi-3, the mixtures of experts) prunes every layer alike:
+    its default layers are all of them, and settings that would leave layers of different shapes are
+    refused before loading. A mixture of experts prunes experts, not MLP channels, with the one-shot
+    criteria that score them."""
     family = family_of(config)
+    kinds = parse_units(settings.units)
+    if family.moe is not None:
+        if command != "prune":
+            refuse_experts(config, command)
+        if settings.method in ("loraprune", "lora-guided"):
+            raise SettingError("PruneSettings.method", f"{family.name}'s experts hold no LoRA adapter in prunetune yet, "
+                               f"so {settings.method} cannot score them; use PruneSettings.method taylor, wanda-sp, "
+                               "magnitude or random")
+        if "channels" in kinds:
+            raise SettingError("PruneSettings.units", f"{family.name}'s MLP is a mixture of experts: its units are "
+                               "experts and expert-channels, not channels (e.g. heads,experts,expert-channels)")
+        if family.no_head_cut and "heads" in kinds:
+            raise SettingError("PruneSettings.units", f"{family.name}'s heads cannot be pruned ({family.no_head_cut}); "
+                               "prune experts,expert-channels")
+        if LAYER_UNIT in kinds and len(kinds) > 1:
+            raise SettingError("PruneSettings.units", "PruneSettings.units layers prunes a mixture of experts alone; "
+                               "combine heads, experts and expert-channels instead, or prune layers by themselves")
+    elif any(kind in EXPERT_KINDS for kind in kinds):
+        raise SettingError("PruneSettings.units", f"{family.name} has no experts: PruneSettings.units experts and "
+                           "expert-channels are for a mixture of experts (Mixtral, Qwen3-MoE, OLMoE)")
     if not family.uniform_only:
         return
     if settings.layers is None:
@@ -150,15 +175,19 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     options = options or RunOptions()
     training = options.training
     trains = settings.method == "loraprune" or settings.recover_steps > 0
-    calibrates = trains or settings.method in NEEDS_CALIBRATION or LAYER_UNIT in parse_units(settings.units)
+    experts = any(kind in EXPERT_KINDS for kind in parse_units(settings.units))  # also counts routing
+    calibrates = trains or settings.method in NEEDS_CALIBRATION or LAYER_UNIT in parse_units(settings.units) or experts
     settings.distill = settings.distill.resolved(settings.method)
     distill = settings.distill
     run = Run(command, out, options, evaluation, log=log, model=model_spec,
               seq_lens={"TrainSettings.seq_len": training.seq_len} if calibrates else {},
               checks=[lambda: _check_before_loading(settings, calibrates)],
-              config_checks=[lambda config: _check_family(config, settings),
+              config_checks=[lambda config: _check_family(config, settings, command),
                              lambda config: parse_layers(settings.layer_spec, int(config.num_hidden_layers),
                                                          "PruneSettings.layers")])
+    if is_fsdp(run.accelerator) and run.config is not None and family_of(run.config).moe is not None:
+        raise SettingError("PruneSettings.units", "a mixture of experts is pruned in one process; run it without "
+                           "FSDP (one-shot pruning needs no sharding to fit: it trains nothing)")
     if LAYER_UNIT in parse_units(settings.units) and is_fsdp(run.accelerator):
         raise SettingError("PruneSettings.units", "PruneSettings.units layers scores whole layers in one process; "
                            "run it without FSDP (one-shot pruning needs no sharding to fit: it trains nothing)")
@@ -173,7 +202,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     blocks = mask = None
     if calibrates:
         blocks, mask = load_blocks(settings.data, tokenizer, training.seq_len, default_split="train")
-    record_training, depth = {}, None
+    record_training, depth, expert_record = {}, None, None
 
     if settings.method == "loraprune":
         torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
@@ -192,14 +221,20 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         record_training = {"training": trained.record(training) | {"schedule": pruner.history}}
     else:
         batches = None
-        if settings.method in NEEDS_CALIBRATION or LAYER_UNIT in kinds:
+        if settings.method in NEEDS_CALIBRATION or LAYER_UNIT in kinds or experts:
             calib = blocks[: settings.calib_samples].to(run.accelerator.device)
             batches = list(calib.split(training.batch_size))
         if is_fsdp(run.accelerator) and settings.method in SHARDED_CRITERIA:  # each process scores its own rows
             scores, model = SHARDED_CRITERIA[settings.method](model, batches)
         else:
             scores = CRITERIA[settings.method](model, batches, seed=settings.seed)
-        if LAYER_UNIT in kinds:
+        if experts:
+            routing = routing_on(model, batches)
+            masks, expert_record = select_with_experts(model, before, scores, routing, batches, settings.ratio, layers,
+                                                       kinds, settings.head_unit, settings.round_to,
+                                                       settings.allocation, settings.split, log=run.log)
+            expert_record = {"routing": {"calibration": routing.record(before.top_k)}, "budget": expert_record}
+        elif LAYER_UNIT in kinds:
             masks, depth = select_with_depth(model, before, scores, batches, settings.ratio, layers, width,
                                              settings.head_unit, settings.round_to, settings.allocation,
                                              settings.split, log=run.log)
@@ -220,7 +255,10 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
         model = add_lora(model, options.lora)
         recovery = TrainSettings(**{**asdict(training), "steps": settings.recover_steps})
-        trained = run.train(model, blocks, mask, recovery, teacher=teacher, distill=distill)
+        with count_routing(model) as routing:
+            trained = run.train(model, blocks, mask, recovery, teacher=teacher, distill=distill)
+        if expert_record is not None:  # the cut model's experts, numbered as they now are
+            expert_record["routing"]["training"] = routing.record(before.top_k)
         if trained.distill:
             trained.distill |= {"teacher": "source", "teacher_model_bytes": teacher_bytes}
         record_training = {"training": trained.record(recovery)}
@@ -247,6 +285,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         kept=kept,
         **record_training,
         **({"depth": depth} if depth is not None else {}),
+        **({"experts": expert_record} if expert_record is not None else {}),
     )
     if annotate is not None:
         fields |= annotate(fields)

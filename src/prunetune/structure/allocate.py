@@ -44,6 +44,7 @@ from .units import HEAD_UNITS, Structure
 
 UNIT_KINDS = ("heads", "channels")  # the width units; whole layers are the depth unit (depth.py)
 LAYER_UNIT = "layers"
+EXPERT_KINDS = ("experts", "expert-channels")  # a mixture of experts' MLP units (structure/experts.py)
 ALLOCATIONS = ("uniform", "global")
 SPLITS = ("cost", "heads-first")
 DEFAULT_SPLIT = "cost"
@@ -115,10 +116,10 @@ def parse_layers(spec: str | None, num_layers: int, setting: str = "PruneSetting
 
 def parse_units(spec: str, setting: str = "PruneSettings.units") -> tuple[str, ...]:
     units = tuple(u.strip() for u in spec.split(",") if u.strip())
-    bad = [u for u in units if u not in (*UNIT_KINDS, LAYER_UNIT)]
+    bad = [u for u in units if u not in (*UNIT_KINDS, LAYER_UNIT, *EXPERT_KINDS)]
     if bad or not units:
         raise SettingError(setting, f"unknown unit kind {bad or spec!r} in {setting}; use "
-                           f"{', '.join((*UNIT_KINDS, LAYER_UNIT))} (comma-separated)")
+                           f"{', '.join((*UNIT_KINDS, LAYER_UNIT, *EXPERT_KINDS))} (comma-separated)")
     return units
 
 
@@ -411,7 +412,13 @@ def achieved_ratio(before: Structure, masks: Masks, layers: list[int], units: tu
             q = shape.num_heads if heads is None else int(heads.sum())
             k = shape.num_kv_heads if kv is None else int(kv.sum())
             kept += q * before.params_per_q_head + k * before.params_per_kv_head
-        if "channels" in units:
+        if shape.experts and ("channels" in units or any(u in units for u in EXPERT_KINDS)):
+            experts = masks.experts.get(i)
+            inside = masks.expert_channels.get(i)
+            count = shape.experts if experts is None else int(experts.sum())
+            width = shape.intermediate if inside is None else int(inside[0].sum())
+            kept += count * before.expert_params(width)
+        elif "channels" in units:
             channels = masks.channels.get(i)
             kept += (shape.intermediate if channels is None else int(channels.sum())) * before.params_per_channel
     return 1.0 - kept / total if total else 0.0
@@ -423,6 +430,8 @@ def describe_prunable(structure: Structure, layers: list[int], units: tuple[str,
         parts.append("attention q,k,v,o")
     if "channels" in units:
         parts.append("MLP gate,up,down")
+    if any(u in units for u in EXPERT_KINDS):
+        parts.append("experts' gate_up,down and router rows")
     spans = _spans(layers)
     untouched = sorted(set(range(structure.num_layers)) - set(layers))
     text = f"{' and '.join(parts)} weights in {_layers_word(layers)} {spans} " \

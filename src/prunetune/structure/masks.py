@@ -15,6 +15,8 @@ Where outputs alone are not enough for masked == pruned, the mask acts one step 
     layer passes its input through unchanged.
   - a norm over a whole projection's output (OLMo 2's q/k norms) averages over the kept heads' rows
     only, as it will once the heads are cut.
+  - experts and expert channels (a mixture of experts): the router routes among the kept experts,
+    and a removed channel's gate row is zeroed (structure/experts.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 from ..families import family_of
 from ..modeling import unwrap
+from .experts import expert_hooks
 from .units import Structure, decoder_layers, projection
 
 
@@ -43,6 +46,8 @@ class Masks:
     channels: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden: torch.Tensor | None = None
     layers: torch.Tensor | None = None
+    experts: dict[int, torch.Tensor] = field(default_factory=dict)  # [experts] per mixture-of-experts layer
+    expert_channels: dict[int, torch.Tensor] = field(default_factory=dict)  # [experts, width]
 
     @staticmethod
     def heads_from_kv(kv_keep: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -86,10 +91,27 @@ class Masks:
                 )
         for i, keep in self.channels.items():
             shape = structure.layers[i]
-            if keep.shape != (shape.intermediate,):
-                raise ValueError(f"layer {i}: channel mask has shape {tuple(keep.shape)}, expected ({shape.intermediate},)")
+            if keep.shape != (shape.intermediate,) or shape.experts:
+                raise ValueError(f"layer {i}: channel mask has shape {tuple(keep.shape)}, expected ({shape.intermediate},)"
+                                 + (" and a dense MLP (this layer is a mixture of experts)" if shape.experts else ""))
             if not keep.any():
                 raise ValueError(f"layer {i}: the channel mask removes every MLP channel")
+        for i, keep in self.experts.items():
+            shape = structure.layers[i]
+            if keep.shape != (shape.experts,):
+                raise ValueError(f"layer {i}: expert mask has shape {tuple(keep.shape)}, expected ({shape.experts},)")
+            if int(keep.sum()) < structure.top_k:
+                raise ValueError(f"layer {i}: the expert mask keeps {int(keep.sum())} experts, fewer than the "
+                                 f"{structure.top_k} each token is routed to")
+        for i, keep in self.expert_channels.items():
+            shape = structure.layers[i]
+            if keep.shape != (shape.experts, shape.intermediate):
+                raise ValueError(f"layer {i}: expert channel mask has shape {tuple(keep.shape)}, expected "
+                                 f"({shape.experts}, {shape.intermediate})")
+            per_expert = keep.sum(dim=1)
+            if (per_expert != per_expert[0]).any() or not per_expert[0]:
+                raise ValueError(f"layer {i}: every expert must keep the same number of channels, at least one "
+                                 f"({per_expert.tolist()})")
 
     def kept_summary(self, structure: Structure) -> dict:
         """Kept units as plain lists (for prunetune.json and for moving adapters between shapes)."""
@@ -100,8 +122,8 @@ class Masks:
             heads = self.heads.get(i, torch.ones(shape.num_heads, dtype=torch.bool))
             kv = self.kv_heads(i, structure)
             kv = torch.ones(shape.num_kv_heads, dtype=torch.bool) if kv is None else kv
-            channels = self.channels.get(i, torch.ones(shape.intermediate, dtype=torch.bool))
-            layers.append({
+            channels = self.channels.get(i, torch.ones(0 if shape.experts else shape.intermediate, dtype=torch.bool))
+            entry = {
                 "layer": i,
                 "heads": _indices(heads),
                 "kv_heads": _indices(kv),
@@ -109,7 +131,14 @@ class Masks:
                 "num_heads": int(heads.sum()),
                 "num_kv_heads": int(kv.sum()),
                 "num_channels": int(channels.sum()),
-            })
+            }
+            if shape.experts:
+                experts = self.experts.get(i, torch.ones(shape.experts, dtype=torch.bool))
+                inside = self.expert_channels.get(i, torch.ones(shape.experts, shape.intermediate, dtype=torch.bool))
+                entry |= {"experts": _indices(experts), "num_experts": int(experts.sum()),
+                          "expert_channels": [_indices(inside[e]) for e in _indices(experts)],
+                          "expert_width": int(inside[0].sum())}
+            layers.append(entry)
         hidden = self.hidden if self.hidden is not None else torch.ones(structure.hidden, dtype=torch.bool)
         return {"layers": layers, "hidden": _indices(hidden), "num_hidden": int(hidden.sum())}
 
@@ -124,8 +153,16 @@ class Masks:
             i, shape = entry["layer"], structure.layers[entry["layer"]]
             if entry["num_heads"] < shape.num_heads:
                 masks.heads[i] = _bool_mask(shape.num_heads, entry["heads"])
-            if entry["num_channels"] < shape.intermediate:
+            if not shape.experts and entry["num_channels"] < shape.intermediate:
                 masks.channels[i] = _bool_mask(shape.intermediate, entry["channels"])
+            if shape.experts and entry["num_experts"] < shape.experts:
+                masks.experts[i] = _bool_mask(shape.experts, entry["experts"])
+            if shape.experts and entry["expert_width"] < shape.intermediate:
+                inside = torch.zeros(shape.experts, shape.intermediate, dtype=torch.bool)
+                for e, kept in zip(entry["experts"], entry["expert_channels"]):
+                    inside[e, kept] = True
+                inside[[e for e in range(shape.experts) if e not in entry["experts"]], :entry["expert_width"]] = True
+                masks.expert_channels[i] = inside
         if summary["num_hidden"] < structure.hidden:
             masks.hidden = _bool_mask(structure.hidden, summary["hidden"])
         return masks
@@ -241,6 +278,8 @@ def apply_masks(model: nn.Module, masks: Masks) -> MaskHooks:
         if channels is not None:
             out_hook(projection(layer, "gate_proj"), channels)
             out_hook(projection(layer, "up_proj"), channels)
+        if structure.layers[i].experts:
+            handles.extend(expert_hooks(layer, masks.experts.get(i), masks.expert_channels.get(i), hooks))
         # What a layer adds to the residual stream: masked by hidden channels and by the layer's keep.
         residual = torch.ones(structure.hidden)
         if hidden is not None:
@@ -249,5 +288,5 @@ def apply_masks(model: nn.Module, masks: Masks) -> MaskHooks:
             residual = residual * masks.layers[i].float()
         if hidden is not None or masks.layers is not None:
             out_hook(projection(layer, "o_proj"), residual)
-            out_hook(projection(layer, "down_proj"), residual)
+            out_hook(layer.mlp if structure.layers[i].experts else projection(layer, "down_proj"), residual)
     return hooks

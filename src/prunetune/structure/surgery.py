@@ -14,8 +14,9 @@ from torch import nn
 from ..families import family_of
 from ..layer_shapes import LAYER_SHAPES_KEY
 from ..modeling import unwrap
+from .experts import cut_experts, sync_expert_config
 from .masks import Masks
-from .units import PROJECTIONS, Structure, base_linear, dense_weight, linear_shape, projection
+from .units import Structure, base_linear, dense_weight, layer_projections, linear_shape, moe_parts, projection
 
 
 def _replace_param(owner: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -59,7 +60,7 @@ def dequantize(model: nn.Module) -> nn.Module:
     hf = unwrap(model)
     family = family_of(hf)
     for layer in hf.model.layers:
-        for name in PROJECTIONS:
+        for name in layer_projections(layer):
             module = projection(layer, name)
             owner, attr = (module, "base_layer") if hasattr(module, "base_layer") else family.projection_owner(layer, name)
             quantized = getattr(owner, attr)
@@ -92,6 +93,8 @@ def cut(model: nn.Module, masks: Masks) -> nn.Module:
     family = family_of(hf)
     if masks.hidden is not None and not masks.hidden.all() and family.no_hidden_cut:
         raise ValueError(f"{family.name}'s hidden channels cannot be cut: {family.no_hidden_cut}")
+    if family.no_head_cut and any(not keep.all() for keep in masks.heads.values()):
+        raise ValueError(f"{family.name}'s attention heads cannot be cut: {family.no_head_cut}")
     dequantize(model)
     layers = hf.model.layers
 
@@ -114,7 +117,13 @@ def cut(model: nn.Module, masks: Masks) -> nn.Module:
             slice_projection(projection(layer, "gate_proj"), rows=keep)
             slice_projection(projection(layer, "up_proj"), rows=keep)
             slice_projection(projection(layer, "down_proj"), cols=keep)
-        q_rows, k_rows, channels_now = (linear_shape(projection(layer, n))[0] for n in ("q_proj", "k_proj", "gate_proj"))
+        if structure.layers[i].experts:
+            if i in masks.experts or i in masks.expert_channels:
+                cut_experts(layer, masks.experts.get(i), masks.expert_channels.get(i))
+            channels_now = moe_parts(layer)[1].down_proj.shape[2]
+        else:
+            channels_now = linear_shape(projection(layer, "gate_proj"))[0]
+        q_rows, k_rows = (linear_shape(projection(layer, n))[0] for n in ("q_proj", "k_proj"))
         family.after_cut(layer, q_rows // head_dim, k_rows // head_dim, channels_now)
 
     if masks.hidden is not None and not masks.hidden.all():
@@ -179,7 +188,9 @@ def sync_config(model: nn.Module) -> None:
         # loudly with a size mismatch instead of building something wrong.
         config.num_attention_heads = max(s.num_heads for s in shapes)
         config.num_key_value_heads = max(s.num_kv_heads for s in shapes)
-        config.intermediate_size = max(s.intermediate for s in shapes)
+        if not shapes[0].experts:  # a mixture of experts keeps its width under its own key (families/moe.py)
+            config.intermediate_size = max(s.intermediate for s in shapes)
+    sync_expert_config(hf, structure)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -194,7 +205,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     hf = model.get_base_model()
     family = family_of(hf)
     for layer in hf.model.layers:
-        for name in PROJECTIONS:
+        for name in layer_projections(layer):
             module = projection(layer, name)
             if not hasattr(module, "base_layer"):
                 continue

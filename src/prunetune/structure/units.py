@@ -12,6 +12,9 @@ Units:
   - MLP channel: one row of gate and up with the matching column of down.
   - hidden channel: one residual channel through the embeddings, every layer, the norms and lm_head.
   - layer: a whole decoder layer.
+  - in a mixture-of-experts layer (Mixtral, Qwen3-MoE, OLMoE) the MLP's units are whole experts (its
+    slices of the experts' gate_up and down parameters and its router row) and expert channels (one
+    gate row, up row and down column of one expert); such a layer has no dense MLP channels.
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ PROJECTIONS = PROJECTION_NAMES
 ATTENTION_PROJECTIONS = PROJECTIONS[:4]
 MLP_PROJECTIONS = PROJECTIONS[4:]
 HEAD_UNITS = ("kv-group", "q-head")
+
+
+def layer_projections(layer: nn.Module) -> tuple[str, ...]:
+    """The projections a decoder layer has: the seven, or attention's four in a mixture of experts."""
+    return family_of(layer).projection_names
+
+
+def moe_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """A mixture-of-experts layer's router and experts modules, or None for a dense MLP."""
+    layout = family_of(layer).moe
+    return None if layout is None else (layout.router(layer), layout.experts(layer))
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -53,7 +67,8 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 class LayerShape:
     num_heads: int  # query heads
     num_kv_heads: int
-    intermediate: int
+    intermediate: int  # MLP channels; in a mixture of experts, each expert's width
+    experts: int = 0  # experts in a mixture-of-experts layer; 0: a dense MLP
 
     @property
     def group_size(self) -> int:
@@ -77,6 +92,7 @@ class Structure:
     head_norms: bool = False  # q/k norms over the whole projection (OLMo 2): a head's slice goes with it
     residual_norms: int = 2  # norms over the hidden size in each layer (Gemma 2 and 3: four)
     head_dim_norms: int = 0  # norms over one head's dimensions in each layer (Qwen3, Gemma 3: q and k)
+    top_k: int = 0  # experts each token is routed to (mixtures of experts)
 
     @classmethod
     def of(cls, model: nn.Module) -> "Structure":
@@ -88,11 +104,18 @@ class Structure:
             head_dim = layer.self_attn.head_dim
             q_out, _ = linear_shape(projection(layer, "q_proj"))
             k_out, _ = linear_shape(projection(layer, "k_proj"))
-            inter, _ = linear_shape(projection(layer, "gate_proj"))
-            layers.append(LayerShape(q_out // head_dim, k_out // head_dim, inter))
+            moe = moe_parts(layer)
+            if moe is None:
+                inter, _ = linear_shape(projection(layer, "gate_proj"))
+                layers.append(LayerShape(q_out // head_dim, k_out // head_dim, inter))
+            else:
+                experts, _, inter = moe[1].down_proj.shape
+                layers.append(LayerShape(q_out // head_dim, k_out // head_dim, inter, experts))
         if head_dim is None:
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         first = hf.model.layers[0] if len(hf.model.layers) else None
+        moe = family_of(hf).moe
+        mlp_bias = first is not None and moe is None and base_linear(projection(first, "gate_proj")).bias is not None
         return cls(
             model_type=config.model_type,
             hidden=hf.model.embed_tokens.embedding_dim,
@@ -103,7 +126,8 @@ class Structure:
             layers=tuple(layers),
             qkv_bias=first is not None and base_linear(projection(first, "q_proj")).bias is not None,
             o_bias=first is not None and base_linear(projection(first, "o_proj")).bias is not None,
-            mlp_bias=first is not None and base_linear(projection(first, "gate_proj")).bias is not None,
+            mlp_bias=mlp_bias,
+            top_k=int(getattr(config, moe.top_k_key)) if moe is not None else 0,
             **family_fields(family_of(hf)),
         )
 
@@ -131,18 +155,28 @@ class Structure:
     def attention_params(self, shape: LayerShape) -> int:
         return shape.num_heads * self.params_per_q_head + shape.num_kv_heads * self.params_per_kv_head
 
+    def expert_params(self, width: int) -> int:
+        """An expert `width` channels wide, with its router row."""
+        return width * self.params_per_channel + self.hidden
+
     def mlp_params(self, shape: LayerShape) -> int:
+        if shape.experts:
+            return shape.experts * self.expert_params(shape.intermediate)
         return shape.intermediate * self.params_per_channel
 
     def prunable_params(self, layer_indices=None, units=("heads", "channels")) -> int:
-        """Parameters that scale with the head and channel units of the given layers."""
+        """Parameters that scale with the given units of the given layers. A mixture of experts' MLP counts
+        all its experts with `experts` or `expert-channels` (or `channels`, which depth.py passes for a
+        whole layer; the width allocation never gets `channels` for such a model)."""
         indices = range(self.num_layers) if layer_indices is None else layer_indices
+        mlp_kind = ("experts", "expert-channels")
         total = 0
         for i in indices:
+            shape = self.layers[i]
             if "heads" in units:
-                total += self.attention_params(self.layers[i])
-            if "channels" in units:
-                total += self.mlp_params(self.layers[i])
+                total += self.attention_params(shape)
+            if "channels" in units or (shape.experts and any(u in units for u in mlp_kind)):
+                total += self.mlp_params(shape)
         return total
 
 

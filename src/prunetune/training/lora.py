@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..structure.units import PROJECTIONS, projection
+from ..structure.units import PROJECTIONS, layer_projections, projection
 from ..modeling import unwrap
 
 
@@ -69,7 +69,7 @@ class LoraMatrices:
 
 def lora_matrices(layer: nn.Module) -> Iterator[LoraMatrices]:
     """The active adapter of every LoRA-wrapped projection of a decoder layer."""
-    for name in PROJECTIONS:
+    for name in layer_projections(layer):
         module = projection(layer, name)
         if not hasattr(module, "lora_A"):
             continue

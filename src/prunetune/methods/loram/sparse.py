@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ...data import load_blocks, load_examples
+from ...families import refuse_experts
 from .wanda_unstructured import sparsify
 from ...runs.lifecycle import Run
 from ...runs.settings import RunOptions
@@ -31,7 +32,8 @@ def prune_sparse(model_spec: str, out: Path, settings, options: RunOptions, log:
             load_examples(settings.data, default_split="train")
 
     run = Run("loram prune", out, options, log=log, checks=[check], model=model_spec, accelerate=False,
-              config_checks=[lambda config: parse_layers(settings.layers or "all", config.num_hidden_layers,
+              config_checks=[lambda config: refuse_experts(config, "LoRAM"),
+                             lambda config: parse_layers(settings.layers or "all", config.num_hidden_layers,
                                                             "LoramPruneSettings.layers")],
               seq_lens={"LoramPruneSettings.seq_len": settings.seq_len} if criterion == "wanda" else {})
     model, tokenizer = run.load(model_spec)

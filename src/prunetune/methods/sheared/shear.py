@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ...errors import SettingError
-from ...families import family_of, prepare
+from ...families import family_of, prepare, refuse_experts
 from ...models import check_architecture
 from .l0_masks import ShearMasks
 from ...structure.surgery import cut, merge_lora
@@ -181,6 +181,7 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
 
     def check_target(config) -> None:  # every target error before the model loads
         nonlocal before, target
+        refuse_experts(config, "Sheared-LLaMA's shear")
         before = source_structure(config)
         target = parse_target(settings.target, before)
         family = family_of(config)
