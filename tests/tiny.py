@@ -25,8 +25,9 @@ MOE_OVERRIDES = {
                     pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=None),
     "qwen3_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
                       decoder_sparse_step=1, mlp_only_layers=[], pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # OLMoE is multi-head (as the released model): llama.cpp sizes its k norm by the hidden size too
     "olmoe": dict(num_experts=6, num_experts_per_tok=2, intermediate_size=32, norm_topk_prob=False,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
+                  num_key_value_heads=6, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 MOE_FAMILIES = tuple(MOE_OVERRIDES)
 

@@ -57,17 +57,20 @@ def width_masks(structure: Structure, scores: list[LayerScores], routing: Routin
     channel_cost = len(layers) * (shape.experts - removed) * structure.params_per_channel  # one channel of every expert
     channels_total = shape.intermediate * channel_cost if "expert-channels" in units else 0
     if not heads_total and not channels_total:
-        rest = 0.0
-    if rest > heads_total + channels_total - len(layers) * structure.params_per_channel:
-        return None
+        rest = 0.0  # experts alone: the count was chosen nearest to the ratio
     fraction = max(rest, 0.0) / (heads_total + channels_total) if heads_total + channels_total else 0.0
+    if fraction >= 1.0:
+        return None
     masks = Masks()
     if heads_total and fraction > 1e-9:
         masks = select_masks(structure, scores, fraction, layers, ("heads",), head_unit, round_to, allocation, split)
     heads_removed = achieved_ratio(structure, masks, layers, ("heads",)) * heads_total if heads_total else 0.0
     width = shape.intermediate
     if channels_total and rest - heads_removed > 0:
-        width = round_count(shape.intermediate - (rest - heads_removed) / channel_cost, round_to, shape.intermediate)
+        width = shape.intermediate - (rest - heads_removed) / channel_cost
+        if width < 1:
+            return None
+        width = round_count(width, round_to, shape.intermediate)
     masks.experts, masks.expert_channels = expert_masks(structure, scores, routing, layers, removed, width)
     return masks, {"experts_removed_per_layer": removed, "expert_width": width,
                    "head_fraction": round(fraction if heads_total else 0.0, 4)}

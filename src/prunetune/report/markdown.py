@@ -50,6 +50,7 @@ def write_report(run_dir: Path, record: dict | None = None) -> Path:
     lines += _domains(record)
     lines += _evaluations(record.get("evaluations", []))
     lines += _kept_units(record, plot_dir)
+    lines += _experts(record, plot_dir)
     lines += _scores(record, run_dir, plot_dir)
     lines += _training(record, plot_dir)
     path = run_dir / REPORT_FILE
@@ -209,16 +210,47 @@ def _kept_units(record: dict, plot_dir: Path) -> list[str]:
     lines += _image(plots.plot_kept_units(record, plot_dir / "kept_units.png"), "kept units per layer")
     rows, start = [], 0
     layers = kept["layers"]
+    moe = bool(layers) and "experts" in layers[0]
+    mlp = (lambda e: (e["num_experts"], e["expert_width"])) if moe else (lambda e: (e["num_channels"],))  # noqa: E731
     for i in range(1, len(layers) + 1):  # identical consecutive layers share one row
-        key = lambda e: (e["num_heads"], e["num_kv_heads"], e["num_channels"])  # noqa: E731
+        key = lambda e: (e["num_heads"], e["num_kv_heads"], *mlp(e))  # noqa: E731
         if i == len(layers) or key(layers[i]) != key(layers[start]) or layers[i]["layer"] != layers[i - 1]["layer"] + 1:
             first, last = layers[start]["layer"], layers[i - 1]["layer"]
-            e = layers[start]
-            rows.append([f"{first}" if first == last else f"{first}-{last}", e["num_heads"], e["num_kv_heads"],
-                         e["num_channels"]])
+            rows.append([f"{first}" if first == last else f"{first}-{last}", *key(layers[start])])
             start = i
-    lines += [markdown_table(["layers", "query heads", "kv heads", "MLP channels"], rows), ""]
+    columns = ["experts", "expert width"] if moe else ["MLP channels"]
+    lines += [markdown_table(["layers", "query heads", "kv heads", *columns], rows), ""]
     return lines
+
+
+def _experts(record: dict, plot_dir: Path) -> list[str]:
+    """A mixture of experts' routing (calibration, and recovery training if any) and the budget's split."""
+    experts = record.get("experts")
+    if not experts:
+        return []
+    lines = ["## Experts", ""]
+    calibration = experts["routing"]["calibration"]
+    kept = record.get("kept", {}).get("layers")
+    lines += _image(plots.plot_routing(calibration, plot_dir / "routing.png", kept), "routing per expert")
+    never = calibration["never_routed"]
+    lines.append(f"Calibration routed {calibration['tokens']} tokens to {calibration['top_k']} experts each. "
+                 + (f"Never routed to, so removed first: {', '.join(f'layer {i} expert {e}' for i, e in never)}."
+                    if never else "Every expert was routed to at least once."))
+    training = experts["routing"].get("training")
+    if training:
+        shares, _ = plots.routing_shares(training)
+        lines.append(f"During recovery ({training['tokens']} tokens), the kept experts' shares of the picks ranged "
+                     f"from {shares.min():.3f} to {shares.max():.3f}"
+                     + (f"; never routed to: {len(training['never_routed'])} experts." if training["never_routed"]
+                        else "."))
+    budget = experts.get("budget")
+    if budget:
+        rows = [[c["experts_removed_per_layer"], c["expert_width"], c["head_fraction"], c["ratio"],
+                 f"{c['calibration_loss']:.4f}" if "calibration_loss" in c else "–"] for c in budget["candidates"]]
+        lines += ["", f"How the budget was shared ({budget['rule']}):", "",
+                  markdown_table(["experts removed per layer", "expert width", "share of heads", "ratio",
+                                  "calibration loss"], rows)]
+    return lines + [""]
 
 
 def score_groups(record: dict, scores) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -251,6 +283,13 @@ def score_groups(record: dict, scores) -> dict[str, tuple[np.ndarray, np.ndarray
                 add("query heads", layer.head_unit_scores("q-head"), entry["heads"])
         if "channels" in units:
             add("MLP channels", layer.channels, entry["channels"])
+        if "experts" in units and layer.experts is not None:
+            add("experts", layer.experts, entry.get("experts", []))
+        if "expert-channels" in units and layer.expert_channels is not None:
+            width = layer.expert_channels.shape[1]
+            flat = [e * width + c for e, channels in zip(entry.get("experts", []), entry.get("expert_channels", []))
+                    for c in channels]
+            add("expert channels", layer.expert_channels.flatten(), flat)
     return {k: (np.concatenate(v), np.concatenate(f)) for k, (v, f) in groups.items()}
 
 

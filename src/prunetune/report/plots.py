@@ -34,10 +34,14 @@ def kept_fractions(record: dict) -> tuple[np.ndarray, list[str]] | None:
     grid = np.zeros((3, len(source)))  # a layer absent from `kept` was removed whole
     for entry in kept["layers"]:
         shape = source[entry["layer"]]
+        if shape.get("experts"):  # a mixture of experts: the share of its expert weights kept
+            mlp = entry["num_experts"] * entry["expert_width"] / (shape["experts"] * shape["intermediate"])
+        else:
+            mlp = entry["num_channels"] / shape["intermediate"]
         grid[:, entry["layer"]] = (entry["num_heads"] / shape["num_heads"],
-                                   entry["num_kv_heads"] / shape["num_kv_heads"],
-                                   entry["num_channels"] / shape["intermediate"])
-    return grid, ["query heads", "kv heads", "MLP channels"]
+                                   entry["num_kv_heads"] / shape["num_kv_heads"], mlp)
+    moe = any(shape.get("experts") for shape in source)
+    return grid, ["query heads", "kv heads", "expert weights" if moe else "MLP channels"]
 
 
 def plot_kept_units(record: dict, path: Path) -> Path | None:
@@ -53,7 +57,9 @@ def plot_kept_units(record: dict, path: Path) -> Path | None:
     ax.set_xticks(range(0, layers, step))
     ax.set_xlabel("layer")
     if layers <= 32:  # small enough to print the kept counts in the cells
-        counts = {e["layer"]: (e["num_heads"], e["num_kv_heads"], e["num_channels"]) for e in record["kept"]["layers"]}
+        counts = {e["layer"]: (e["num_heads"], e["num_kv_heads"],
+                               f"{e['num_experts']}x{e['expert_width']}" if "experts" in e else e["num_channels"])
+                  for e in record["kept"]["layers"]}
         for layer in range(layers):
             for row, count in enumerate(counts.get(layer, (0, 0, 0))):
                 ax.text(layer, row, str(count), ha="center", va="center", fontsize=6,
@@ -64,6 +70,40 @@ def plot_kept_units(record: dict, path: Path) -> Path | None:
     if hidden and source_hidden and hidden != source_hidden:
         title += f" (hidden channels: {hidden} of {source_hidden})"
     ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02)
+    return _save(fig, path)
+
+
+def routing_shares(routing: dict, kept_layers: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """[layers, experts] share of each layer's routing picks per expert, and which experts were kept."""
+    counts = np.array(routing["counts"], dtype=float)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    kept = np.ones_like(shares, dtype=bool)
+    for entry in kept_layers or []:
+        if "experts" in entry and entry["layer"] < len(kept):
+            kept[entry["layer"]] = False
+            kept[entry["layer"], entry["experts"]] = True
+    return shares, kept
+
+
+def plot_routing(routing: dict, path: Path, kept_layers: list[dict] | None = None, title: str = "") -> Path | None:
+    """Heat map of how often each expert of each layer was routed to; removed experts crossed out."""
+    if not routing or not routing.get("counts"):
+        return None
+    shares, kept = routing_shares(routing, kept_layers)
+    layers, experts = shares.shape
+    fig, ax = plt.subplots(figsize=(min(14, 3.0 + 0.3 * experts), min(10, 1.6 + 0.28 * layers)))
+    image = ax.imshow(shares, aspect="auto", cmap="magma", vmin=0.0, interpolation="nearest")
+    ys, xs = np.nonzero(~kept)
+    ax.scatter(xs, ys, marker="x", color="cyan", s=28, label="removed")
+    zero_y, zero_x = np.nonzero(shares == 0)
+    if len(zero_x):
+        ax.scatter(zero_x, zero_y, marker="o", facecolors="none", edgecolors="white", s=30, label="never routed")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(title or f"share of routing picks per expert ({routing['tokens']} tokens, top-{routing['top_k']})")
+    if len(xs) or len(zero_x):
+        ax.legend(loc="upper right", fontsize=7)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02)
     return _save(fig, path)
 

@@ -1,0 +1,236 @@
+"""Mixtures of experts (Mixtral, Qwen3-MoE, OLMoE) on tiny random models: experts and expert channels
+as units. A masked model computes what the cut one does, the cut one loads in stock transformers with
+the same logits, the router never picks a removed expert and keeps its top-k, every criterion scores
+experts, a never-routed expert goes first, LoRA merges, and the methods that do not prune experts
+refuse in one line."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny import MOE_FAMILIES, save_tiny_model_dir, tiny_model, tokens
+
+from prunetune.errors import SettingError, UserError
+from prunetune.families import check_supported, family_of
+from prunetune.importance import CRITERIA
+from prunetune.methods.expert_budget import expert_counts, width_masks
+from prunetune.structure.experts import count_routing, removal_order, routing_on
+from prunetune.structure.masks import Masks, apply_masks
+from prunetune.structure.surgery import cut, merge_lora
+from prunetune.structure.units import Structure
+
+TOL = 1e-4
+SCORED = ("magnitude", "taylor", "wanda-sp", "random")
+
+
+def _masks(structure: Structure, heads: bool, seed: int = 0) -> Masks:
+    """Two of six experts out of every layer (a different two each), 20 of 32 channels in every expert."""
+    g = torch.Generator().manual_seed(seed)
+    masks = Masks()
+    for i, shape in enumerate(structure.layers):
+        keep = torch.ones(shape.experts, dtype=torch.bool)
+        keep[torch.randperm(shape.experts, generator=g)[:2]] = False
+        masks.experts[i] = keep
+        inside = torch.zeros(shape.experts, shape.intermediate, dtype=torch.bool)
+        for e in range(shape.experts):
+            inside[e, torch.randperm(shape.intermediate, generator=g)[:20]] = True
+        masks.expert_channels[i] = inside
+        if heads:
+            masks.heads[i] = Masks.heads_from_kv(torch.tensor([True, False, True]), shape.group_size)
+    return masks
+
+
+@pytest.mark.parametrize("arch", MOE_FAMILIES)
+def test_structure_reads_experts_width_and_top_k(arch):
+    model = tiny_model(arch)
+    assert check_supported(model.config).moe is not None
+    structure = Structure.of(model)
+    assert {(s.experts, s.intermediate) for s in structure.layers} == {(6, 32)}
+    assert structure.top_k == 2
+    # every expert weight and router row is prunable, and nothing else of the MLP
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
+    assert structure.prunable_params(units=("experts",)) == experts
+
+
+@pytest.mark.parametrize("arch", MOE_FAMILIES)
+def test_masked_experts_equal_the_cut_model_and_stock_transformers_loads_it(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(arch)
+    heads = family_of(model).no_head_cut is None  # OLMoE keeps its heads
+    masks = _masks(Structure.of(model), heads)
+    x = tokens()
+    with torch.no_grad():
+        full = model(x).logits
+        with apply_masks(model, masks):
+            masked = model(x).logits
+        assert (masked - full).abs().max() > 1e-3  # the masks do something
+        cut(model, masks)
+        after = model(x).logits
+    torch.testing.assert_close(after, masked, atol=TOL, rtol=0)
+    layout = family_of(model).moe
+    assert getattr(model.config, layout.count_key) == 4 and getattr(model.config, layout.width_key) == 20
+    model.save_pretrained(tmp_path)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(x).logits, after, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", MOE_FAMILIES)
+def test_a_mixture_with_whole_layers_removed_equals_its_masked_self(arch):
+    model = tiny_model(arch)
+    masks = Masks(layers=torch.tensor([True, False, True, False]))
+    x = tokens()
+    with torch.no_grad():
+        with apply_masks(model, masks):
+            masked = model(x).logits
+        after = cut(model, masks)(x).logits
+    torch.testing.assert_close(after, masked, atol=TOL, rtol=0)
+    assert model.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("arch", MOE_FAMILIES)
+def test_masked_router_never_picks_a_removed_expert(arch):
+    model = tiny_model(arch)
+    masks = _masks(Structure.of(model), heads=False)
+    with apply_masks(model, masks), count_routing(model) as routing, torch.no_grad():
+        model(tokens(batch=4, length=16))
+    for i, counts in enumerate(routing.counts):
+        assert counts[~masks.experts[i]].sum() == 0
+        assert counts.sum() == routing.tokens * 2  # still top-2 for every token
+    assert routing.tokens == 4 * 16
+
+
+@pytest.mark.parametrize("criterion", SCORED)
+@pytest.mark.parametrize("arch", MOE_FAMILIES)
+def test_every_criterion_scores_experts_and_their_channels(arch, criterion):
+    model = tiny_model(arch)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    scores = CRITERIA[criterion](model, [tokens()])
+    for layer in scores:
+        assert layer.experts.shape == (6,) and layer.expert_channels.shape == (6, 32)
+        assert layer.channels.numel() == 0  # no dense MLP
+        assert torch.isfinite(layer.experts).all() and (layer.experts > 0).any()
+    for name, p in model.named_parameters():  # scoring changes nothing
+        assert torch.equal(p, before[name]) and p.grad is None, name
+
+
+def test_a_never_routed_expert_goes_first_whatever_its_score():
+    scores = torch.tensor([0.1, 5.0, 0.2, 3.0])
+    assert removal_order(scores, torch.tensor([4, 0, 7, 9]))[:2] == [1, 0]
+    assert removal_order(scores, None) == [0, 2, 3, 1]
+
+
+def test_taylor_gives_an_unrouted_expert_nothing():
+    model = tiny_model("mixtral")
+    batches = [tokens()]
+    routing = routing_on(model, batches)
+    scores = CRITERIA["taylor"](model, batches)
+    for counts, layer in zip(routing.counts, scores):
+        assert ((counts == 0) == (layer.experts == 0)).all()
+
+
+@pytest.mark.parametrize("units", [("experts",), ("experts", "expert-channels"), ("heads", "experts", "expert-channels"),
+                                   ("heads", "expert-channels")])
+def test_every_budget_candidate_lands_near_the_ratio_and_keeps_top_k(units):
+    model = tiny_model("qwen3_moe", moe_intermediate_size=64)
+    structure = Structure.of(model)
+    scores = CRITERIA["magnitude"](model)
+    layers = list(range(structure.num_layers))
+    counts = expert_counts(structure, 0.4, layers, units)
+    assert counts and all(0 <= k <= 4 for k in counts)
+    for removed in counts:
+        masks, fields = width_masks(structure, scores, None, 0.4, layers, units, removed, "kv-group", 4, "uniform",
+                                    "cost")
+        masks.validate(structure)
+        from prunetune.structure.allocate import achieved_ratio
+
+        achieved = achieved_ratio(structure, masks, layers, units)
+        assert abs(achieved - 0.4) < (0.15 if units == ("experts",) else 0.08), (removed, fields, achieved)
+
+
+def test_masks_keep_top_k_and_one_width_or_are_refused():
+    structure = Structure.of(tiny_model("mixtral"))
+    too_few = Masks(experts={0: torch.tensor([True, False, False, False, False, False])})
+    with pytest.raises(ValueError, match="fewer than the 2"):
+        too_few.validate(structure)
+    ragged = torch.ones(6, 32, dtype=torch.bool)
+    ragged[0, :3] = False
+    with pytest.raises(ValueError, match="same number of channels"):
+        Masks(expert_channels={1: ragged}).validate(structure)
+
+
+@pytest.mark.parametrize("arch", MOE_FAMILIES)
+def test_merged_lora_equals_unmerged_on_the_cut_mixture(arch):
+    model = cut(tiny_model(arch), _masks(Structure.of(tiny_model(arch)), heads=False))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        x = tokens()
+        unmerged = peft_model(x).logits
+        merged = merge_lora(peft_model)(x).logits
+    torch.testing.assert_close(merged, unmerged, atol=TOL, rtol=0)
+
+
+def test_a_qwen3_moe_with_dense_layers_is_refused_in_one_line():
+    config = tiny_model("qwen3_moe").config
+    config.mlp_only_layers = [1]
+    with pytest.raises(UserError, match="dense MLP instead of experts"):
+        check_supported(config)
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("mixtral") / "model", "mixtral")
+
+
+def test_prune_a_mixture_end_to_end_records_routing_and_loads_in_stock_transformers(mixtral_dir, tmp_path):
+    from helpers import run_cli
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    done = run_cli("prune", mixtral_dir, "--method", "taylor", "--units", "heads,experts,expert-channels", "--ratio",
+                   "0.4", "--round-to", "4", "--batch-size", "2", "--seq-len", "32", "--eval-seq-len", "64",
+                   "--max-windows", "2", "--calib-samples", "4", "--recover-steps", "2", "--out", out, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "prunetune.json").read_text())
+    routing = record["experts"]["routing"]
+    assert sum(routing["calibration"]["counts"][0]) == 2 * routing["calibration"]["tokens"]
+    kept = record["kept"]["layers"][0]["num_experts"]
+    assert all(len(c) == kept for c in routing["training"]["counts"])  # the cut model's experts
+    assert len(record["experts"]["budget"]["candidates"]) >= 2
+    assert abs(record["parameters"]["ratio_achieved"] - 0.4) < 0.08
+    report = (out / "report.md").read_text()
+    assert "## Experts" in report and "routing.png" in report
+    assert (out / "run" / "plots" / "routing.png").is_file()
+    stock = AutoModelForCausalLM.from_pretrained(out)
+    layout = family_of(stock).moe
+    assert getattr(stock.config, layout.count_key) == kept
+    assert stock.model.layers[0].mlp.experts.gate_up_proj.shape[0] == kept
+
+
+@pytest.mark.parametrize("arch, method, units, message", [
+    ("mixtral", "loraprune", "heads,experts", "hold no LoRA adapter"),
+    ("mixtral", "lora-guided", "experts", "hold no LoRA adapter"),
+    ("qwen3_moe", "taylor", "heads,channels", "not channels"),
+    ("mixtral", "taylor", "layers,experts", "layers prunes a mixture of experts alone"),
+    ("olmoe", "taylor", "heads,experts", "heads cannot be pruned"),
+    ("llama", "taylor", "heads,experts", "has no experts"),
+])
+def test_settings_a_model_cannot_take_are_refused_before_loading(arch, method, units, message):
+    from prunetune.methods.prune import PruneSettings, _check_family
+
+    with pytest.raises(SettingError, match=message):
+        _check_family(tiny_model(arch).config, PruneSettings(method=method, units=units))
+
+
+def test_shear_refuses_a_mixture_in_one_line_and_writes_nothing(mixtral_dir, tmp_path):
+    from helpers import assert_user_error, run_cli
+
+    out = tmp_path / "sheared"
+    done = run_cli("shear", mixtral_dir, "--target", "heads=3", "--out", out, "--steps", "1", cwd=tmp_path)
+    assert_user_error(done, "mixture of experts", "prunetune prune")
+    assert not out.exists()
