@@ -31,7 +31,7 @@ def checksums(model) -> dict[str, float]:
 
 
 def scores_dict(scores) -> list[dict]:
-    return [{k: v.tolist() for k, v in vars(s).items()} for s in scores]
+    return [{k: v.tolist() for k, v in vars(s).items() if v is not None} for s in scores]
 
 
 if __name__ == "__main__":

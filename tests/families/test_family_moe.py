@@ -159,6 +159,9 @@ def test_masks_keep_top_k_and_one_width_or_are_refused():
     ragged[0, :3] = False
     with pytest.raises(ValueError, match="same number of channels"):
         Masks(expert_channels={1: ragged}).validate(structure)
+    per_layer = Masks(experts={0: torch.tensor([True, True, True, True, False, False])})
+    with pytest.raises(ValueError, match="different expert counts or widths"):
+        per_layer.validate(structure)
 
 
 @pytest.mark.parametrize("arch", MOE_FAMILIES)
@@ -187,12 +190,15 @@ def mixtral_dir(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("mixtral") / "model", "mixtral")
 
 
-def test_prune_a_mixture_end_to_end_records_routing_and_loads_in_stock_transformers(mixtral_dir, tmp_path):
+@pytest.mark.parametrize("arch", MOE_FAMILIES)
+def test_prune_a_mixture_end_to_end_records_routing_and_loads_in_stock_transformers(arch, mixtral_dir, tmp_path):
     from helpers import run_cli
     from transformers import AutoModelForCausalLM
 
+    source = mixtral_dir if arch == "mixtral" else save_tiny_model_dir(tmp_path / arch, arch)
+    units = "experts,expert-channels" if arch == "olmoe" else "heads,experts,expert-channels"
     out = tmp_path / "pruned"
-    done = run_cli("prune", mixtral_dir, "--method", "taylor", "--units", "heads,experts,expert-channels", "--ratio",
+    done = run_cli("prune", source, "--method", "taylor", "--units", units, "--ratio",
                    "0.4", "--round-to", "4", "--batch-size", "2", "--seq-len", "32", "--eval-seq-len", "64",
                    "--max-windows", "2", "--calib-samples", "4", "--recover-steps", "2", "--out", out, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -225,6 +231,15 @@ def test_settings_a_model_cannot_take_are_refused_before_loading(arch, method, u
 
     with pytest.raises(SettingError, match=message):
         _check_family(tiny_model(arch).config, PruneSettings(method=method, units=units))
+
+
+def test_the_planner_refuses_a_mixture_in_one_line():
+    from tiny import tiny_config
+
+    from prunetune.plan import PlanSettings, plan_method
+
+    with pytest.raises(UserError, match="does not model a mixture of experts"):
+        plan_method(tiny_config("mixtral"), PlanSettings(method="lora"))
 
 
 def test_shear_refuses_a_mixture_in_one_line_and_writes_nothing(mixtral_dir, tmp_path):

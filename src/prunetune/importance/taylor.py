@@ -37,9 +37,7 @@ def weight_gradients(model: nn.Module, batches: list[torch.Tensor], *, also: lis
     Inside the block their `.grad` holds the sum (or, with `mean`, the mean) over the batches of the
     gradient of each batch's mean loss. Afterwards every flag and earlier gradient is as it was.
     """
-    layers = decoder_layers(model)
-    trained = [base_linear(projection(layer, name)).weight for layer in layers for name in layer_projections(layer)]
-    trained += [p for layer in layers for p in _expert_params(layer)] + list(also)
+    trained = scored_weights(model) + list(also)
     params = list(model.parameters())
     requires_grad = [p.requires_grad for p in params]
     saved_grads = [p.grad for p in trained]
@@ -61,6 +59,13 @@ def weight_gradients(model: nn.Module, batches: list[torch.Tensor], *, also: lis
             p.grad = grad
         for p, flag in zip(params, requires_grad):
             p.requires_grad_(flag)
+
+
+def scored_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The weights Taylor back-propagates to: every projection's, and a mixture's router and experts."""
+    layers = decoder_layers(model)
+    weights = [base_linear(projection(layer, name)).weight for layer in layers for name in layer_projections(layer)]
+    return weights + [p for layer in layers for p in _expert_params(layer)]
 
 
 def _expert_params(layer: nn.Module) -> list[nn.Parameter]:

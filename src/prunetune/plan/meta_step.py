@@ -147,10 +147,10 @@ def planned_dense_weight(module: nn.Module) -> torch.Tensor:
 
 def quantize_projections(model: nn.Module, quant: str, compute_dtype: torch.dtype) -> None:
     """Every decoder projection planned as `load_model(quant=...)` quantizes it."""
-    from ..structure.units import PROJECTIONS, decoder_layers, projection
+    from ..structure.units import decoder_layers, layer_projections, projection
 
     for layer in decoder_layers(model):
-        for name in PROJECTIONS:
+        for name in layer_projections(layer):
             plan_quantized(projection(layer, name), quant, compute_dtype)
 
 

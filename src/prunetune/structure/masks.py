@@ -112,6 +112,14 @@ class Masks:
             if (per_expert != per_expert[0]).any() or not per_expert[0]:
                 raise ValueError(f"layer {i}: every expert must keep the same number of channels, at least one "
                                  f"({per_expert.tolist()})")
+        moe_layers = [i for i, shape in enumerate(structure.layers) if shape.experts and self.layer_kept(i)]
+        kept_shapes = {(int(self.experts[i].sum()) if i in self.experts else structure.layers[i].experts,
+                        int(self.expert_channels[i][0].sum()) if i in self.expert_channels
+                        else structure.layers[i].intermediate) for i in moe_layers}
+        if len(kept_shapes) > 1:
+            raise ValueError(f"the layers would keep different expert counts or widths {sorted(kept_shapes)}; a "
+                             "mixture of experts' config holds one of each (no engine loads per-layer counts): "
+                             "keep the same number of experts in every layer and of channels in every expert")
 
     def kept_summary(self, structure: Structure) -> dict:
         """Kept units as plain lists (for prunetune.json and for moving adapters between shapes)."""

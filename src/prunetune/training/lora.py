@@ -43,10 +43,16 @@ def add_lora(model: nn.Module, settings: LoraSettings | None = None) -> nn.Modul
     """Wrap `model` with a fresh LoRA adapter; only the adapter trains."""
     from peft import LoraConfig, get_peft_model
 
+    from ..families import family_of
+
     settings = settings or LoraSettings()
     settings.check()
+    # A mixture of experts has no gate/up/down modules: PEFT would match those names against the experts'
+    # fused parameters instead, so the adapter stays on the projections the family has.
+    present = family_of(model).projection_names
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM")
+                        target_modules=[t for t in settings.targets if t in present], bias="none",
+                        task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=settings.dtype == "float32")
     if settings.dtype == "base":
         dtype = unwrap(peft_model).model.embed_tokens.weight.dtype
