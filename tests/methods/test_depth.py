@@ -62,11 +62,56 @@ def test_depth_counts_reach_the_ratio_and_never_every_layer():
     assert depth_counts(structure, influence, 0.6, [0, 1, 2, 3], with_width=True) == [0, 1, 2]
 
 
-def test_loraprune_refuses_layers_with_one_line():
-    with pytest.raises(SettingError, match="one-shot criteria"):
-        PruneSettings(method="loraprune", units="heads,layers").check()
-    with pytest.raises(SettingError, match="heads, channels, layers"):
-        PruneSettings(method="taylor", units="experts").check()
+def test_an_unknown_unit_kind_is_one_line():
+    with pytest.raises(SettingError, match="heads, channels, layers, experts, expert-channels"):
+        PruneSettings(method="taylor", units="blocks").check()
+
+
+def test_loraprune_with_layers_removes_the_least_important_along_its_schedule(tiny_model_dir, tmp_path):
+    options = RunOptions(training=TrainSettings(batch_size=2, seq_len=16, steps=12), progress=False)
+    record = prune(str(tiny_model_dir("llama", num_hidden_layers=6)), tmp_path / "out",
+                   PruneSettings(method="loraprune", units="heads,channels,layers", ratio=0.4, round_to=1,
+                                 layers="all"), EvalSettings(data=None), options, log=lambda _: None)
+    depth = record["depth"]
+    best = min(depth["candidates"], key=lambda c: c["pruned_score"])
+    assert depth["layers_removed"] == best["layers_removed"]
+    assert [len(c["layers_removed"]) for c in depth["candidates"]] == [0, 1, 2]
+    ranked = sorted(range(6), key=lambda i: (depth["scores"][i], -i))
+    assert depth["layers_removed"] == sorted(ranked[:len(depth["layers_removed"])])
+    assert record["parameters"]["ratio_achieved"] == pytest.approx(0.4, abs=0.03)
+    kept = [h["kept"] for h in record["training"]["schedule"]]
+    assert kept == sorted(kept, reverse=True)  # the schedule only ever removes
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_hidden_layers == 6 - len(depth["layers_removed"])
+
+
+def test_a_resumed_loraprune_with_layers_ends_where_an_uninterrupted_one_does():
+    from prunetune.methods.loraprune.pruner import LoRAPruner, LoRAPruneSettings
+    from prunetune.structure.scores import LayerScores
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    structure = Structure.of(model)
+
+    def pruner():
+        return LoRAPruner(model, structure, ratio=0.4, layers=list(range(6)), units=("heads", "channels", "layers"),
+                          head_unit="kv-group", round_to=4, allocation="uniform", settings=LoRAPruneSettings(),
+                          total_steps=20)
+
+    g = torch.Generator().manual_seed(0)
+    average = [LayerScores(torch.rand(6, generator=g), torch.rand(3, generator=g), torch.rand(48, generator=g) * 4)
+               for _ in range(6)]
+    average[2] = LayerScores(average[2].q_heads * 1e-3, average[2].kv_heads * 1e-3, average[2].channels * 1e-3)
+    first = pruner()
+    first.average = average
+    first.update_masks(4)
+    assert 2 in first.depth["layers_removed"]  # the layer that hardly matters goes
+    resumed = pruner()
+    resumed.load_state_dict(first.state_dict())
+    for p in (first, resumed):
+        p.update_masks(10)
+    assert resumed.masks.kept_summary(structure) == first.masks.kept_summary(structure)
+    assert not first.finish().layer_kept(2)
+    resumed.finish()
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

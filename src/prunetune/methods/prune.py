@@ -102,9 +102,6 @@ class PruneSettings:
         if self.method == "loraprune" and self.recover_steps:
             raise SettingError("PruneSettings.recover_steps", "PruneSettings.recover_steps is for one-shot methods; "
                                "loraprune trains for TrainSettings.steps")
-        if self.method == "loraprune" and LAYER_UNIT in parse_units(self.units):
-            raise SettingError("PruneSettings.units", "PruneSettings.units layers is for the one-shot criteria "
-                               f"({', '.join(CRITERIA)}); loraprune prunes heads and channels as it trains")
         if self.method == "loraprune":
             self.loraprune.check()
         self.distill.check()
@@ -189,8 +186,8 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         raise SettingError("PruneSettings.units", "a mixture of experts is pruned in one process; run it without "
                            "FSDP (one-shot pruning needs no sharding to fit: it trains nothing)")
     if LAYER_UNIT in parse_units(settings.units) and is_fsdp(run.accelerator):
-        raise SettingError("PruneSettings.units", "PruneSettings.units layers scores whole layers in one process; "
-                           "run it without FSDP (one-shot pruning needs no sharding to fit: it trains nothing)")
+        raise SettingError("PruneSettings.units", "PruneSettings.units layers chooses whole layers in one process; "
+                           "run it without FSDP, or prune heads and channels only under FSDP")
     model, tokenizer = run.load(model_spec, quant=options.quant, seq_lens=[training.seq_len] if calibrates else [])
     before = Structure.of(model)
     layers = parse_layers(settings.layer_spec, before.num_layers)
@@ -207,7 +204,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     if settings.method == "loraprune":
         torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
         model = add_lora(model, options.lora)
-        pruner = LoRAPruner(model, before, ratio=settings.ratio, layers=layers, units=units,
+        pruner = LoRAPruner(model, before, ratio=settings.ratio, layers=layers, units=kinds,
                             head_unit=settings.head_unit, round_to=settings.round_to,
                             allocation=settings.allocation, settings=settings.loraprune, total_steps=training.steps,
                             split=settings.split)
@@ -217,7 +214,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
             trained.distill |= {"teacher": distill.teacher, "teacher_model_bytes": 0}  # the trained model itself
         model = trained.model  # under FSDP: gathered on the main process, None on the others
         masks = pruner.finish()
-        scores = pruner.average
+        scores, depth = pruner.average, pruner.depth
         record_training = {"training": trained.record(training) | {"schedule": pruner.history}}
     else:
         batches = None

@@ -9,6 +9,13 @@ LoRA keeps training around the removed units; at the end the model is cut, LoRA 
 by the shared pipeline. Where the target counts depend on the scores (the "cost" split, global
 allocation) they are fixed at the first mask update. `masks_off()` suspends the masks: the
 unpruned model, which distillation uses as its teacher (distill.py).
+
+With whole layers among the units (`layers`), the depth/width split is fixed at the first mask
+update too. A layer scores the sum of its units' moving-average scores (LoRA-guided importance is
+additive over the weights), the least important go first, and every number of removed layers the
+ratio allows is a candidate, its rest cut from the remaining layers' heads and channels; the
+candidate that removes the least total importance wins. The chosen layers then go one by one along
+the same cubic schedule as the width.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from ...structure.allocate import (
     needs_scores,
     target_counts,
 )
+from ...structure.allocate import LAYER_UNIT
+from ...structure.depth import combine, counted_units, depth_counts, remaining_ratio, removal_order, width_units
 from ...structure.masks import Masks, apply_masks
 from ...structure.units import Structure
 from ...training.loop import TrainHooks
@@ -111,6 +120,18 @@ def scale_to_unit_total(scores: list[LayerScores]) -> list[LayerScores]:
     return [LayerScores(s.q_heads * scale, s.kv_heads * scale, s.channels * scale) for s in scores]
 
 
+def _dropped_score(scores: list[LayerScores], masks: Masks, structure: Structure, head_unit: str) -> float:
+    """The total score of the heads (as pruned units) and channels that `masks` drop."""
+    total = 0.0
+    for i, keep in masks.heads.items():
+        units = scores[i].head_unit_scores(head_unit)
+        kept = masks.kv_heads(i, structure) if head_unit == "kv-group" else keep
+        total += float(units[~kept].sum())
+    for i, keep in masks.channels.items():
+        total += float(scores[i].channels[~keep].sum())
+    return total
+
+
 class LoRAPruner(TrainHooks):
     """Scores, moving average, schedule and masks of a LoRAPrune run; plugs into the training loop."""
 
@@ -120,7 +141,13 @@ class LoRAPruner(TrainHooks):
         settings.check()
         self.model = model
         self.structure = structure
-        self.ratio, self.layers, self.units = ratio, layers, units
+        # `units` may hold `layers`: the width kinds prune inside the layers that stay, and a removed
+        # layer counts every projection (structure/depth.py)
+        self.depth_wanted = LAYER_UNIT in units
+        self.ratio, self.layers, self.units = ratio, layers, width_units(units)
+        self.counted = counted_units(units)
+        self.removed_layers: list[int] = []  # chosen at the first update, removed along the schedule
+        self.depth: dict | None = None
         self.head_unit, self.round_to, self.allocation, self.split = head_unit, round_to, allocation, split
         self.settings = settings
         self.normalization = settings.normalization(split)
@@ -129,8 +156,8 @@ class LoRAPruner(TrainHooks):
         # Counts that depend on the scores (global allocation, the cost split) are fixed once, from the
         # moving average at the first mask update; the others follow from the shapes alone.
         self.final: dict[int, KeepCounts] | None = (
-            None if needs_scores(allocation, split, units)
-            else target_counts(structure, ratio, layers, units, head_unit, round_to))
+            None if needs_scores(allocation, split, self.units) or self.depth_wanted
+            else target_counts(structure, ratio, layers, self.units, head_unit, round_to))
         self.average: list[LayerScores] | None = None
         self.counts = dict(self.full)
         self.masks = Masks()
@@ -160,15 +187,58 @@ class LoRAPruner(TrainHooks):
         self.masks = masks
         self._hooks = apply_masks(self.model, masks)
 
+    def _choose_depth(self) -> None:
+        """Which layers go and what width the rest gives, from the moving average (see the module doc)."""
+        layer_scores = torch.tensor([float(s.q_heads.sum() + s.kv_heads.sum() + s.channels.sum())
+                                     for s in self.average])
+        order = removal_order(layer_scores, self.layers)
+        candidates = []
+        for count in depth_counts(self.structure, layer_scores, self.ratio, self.layers, with_width=bool(self.units)):
+            removed = sorted(order[:count])
+            left = [i for i in self.layers if i not in removed]
+            rest = remaining_ratio(self.structure, self.ratio, self.layers, removed, self.units) if self.units else 0.0
+            if rest >= 1.0:
+                continue
+            final = (final_counts(self.structure, self.average, rest, left, self.units, self.head_unit, self.round_to,
+                                  self.allocation, self.split) if rest > 1e-9 else full_counts(self.structure, left,
+                                                                                               self.head_unit))
+            width = masks_from_counts(self.structure, self.average, final, self.head_unit)
+            lost = float(layer_scores[removed].sum()) + _dropped_score(self.average, width, self.structure,
+                                                                       self.head_unit)
+            candidates.append({"layers_removed": removed, "width_ratio": round(rest, 4), "pruned_score": lost,
+                               "final": final, "left": left})
+        if not candidates:
+            from ...errors import SettingError
+
+            raise SettingError("PruneSettings.ratio", f"no number of whole layers leaves a {self.ratio} cut that the "
+                               "remaining layers can give; add heads or channels to PruneSettings.units, or lower "
+                               "PruneSettings.ratio")
+        best = min(candidates, key=lambda c: c["pruned_score"])
+        self.removed_layers, self.final, self.layers = best["layers_removed"], best["final"], best["left"]
+        self.full = full_counts(self.structure, self.layers, self.head_unit)
+        self.counts = {i: c for i, c in self.counts.items() if i in self.layers}
+        self.depth = {"layer_score": "sum of the layer's moving-average LoRA-guided unit scores",
+                      "scores": [round(float(v), 8) for v in layer_scores],
+                      "removal_order": [i for i in order if i in best["layers_removed"]],
+                      "candidates": [{k: v for k, v in c.items() if k not in ("final", "left")} for c in candidates],
+                      "layers_removed": self.removed_layers}
+
     def update_masks(self, step_done: int, fraction: float | None = None) -> None:
         if self.final is None:  # fixed once, from the scores at the first update
-            self.final = final_counts(self.structure, self.average, self.ratio, self.layers, self.units,
-                                      self.head_unit, self.round_to, self.allocation, self.split)
+            if self.depth_wanted:
+                self._choose_depth()
+            else:
+                self.final = final_counts(self.structure, self.average, self.ratio, self.layers, self.units,
+                                          self.head_unit, self.round_to, self.allocation, self.split)
         if fraction is None:
             fraction = cubic_fraction(step_done, self.total_steps, self.settings.warmup, self.settings.cooldown)
         intermediate = {i: self.structure.layers[i].intermediate for i in self.layers}
         self.counts = interpolate_counts(self.full, self.final, fraction, self.round_to, intermediate, self.counts)
-        self._apply(masks_from_counts(self.structure, self.average, self.counts, self.head_unit, self.masks))
+        masks = masks_from_counts(self.structure, self.average, self.counts, self.head_unit, self.masks)
+        if self.removed_layers:  # the least important first, as many as the schedule has reached
+            order = self.depth["removal_order"]
+            masks = combine(masks, self.structure, sorted(order[:round(fraction * len(order))]))
+        self._apply(masks)
         self.history.append({"step": step_done, "fraction": fraction, "kept": self.kept_share()})
 
     def masks_off(self):
@@ -179,13 +249,15 @@ class LoRAPruner(TrainHooks):
         """Share of the prunable parameters the current masks keep."""
         from ...structure.allocate import achieved_ratio
 
-        return 1.0 - achieved_ratio(self.structure, self.masks, self.layers, self.units)
+        layers = sorted(set(self.layers) | set(self.removed_layers))
+        return 1.0 - achieved_ratio(self.structure, self.masks, layers, self.counted)
 
     def finish(self) -> Masks:
         """Make sure the target is reached (short runs), take the hooks off, return the final masks."""
         if self.average is None:
             raise ValueError("no scores yet: LoRAPrune needs at least one training step")
-        if self.counts != self.final:
+        if self.counts != self.final or (self.removed_layers and self.masks.layers is not None
+                                         and int((~self.masks.layers).sum()) < len(self.removed_layers)):
             self.update_masks(self.total_steps, fraction=1.0)
         if self._hooks is not None:
             self._hooks.remove()
@@ -208,6 +280,8 @@ class LoRAPruner(TrainHooks):
             "final": {i: vars(c).copy() for i, c in self.final.items()} if self.final else None,
             "masks": self.masks.kept_summary(self.structure),
             "history": self.history,
+            "depth": self.depth,
+            "layers": self.layers,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -215,4 +289,9 @@ class LoRAPruner(TrainHooks):
         self.counts = {int(i): KeepCounts(**c) for i, c in state["counts"].items()}
         self.final = {int(i): KeepCounts(**c) for i, c in state["final"].items()} if state["final"] else None
         self.history = list(state["history"])
+        self.depth = state.get("depth")
+        if self.depth is not None:
+            self.removed_layers = list(self.depth["layers_removed"])
+            self.layers = list(state["layers"])
+            self.full = full_counts(self.structure, self.layers, self.head_unit)
         self._apply(Masks.from_summary(state["masks"], self.structure))
