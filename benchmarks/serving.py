@@ -4,7 +4,10 @@ Dense SmolLM2 and four prunes of it (20% and 50%, every layer pruned or LoRAPrun
 per-layer shapes) are each timed on a prefill of a fixed prompt and a greedy decode after it; the
 table gives tokens per second, the speed-up over dense, and the ratio of FLOPs (prunetune's own
 count from each model's real per-layer shapes, evaluate/flops.py) that the speed-up is compared with.
-The weights do not change the time, so the prunes are magnitude prunes (no training needed).
+The weights do not change the time, so the prunes are magnitude prunes (no training needed). Four
+more rows set depth against width: `depth` removes the whole layers whose parameters come closest to
+the ratio, `mix` is what the depth/width rule picks (both scored by Taylor on the calibration batches,
+as the quality rows of the held-out benchmark are); `uniform` is the width prune.
 
 Run it in the serving environment (`make serving-setup`):
 
@@ -44,6 +47,12 @@ MODELS = {
     "20% per-layer": ["--ratio", "0.2", "--layers", "paper"],
     "50% uniform": ["--ratio", "0.5", "--layers", "all"],
     "50% per-layer": ["--ratio", "0.5", "--layers", "paper"],
+    # depth against width (issue: whole layers as a unit): the nearest whole-layer count, and the mix the
+    # depth/width rule picks (lowest calibration loss; Taylor, so the rule sees what the quality rows see)
+    "20% depth": ["--ratio", "0.2", "--layers", "all", "--units", "layers", "--method", "taylor"],
+    "20% mix": ["--ratio", "0.2", "--layers", "all", "--units", "heads,channels,layers", "--method", "taylor"],
+    "50% depth": ["--ratio", "0.5", "--layers", "all", "--units", "layers", "--method", "taylor"],
+    "50% mix": ["--ratio", "0.5", "--layers", "all", "--units", "heads,channels,layers", "--method", "taylor"],
 }
 PRUNETUNE = [sys.executable, "-m", "prunetune.cli"]
 
@@ -57,8 +66,8 @@ def make_models(root: Path) -> dict[str, Path]:
             if args is None:
                 command = ["export", "smollm2-135m", "--format", "hf", "--out", str(out), "--overwrite"]
             else:
-                command = ["prune", "smollm2-135m", "--method", "magnitude", *args, "--no-eval", "--out", str(out),
-                           "--overwrite"]
+                method = [] if "--method" in args else ["--method", "magnitude"]
+                command = ["prune", "smollm2-135m", *method, *args, "--no-eval", "--out", str(out), "--overwrite"]
             subprocess.run([*PRUNETUNE, *command], check=True)
         if not (out / "model-f16.gguf").is_file():
             subprocess.run([*PRUNETUNE, "export", str(out), "--format", "gguf", "--outtype", "f16",

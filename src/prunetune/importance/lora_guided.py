@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..training.lora import lora_matrices
-from ..structure.units import decoder_layers, dense_weight, unit_sums
+from ..training.lora import expert_adapters, lora_matrices
+from ..structure.units import decoder_layers, dense_weight, layer_projections, moe_parts, unit_sums
 from ..training.sharding import is_sharded, row_slice, sum_across_processes
 from ..structure.scores import LayerScores
 from .sharded import local_unit_sums
@@ -90,11 +90,50 @@ def lora_guided_scores(model: nn.Module, batches=None, *, seed: int = 0, score: 
                 units = units / units.norm().clamp_min(1e-12)
             per_module[lora.name] = units
             del W
-        missing = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} - set(per_module)
+        missing = set(layer_projections(layer)) - set(per_module)
         if missing:
             raise ValueError(f"LoRAPrune needs LoRA on every projection; missing {sorted(missing)}")
-        result.append(LayerScores.from_projections(per_module))
+        layer_scores = LayerScores.from_projections(per_module)
+        if moe_parts(layer) is not None:
+            layer_scores = _with_expert_scores(layer_scores, layer, score)
+        result.append(layer_scores)
     return result
+
+
+@torch.no_grad()
+def expert_channel_scores(wrapper: nn.Module, score: str = "abs") -> torch.Tensor:
+    """[experts, width] scores of one fused expert parameter's channels from its per-expert adapters
+    (PEFT's ParamWrapper: A is [experts x r, in], B [out, r x experts]); the same estimate as above,
+    one expert at a time. Gate and up rows of `gate_up_proj` both count for their channel, and
+    `down_proj`'s columns."""
+    (adapter,) = wrapper.active_adapters
+    A, B = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight
+    if A.grad is None or B.grad is None:
+        raise ValueError(f"{wrapper.parameter_name}: LoRA has no gradient; score after backward")
+    count, scaling, W = wrapper.num_experts, float(wrapper.scaling[adapter]), wrapper.get_param()
+    A, gA = (t.float().reshape(count, -1, t.shape[-1]) for t in (A, A.grad))
+    B, gB = (t.float().reshape(t.shape[0], -1, count) for t in (B, B.grad))
+    channels = []
+    for e in range(count):
+        estimate = gB[:, :, e] @ (A[e] - gA[e]) + B[:, :, e] @ gA[e]
+        merged = W[e].float() + scaling * (B[:, :, e] @ A[e])
+        per_weight = (estimate * merged).abs_() if score == "abs" else (estimate * merged).square_()
+        if wrapper.parameter_name == "gate_up_proj":  # [2 x width, hidden]: gate rows, then up rows
+            rows = per_weight.sum(dim=1)
+            channels.append(rows[: len(rows) // 2] + rows[len(rows) // 2:])
+        else:  # down_proj [hidden, width]
+            channels.append(per_weight.sum(dim=0))
+    return torch.stack(channels).cpu()
+
+
+def _with_expert_scores(layer_scores: LayerScores, layer: nn.Module, score: str) -> LayerScores:
+    adapters = expert_adapters(layer)
+    if set(adapters) != {"gate_up_proj", "down_proj"}:
+        raise ValueError("LoRA-guided scores of experts need LoRA on both fused expert parameters "
+                         "(add_lora(..., experts=True))")
+    channels = sum(expert_channel_scores(wrapper, score) for wrapper in adapters.values())
+    return LayerScores(layer_scores.q_heads, layer_scores.kv_heads, layer_scores.channels, channels.sum(dim=1),
+                       channels)
 
 
 def lora_guided_one_shot_scores(model: nn.Module, batches: list[torch.Tensor] | None = None, *,
@@ -105,7 +144,8 @@ def lora_guided_one_shot_scores(model: nn.Module, batches: list[torch.Tensor] | 
     With B = 0 at initialisation ∂L/∂A is zero, so the estimate is ∂L/∂B·A: the weight gradient
     seen through the adapter's random down-projection. Scores are the raw sums (no per-module
     normalisation), first-order estimates on one scale for heads and channels. The frozen weights
-    get no gradient, so this runs on 8-bit and NF4 bases.
+    get no gradient, so this runs on 8-bit and NF4 bases. A mixture's experts get a rank-r adapter
+    each on the fused parameters, and their channels are scored the same way.
     """
     from ..training.lora import LoraSettings, add_lora
     from ..modeling import eval_mode
@@ -114,7 +154,7 @@ def lora_guided_one_shot_scores(model: nn.Module, batches: list[torch.Tensor] | 
     batches = require_batches(batches, "lora-guided")
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     torch.manual_seed(seed)
-    peft_model = add_lora(model, LoraSettings(dropout=0.0))
+    peft_model = add_lora(model, LoraSettings(dropout=0.0), experts=True)  # experts: through PEFT's ParamWrapper
     try:
         device = input_device(peft_model)
         with eval_mode(peft_model), torch.enable_grad():

@@ -132,10 +132,10 @@ def _check_family(config, settings: PruneSettings, command: str = "prune") -> No
     if family.moe is not None:
         if command != "prune":
             refuse_experts(config, command)
-        if settings.method in ("loraprune", "lora-guided"):
-            raise SettingError("PruneSettings.method", f"{family.name}'s experts hold no LoRA adapter in prunetune yet, "
-                               f"so {settings.method} cannot score them; use PruneSettings.method taylor, wanda-sp, "
-                               "magnitude or random")
+        if settings.method == "loraprune":
+            raise SettingError("PruneSettings.method", f"loraprune does not prune {family.name}'s experts as it "
+                               "trains yet; score them once with PruneSettings.method lora-guided (LoRA on the "
+                               "experts, as LoRAPrune scores), taylor, wanda-sp, magnitude or random")
         if "channels" in kinds:
             raise SettingError("PruneSettings.units", f"{family.name}'s MLP is a mixture of experts: its units are "
                                "experts and expert-channels, not channels (e.g. heads,experts,expert-channels)")

@@ -39,8 +39,10 @@ class LoraSettings:
 LORA_DTYPES = ("float32", "base")
 
 
-def add_lora(model: nn.Module, settings: LoraSettings | None = None) -> nn.Module:
-    """Wrap `model` with a fresh LoRA adapter; only the adapter trains."""
+def add_lora(model: nn.Module, settings: LoraSettings | None = None, *, experts: bool = False) -> nn.Module:
+    """Wrap `model` with a fresh LoRA adapter; only the adapter trains. With `experts`, a mixture of
+    experts' fused expert parameters get one too (PEFT's `target_parameters`: a rank-r adapter per
+    expert; PEFT allows no dropout there)."""
     from peft import LoraConfig, get_peft_model
 
     from ..families import family_of
@@ -50,9 +52,14 @@ def add_lora(model: nn.Module, settings: LoraSettings | None = None) -> nn.Modul
     # A mixture of experts has no gate/up/down modules: PEFT would match those names against the experts'
     # fused parameters instead, so the adapter stays on the projections the family has.
     present = family_of(model).projection_names
+    layout = family_of(model).moe
+    parameters = ([f"{layout.experts_path}.gate_up_proj", f"{layout.experts_path}.down_proj"]
+                  if experts and layout is not None else None)
+    if parameters and settings.dropout:
+        raise ValueError("LoRA on a mixture's expert parameters takes no dropout (PEFT's ParamWrapper)")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=[t for t in settings.targets if t in present], bias="none",
-                        task_type="CAUSAL_LM")
+                        task_type="CAUSAL_LM", target_parameters=parameters)
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=settings.dtype == "float32")
     if settings.dtype == "base":
         dtype = unwrap(peft_model).model.embed_tokens.weight.dtype
@@ -71,6 +78,19 @@ class LoraMatrices:
     A: nn.Parameter  # [r, in]
     B: nn.Parameter  # [out, r]
     scaling: float
+
+
+def expert_adapters(layer: nn.Module) -> dict[str, nn.Module]:
+    """A mixture-of-experts layer's LoRA wrappers of its fused expert parameters, by parameter name
+    (`gate_up_proj`, `down_proj`; PEFT nests one wrapper per parameter around the experts module)."""
+    from ..structure.units import moe_parts
+
+    parts = moe_parts(layer)
+    found, module = {}, parts[1] if parts is not None else None
+    while module is not None and hasattr(module, "parameter_name") and hasattr(module, "lora_A"):
+        found[module.parameter_name] = module
+        module = module.base_layer
+    return found
 
 
 def lora_matrices(layer: nn.Module) -> Iterator[LoraMatrices]:
