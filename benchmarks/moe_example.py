@@ -9,9 +9,9 @@ pydoc and stdlib-code text so its routers learn something, then prunes it:
 
     prunetune prune MODEL --method taylor --units heads,experts,expert-channels --ratio 0.3 --recover-steps 40
 
-and copies the run's routing plot and the budget table to docs/results/moe_example.md (with the
-machine and the command). The small model's perplexity means little; the routing and the choices
-the budget rule made on it are what the page shows.
+and keeps a summary in benchmarks/results/moe_example.json and the run's routing and kept-units plots
+beside the page; `--report` writes docs/results/moe_example.md from the summary. The small model's
+perplexity means little; the routing and the choices the budget rule made on it are what the page shows.
 """
 
 from __future__ import annotations
@@ -19,15 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "results"
+RESULTS = ROOT / "benchmarks" / "results" / "moe_example.json"
 PRUNE = ["--method", "taylor", "--units", "heads,experts,expert-channels", "--ratio", "0.3", "--recover-steps", "40",
          "--round-to", "8", "--batch-size", "4", "--seq-len", "128", "--eval-seq-len", "128", "--max-windows", "40"]
 
@@ -59,14 +61,8 @@ def small_mixtral(path: Path) -> Path:
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a mixture-of-experts checkpoint (default: a small Mixtral trained here)")
-    parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "moe-example")
-    args = parser.parse_args()
+def run(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     model = args.model
     if model is None:
         source = args.out / "random"
@@ -79,40 +75,81 @@ def main() -> None:
                       "--max-windows", "40", "--out", trained, "--overwrite")
         model = trained
     pruned = args.out / "pruned"
-    prunetune("prune", model, *PRUNE, "--out", pruned, "--overwrite")
+    if not (pruned / "prunetune.json").exists() or args.model:
+        prunetune("prune", model, *PRUNE, "--out", pruned, "--overwrite")
+    else:
+        prunetune("report", pruned)  # redraw the plots from the record (a finished run is kept)
 
     record = json.loads((pruned / "prunetune.json").read_text())
-    report = (pruned / "report.md").read_text()
-    experts = report[report.index("## Experts"):]
-    experts = experts[: experts.index("\n## ", 3)] if "\n## " in experts[3:] else experts
+    runs = [record] + ([json.loads((args.out / "trained" / "prunetune.json").read_text())] if not args.model else [])
     DOCS.mkdir(parents=True, exist_ok=True)
-    shutil.copy(pruned / "run" / "plots" / "routing.png", DOCS / "moe_routing.png")
-    shutil.copy(pruned / "run" / "plots" / "kept_units.png", DOCS / "moe_kept_units.png")
-    params = record["parameters"]
-    perplexity = {k: v for k, v in record.get("perplexity", {}).items()} if isinstance(record.get("perplexity"), dict) else {}
-    source_name = args.model or "a small Mixtral (8 experts, top-2, 6 layers, hidden 192, experts 192 wide) trained " \
-        f"here from scratch for {args.train_steps} steps on builtin:pydoc and builtin:stdlib-code"
-    lines = [
-        "# A mixture of experts pruned by expert",
-        "",
-        f"Made by `python benchmarks/moe_example.py{' --model ' + args.model if args.model else ''}` on "
-        f"{platform.node() or 'this machine'} ({os.cpu_count()} CPU cores, {platform.machine()}), "
-        f"{time.strftime('%Y-%m-%d')}, in {(time.time() - started) / 60:.0f} minutes.",
-        "",
-        f"Source: {source_name}. Pruned with `prunetune prune MODEL {' '.join(PRUNE)}`.",
-        "",
-        f"Removed {params['ratio_achieved']:.3f} of the prunable parameters (target {params['ratio_target']}): "
-        f"{params['before']['total']:,} parameters before, {params['after']['total']:,} after.",
-        "",
+    for plot in ("routing", "kept_units"):  # the run's own plots, beside the page
+        shutil.copy(pruned / "run" / "plots" / f"{plot}.png", DOCS / f"moe_{plot}.png")
+    results = record["results"]
+    summary = {
+        "command": _report.invocation("moe_example"), "machine": _report.machine(), "date": time.strftime("%Y-%m-%d"),
+        "torch": record.get("torch"), "minutes": round(sum(r.get("elapsed_seconds", 0) for r in runs) / 60, 1),
+        "source": args.model or "a small Mixtral (8 experts, top-2, 6 layers, hidden 192, experts 192 wide) trained "
+                                f"here from scratch for {args.train_steps} steps on builtin:pydoc and builtin:stdlib-code",
+        "prune": "prunetune prune MODEL " + " ".join(PRUNE),
+        "parameters": {k: record["parameters"][k] for k in ("ratio_target", "ratio_achieved")}
+        | {"before": record["parameters"]["before"]["total"], "after": record["parameters"]["after"]["total"]},
+        "perplexity": {"before": results["perplexity_before"]["perplexity"],
+                       "after": results["perplexity_after"]["perplexity"],
+                       "protocol": results["perplexity_after"]["protocol"]},
+        "kept_experts": [e["experts"] for e in record["kept"]["layers"]],
+        "expert_width": record["experts"]["budget"]["expert_width"],
+        "routing": record["experts"]["routing"], "budget": record["experts"]["budget"],
+    }
+    RESULTS.write_text(json.dumps(summary, indent=1) + "\n")
+    write_report(RESULTS, DOCS)
+
+
+def write_report(results_path: Path, out_dir: Path) -> None:
+    s = json.loads(results_path.read_text())
+    calibration, training = s["routing"]["calibration"], s["routing"].get("training")
+    never = calibration["never_routed"]
+    removed_never = sum(e not in s["kept_experts"][i] for i, e in never)
+    rows = [[i, ", ".join(map(str, kept)), ", ".join(f"{c / max(1, sum(counts)):.3f}" for c in counts)]
+            for i, (kept, counts) in enumerate(zip(s["kept_experts"], calibration["counts"]))]
+    candidates = [[c["experts_removed_per_layer"], c["expert_width"], c["head_fraction"], c["ratio"],
+                   f"{c['calibration_loss']:.4f}" if "calibration_loss" in c else "–"] for c in s["budget"]["candidates"]]
+    p = s["parameters"]
+    body = [
+        f"Source: {s['source']}. Pruned with `{s['prune']}`; training and pruning took {s['minutes']:.0f} minutes.",
+        f"Removed {p['ratio_achieved']:.3f} of the prunable parameters (target {p['ratio_target']}): {p['before']:,} "
+        f"parameters before, {p['after']:,} after. Perplexity ({s['perplexity']['protocol']}): "
+        f"{s['perplexity']['before']:.2f} before, {s['perplexity']['after']:.2f} after the cut and the recovery.",
+        "![share of routing picks per expert, removed experts crossed out](moe_routing.png)",
+        f"Calibration routed {calibration['tokens']} tokens to {calibration['top_k']} experts each. Never picked: "
+        f"{len(never)} experts; {removed_never} of them removed (in every layer the never-picked go first, then "
+        f"the lowest scores). Every layer keeps {len(s['kept_experts'][0])} experts, each {s['expert_width']} "
+        "channels wide:",
+        _report.table(["layer", "kept experts", "share of the picks, expert 0, 1, ..."], rows),
+        f"How the budget was shared ({s['budget']['rule']}):",
+        _report.table(["experts removed per layer", "expert width", "share of heads", "ratio", "calibration loss"],
+                      candidates),
         "![kept units per layer](moe_kept_units.png)",
-        "",
-        experts.replace("](run/plots/routing.png)", "](moe_routing.png)").rstrip(),
-        "",
     ]
-    if perplexity:
-        lines += [f"Perplexity: {json.dumps(perplexity)}", ""]
-    (DOCS / "moe_example.md").write_text("\n".join(lines))
-    print(f"wrote {DOCS / 'moe_example.md'}")
+    if training:
+        body.insert(5, f"During the recovery ({training['tokens']} tokens), kept experts never picked: "
+                       f"{len(training['never_routed'])}.")
+    _report.write_page("moe_example", [_report.relative(results_path)], [_report.section(
+        "Routing and the budget on a small trained Mixtral",
+        _report.provenance(s["command"], s["machine"], s["date"], s.get("torch")), *body)], out_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a mixture-of-experts checkpoint (default: a small Mixtral trained here)")
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "moe-example")
+    _report.add_options(parser)
+    args = parser.parse_args()
+    if args.report:
+        write_report(RESULTS, args.out_dir)
+        return
+    run(args)
 
 
 if __name__ == "__main__":

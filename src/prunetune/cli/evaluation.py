@@ -286,12 +286,13 @@ def report_command(
 ) -> None:
     """Redraw a run's report, or compare several runs side by side in one table and one figure."""
     from ..report import compare_runs, read_record, run_directory, write_report
-    from ..report.markdown import COMPARE_COLUMNS, format_summary
+    from ..report.markdown import COMPARE_COLUMNS, PLOTS_DIR, format_summary
+    from ..report.rundir import extra_file
 
     records = [read_record(d) for d in run_dirs]  # every directory is checked before anything is written
     if len(run_dirs) == 1 and out_dir is None:
         path = write_report(run_dirs[0], records[0])
-        out.print(f"wrote {path} and its plots in {run_dirs[0] / 'plots'}")
+        out.print(f"wrote {path} and its plots in {extra_file(run_dirs[0], PLOTS_DIR)}")
         return
     if out_dir is None:
         raise UserError("comparing several runs needs --out DIR for the report and figure")

@@ -98,12 +98,12 @@ def plot_routing(routing: dict, path: Path, kept_layers: list[dict] | None = Non
     ax.scatter(xs, ys, marker="x", color="cyan", s=28, label="removed")
     zero_y, zero_x = np.nonzero(shares == 0)
     if len(zero_x):
-        ax.scatter(zero_x, zero_y, marker="o", facecolors="none", edgecolors="white", s=30, label="never routed")
+        ax.scatter(zero_x, zero_y, marker="o", facecolors="none", edgecolors="lime", s=30, label="never routed")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_title(title or f"share of routing picks per expert ({routing['tokens']} tokens, top-{routing['top_k']})")
-    if len(xs) or len(zero_x):
-        ax.legend(loc="upper right", fontsize=7)
+    if len(xs) or len(zero_x):  # below the map, where it hides no cell
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=7, frameon=False)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02)
     return _save(fig, path)
 
