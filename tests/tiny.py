@@ -143,6 +143,26 @@ def uniform_masks(structure, kv_keep, channels_keep: int, seed: int = 0):
     return masks
 
 
+def moe_masks(structure, heads: bool, seed: int = 0):
+    """Two of six experts out of every layer (a different two each) and 20 of 32 channels in every
+    expert; with `heads`, one of three key/value groups too."""
+    from prunetune.structure.masks import Masks
+
+    g = torch.Generator().manual_seed(seed)
+    masks = Masks()
+    for i, shape in enumerate(structure.layers):
+        keep = torch.ones(shape.experts, dtype=torch.bool)
+        keep[torch.randperm(shape.experts, generator=g)[:2]] = False
+        masks.experts[i] = keep
+        inside = torch.zeros(shape.experts, shape.intermediate, dtype=torch.bool)
+        for e in range(shape.experts):
+            inside[e, torch.randperm(shape.intermediate, generator=g)[:20]] = True
+        masks.expert_channels[i] = inside
+        if heads:
+            masks.heads[i] = Masks.heads_from_kv(torch.tensor([True, False, True]), shape.group_size)
+    return masks
+
+
 def cut_uniform(model, kv_keep=(True, False, True), channels: int = 20):
     """`model` cut to one smaller shape in every layer."""
     from prunetune.structure.surgery import cut

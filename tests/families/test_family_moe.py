@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import MOE_FAMILIES, save_tiny_model_dir, tiny_model, tokens
+from tiny import MOE_FAMILIES, moe_masks, save_tiny_model_dir, tiny_model, tokens
 
 from prunetune.errors import SettingError, UserError
 from prunetune.families import check_supported, family_of
@@ -22,23 +22,6 @@ from prunetune.structure.units import Structure
 
 TOL = 1e-4
 SCORED = ("magnitude", "taylor", "wanda-sp", "random", "lora-guided")
-
-
-def _masks(structure: Structure, heads: bool, seed: int = 0) -> Masks:
-    """Two of six experts out of every layer (a different two each), 20 of 32 channels in every expert."""
-    g = torch.Generator().manual_seed(seed)
-    masks = Masks()
-    for i, shape in enumerate(structure.layers):
-        keep = torch.ones(shape.experts, dtype=torch.bool)
-        keep[torch.randperm(shape.experts, generator=g)[:2]] = False
-        masks.experts[i] = keep
-        inside = torch.zeros(shape.experts, shape.intermediate, dtype=torch.bool)
-        for e in range(shape.experts):
-            inside[e, torch.randperm(shape.intermediate, generator=g)[:20]] = True
-        masks.expert_channels[i] = inside
-        if heads:
-            masks.heads[i] = Masks.heads_from_kv(torch.tensor([True, False, True]), shape.group_size)
-    return masks
 
 
 @pytest.mark.parametrize("arch", MOE_FAMILIES)
@@ -59,7 +42,7 @@ def test_masked_experts_equal_the_cut_model_and_stock_transformers_loads_it(arch
 
     model = tiny_model(arch)
     heads = family_of(model).no_head_cut is None  # OLMoE keeps its heads
-    masks = _masks(Structure.of(model), heads)
+    masks = moe_masks(Structure.of(model), heads)
     x = tokens()
     with torch.no_grad():
         full = model(x).logits
@@ -93,7 +76,7 @@ def test_a_mixture_with_whole_layers_removed_equals_its_masked_self(arch):
 @pytest.mark.parametrize("arch", MOE_FAMILIES)
 def test_masked_router_never_picks_a_removed_expert(arch):
     model = tiny_model(arch)
-    masks = _masks(Structure.of(model), heads=False)
+    masks = moe_masks(Structure.of(model), heads=False)
     with apply_masks(model, masks), count_routing(model) as routing, torch.no_grad():
         model(tokens(batch=4, length=16))
     for i, counts in enumerate(routing.counts):
@@ -169,7 +152,7 @@ def test_masks_keep_top_k_and_one_width_or_are_refused():
 
 @pytest.mark.parametrize("arch", MOE_FAMILIES)
 def test_merged_lora_equals_unmerged_on_the_cut_mixture(arch):
-    model = cut(tiny_model(arch), _masks(Structure.of(tiny_model(arch)), heads=False))
+    model = cut(tiny_model(arch), moe_masks(Structure.of(tiny_model(arch)), heads=False))
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -193,7 +176,8 @@ def mixtral_dir(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("mixtral") / "model", "mixtral")
 
 
-@pytest.mark.parametrize("arch", MOE_FAMILIES)
+@pytest.mark.parametrize("arch", [
+    "mixtral", *(pytest.param(a, marks=pytest.mark.slow) for a in MOE_FAMILIES if a != "mixtral")])  # make test-slow
 def test_prune_a_mixture_end_to_end_records_routing_and_loads_in_stock_transformers(arch, mixtral_dir, tmp_path):
     from helpers import run_cli
     from transformers import AutoModelForCausalLM

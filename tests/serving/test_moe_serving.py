@@ -25,11 +25,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the engines' helpers, beside this file
-from tiny import MOE_FAMILIES, smollm2_tokenizer, tiny_model  # noqa: E402
+from tiny import MOE_FAMILIES, moe_masks, smollm2_tokenizer, tiny_model  # noqa: E402
 
 from prunetune.export.hf import save_model  # noqa: E402
 from prunetune.families import family_of  # noqa: E402
-from prunetune.structure.masks import Masks  # noqa: E402
 from prunetune.structure.surgery import cut  # noqa: E402
 from prunetune.structure.units import Structure  # noqa: E402
 
@@ -42,19 +41,7 @@ def _pruned(arch: str):
     """The tiny mixture, cut as the module says (the masks differ per layer; the shapes do not)."""
     # vLLM's CPU attention needs head_dim % 32 == 0; OLMoE's q norm is as wide as the hidden size
     model = tiny_model(arch, vocab_size=len(smollm2_tokenizer()), head_dim=32, hidden_size=192)
-    structure = Structure.of(model)
-    g = torch.Generator().manual_seed(0)
-    masks = Masks()
-    for i, shape in enumerate(structure.layers):
-        keep = torch.ones(shape.experts, dtype=torch.bool)
-        keep[torch.randperm(shape.experts, generator=g)[:2]] = False
-        masks.experts[i] = keep
-        inside = torch.zeros(shape.experts, shape.intermediate, dtype=torch.bool)
-        for e in range(shape.experts):
-            inside[e, torch.randperm(shape.intermediate, generator=g)[:20]] = True
-        masks.expert_channels[i] = inside
-        if family_of(model).no_head_cut is None:
-            masks.heads[i] = Masks.heads_from_kv(torch.tensor([True, False, True]), shape.group_size)
+    masks = moe_masks(Structure.of(model), heads=family_of(model).no_head_cut is None)
     return cut(model, masks).eval()
 
 

@@ -28,6 +28,17 @@ def masked_loss(model: nn.Module, batches: list[torch.Tensor], masks: Masks) -> 
     return loss
 
 
+def lowest_loss(model: nn.Module, batches: list[torch.Tensor], candidates: list[dict],
+                describe: Callable[[dict], str], log: Callable[[str], None]) -> dict:
+    """The candidate (a dict with its `masks`) whose masked model has the lowest calibration loss; with
+    more than one, each gets its `calibration_loss`, logged after `describe(candidate)`."""
+    if len(candidates) > 1:
+        for candidate in candidates:
+            candidate["calibration_loss"] = masked_loss(model, batches, candidate["masks"])
+            log(f"{describe(candidate)}: calibration loss {candidate['calibration_loss']:.4f}")
+    return min(candidates, key=lambda c: c.get("calibration_loss", 0.0))
+
+
 def select_with_depth(model: nn.Module, structure: Structure, scores: list[LayerScores], batches: list[torch.Tensor],
                       ratio: float, layers: list[int], width: tuple[str, ...], head_unit: str, round_to: int | str,
                       allocation: str, split: str, log: Callable[[str], None] = print) -> tuple[Masks, dict]:
@@ -51,12 +62,8 @@ def select_with_depth(model: nn.Module, structure: Structure, scores: list[Layer
         raise SettingError("PruneSettings.ratio", f"no number of whole layers leaves a {ratio} cut that the remaining "
                            f"layers' {' and '.join(width)} can give; add heads or channels to PruneSettings.units, or "
                            "lower PruneSettings.ratio")
-    if len(candidates) > 1:
-        for candidate in candidates:
-            candidate["calibration_loss"] = masked_loss(model, batches, candidate["masks"])
-            log(f"depth {len(candidate['layers_removed'])} layers + width {candidate['width_ratio']:.3f}: "
-                f"calibration loss {candidate['calibration_loss']:.4f}")
-    best = min(candidates, key=lambda c: c.get("calibration_loss", 0.0))
+    best = lowest_loss(model, batches, candidates, lambda c: f"depth {len(c['layers_removed'])} layers + width "
+                                                             f"{c['width_ratio']:.3f}", log)
     record = {"layer_score": "block influence, 1 - cos(input, output)",
               "influence": [round(float(v), 6) for v in influence],
               "candidates": [{k: v for k, v in c.items() if k != "masks"} for c in candidates],

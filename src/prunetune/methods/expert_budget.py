@@ -26,7 +26,7 @@ from ..structure.experts import Routing, expert_masks
 from ..structure.masks import Masks
 from ..structure.scores import LayerScores
 from ..structure.units import Structure
-from .depth_width import masked_loss
+from .depth_width import lowest_loss
 
 RULE = ("every count of experts removed per layer is a candidate; the rest of the budget takes the same fraction of "
         "attention heads and expert channels; the lowest calibration loss wins")
@@ -93,13 +93,8 @@ def select_with_experts(model: nn.Module, structure: Structure, scores: list[Lay
         raise SettingError("PruneSettings.ratio", f"no share of a {ratio} cut between {', '.join(units)} keeps every "
                            f"layer {structure.top_k} experts (its router's top-k) and every expert a channel; lower "
                            "PruneSettings.ratio or add unit kinds to PruneSettings.units")
-    if len(candidates) > 1:
-        for candidate in candidates:
-            candidate["calibration_loss"] = masked_loss(model, batches, candidate["masks"])
-            log(f"{candidate['experts_removed_per_layer']} experts per layer removed, experts {candidate['expert_width']} "
-                f"wide, {candidate['head_fraction']:.3f} of the heads: calibration loss "
-                f"{candidate['calibration_loss']:.4f}")
-    best = min(candidates, key=lambda c: c.get("calibration_loss", 0.0))
+    best = lowest_loss(model, batches, candidates, lambda c: f"{c['experts_removed_per_layer']} experts per layer "
+                       f"removed, experts {c['expert_width']} wide, {c['head_fraction']:.3f} of the heads", log)
     record = {"rule": RULE, "candidates": [{k: v for k, v in c.items() if k != "masks"} for c in candidates],
               "experts_removed_per_layer": best["experts_removed_per_layer"], "expert_width": best["expert_width"]}
     return best["masks"], record
