@@ -15,12 +15,14 @@ from .flags import warn
 from .options import MODEL_HELP
 
 # What LoRAM's defaults rest on, from the README's LoRAM benchmark on SmolLM2-135M.
-RATIO_WHY = ("0.5, the README's LoRAM benchmark: on SmolLM2-135M the adapter recovered from 50% kept 27% of a "
-             "full-model LoRA's gain, from 20% 88%; the paper's 7-70B models lose less to pruning.")
+RATIO_WHY = ("0.5, the README's LoRAM benchmark: on SmolLM2-135M the adapter recovered from 50% kept 63% of a "
+             "full-model LoRA's gain after distilled alignment (27% without), from 20% 88% without; the paper's "
+             "7-70B models lose less to pruning.")
 LAYERS_WHY = "Default: paper for stru and rand (LLM-Pruner's choice), all for semi and unst (as Wanda)."
-ALIGN_LR = 2e-5
-ALIGN_LR_WHY = ("2e-5: full-parameter training wants a small one (on SmolLM2-135M, README, alignment at 1e-4 "
-                "hurt the adapter's transfer and 1e-5 less).")
+ALIGN_LR = 1e-4
+ALIGN_LR_WHY = ("1e-4: on SmolLM2-135M at 50%, distilled alignment at 1e-4 let the recovered adapter keep 63% of a "
+                "full-model LoRA's gain (27% unaligned); next-token alignment (--align-next-token) wants 1e-5 or "
+                "less: at 1e-4 it hurt the transfer (10%), at 1e-5 less (docs/methods/loram.md).")
 EVAL_DATA_WHY = ("Default: none, no evaluation after the step (`loram run` evaluates the recovered adapter on the "
                  "full model itself).")
 CRITERION_HELP = "stru: taylor (default), magnitude or wanda-sp; semi/unst: wanda (default) or magnitude."

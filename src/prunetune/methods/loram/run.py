@@ -53,7 +53,7 @@ class LoramRunSettings:
     layers: str | None = None  # see LoramPruneSettings
     align_data: str = "builtin:pydoc"
     align_steps: int = 100
-    align_lr: float = 2e-5
+    align_lr: float = 1e-4  # distilled alignment, measured (cli/loram.py ALIGN_LR_WHY)
     align_distill: bool = True  # align by distillation from the full model; False: next-token loss (the paper)
     data: str = "builtin:stdlib-code"
     ood_data: str | None = None  # default: the other built-in domain
