@@ -20,7 +20,6 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
 from pathlib import Path
 
 from ..evaluate.perplexity import check_seq_len
@@ -163,7 +162,7 @@ class Run:
 def _architecture(model, saved_as: str, source: Structure | None) -> dict:
     after = Structure.of(model)
     architecture = ({"source": source.model_type} if source else {}) | {
-        "saved_as": saved_as, "stock_loadable": after.uniform, "layer_shapes": [asdict(s) for s in after.layers]}
+        "saved_as": saved_as, "stock_loadable": after.uniform, "layer_shapes": [s.record() for s in after.layers]}
     if source:
-        architecture |= {"source_layer_shapes": [asdict(s) for s in source.layers], "source_hidden": source.hidden}
+        architecture |= {"source_layer_shapes": [s.record() for s in source.layers], "source_hidden": source.hidden}
     return architecture

@@ -74,6 +74,11 @@ class LayerShape:
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    def record(self) -> dict:
+        """The shape as prunetune.json keeps it (`experts` only for a mixture of experts)."""
+        fields = {"num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "intermediate": self.intermediate}
+        return fields | ({"experts": self.experts} if self.experts else {})
+
 
 @dataclass(frozen=True)
 class Structure:
