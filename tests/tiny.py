@@ -28,6 +28,12 @@ MOE_OVERRIDES = {
     # OLMoE is multi-head (as the released model): llama.cpp sizes its k norm by the hidden size too
     "olmoe": dict(num_experts=6, num_experts_per_tok=2, intermediate_size=32, norm_topk_prob=False,
                   num_key_value_heads=6, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "phimoe": dict(num_local_experts=6, num_experts_per_tok=2, intermediate_size=32, router_jitter_noise=0.0,
+                   input_jitter_noise=0.0, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                   sliding_window=None),
+    "granitemoe": dict(num_local_experts=6, num_experts_per_tok=2, intermediate_size=32, embedding_multiplier=4.0,
+                       residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.0, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2),
 }
 MOE_FAMILIES = tuple(MOE_OVERRIDES)
 

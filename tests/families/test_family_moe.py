@@ -32,7 +32,8 @@ def test_structure_reads_experts_width_and_top_k(arch):
     assert {(s.experts, s.intermediate) for s in structure.layers} == {(6, 32)}
     assert structure.top_k == 2
     # every expert weight and router row is prunable, and nothing else of the MLP
-    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
+    block = f".{family_of(model).moe.block_path}."
+    experts = sum(p.numel() for n, p in model.named_parameters() if block in n)
     assert structure.prunable_params(units=("experts",)) == experts
 
 
@@ -202,7 +203,7 @@ def test_prune_a_mixture_end_to_end_records_routing_and_loads_in_stock_transform
     stock = AutoModelForCausalLM.from_pretrained(out)
     layout = family_of(stock).moe
     assert getattr(stock.config, layout.count_key) == kept
-    assert stock.model.layers[0].mlp.experts.gate_up_proj.shape[0] == kept
+    assert layout.experts(stock.model.layers[0]).gate_up_proj.shape[0] == kept
 
 
 @pytest.mark.parametrize("arch, method, units, message", [

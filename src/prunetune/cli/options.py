@@ -171,9 +171,9 @@ def ratio(default: float, why: str | None = None) -> Any:
 def units() -> Any:
     return _option("heads,channels", "--units", "Unit kinds to prune, comma-separated: heads, channels, layers "
                    "(whole decoder layers, by block influence; with heads or channels the split between depth and "
-                   "width is the one with the lowest calibration loss); on a mixture of experts (Mixtral, Qwen3-MoE, "
-                   "OLMoE) heads, experts and expert-channels instead of channels (the split between them is "
-                   "measured the same way).")
+                   "width is the one with the lowest calibration loss); on a mixture of experts (Mixtral, "
+                   "Qwen3-MoE, OLMoE, PhiMoE, GraniteMoE) heads, experts and expert-channels instead of channels "
+                   "(the split between them is measured the same way).")
 
 
 def head_unit() -> Any:

@@ -13,13 +13,13 @@ from .base import PROJECTION_NAMES, Family, Fused
 from .gemma import GEMMA2, GEMMA3
 from .granite import GRANITE
 from .llama import LLAMA, MISTRAL, QWEN2, QWEN3
-from .moe import MIXTRAL, OLMOE, QWEN3_MOE
+from .moe import GRANITEMOE, MIXTRAL, OLMOE, PHIMOE, QWEN3_MOE
 from .olmo import OLMO2
 from .phi3 import PHI3
 from .smollm3 import SMOLLM3
 
 FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3, OLMO2, GRANITE, SMOLLM3,
-                                MIXTRAL, QWEN3_MOE, OLMOE)
+                                MIXTRAL, QWEN3_MOE, OLMOE, PHIMOE, GRANITEMOE)
 BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 SUPPORTED_MODEL_TYPES = tuple(BY_MODEL_TYPE)
 
@@ -33,12 +33,13 @@ NOT_YET = {
                    "and a value norm, which no prunetune adapter cuts yet",
     "qwen3_5_text": "Qwen3.5 mixes linear-attention (Gated DeltaNet) layers, which have no attention heads to prune",
     "llama4_text": "Llama 4 mixes dense and mixture-of-experts layers and adds a shared expert, which no prunetune "
-                   "adapter cuts yet (prunetune prunes Mixtral, Qwen3-MoE and OLMoE by expert)",
+                   "adapter cuts yet (prunetune prunes Mixtral, Qwen3-MoE, OLMoE, PhiMoE and GraniteMoE by "
+                   "expert)",
     "gpt_oss": "gpt-oss stores its experts transposed with gate and up interleaved, adds expert and router biases "
                "and per-head attention sinks, which no prunetune adapter cuts yet (prunetune prunes Mixtral, "
-               "Qwen3-MoE and OLMoE by expert)",
+               "Qwen3-MoE, OLMoE, PhiMoE and GraniteMoE by expert)",
     "qwen2_moe": "Qwen2-MoE adds a shared expert with its own gate, which no prunetune adapter cuts yet (prunetune "
-                 "prunes Mixtral, Qwen3-MoE and OLMoE by expert)",
+                 "prunes Mixtral, Qwen3-MoE, OLMoE, PhiMoE and GraniteMoE by expert)",
 }
 
 

@@ -123,7 +123,8 @@ class Family:
 
     def after_cut(self, layer: nn.Module, num_heads: int, num_kv_heads: int, intermediate: int) -> None:
         """Keep the attributes a family's forward reads in step with its new shapes."""
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
+        mlp = self.moe.block(layer) if self.moe is not None else layer.mlp
         attn.num_key_value_groups = num_heads // num_kv_heads
         for owner, attr, value in ((attn, "num_heads", num_heads), (attn, "num_key_value_heads", num_kv_heads),
                                    (mlp, "intermediate_size", intermediate)):

@@ -1,6 +1,6 @@
-"""Mixture-of-experts families: Mixtral, Qwen3-MoE, OLMoE.
+"""Mixture-of-experts families: Mixtral, Qwen3-MoE, OLMoE, PhiMoE, GraniteMoE.
 
-Their attention is Llama's (OLMoE adds OLMo 2's q/k norms over the whole projection, sized by the
+Their attention is Llama's (PhiMoE adds biases and LayerNorms, GraniteMoE Granite's multipliers) (OLMoE adds OLMo 2's q/k norms over the whole projection, sized by the
 hidden size in stock transformers, so OLMoE's heads stay; Qwen3-MoE adds Qwen3's per-head norms); their feed-forward is a router (`mlp.gate`, one weight row per expert) and
 the experts stored as two 3-D parameters (`mlp.experts.gate_up_proj` [experts, 2 x width, hidden],
 gate rows then up rows, and `mlp.experts.down_proj` [experts, hidden, width]). Two unit kinds live
@@ -29,8 +29,19 @@ class MoeLayout:
     count_key: str  # config key of the number of experts per layer
     width_key: str  # config key of each expert's width
     top_k_key: str = "num_experts_per_tok"
-    router_path: str = "mlp.gate"
-    experts_path: str = "mlp.experts"
+    block_path: str = "mlp"  # the mixture's module in a decoder layer (its output is the MLP's contribution)
+    router_name: str = "gate"  # the router inside it
+
+    @property
+    def router_path(self) -> str:
+        return f"{self.block_path}.{self.router_name}"
+
+    @property
+    def experts_path(self) -> str:
+        return f"{self.block_path}.experts"
+
+    def block(self, layer: nn.Module) -> nn.Module:
+        return _get(layer, self.block_path)
 
     def router(self, layer: nn.Module) -> nn.Module:
         return _get(layer, self.router_path)
@@ -70,3 +81,9 @@ OLMOE = Family("OLMoE", ("olmoe",), projections=dict(ATTENTION_ONLY),
                no_head_cut="its q norm is as wide as the hidden size in stock transformers, so every query head stays",
                no_hidden_cut="a mixture of experts keeps its hidden size", moe=MoeLayout("num_experts",
                                                                                           "intermediate_size"))
+PHIMOE = Family("PhiMoE", ("phimoe",), projections=dict(ATTENTION_ONLY), uniform_only=UNIFORM,
+                no_hidden_cut="a mixture of experts keeps its hidden size",
+                moe=MoeLayout("num_local_experts", "intermediate_size", router_name="router"))
+GRANITEMOE = Family("GraniteMoE", ("granitemoe",), projections=dict(ATTENTION_ONLY), uniform_only=UNIFORM, no_hidden_cut="a mixture of experts keeps its hidden size",
+                    moe=MoeLayout("num_local_experts", "intermediate_size", block_path="block_sparse_moe",
+                                  router_name="router"))

@@ -1,4 +1,4 @@
-"""Experts and expert channels: the units of a mixture-of-experts MLP (Mixtral, Qwen3-MoE, OLMoE).
+"""Experts and expert channels: the units of a mixture-of-experts MLP (Mixtral, Qwen3-MoE, OLMoE, PhiMoE, GraniteMoE).
 
 Masked and cut, the model computes the same thing:
 
@@ -168,7 +168,7 @@ def cut_experts(layer: nn.Module, keep_experts: torch.Tensor | None, keep_channe
     experts.down_proj = nn.Parameter(torch.stack(down), requires_grad=experts.down_proj.requires_grad)
     router.weight = nn.Parameter(router.weight.data.index_select(0, kept.to(router.weight.device)),
                                  requires_grad=router.weight.requires_grad)
-    for module in (experts, router, layer.mlp):
+    for module in (experts, router, family_of(layer).moe.block(layer)):
         if hasattr(module, "num_experts"):
             module.num_experts = len(kept)
     if hasattr(experts, "intermediate_dim"):

@@ -296,5 +296,5 @@ def apply_masks(model: nn.Module, masks: Masks) -> MaskHooks:
             residual = residual * masks.layers[i].float()
         if hidden is not None or masks.layers is not None:
             out_hook(projection(layer, "o_proj"), residual)
-            out_hook(layer.mlp if structure.layers[i].experts else projection(layer, "down_proj"), residual)
+            out_hook(family.moe.block(layer) if structure.layers[i].experts else projection(layer, "down_proj"), residual)
     return hooks

@@ -12,7 +12,7 @@ Units:
   - MLP channel: one row of gate and up with the matching column of down.
   - hidden channel: one residual channel through the embeddings, every layer, the norms and lm_head.
   - layer: a whole decoder layer.
-  - in a mixture-of-experts layer (Mixtral, Qwen3-MoE, OLMoE) the MLP's units are whole experts (its
+  - in a mixture-of-experts layer (Mixtral, Qwen3-MoE, OLMoE, PhiMoE, GraniteMoE) the MLP's units are whole experts (its
     slices of the experts' gate_up and down parameters and its router row) and expert channels (one
     gate row, up row and down column of one expert); such a layer has no dense MLP channels.
 """
