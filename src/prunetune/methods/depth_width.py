@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import SettingError
 from ..importance.layers import block_influence
 from ..structure.allocate import select_masks
-from ..structure.depth import combine, depth_counts, remaining_ratio, removal_order
+from ..structure.depth import combine, depth_plans
 from ..structure.masks import Masks, apply_masks
 from ..structure.scores import LayerScores
 from ..structure.units import Structure
@@ -45,14 +45,9 @@ def select_with_depth(model: nn.Module, structure: Structure, scores: list[Layer
     """The masks (some layers removed whole, the rest of the budget from heads and channels) and what the
     record says of the choice: each layer's block influence and every candidate's calibration loss."""
     influence = block_influence(model, batches)
-    order = removal_order(influence, layers)
     candidates = []
-    for count in depth_counts(structure, influence, ratio, layers, with_width=bool(width)):
-        removed = sorted(order[:count])
+    for removed, rest in depth_plans(structure, influence, ratio, layers, width):
         masks = Masks()
-        rest = remaining_ratio(structure, ratio, layers, removed, width) if width else 0.0
-        if rest >= 1.0:
-            continue  # the remaining layers cannot give that much width
         if rest > 1e-9:
             left = [i for i in layers if i not in removed]
             masks = select_masks(structure, scores, rest, left, width, head_unit, round_to, allocation, split)

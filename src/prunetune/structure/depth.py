@@ -77,3 +77,18 @@ def combine(width: Masks, structure: Structure, removed: list[int]) -> Masks:
     return Masks(heads={i: m for i, m in width.heads.items() if i not in removed},
                  channels={i: m for i, m in width.channels.items() if i not in removed},
                  hidden=width.hidden, layers=layer_mask(structure, removed))
+
+
+def depth_plans(structure: Structure, layer_scores: torch.Tensor, ratio: float, layers: list[int],
+                width: tuple[str, ...]) -> list[tuple[list[int], float]]:
+    """Every depth/width candidate the ratio allows: the layers removed (the lowest `layer_scores` first)
+    and the share of the remaining layers' width units still to cut; a candidate whose remaining layers
+    cannot give that much width is left out. How the winner is picked is the method's business."""
+    order = removal_order(layer_scores, layers)
+    plans = []
+    for count in depth_counts(structure, layer_scores, ratio, layers, with_width=bool(width)):
+        removed = sorted(order[:count])
+        rest = remaining_ratio(structure, ratio, layers, removed, width) if width else 0.0
+        if rest < 1.0:
+            plans.append((removed, rest))
+    return plans

@@ -43,11 +43,6 @@ class Routing:
         return {"tokens": self.tokens, "top_k": top_k, "counts": [c.tolist() for c in self.counts],
                 "never_routed": never}
 
-    def add(self, other: "Routing") -> "Routing":
-        if not self.counts:
-            return Routing([c.clone() for c in other.counts], other.tokens)
-        return Routing([a + b for a, b in zip(self.counts, other.counts)], self.tokens + other.tokens)
-
 
 @contextlib.contextmanager
 def count_routing(model: nn.Module):

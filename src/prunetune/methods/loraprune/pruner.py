@@ -39,7 +39,7 @@ from ...structure.allocate import (
     target_counts,
 )
 from ...structure.allocate import LAYER_UNIT
-from ...structure.depth import combine, counted_units, depth_counts, remaining_ratio, removal_order, width_units
+from ...structure.depth import combine, counted_units, depth_plans, removal_order, width_units
 from ...structure.masks import Masks, apply_masks
 from ...structure.units import Structure
 from ...training.loop import TrainHooks
@@ -193,12 +193,8 @@ class LoRAPruner(TrainHooks):
                                      for s in self.average])
         order = removal_order(layer_scores, self.layers)
         candidates = []
-        for count in depth_counts(self.structure, layer_scores, self.ratio, self.layers, with_width=bool(self.units)):
-            removed = sorted(order[:count])
+        for removed, rest in depth_plans(self.structure, layer_scores, self.ratio, self.layers, self.units):
             left = [i for i in self.layers if i not in removed]
-            rest = remaining_ratio(self.structure, self.ratio, self.layers, removed, self.units) if self.units else 0.0
-            if rest >= 1.0:
-                continue
             final = (final_counts(self.structure, self.average, rest, left, self.units, self.head_unit, self.round_to,
                                   self.allocation, self.split) if rest > 1e-9 else full_counts(self.structure, left,
                                                                                                self.head_unit))
