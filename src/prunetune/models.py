@@ -427,6 +427,11 @@ def _experts_renamed(config) -> bool:
     return family is not None and family.moe is not None
 
 
+def _in_mixture(name: str) -> bool:
+    """Whether a weight belongs to a mixture's block (Mixtral and PhiMoE/GraniteMoE name it block_sparse_moe)."""
+    return ".mlp." in name or ".block_sparse_moe." in name
+
+
 def _compare_with_config(directory: Path, config, found: dict[str, tuple[tuple, str]]) -> None:
     """The shapes config.json implies (the model built on the meta device: no memory, no weights) against
     the shapes in the files' headers."""
@@ -441,8 +446,8 @@ def _compare_with_config(directory: Path, config, found: dict[str, tuple[tuple, 
     if not expected.keys() & found.keys():
         return  # another naming scheme, which transformers maps while loading; leave it to the load
     if _experts_renamed(config):  # Mixtral's checkpoints name each expert's weights; transformers stacks them
-        expected = {name: shape for name, shape in expected.items() if ".mlp." not in name}
-        found = {name: value for name, value in found.items() if ".mlp." not in name and ".block_sparse_moe." not in name}
+        expected = {name: shape for name, shape in expected.items() if not _in_mixture(name)}
+        found = {name: value for name, value in found.items() if not _in_mixture(name)}
     per_layer = f" (and {LAYER_SHAPES_KEY})" if getattr(config, LAYER_SHAPES_KEY, None) else ""
     restore = "download the model again if config.json is the original"
 
