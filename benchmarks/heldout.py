@@ -78,6 +78,17 @@ DEPTH_ROWS = {
            "--round-to 1",
 }
 BASELINES = ("one-shot", "torch-pruning")
+# What was tried to put LoRAPrune ahead at 50%, where the one-shot row wins: the default plus each
+# change, one seed each (a change that wins becomes the default and gets the rows' three seeds).
+SWEEP = {
+    "rank-32": ("LoRA rank 32 (alpha 64): a rank-8 estimate sees the gradient through 8 input directions only",
+                "--lora-r 32 --lora-alpha 64"),
+    "cooldown-0.8": ("the target shape reached at step 20 instead of 50: 80 steps trained at the final shape",
+                     "--prune-cooldown 0.8"),
+    "distill-1": ("distillation only (alpha 1): nothing of the loss pulls towards the training text",
+                  "--distill-alpha 1.0"),
+}
+SWEEP_RATIOS = (0.5,)
 # one-shot candidates: name -> `prunetune prune` arguments (--round-to 1: so every one reaches the size).
 # The two criteria that score best after recovery in the quality benchmark, each on the layers LoRAPrune
 # prunes with one ratio per layer, and on every layer with units ranked across layers. The cost split
@@ -174,12 +185,13 @@ def best_candidate(results: dict, ratio: float) -> str | None:
     return min(scored, key=scored.get) if len(scored) == len(SELECTION) else None
 
 
-def run_row(args, ratio: float | None, row: str, seed: int, results: dict) -> dict:
-    out = args.runs / f"{ratio}-{row}-{seed}"
+def run_row(args, ratio: float | None, row: str, seed: int, results: dict, variant: str | None = None) -> dict:
+    """One row's run at one seed; `variant` (a SWEEP name) adds its arguments to the default's."""
+    out = args.runs / f"{ratio}-{variant or row}-{seed}"
     started = time.time()
     commands = []
     if row in ("loraprune", "loraprune-paper"):
-        extra = ROWS[row][1].format(steps=args.steps).split()
+        extra = ROWS[row][1].format(steps=args.steps).split() + (SWEEP[variant][1].split() if variant else [])
         r = ratio if row == DEFAULT else ratio_for(args, target(results, ratio), "paper")
         prunetune("prune", args.model, "--ratio", str(r), *common(args, seed), *extra, "--no-eval", "--out", str(out),
                   "--overwrite")
@@ -215,6 +227,8 @@ def run_row(args, ratio: float | None, row: str, seed: int, results: dict) -> di
             "perplexity": evaluate(final, args, final / "eval.json"),
             **training_summary(rec), "wall_seconds": round(time.time() - started, 1),
             "date": time.strftime("%Y-%m-%d"), "machine": _report.machine(), "torch": rec.get("torch")}
+    if variant:
+        cell["variant"] = variant
     if row == "one-shot":
         cell["candidate"] = best_candidate(results, ratio)
     if row in DEPTH_ROWS:
@@ -241,6 +255,7 @@ def plan() -> list[tuple]:
     cells += [(f"{r}/loraprune-paper/0", "row", r, "loraprune-paper", 0, [f"{r}/{DEFAULT}/0"]) for r in RATIOS]
     cells.append(("dense-lora/0", "row", None, "dense-lora", 0, []))
     cells += [(f"{r}/{row}/0", "row", r, row, 0, [f"{r}/{DEFAULT}/0"]) for r in RATIOS for row in DEPTH_ROWS]
+    cells += [(f"sweep/{r}/{name}/0", "sweep", r, name, 0, [f"{r}/{DEFAULT}/0"]) for r in SWEEP_RATIOS for name in SWEEP]
     seen, unique = set(), []
     for cell in cells:
         if cell[0] not in seen:
@@ -268,6 +283,8 @@ def work(args, settings: dict) -> None:
                         "machine": _report.machine()}
             elif kind == "select":
                 cell = run_selection(args, ratio, name, results)
+            elif kind == "sweep":
+                cell = run_row(args, ratio, DEFAULT, seed, results, variant=name)
             else:
                 cell = run_row(args, ratio, name, seed, results)
             save_cell(args.results, key, cell, settings)
@@ -288,7 +305,7 @@ def work(args, settings: dict) -> None:
 def rows_of(results: dict) -> dict:
     rows: dict = {}
     for key, cell in results["cells"].items():
-        if "row" in cell:
+        if "row" in cell and "variant" not in cell:
             rows.setdefault((cell["ratio"], cell["row"]), []).append(cell)
     return rows
 
@@ -331,6 +348,25 @@ def results_table(results: dict) -> str:
         out.append(f"Not run yet ({len(missing)} cells of the plan, ratio/row/seed): "
                    + ", ".join(f"`{key}`" for key in missing) + ".")
     return "\n\n".join(out)
+
+
+def sweep_table(results: dict) -> str:
+    """Each variant's one seed beside the default's seeds and the baselines', at the sweep's ratios."""
+    rows_by, rows = rows_of(results), []
+    for ratio in SWEEP_RATIOS:
+        for row in (DEFAULT, *BASELINES):
+            group = rows_by.get((ratio, row), [])
+            if group:
+                rows.append([f"{ratio:.0%}", f"`{row}`", len(group), *(stat(ppl(group, d)) for d in DOMAINS),
+                             f"{group[0]['parameters']:,}", ""])
+        for name, (why, extra) in SWEEP.items():
+            cell = results["cells"].get(f"sweep/{ratio}/{name}/0")
+            if cell:
+                rows.append([f"{ratio:.0%}", f"`{DEFAULT}` {extra}", 1,
+                             *(f"{cell['perplexity'][d]['perplexity']:.2f}" for d in DOMAINS),
+                             f"{cell['parameters']:,}", why])
+    return _report.table(["ratio", "run", "seeds", "pydoc (trained on)", "stdlib-code", "handbook", "parameters",
+                          "why try it"], rows) if rows else ""
 
 
 def selection_table(results: dict) -> str:
@@ -398,6 +434,11 @@ def write_report(results: dict, source: Path, out_dir: Path) -> None:
             f"Each candidate cut to the default's size at that ratio, masks only (no recovery), scored on the "
             f"first {s['select_windows']} windows of pydoc's held-out split: the training domain, so the choice "
             "never sees the two domains the rows are judged on.", selection_table(results)))
+    if any(key.startswith("sweep/") for key in results["cells"]):
+        sections.append(_report.section(
+            "What was tried to put LoRAPrune ahead", provenance,
+            "The default with one change at a time, one seed each, the same steps, tokens and evaluation as the "
+            "rows above.", sweep_table(results)))
     if targets_table(results):
         sections.append(_report.section("The default against the targets", provenance, targets_table(results)))
     _report.write_page("heldout", [_report.relative(source)], sections, out_dir)
