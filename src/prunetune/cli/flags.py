@@ -61,6 +61,8 @@ SETTING_FLAGS = {
     "ContinueSettings.lora": "--lora",
     "ContinueSettings.reference_model": "--reference-model",
     "ContinueSettings.teacher": "--teacher",
+    "ContinueSettings.teacher_cache": "--teacher-cache",
+    "ContinueSettings.teacher_top_k": "--teacher-top-k",
     # methods/loram/
     **{f"LoramPruneSettings.{name}": f"--{name.replace('_', '-')}" for name in (
         "method", "ratio", "criterion", "layers", "data", "calib_samples", "seq_len", "seed")},

@@ -14,6 +14,8 @@ Teachers:
   adapters: the pretrained model, for recovering what pruning removed. `adapters=True`
   (`--teacher tuned`) keeps them: the unpruned model as it is being fine-tuned.
 - `ModelTeacher`: a second model (the source of a one-shot prune, loaded again for recovery).
+- `CachedTeacher` (teacher_cache.py): a second model's top-k next-token log-probabilities, computed
+  once and read from disk, so full-parameter training holds no second model.
 
 Both run in eval mode (no dropout, no checkpointing) and outside DDP's wrapper.
 """
@@ -33,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import SettingError, UserError
 from ..modeling import eval_mode
 from .loss import CHUNK_ELEMENTS, FinalHidden
+from .teacher_cache import CachedTeacher, chunked_topk_distillation
 
 TEACHERS = ("base", "tuned")
 # Positions per chunk: half the plain loss's (a distillation chunk holds the student's and the
@@ -133,10 +136,11 @@ class DistillLoss:
                 settings, alpha=settings.resolved("loraprune" if isinstance(teacher, SelfTeacher) else "recovery").alpha)
         self.settings = settings
         self.final_hidden = FinalHidden(model)
-        if not (self.final_hidden.available and teacher.final_hidden.available):
+        self.cached = isinstance(teacher, CachedTeacher)
+        if not (self.final_hidden.available and (self.cached or teacher.final_hidden.available)):
             raise UserError("distillation needs models whose forward takes logits_to_keep (transformers >= 4.45)")
         student_vocab = self.final_hidden.head.weight.shape[0]
-        teacher_vocab = teacher.head.weight.shape[0]
+        teacher_vocab = teacher.vocab if self.cached else teacher.head.weight.shape[0]
         if student_vocab != teacher_vocab:
             raise UserError(f"the teacher's vocabulary ({teacher_vocab}) differs from the student's ({student_vocab})")
         self.terms: dict[str, torch.Tensor] = {}
@@ -145,13 +149,16 @@ class DistillLoss:
 
     def __call__(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()
-        teacher_hidden = self.teacher.hidden(ids)
+        teacher_state = self.teacher.lookup(ids) if self.cached else (self.teacher.hidden(ids),)
         self.teacher_seconds += time.perf_counter() - started
-        self.teacher_state_bytes = max(self.teacher_state_bytes,
-                                       teacher_hidden.numel() * teacher_hidden.element_size())
+        self.teacher_state_bytes = max(self.teacher_state_bytes, sum(t.numel() * t.element_size() for t in teacher_state))
         student_hidden = self.final_hidden(ids)
-        lm, kl = chunked_distillation(student_hidden, teacher_hidden, labels, self.final_hidden.head,
-                                      self.teacher.head, self.settings.temperature)
+        if self.cached:
+            lm, kl = chunked_topk_distillation(student_hidden, *teacher_state, labels, self.final_hidden.head,
+                                               self.settings.temperature)
+        else:
+            lm, kl = chunked_distillation(student_hidden, teacher_state[0], labels, self.final_hidden.head,
+                                          self.teacher.head, self.settings.temperature)
         self.terms = {"lm": lm.detach(), "distill": kl.detach()}
         alpha, t = self.settings.alpha, self.settings.temperature
         if alpha == 1.0:

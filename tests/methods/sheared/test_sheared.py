@@ -190,3 +190,36 @@ def test_a_stiff_lambda2_start_keeps_the_masks_on_the_warming_target():
         errors[start] = sum(abs(e - goal) for e in after_warmup) / len(after_warmup) / goal
     official, stiff = errors.values()
     assert stiff < 0.3 * official, errors
+
+
+def test_train_distils_from_a_teacher_cache_built_once_and_reused(model_dir, tmp_path):
+    from prunetune.methods.sheared.continued import ContinueSettings, continue_training
+    from prunetune.methods.sheared.domain_training import DomainSettings
+    from prunetune.runs.settings import EvalSettings, RunOptions
+
+    cache = tmp_path / "cache"
+    records = []
+    for seed in (0, 1):
+        options = RunOptions(training=TrainSettings(steps=3, batch_size=2, seq_len=32, lr=2e-2, seed=seed),
+                             progress=False)
+        records.append(continue_training(
+            str(model_dir), tmp_path / f"out{seed}", ContinueSettings(teacher=str(model_dir), teacher_cache=str(cache),
+                                                                      teacher_top_k=8),
+            DomainSettings(data="prose=builtin:pydoc", references="prose=3"),
+            EvalSettings(data=None, seq_len=32, max_windows=2),
+            options, log=lambda _: None))
+    first, second = (r["training"]["distill"]["teacher_cache"] for r in records)
+    assert first["built"] and first["rows"] > 0 and first["teacher_model_bytes"] > 0
+    assert not second["built"] and second["path"] == str(cache / "teacher-topk.safetensors")
+    assert all(r["training"]["distill"]["teacher_model_bytes"] is None for r in records)  # no second model held
+    for r in records:  # the student starts as its teacher, then moves away from it
+        first_step, last_step = r["training"]["history"][0], r["training"]["history"][-1]
+        assert abs(first_step["distill_loss"]) < 1e-5 < last_step["distill_loss"]
+
+
+def test_a_teacher_cache_without_distillation_is_one_line(model_dir, tmp_path, no_model_load):
+    done = run_cli("train", str(model_dir), "--data", DOMAINS, "--references", "code=3,prose=3", "--no-distill",
+                   "--teacher-cache", str(tmp_path / "cache"), "--steps", "2", *SMALL, "--out", str(tmp_path / "out"),
+                   cwd=tmp_path)
+    assert_user_error(done, "--teacher-cache")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
