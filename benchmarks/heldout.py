@@ -78,15 +78,18 @@ DEPTH_ROWS = {
            "--round-to 1",
 }
 BASELINES = ("one-shot", "torch-pruning")
-# What was tried to put LoRAPrune ahead at 50%, where the one-shot row wins: the default plus each
-# change, one seed each (a change that wins becomes the default and gets the rows' three seeds).
+# What was tried to put LoRAPrune ahead at 50%, where the one-shot row wins: a row with one change,
+# one seed each (a change that wins becomes the default and gets the rows' three seeds). name -> (why,
+# the row it changes, the arguments added to its `prune`, or for a baseline to its recovery's `train`).
 SWEEP = {
     "rank-32": ("LoRA rank 32 (alpha 64): a rank-8 estimate sees the gradient through 8 input directions only",
-                "--lora-r 32 --lora-alpha 64"),
+                "loraprune", "--lora-r 32 --lora-alpha 64"),
+    "one-shot-rank-32": ("the same rank for the baseline's recovery: what rank 32 gives any LoRA",
+                         "one-shot", "--lora-r 32 --lora-alpha 64"),
     "cooldown-0.8": ("the target shape reached at step 20 instead of 50: 80 steps trained at the final shape",
-                     "--prune-cooldown 0.8"),
+                     "loraprune", "--prune-cooldown 0.8"),
     "distill-1": ("distillation only (alpha 1): nothing of the loss pulls towards the training text",
-                  "--distill-alpha 1.0"),
+                  "loraprune", "--distill-alpha 1.0"),
 }
 SWEEP_RATIOS = (0.5,)
 # one-shot candidates: name -> `prunetune prune` arguments (--round-to 1: so every one reaches the size).
@@ -151,12 +154,12 @@ def layers_of(prune_args: str) -> str:
     return words[words.index("--layers") + 1] if "--layers" in words else "paper"
 
 
-def recover(args, model: Path, out: Path, seed: int) -> dict:
+def recover(args, model: Path, out: Path, seed: int, extra: list[str] = ()) -> dict:
     """The same LoRA recovery for every baseline: LoRAPrune's steps, batch, tokens, learning rate and loss."""
     prunetune("train", str(model), "--data", f"train={args.data}", "--fixed-mixture", "--lora", "--steps",
               str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr",
               str(args.lr), "--seed", str(seed), "--distill", "--teacher", args.model, "--distill-alpha", "0.5",
-              "--no-eval", "--out", str(out), "--overwrite")
+              *extra, "--no-eval", "--out", str(out), "--overwrite")
     return record(out)
 
 
@@ -186,12 +189,13 @@ def best_candidate(results: dict, ratio: float) -> str | None:
 
 
 def run_row(args, ratio: float | None, row: str, seed: int, results: dict, variant: str | None = None) -> dict:
-    """One row's run at one seed; `variant` (a SWEEP name) adds its arguments to the default's."""
+    """One row's run at one seed; `variant` (a SWEEP name) adds its arguments to the row's."""
     out = args.runs / f"{ratio}-{variant or row}-{seed}"
     started = time.time()
     commands = []
+    changed = SWEEP[variant][2].split() if variant else []
     if row in ("loraprune", "loraprune-paper"):
-        extra = ROWS[row][1].format(steps=args.steps).split() + (SWEEP[variant][1].split() if variant else [])
+        extra = ROWS[row][1].format(steps=args.steps).split() + changed
         r = ratio if row == DEFAULT else ratio_for(args, target(results, ratio), "paper")
         prunetune("prune", args.model, "--ratio", str(r), *common(args, seed), *extra, "--no-eval", "--out", str(out),
                   "--overwrite")
@@ -217,7 +221,7 @@ def run_row(args, ratio: float | None, row: str, seed: int, results: dict, varia
                             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)], check=True)
         else:  # dense-lora
             chosen, pruned = None, args.model
-        rec = recover(args, pruned, out, seed)
+        rec = recover(args, pruned, out, seed, changed)
         final = out
         commands.append(f"candidate {chosen}" if chosen else row)
     rec = record(final)
@@ -255,7 +259,9 @@ def plan() -> list[tuple]:
     cells += [(f"{r}/loraprune-paper/0", "row", r, "loraprune-paper", 0, [f"{r}/{DEFAULT}/0"]) for r in RATIOS]
     cells.append(("dense-lora/0", "row", None, "dense-lora", 0, []))
     cells += [(f"{r}/{row}/0", "row", r, row, 0, [f"{r}/{DEFAULT}/0"]) for r in RATIOS for row in DEPTH_ROWS]
-    cells += [(f"sweep/{r}/{name}/0", "sweep", r, name, 0, [f"{r}/{DEFAULT}/0"]) for r in SWEEP_RATIOS for name in SWEEP]
+    cells += [(f"sweep/{r}/{name}/0", "sweep", r, name, 0, [f"{r}/{DEFAULT}/0"]
+               + ([f"select/{r}/{n}" for n in SELECTION] if SWEEP[name][1] == "one-shot" else []))
+              for r in SWEEP_RATIOS for name in SWEEP]
     seen, unique = set(), []
     for cell in cells:
         if cell[0] not in seen:
@@ -284,7 +290,7 @@ def work(args, settings: dict) -> None:
             elif kind == "select":
                 cell = run_selection(args, ratio, name, results)
             elif kind == "sweep":
-                cell = run_row(args, ratio, DEFAULT, seed, results, variant=name)
+                cell = run_row(args, ratio, SWEEP[name][1], seed, results, variant=name)
             else:
                 cell = run_row(args, ratio, name, seed, results)
             save_cell(args.results, key, cell, settings)
@@ -359,10 +365,11 @@ def sweep_table(results: dict) -> str:
             if group:
                 rows.append([f"{ratio:.0%}", f"`{row}`", len(group), *(stat(ppl(group, d)) for d in DOMAINS),
                              f"{group[0]['parameters']:,}", ""])
-        for name, (why, extra) in SWEEP.items():
+        for name, (why, row, extra) in SWEEP.items():
             cell = results["cells"].get(f"sweep/{ratio}/{name}/0")
             if cell:
-                rows.append([f"{ratio:.0%}", f"`{DEFAULT}` {extra}", 1,
+                where = " (recovery)" if row in BASELINES else ""
+                rows.append([f"{ratio:.0%}", f"`{row}`{where} {extra}", 1,
                              *(f"{cell['perplexity'][d]['perplexity']:.2f}" for d in DOMAINS),
                              f"{cell['parameters']:,}", why])
     return _report.table(["ratio", "run", "seeds", "pydoc (trained on)", "stdlib-code", "handbook", "parameters",
@@ -437,8 +444,8 @@ def write_report(results: dict, source: Path, out_dir: Path) -> None:
     if any(key.startswith("sweep/") for key in results["cells"]):
         sections.append(_report.section(
             "What was tried to put LoRAPrune ahead", provenance,
-            "The default with one change at a time, one seed each, the same steps, tokens and evaluation as the "
-            "rows above.", sweep_table(results)))
+            "A row with one change at a time, one seed each, the same steps, tokens and evaluation as the "
+            "rows above; a baseline's change is to its recovery.", sweep_table(results)))
     if targets_table(results):
         sections.append(_report.section("The default against the targets", provenance, targets_table(results)))
     _report.write_page("heldout", [_report.relative(source)], sections, out_dir)
