@@ -33,6 +33,8 @@ SETTING_FLAGS = {
     "DistillSettings.temperature": "--distill-temperature",
     "DistillSettings.alpha": "--distill-alpha",
     "DistillSettings.teacher": "--teacher",
+    "DistillSettings.cache": "--teacher-cache",
+    "DistillSettings.top_k": "--teacher-top-k",
     # methods/prune.py, methods/loraprune/
     **{f"PruneSettings.{name}": f"--{name.replace('_', '-')}" for name in (
         "method", "ratio", "layers", "units", "head_unit", "round_to", "allocation", "split", "data",
@@ -61,8 +63,6 @@ SETTING_FLAGS = {
     "ContinueSettings.lora": "--lora",
     "ContinueSettings.reference_model": "--reference-model",
     "ContinueSettings.teacher": "--teacher",
-    "ContinueSettings.teacher_cache": "--teacher-cache",
-    "ContinueSettings.teacher_top_k": "--teacher-top-k",
     # methods/loram/
     **{f"LoramPruneSettings.{name}": f"--{name.replace('_', '-')}" for name in (
         "method", "ratio", "criterion", "layers", "data", "calib_samples", "seq_len", "seed")},

@@ -213,6 +213,18 @@ def distill_temperature() -> Any:
     return _option(1.0, "--distill-temperature", "--distill: softmax temperature of both sides.")
 
 
+def teacher_cache() -> Any:
+    return typer.Option(None, "--teacher-cache", show_default=False, help="--distill, training every weight: read "
+                        "the teacher's top-k next tokens from this directory instead of holding a second model. The "
+                        "first run builds it (one teacher pass over the training blocks, then the teacher is freed); "
+                        "later runs on the same data reuse it.")
+
+
+def teacher_top_k() -> Any:
+    return _option(64, "--teacher-top-k", "--teacher-cache: next tokens kept per position (the rest of the "
+                   "vocabulary counts as one outcome).")
+
+
 # ---------------------------------------------------------------------------------------------
 # Timing (bench, bench-criterion)
 

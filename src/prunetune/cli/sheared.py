@@ -81,6 +81,7 @@ def shear(
                                               "a second copy."),
     distill_alpha: Optional[float] = options.distill_alpha(0.5),
     distill_temperature: float = options.distill_temperature(),
+    teacher_cache: Optional[Path] = options.teacher_cache(), teacher_top_k: int = options.teacher_top_k(),
     warmup: float = options.warmup(), lora: bool = options.train_lora(), lora_r: int = options.lora_r(),
     lora_alpha: int = options.lora_alpha(), lora_dropout: float = options.lora_dropout(),
     gradient_checkpointing: bool = options.gradient_checkpointing(),
@@ -107,7 +108,9 @@ def shear(
     settings = ShearSettings(target=target, mask_lr=mask_lr, lambda_lr=lambda_lr, lambda2_init=lambda2_init,
                              warmup=warmup_share, lora=lora, mask_init=mask_init, init_samples=init_samples,
                              distill=DistillSettings(enabled=distill, alpha=distill_alpha,
-                                                     temperature=distill_temperature))
+                                                     temperature=distill_temperature,
+                                                     cache=str(teacher_cache) if teacher_cache else None,
+                                                     top_k=teacher_top_k))
     evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=eval_seq_len, max_windows=max_windows)
     record = run_shear(model, out_dir, settings,
                        _domain_settings(data, weights, references, dynamic, eval_every, eval_blocks, eta, clamp),
@@ -136,13 +139,7 @@ def train(
                                           "the source model a `prunetune shear` directory records)."),
     distill_alpha: Optional[float] = options.distill_alpha(0.5),
     distill_temperature: float = options.distill_temperature(),
-    teacher_cache: Optional[Path] = typer.Option(None, show_default=False, help="--distill: read the teacher's "
-                                                 "top-k next tokens from this directory instead of holding a second "
-                                                 "model; the first run builds it (one teacher pass over the "
-                                                 "training blocks, then the teacher is freed), later runs on the "
-                                                 "same data reuse it."),
-    teacher_top_k: int = typer.Option(64, help="--teacher-cache: next tokens kept per position (the rest of the "
-                                      "vocabulary counts as one outcome)."),
+    teacher_cache: Optional[Path] = options.teacher_cache(), teacher_top_k: int = options.teacher_top_k(),
     steps: int = options.steps(), batch_size: int = options.batch_size(), grad_accum: int = options.grad_accum(),
     seq_len: int = options.seq_len(),
     lr: float = options.lr(SHEARED_LR, SHEARED_LR_WHY),
@@ -177,9 +174,9 @@ def train(
 
     continue_settings = ContinueSettings(lora=lora, reference_model=reference_model, teacher=teacher,
                                          distill=DistillSettings(enabled=distill, alpha=distill_alpha,
-                                                                 temperature=distill_temperature),
-                                         teacher_cache=str(teacher_cache) if teacher_cache else None,
-                                         teacher_top_k=teacher_top_k)
+                                                                 temperature=distill_temperature,
+                                                                 cache=str(teacher_cache) if teacher_cache else None,
+                                                                 top_k=teacher_top_k))
     record = continue_training(model, out_dir, continue_settings,
                                _domain_settings(data, weights, references, dynamic, eval_every, eval_blocks, eta,
                                                 clamp),

@@ -27,6 +27,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import SettingError, UserError
 from ..modeling import eval_mode
 from .loss import CHUNK_ELEMENTS, FinalHidden
-from .teacher_cache import CachedTeacher, chunked_topk_distillation
+from .teacher_cache import DEFAULT_TOP_K, CacheKey, CachedTeacher, cached_source_teacher, chunked_topk_distillation
 
 TEACHERS = ("base", "tuned")
 # Positions per chunk: half the plain loss's (a distillation chunk holds the student's and the
@@ -64,12 +65,16 @@ class DistillSettings:
     # default (METHOD_DEFAULTS), 1 for one-shot recovery.
     alpha: float | None = None
     teacher: str = "base"  # LoRAPrune: base (adapters off) or tuned (adapters on)
+    # A second model's top-k next tokens cached in this directory (built once, then reused) instead of
+    # the model itself in memory (teacher_cache.py): full-parameter shearing and continued training
+    cache: str | None = None
+    top_k: int = DEFAULT_TOP_K
 
     def resolved(self, method: str) -> "DistillSettings":
         """These settings with `enabled` and `alpha` decided for a method (METHOD_DEFAULTS)."""
         enabled, alpha = METHOD_DEFAULTS.get(method, OTHER_DEFAULT)
-        return DistillSettings(enabled if self.enabled is None else self.enabled, self.temperature,
-                               alpha if self.alpha is None else self.alpha, self.teacher)
+        return dataclasses.replace(self, enabled=enabled if self.enabled is None else self.enabled,
+                                   alpha=alpha if self.alpha is None else self.alpha)
 
     def check_model_teacher(self, who: str) -> None:
         """`check()` for a method whose teacher is a model (its source, or one it names): the `tuned`
@@ -86,6 +91,11 @@ class DistillSettings:
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise SettingError("DistillSettings.alpha", "DistillSettings.alpha is the distillation term's weight "
                                f"in [0, 1], got {self.alpha}")
+        if self.top_k < 1:
+            raise SettingError("DistillSettings.top_k", f"DistillSettings.top_k must be at least 1, got {self.top_k}")
+        if self.cache and self.enabled is False:
+            raise SettingError("DistillSettings.cache", "DistillSettings.cache holds a teacher's distributions and "
+                               "needs distillation (DistillSettings.enabled)")
         if self.teacher not in TEACHERS:
             raise SettingError("DistillSettings.teacher", f"unknown DistillSettings.teacher '{self.teacher}'; use "
                                f"{' or '.join(TEACHERS)}")
@@ -221,8 +231,25 @@ def source_teacher(model_spec: str, *, dtype: str, device: str, quant: str | Non
     return ModelTeacher(source), held
 
 
+def model_teacher(spec: str, settings: DistillSettings, blocks: torch.Tensor, *, dtype: str, accelerator,
+                  seq_len: int, batch_size: int, log) -> tuple[ModelTeacher | CachedTeacher, dict]:
+    """The teacher `spec` for full-parameter training on `blocks`: its cache when settings.cache names
+    one (built first if need be), else the model loaded a second time; and what the record says of it."""
+    if settings.cache:
+        key = CacheKey(teacher=spec, top_k=settings.top_k, temperature=settings.temperature, seq_len=seq_len)
+        teacher, info = cached_source_teacher(spec, Path(settings.cache), blocks, key, dtype=dtype,
+                                              accelerator=accelerator, batch_size=batch_size, log=log)
+        return teacher, {"teacher_model_bytes": None, "teacher_cache": info}
+    teacher, held = source_teacher(spec, dtype=dtype, device=str(accelerator.device))
+    log(f"distilling from {spec} (a second model: {held / 2**20:,.0f} MiB)")
+    return teacher, {"teacher_model_bytes": held}
+
+
 def self_teacher_for(model: nn.Module, masks_off, settings: DistillSettings) -> SelfTeacher:
     """The LoRAPrune teacher: `model` must carry its LoRA through PEFT (`disable_adapter`)."""
+    if settings.cache:
+        raise SettingError("DistillSettings.cache", "the teacher here is the model itself with its masks (and "
+                           "adapters) off, which costs no memory: leave DistillSettings.cache unset")
     if not hasattr(model, "disable_adapter"):
         raise ValueError("the self-teacher needs a PEFT model (adapters to disable)")
     return SelfTeacher(model, masks_off, adapters=settings.teacher == "tuned")

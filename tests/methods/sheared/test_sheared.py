@@ -196,6 +196,7 @@ def test_train_distils_from_a_teacher_cache_built_once_and_reused(model_dir, tmp
     from prunetune.methods.sheared.continued import ContinueSettings, continue_training
     from prunetune.methods.sheared.domain_training import DomainSettings
     from prunetune.runs.settings import EvalSettings, RunOptions
+    from prunetune.training.distill import DistillSettings
 
     cache = tmp_path / "cache"
     records = []
@@ -203,8 +204,8 @@ def test_train_distils_from_a_teacher_cache_built_once_and_reused(model_dir, tmp
         options = RunOptions(training=TrainSettings(steps=3, batch_size=2, seq_len=32, lr=2e-2, seed=seed),
                              progress=False)
         records.append(continue_training(
-            str(model_dir), tmp_path / f"out{seed}", ContinueSettings(teacher=str(model_dir), teacher_cache=str(cache),
-                                                                      teacher_top_k=8),
+            str(model_dir), tmp_path / f"out{seed}", ContinueSettings(
+                teacher=str(model_dir), distill=DistillSettings(cache=str(cache), top_k=8)),
             DomainSettings(data="prose=builtin:pydoc", references="prose=3"),
             EvalSettings(data=None, seq_len=32, max_windows=2),
             options, log=lambda _: None))
@@ -223,3 +224,26 @@ def test_a_teacher_cache_without_distillation_is_one_line(model_dir, tmp_path, n
                    cwd=tmp_path)
     assert_user_error(done, "--teacher-cache")
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_shear_reads_a_teacher_cache_and_refuses_one_with_lora(tiny_model_dir, tmp_path):
+    from prunetune.errors import SettingError
+    from prunetune.methods.sheared.domain_training import DomainSettings
+    from prunetune.methods.sheared.shear import shear
+    from prunetune.runs.settings import EvalSettings, RunOptions
+    from prunetune.training.distill import DistillSettings
+
+    source = tiny_model_dir("llama")
+    options = RunOptions(training=TrainSettings(steps=3, batch_size=2, seq_len=32, lr=1e-3), progress=False)
+    domains = DomainSettings(data="prose=builtin:pydoc", eval_every=2, eval_blocks=2)
+    evaluation = EvalSettings(data=None, seq_len=32, max_windows=2)
+    cached = DistillSettings(cache=str(tmp_path / "cache"), top_k=8)
+    record = shear(str(source), tmp_path / "out", ShearSettings(target="heads=3,kv-heads=3", distill=cached),
+                   domains, evaluation, options, log=lambda _: None)
+    distill = record["training"]["distill"]
+    assert distill["teacher"] == "source (its top-k cached)" and distill["teacher_cache"]["built"]
+    assert distill["teacher_model_bytes"] is None
+    with pytest.raises(SettingError, match="DistillSettings.cache"):
+        shear(str(source), tmp_path / "lora", ShearSettings(target="heads=3,kv-heads=3", lora=True, distill=cached),
+              domains, evaluation, options, log=lambda _: None)
+    assert not (tmp_path / "lora").exists()

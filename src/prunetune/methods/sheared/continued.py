@@ -23,8 +23,7 @@ from ...errors import SettingError
 from ...models import check_model, load_model
 from ...report import is_run_directory, read_record
 from ...structure.units import count_parameters
-from ...training.distill import DistillSettings, source_teacher
-from ...training.teacher_cache import DEFAULT_TOP_K, CacheKey, cached_source_teacher
+from ...training.distill import DistillSettings, model_teacher
 from .domains import DomainSet
 from .domain_training import DomainSettings, domain_perplexities, prepare_domains, trainable
 from .dynamic_loading import domain_losses
@@ -38,10 +37,6 @@ class ContinueSettings:
     reference_model: str | None = None  # measure the references on this model instead
     teacher: str | None = None  # distil from this model (default: the source a shear run records)
     distill: DistillSettings = field(default_factory=DistillSettings)  # None fields: the method's default
-    # distil from the teacher's top-k next tokens cached in this directory (built once, then reused)
-    # instead of a second model in memory
-    teacher_cache: str | None = None
-    teacher_top_k: int = DEFAULT_TOP_K
 
 
 def _teacher_spec(model_spec: str, settings: ContinueSettings) -> str | None:
@@ -105,12 +100,7 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
                                "ContinueSettings.teacher, or train a `prunetune shear` directory (its source model)")
         if distill.enabled:
             check_model(teacher_spec)  # it loads after the model; a bad spec fails now
-        if settings.teacher_cache and not distill.enabled:
-            raise SettingError("ContinueSettings.teacher_cache", "ContinueSettings.teacher_cache holds a teacher's "
-                               "distributions and needs distillation (DistillSettings.enabled and a teacher)")
-        if settings.teacher_top_k < 1:
-            raise SettingError("ContinueSettings.teacher_top_k", "ContinueSettings.teacher_top_k must be at least 1, "
-                               f"got {settings.teacher_top_k}")
+
         domains = domain_settings.check()
         reference_losses = _source_losses(model_spec, settings, domain_settings, domains, options, training.batch_size)
         if options.quant:
@@ -139,21 +129,15 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
     run.log("reference losses (" + run_domains.reference_source + "): "
             + ", ".join(f"{k} {v:.3f}" for k, v in run_domains.references.items()))
     model = trainable(model, options.lora if settings.lora else None, training.seed)
-    teacher = teacher_bytes = cache_info = None
-    if distill.enabled and settings.teacher_cache:
-        key = CacheKey(teacher=teacher_spec, top_k=settings.teacher_top_k, temperature=distill.temperature,
-                       seq_len=training.seq_len)
-        teacher, cache_info = cached_source_teacher(teacher_spec, Path(settings.teacher_cache), run_domains.blocks,
-                                                    key, dtype=options.dtype, accelerator=run.accelerator,
-                                                    batch_size=training.batch_size, log=run.log)
-    elif distill.enabled:
-        teacher, teacher_bytes = source_teacher(teacher_spec, dtype=options.dtype, device=str(run.accelerator.device))
-        run.log(f"distilling from {teacher_spec} (a second model: {teacher_bytes / 2**20:,.0f} MiB)")
+    teacher, held = None, {}
+    if distill.enabled:
+        teacher, held = model_teacher(teacher_spec, distill, run_domains.blocks, dtype=options.dtype,
+                                      accelerator=run.accelerator, seq_len=training.seq_len,
+                                      batch_size=training.batch_size, log=run.log)
     trained = run.train(model, run_domains.blocks, run_domains.loss_mask, hooks=run_domains.hook,
                         sampler=run_domains.sampler, teacher=teacher, distill=distill)
     if trained.distill:
-        trained.distill |= {"teacher": teacher_spec, "teacher_model_bytes": teacher_bytes} | (
-            {"teacher_cache": cache_info} if cache_info else {})
+        trained.distill |= {"teacher": teacher_spec} | held
     del teacher
     model = trained.model  # under FSDP: the gathered model on the main process, None on the others
     if model is None:

@@ -27,7 +27,7 @@ from .l0_masks import ShearMasks
 from ...structure.surgery import cut, merge_lora
 from .target import Target, parse_target, quick_source, target_parameters
 from ...structure.units import Structure, count_parameters
-from ...training.distill import DistillSettings, SelfTeacher, source_teacher
+from ...training.distill import DistillSettings, SelfTeacher, model_teacher
 from ...training.loop import ComposedHooks, TrainHooks
 from .mask_init import MASK_INITS, mask_priorities
 from .domain_training import DomainSettings, domain_perplexities, model_losses, prepare_domains, trainable
@@ -87,6 +87,9 @@ class ShearSettings:
             raise SettingError("ShearSettings.init_samples",
                                f"ShearSettings.init_samples must be at least 1, got {self.init_samples}")
         self.distill.check_model_teacher("shearing")
+        if self.lora and self.distill.cache:
+            raise SettingError("DistillSettings.cache", "with ShearSettings.lora the teacher is the model itself, "
+                               "masks and adapters off, which costs no memory: leave DistillSettings.cache unset")
 
 
 def source_structure(config) -> Structure:
@@ -214,17 +217,20 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
     model = trainable(model, options.lora if settings.lora else None, training.seed)
     handle = masks.attach(model)
     distill = settings.distill.resolved("sheared")
-    teacher = teacher_bytes = None
+    teacher, held = None, {}
     if distill.enabled and settings.lora:  # the source itself: masks suspended, adapters off
-        teacher, teacher_bytes = SelfTeacher(model, handle.suspended, adapters=False), 0
+        teacher, held = SelfTeacher(model, handle.suspended, adapters=False), {"teacher_model_bytes": 0}
     elif distill.enabled:
-        teacher, teacher_bytes = source_teacher(model_spec, dtype=options.dtype, device=str(run.accelerator.device))
+        teacher, held = model_teacher(model_spec, distill, run_domains.blocks, dtype=options.dtype,
+                                      accelerator=run.accelerator, seq_len=training.seq_len,
+                                      batch_size=training.batch_size, log=run.log)
     trained = run.train(model, run_domains.blocks, run_domains.loss_mask,
                         hooks=ComposedHooks(ShearHooks(masks, settings), run_domains.hook), sampler=run_domains.sampler,
                         teacher=teacher, distill=distill)
     if trained.distill:
-        trained.distill |= {"teacher": "source (masks and adapters off)" if settings.lora else "source (a second copy)",
-                            "teacher_model_bytes": teacher_bytes}
+        whose = ("masks and adapters off" if settings.lora else
+                 "its top-k cached" if distill.cache else "a second copy")
+        trained.distill |= {"teacher": f"source ({whose})"} | held
     del teacher
 
     # A probe sequence checks that the cut model computes what the masked one did (eval mode: the
