@@ -44,6 +44,8 @@ PAGES = {
                                                  "papers' shapes"),
     "serving": ("Serving speed in vLLM and llama.cpp", "prefill and decode of pruned SmolLM2-135M against the "
                                                        "FLOPs ratio"),
+    "teacher_cache": ("A second model or a cache of its top k", "what full-parameter distillation's teacher costs "
+                                                                   "in memory and time, and what it gives"),
     "moe_example": ("A mixture of experts pruned by expert", "routing per expert and the budget's split on a small "
                                                              "Mixtral trained here"),
 }

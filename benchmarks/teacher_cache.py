@@ -1,6 +1,6 @@
 """What a full-parameter distillation's teacher costs: a second model in memory against its top-k cached on disk.
 
-    python benchmarks/teacher_cache.py [--steps 60] [--ratio 0.5] [--runs runs/teacher-cache]
+    python benchmarks/teacher_cache.py [--steps 40] [--ratio 0.5] [--runs runs/teacher-cache]
     python benchmarks/teacher_cache.py --report     # docs/results/teacher_cache.md from the results file
 
 SmolLM2-135M is cut once by Taylor to half its prunable parameters (`prunetune prune --method taylor`, no
@@ -16,7 +16,8 @@ seed, batch and data order for every row:
 
 Each row records seconds per step (the teacher's share apart), the training's peak tensor memory, the
 cache's size and build time, and perplexity on pydoc's held-out split, stdlib code and the Debian
-handbook (40 windows of 512 tokens). One thread, one run at a time.
+handbook (20 windows of 512 tokens). One thread, one run at a time (beside other work: the times
+compare rows of one results file, not other pages).
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ ROWS = {
                           "--teacher-top-k", "64"],
     "cache k=64, reused": ["--distill", "--teacher", "{model}", "--teacher-cache", "{runs}/cache-64",
                            "--teacher-top-k", "64"],
-    "cache k=8, built": ["--distill", "--teacher", "{model}", "--teacher-cache", "{runs}/cache-8",
-                         "--teacher-top-k", "8"],
 }
 
 
@@ -121,10 +120,10 @@ def write_report(results: dict, source: Path, out_dir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--eval-windows", type=int, default=20)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--runs", type=Path, default=Path("runs/teacher-cache"))
     _report.add_options(parser)

@@ -172,6 +172,12 @@ def test_distilled_recovery_loads_the_source_as_teacher_and_says_what_it_costs(w
     record = prune(str(wide_model_dir), tmp_path / "t", settings, EVAL, _options(), log=lambda _: None)
     info = record["training"]["distill"]
     assert info["teacher"] == "source" and info["teacher_model_bytes"] > 0
+    # the second model's weights are live through training: the peak counts them (as a GPU's would)
+    plain = prune(str(wide_model_dir), tmp_path / "plain", _settings(distill=False, method="magnitude", ratio=0.5,
+                                                                     round_to=8, recover_steps=3),
+                  EVAL, _options(), log=lambda _: None)
+    added = record["training"]["peak_memory_bytes"] - plain["training"]["peak_memory_bytes"]
+    assert added >= info["teacher_model_bytes"]
     assert json.loads((tmp_path / "t" / "prunetune.json").read_text())["training"]["distill"] == info
 
 
