@@ -91,7 +91,8 @@ SWEEP = {
     "distill-1": ("distillation only (alpha 1): nothing of the loss pulls towards the training text",
                   "loraprune", "--distill-alpha 1.0"),
 }
-SWEEP_RATIOS = (0.5,)
+SWEEP_RATIOS = (0.5, 0.2)
+SWEEP_AT = {0.2: ("rank-32", "one-shot-rank-32")}  # the changes tried at a ratio; every one where not listed
 # one-shot candidates: name -> `prunetune prune` arguments (--round-to 1: so every one reaches the size).
 # The two criteria that score best after recovery in the quality benchmark, each on the layers LoRAPrune
 # prunes with one ratio per layer, and on every layer with units ranked across layers. The cost split
@@ -261,7 +262,7 @@ def plan() -> list[tuple]:
     cells += [(f"{r}/{row}/0", "row", r, row, 0, [f"{r}/{DEFAULT}/0"]) for r in RATIOS for row in DEPTH_ROWS]
     cells += [(f"sweep/{r}/{name}/0", "sweep", r, name, 0, [f"{r}/{DEFAULT}/0"]
                + ([f"select/{r}/{n}" for n in SELECTION] if SWEEP[name][1] == "one-shot" else []))
-              for r in SWEEP_RATIOS for name in SWEEP]
+              for r in SWEEP_RATIOS for name in SWEEP_AT.get(r, SWEEP)]
     seen, unique = set(), []
     for cell in cells:
         if cell[0] not in seen:
@@ -360,6 +361,8 @@ def sweep_table(results: dict) -> str:
     """Each variant's one seed beside the default's seeds and the baselines', at the sweep's ratios."""
     rows_by, rows = rows_of(results), []
     for ratio in SWEEP_RATIOS:
+        if not any(key.startswith(f"sweep/{ratio}/") for key in results["cells"]):
+            continue
         for row in (DEFAULT, *BASELINES):
             group = rows_by.get((ratio, row), [])
             if group:
