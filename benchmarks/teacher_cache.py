@@ -109,7 +109,10 @@ def write_report(results: dict, source: Path, out_dir: Path) -> None:
             "whole step, the teacher's share (its forward, or the cache's lookup) apart; the peak is the "
             "training's peak of live tensors (the cache's build comes before training and is not in it). "
             "Perplexity over at most "
-            f"{s['eval_windows']} windows of 512 tokens of each domain; the training domain is pydoc.")
+            f"{s['eval_windows']} windows of 512 tokens of each domain; the training domain is pydoc. The rows ran one "
+            "at a time but beside other jobs on the same two cores (the `cache k=64, built` row beside the most), "
+            "so compare the teacher's seconds per step and the memory between rows, not the whole step's time. "
+            "The reused cache gives exactly the built run's perplexities: the same batches, the same targets.")
     table = _report.table(["teacher", "pydoc", "stdlib-code", "handbook", "s/step", "teacher s/step",
                            "peak tensor MiB", "second model MiB", "cache MiB", "cache build s"], rows)
     _report.write_page(SCRIPT, [_report.relative(source)],
