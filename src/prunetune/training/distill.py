@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import SettingError, UserError
 from ..modeling import eval_mode
 from .loss import CHUNK_ELEMENTS, FinalHidden
-from .teacher_cache import DEFAULT_TOP_K, CacheKey, CachedTeacher, cached_source_teacher, chunked_topk_distillation
+from .teacher_cache import DEFAULT_TOP_K, CacheKey, CachedTeacher, cached_source_teacher
 
 TEACHERS = ("base", "tuned")
 # Positions per chunk: half the plain loss's (a distillation chunk holds the student's and the
@@ -189,27 +189,46 @@ def chunked_distillation(student: torch.Tensor, teacher: torch.Tensor, labels: t
                          teacher_head: nn.Module, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy, mean KL(teacher ‖ student) at `temperature`) of predicting labels[:, t+1]
     from position t, over the labelled positions, one chunk of positions at a time."""
-    width = student.shape[-1]
-    s_states = student[:, :-1].reshape(-1, width)
     t_states = teacher[:, :-1].reshape(-1, teacher.shape[-1]).detach()
+    return _over_chunks(_distill_sums, student, labels, student_head, [t_states], teacher_head, temperature)
+
+
+def chunked_topk_distillation(student: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor,
+                              rest: torch.Tensor, labels: torch.Tensor, head: nn.Module, temperature: float = 1.0
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, mean KL over the teacher's top k and the rest, teacher_cache.py) of a cached
+    teacher's positions (every position but the last), one chunk of positions at a time."""
+    per_position = [top_ids.reshape(-1, top_ids.shape[-1]), top_logp.reshape(-1, top_logp.shape[-1]), rest.reshape(-1)]
+    return _over_chunks(_topk_sums, student, labels, head, per_position, temperature)
+
+
+def _over_chunks(sums, student: torch.Tensor, labels: torch.Tensor, head: nn.Module, teacher_parts: list, *args):
+    """`sums(student states, *teacher parts, targets, head, *args)` added over chunks of positions, each
+    under activation checkpointing (one chunk's logits exist at a time), divided by the labelled count."""
+    s_states = student[:, :-1].reshape(-1, student.shape[-1])
     targets = labels[:, 1:].reshape(-1)
     counted = (targets != -100).sum()
-    chunk = max(MIN_CHUNK, CHUNK_ELEMENTS // (2 * student_head.weight.shape[0]))
+    chunk = max(MIN_CHUNK, CHUNK_ELEMENTS // (2 * head.weight.shape[0]))
     total = student.new_zeros(2, dtype=torch.float32)
     for start in range(0, len(targets), chunk):
         part = slice(start, start + chunk)
-        total = total + checkpoint(_distill_sums, s_states[part], t_states[part], targets[part], student_head,
-                                   teacher_head, temperature, use_reentrant=False)
+        total = total + checkpoint(sums, s_states[part], *(t[part] for t in teacher_parts), targets[part], head,
+                                   *args, use_reentrant=False)
     return total[0] / counted, total[1] / counted
+
+
+def _student_terms(s_states, targets, head):
+    """The student's logits (fp32) and their log-normaliser, and the chunk's summed cross-entropy."""
+    valid = targets != -100
+    logits = head(s_states).float()
+    log_norm = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return logits, log_norm, ((log_norm - picked) * valid).sum(), valid
 
 
 def _distill_sums(s_states, t_states, targets, student_head, teacher_head, temperature):
     """[sum of cross-entropy, sum of KL] over one chunk's labelled positions."""
-    valid = targets != -100
-    logits = student_head(s_states).float()
-    log_norm = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    cross_entropy = ((log_norm - picked) * valid).sum()
+    logits, log_norm, cross_entropy, valid = _student_terms(s_states, targets, student_head)
     with torch.no_grad():  # the teacher's side: constants of the student's gradient
         teacher_logp = teacher_head(t_states).float().div_(temperature).log_softmax(dim=-1)
         teacher_p = teacher_logp.exp()
@@ -220,6 +239,19 @@ def _distill_sums(s_states, t_states, targets, student_head, teacher_head, tempe
     # KL(p ‖ q) = Σ p log p − Σ p log q, with log q = scaled − logsumexp(scaled)
     kl = (teacher_neg_entropy - (teacher_p * scaled).sum(dim=-1) + scaled_norm) * valid
     return torch.stack([cross_entropy, kl.sum()])
+
+
+def _topk_sums(s_states, t_ids, t_logp, t_rest, targets, head, temperature):
+    """[sum of cross-entropy, sum of KL over the k + 1 outcomes] over one chunk's labelled positions."""
+    logits, log_norm, cross_entropy, valid = _student_terms(s_states, targets, head)
+    scaled = logits if temperature == 1.0 else logits / temperature
+    scaled_norm = log_norm if temperature == 1.0 else torch.logsumexp(scaled, dim=-1)
+    student_logq = scaled.gather(-1, t_ids) - scaled_norm.unsqueeze(-1)
+    kl = (t_logp.exp() * (t_logp - student_logq)).sum(dim=-1)
+    if t_ids.shape[-1] < logits.shape[-1]:  # the rest of the vocabulary: one outcome of the k + 1
+        student_rest = scaled.scatter(-1, t_ids, float("-inf")).logsumexp(dim=-1) - scaled_norm
+        kl = kl + t_rest.exp() * (t_rest - student_rest)
+    return torch.stack([cross_entropy, (kl * valid).sum()])
 
 
 def source_teacher(model_spec: str, *, dtype: str, device: str, quant: str | None = None) -> tuple[ModelTeacher, int]:

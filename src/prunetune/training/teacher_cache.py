@@ -13,7 +13,7 @@ outcomes, the teacher's k tokens and one bucket for the rest of the vocabulary:
     KL_k = Σ_{i ∈ top-k} p_i log(p_i / q_i) + p_rest log(p_rest / q_rest)
 
 It is never negative, zero when the student matches the teacher on those k + 1 outcomes, and equal
-to the full KL when k is the vocabulary. Rows are found by a hash of their token ids, so the sampler's
+to the full KL when k is the vocabulary (distill.chunked_topk_distillation computes it). Rows are found by a hash of their token ids, so the sampler's
 order (fixed mixture or dynamic batch loading) does not matter; a row the cache lacks is an error.
 """
 
@@ -67,7 +67,8 @@ def build_cache(teacher: nn.Module, blocks: torch.Tensor, path: Path, key: Cache
     head = final_hidden.head
     vocab = head.weight.shape[0]
     k = min(key.top_k, vocab)
-    unique = _unique_rows(blocks)
+    hashes = row_hashes(blocks)
+    unique = _first_of_each(hashes)
     positions = blocks.shape[1] - 1  # position t predicts token t + 1; the last predicts nothing scored
     ids = torch.empty(len(unique), positions, k, dtype=torch.int32)
     logp = torch.empty(len(unique), positions, k, dtype=torch.float32)
@@ -94,16 +95,16 @@ def build_cache(teacher: nn.Module, blocks: torch.Tensor, path: Path, key: Cache
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     metadata = {"key": json.dumps(asdict(key)), "vocab": str(vocab)}
-    save_file({"ids": ids, "logp": logp, "rest": rest, "row_hash": row_hashes(blocks[unique])}, str(partial), metadata=metadata)
+    save_file({"ids": ids, "logp": logp, "rest": rest, "row_hash": hashes[unique]}, str(partial), metadata=metadata)
     partial.replace(path)
     return {"path": str(path), "rows": len(unique), "top_k": k, "bytes": path.stat().st_size,
             "build_seconds": round(time.perf_counter() - started, 2)}
 
 
-def _unique_rows(blocks: torch.Tensor) -> list[int]:
-    """The first index of every distinct row (a corpus may repeat a block)."""
+def _first_of_each(hashes: torch.Tensor) -> list[int]:
+    """The first index of every distinct row hash (a corpus may repeat a block)."""
     first: dict[int, int] = {}
-    for index, value in enumerate(row_hashes(blocks).tolist()):
+    for index, value in enumerate(hashes.tolist()):
         first.setdefault(value, index)
     return sorted(first.values())
 
@@ -155,46 +156,6 @@ def open_cache(path: Path, key: CacheKey, blocks: torch.Tensor) -> tuple[CachedT
     if missing:
         return None, f"lacks {missing} of this run's {len(blocks)} training rows"
     return cached, "reused"
-
-
-def chunked_topk_distillation(student: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor,
-                              rest: torch.Tensor, labels: torch.Tensor, head: nn.Module, temperature: float = 1.0
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy, mean KL_k) of predicting labels[:, t+1] from position t over the labelled
-    positions, one chunk of positions at a time (see the module's docstring)."""
-    from torch.utils.checkpoint import checkpoint
-
-    width = student.shape[-1]
-    s_states = student[:, :-1].reshape(-1, width)
-    t_ids = top_ids.reshape(-1, top_ids.shape[-1])
-    t_logp = top_logp.reshape(-1, top_logp.shape[-1])
-    t_rest = rest.reshape(-1)
-    targets = labels[:, 1:].reshape(-1)
-    counted = (targets != -100).sum()
-    chunk = max(64, CHUNK_ELEMENTS // (2 * head.weight.shape[0]))
-    total = student.new_zeros(2, dtype=torch.float32)
-    for start in range(0, len(targets), chunk):
-        part = slice(start, start + chunk)
-        total = total + checkpoint(_topk_sums, s_states[part], t_ids[part], t_logp[part], t_rest[part], targets[part], head,
-                                   temperature, use_reentrant=False)
-    return total[0] / counted, total[1] / counted
-
-
-def _topk_sums(s_states, t_ids, t_logp, t_rest, targets, head, temperature):
-    """[sum of cross-entropy, sum of KL_k] over one chunk's labelled positions."""
-    valid = targets != -100
-    logits = head(s_states).float()
-    log_norm = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    cross_entropy = ((log_norm - picked) * valid).sum()
-    scaled = logits if temperature == 1.0 else logits / temperature
-    scaled_norm = log_norm if temperature == 1.0 else torch.logsumexp(scaled, dim=-1)
-    student_logq = scaled.gather(-1, t_ids) - scaled_norm.unsqueeze(-1)
-    kl = (t_logp.exp() * (t_logp - student_logq)).sum(dim=-1)
-    if t_ids.shape[-1] < logits.shape[-1]:  # the rest of the vocabulary: one outcome of the k + 1
-        student_rest = scaled.scatter(-1, t_ids, float("-inf")).logsumexp(dim=-1) - scaled_norm
-        kl = kl + t_rest.exp() * (t_rest - student_rest)
-    return torch.stack([cross_entropy, (kl * valid).sum()])
 
 
 def cached_source_teacher(teacher_spec: str, directory: Path, blocks: torch.Tensor, key: CacheKey, *, dtype: str,
