@@ -173,6 +173,14 @@ def mixed_data(out: Path) -> Path:
     return path
 
 
+def resumable(out: Path) -> list:
+    """Checkpoint every 10 steps, and continue from the checkpoint an interrupted run left: a cell runs
+    for hours on a 2-core CPU, longer than a working session."""
+    from prunetune.runs.settings import checkpoint_dir_for
+
+    return ["--checkpoint-every", 10] + (["--resume"] if (checkpoint_dir_for(out) / "checkpoint").exists() else [])
+
+
 def run_cell(args, ratio: float, alignment: str) -> dict:
     """Prune at `ratio` (shared by the ratio's cells), align as `alignment` says, train the adapter on
     stdlib-code, recover it onto the full model and evaluate there."""
@@ -191,11 +199,11 @@ def run_cell(args, ratio: float, alignment: str) -> dict:
         if not (trained_on / "prunetune.json").exists():
             prunetune("loram", "align", pruned, "--data", data, "--steps", how["steps"] or args.align_steps,
                       "--lr", how["lr"], "--distill" if how.get("distill") else "--no-distill", *COMMON,
-                      "--out", trained_on, "--overwrite")
+                      *resumable(trained_on), "--out", trained_on, "--overwrite")
     adapter = base / f"adapter-{alignment}"
     if not (adapter / "prunetune.json").exists():
         prunetune("loram", "train", trained_on, "--data", "builtin:stdlib-code", "--steps", args.steps, "--lr", "5e-4",
-                  *COMMON, "--out", adapter, "--overwrite")
+                  *COMMON, *resumable(adapter), "--out", adapter, "--overwrite")
     full = base / f"full-adapter-{alignment}"
     if not (full / "adapter_config.json").exists():
         prunetune("loram", "recover", adapter, "--pruned", trained_on, "--full", "smollm2-135m", "--out", full,
@@ -205,6 +213,8 @@ def run_cell(args, ratio: float, alignment: str) -> dict:
         "ratio": ratio, "alignment": alignment, "alignment_settings": how,
         "reduction_ratio": record["parameters"]["reduction_ratio"],
         "peak_memory_bytes": record["training"]["peak_memory_bytes"], "train_seconds": record["training"]["seconds"],
+        # a resumed adapter run's seconds count from where it resumed
+        "train_resumed_from_step": record["training"].get("resumed_from_step", 0),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"}
 
