@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_user_error, run_cli
 from tiny import ARCHITECTURES, tiny_model, tokens
 
 from prunetune.training import distill as distill_module
@@ -181,6 +182,31 @@ def test_distilled_recovery_loads_the_source_as_teacher_and_says_what_it_costs(w
     assert json.loads((tmp_path / "t" / "prunetune.json").read_text())["training"]["distill"] == info
 
 
+def test_distilled_recovery_from_a_teacher_cache_holds_no_second_model_and_reuses_it(wide_model_dir, tmp_path):
+    """--teacher-cache: the first recovery builds the source's top-k and frees the source before training;
+    a second one on the same blocks reuses the file and trains to the same losses."""
+    cache = tmp_path / "cache"
+
+    def settings():
+        chosen = _settings(method="magnitude", ratio=0.5, round_to=8, recover_steps=3)
+        chosen.distill.cache, chosen.distill.top_k = str(cache), 8
+        return chosen
+
+    built, reused = (prune(str(wide_model_dir), tmp_path / name, settings(), EVAL, _options(), log=lambda _: None)
+                     for name in ("built", "reused"))
+    copy = settings()
+    copy.distill.cache = None
+    second_copy = prune(str(wide_model_dir), tmp_path / "copy", copy, EVAL, _options(), log=lambda _: None)
+    first, second = (r["training"]["distill"] for r in (built, reused))
+    assert first["teacher"] == "source (its top-k cached)" and first["teacher_model_bytes"] is None
+    assert first["teacher_cache"]["built"] and first["teacher_cache"]["teacher_model_bytes"] > 0
+    assert not second["teacher_cache"]["built"]
+    assert [e["loss"] for e in built["training"]["history"]] == [e["loss"] for e in reused["training"]["history"]]
+    # the source left memory before training: the peak lacks the second copy's weights
+    saved = second_copy["training"]["peak_memory_bytes"] - built["training"]["peak_memory_bytes"]
+    assert saved >= second_copy["training"]["distill"]["teacher_model_bytes"]
+
+
 @pytest.mark.parametrize("quant", ["8bit", "nf4"])
 def test_distilled_loraprune_on_a_quantized_base(wide_model_dir, tmp_path, quant):
     """The teacher is the quantized base itself (no second copy). Until the first mask update (after
@@ -207,10 +233,23 @@ def test_distill_flags_that_cannot_work_fail_before_loading(tmp_path):
         with pytest.raises(UserError, match=message.replace("(", r"\(")):
             prune(missing_model, tmp_path / "out", settings, EVAL, _options(), log=lambda _: None)
     settings = _settings(method="loraprune")
+    settings.distill.cache = str(tmp_path / "cache")  # its teacher is itself: nothing to cache
+    with pytest.raises(UserError, match="DistillSettings.cache is for a one-shot method's recovery"):
+        prune(missing_model, tmp_path / "out", settings, EVAL, _options(), log=lambda _: None)
+    settings = _settings(method="loraprune")
     settings.distill.temperature = 0
     with pytest.raises(UserError, match="temperature"):
         prune(missing_model, tmp_path / "out", settings, EVAL, _options(), log=lambda _: None)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("command", [["prune", "--method", "loraprune"], ["prune", "--method", "taylor"]])
+def test_a_teacher_cache_where_no_second_model_teaches_is_one_line(wide_model_dir, tmp_path, no_model_load, command):
+    """LoRAPrune's teacher is itself; a one-shot prune without --recover-steps has no training at all."""
+    done = run_cli(*command, str(wide_model_dir), "--teacher-cache", str(tmp_path / "cache"), "--out",
+                   str(tmp_path / "out"), cwd=tmp_path)
+    assert_user_error(done, "--teacher-cache" if "loraprune" in command else "--distill")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 def test_distillation_is_loraprunes_default_and_off_for_one_shot_recovery():

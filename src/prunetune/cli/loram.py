@@ -78,6 +78,7 @@ def loram_align(
                                               "default: on). --no-distill: the paper's continued pre-training."),
     distill_alpha: Optional[float] = options.distill_alpha(1.0),
     distill_temperature: float = options.distill_temperature(),
+    teacher_cache: Optional[Path] = options.teacher_cache(), teacher_top_k: int = options.teacher_top_k(),
     eval_data: Optional[str] = options.eval_data(None, EVAL_DATA_WHY),
     eval_seq_len: int = options.eval_seq_len(),
     max_windows: Optional[int] = options.max_windows(),
@@ -101,7 +102,8 @@ def loram_align(
     from ..training.distill import DistillSettings
 
     record = align(pruned, out_dir, training, step, log=log,
-                   distill=DistillSettings(enabled=distill, alpha=distill_alpha, temperature=distill_temperature))
+                   distill=DistillSettings(enabled=distill, alpha=distill_alpha, temperature=distill_temperature,
+                                           cache=str(teacher_cache) if teacher_cache else None, top_k=teacher_top_k))
     if record:  # under FSDP only the main process has one
         _print_step(record, out_dir)
 

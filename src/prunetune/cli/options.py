@@ -214,8 +214,9 @@ def distill_temperature() -> Any:
 
 
 def teacher_cache() -> Any:
-    return typer.Option(None, "--teacher-cache", show_default=False, help="--distill, training every weight: read "
-                        "the teacher's top-k next tokens from this directory instead of holding a second model. The "
+    return typer.Option(None, "--teacher-cache", show_default=False, help="--distill from a second model (full-"
+                        "parameter shear/train, --recover-steps, loram align): read the teacher's top-k next tokens "
+                        "from this directory instead of holding the model. The "
                         "first run builds it (one teacher pass over the training blocks, then the teacher is freed); "
                         "later runs on the same data reuse it.")
 

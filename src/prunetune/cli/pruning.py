@@ -58,6 +58,7 @@ def prune(
                                 "or tuned (adapters on: the unpruned model as it fine-tunes)."),
     distill_temperature: float = options.distill_temperature(),
     distill_alpha: Optional[float] = options.distill_alpha("0.5 for loraprune, 1 for --recover-steps"),
+    teacher_cache: Optional[Path] = options.teacher_cache(), teacher_top_k: int = options.teacher_top_k(),
     ema: float = typer.Option(0.9, help="loraprune: weight of the old moving-average score."),
     lora_r: int = options.lora_r(),
     lora_alpha: int = options.lora_alpha(),
@@ -102,7 +103,9 @@ def prune(
                                                          normalize=normalize, warmup=prune_warmup,
                                                          cooldown=prune_cooldown),
                              distill=DistillSettings(enabled=distill, temperature=distill_temperature,
-                                                     alpha=distill_alpha, teacher=teacher))
+                                                     alpha=distill_alpha, teacher=teacher,
+                                                     cache=str(teacher_cache) if teacher_cache else None,
+                                                     top_k=teacher_top_k))
     evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=eval_seq_len, max_windows=max_windows)
     run_options = RunOptions(
         training=TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..data import load_blocks, load_examples
-from ..training.distill import DistillSettings, self_teacher_for, source_teacher
+from ..training.distill import DistillSettings, model_teacher, self_teacher_for
 from ..errors import SettingError
 from ..families import family_of, refuse_experts
 from ..importance import CRITERIA
@@ -109,6 +109,10 @@ class PruneSettings:
             if self.method != "loraprune" and not self.recover_steps:
                 raise SettingError("DistillSettings.enabled", "DistillSettings.enabled trains against a teacher: use "
                                    "it with loraprune or with PruneSettings.recover_steps")
+            if self.method == "loraprune" and self.distill.cache:
+                raise SettingError("DistillSettings.cache", "loraprune's teacher is the model itself with its masks "
+                                   "off, which costs no memory: DistillSettings.cache is for a one-shot method's "
+                                   "recovery (PruneSettings.recover_steps)")
             if self.method != "loraprune" and self.distill.teacher == "tuned":
                 raise SettingError("DistillSettings.teacher", "DistillSettings.teacher tuned is LoRAPrune's (the "
                                    "unpruned model as it fine-tunes); a one-shot method's recovery distils from the "
@@ -245,10 +249,11 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     ratio = achieved_ratio(before, masks, layers, units)
     cut(model, masks)
     if settings.recover_steps:
-        teacher = teacher_bytes = None
-        if distill.enabled:  # the unpruned source, loaded a second time: the memory LoRAPrune's teacher saves
-            teacher, teacher_bytes = source_teacher(model_spec, dtype=options.dtype, quant=options.quant,
-                                                    device=str(next(model.parameters()).device))
+        teacher, held = None, {}
+        if distill.enabled:  # the unpruned source, loaded a second time or cached: what LoRAPrune's teacher saves
+            teacher, held = model_teacher(model_spec, distill, blocks, dtype=options.dtype, quant=options.quant,
+                                          accelerator=run.accelerator, seq_len=training.seq_len,
+                                          batch_size=training.batch_size, log=run.log)
         torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
         model = add_lora(model, options.lora)
         recovery = TrainSettings(**{**asdict(training), "steps": settings.recover_steps})
@@ -257,7 +262,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         if expert_record is not None:  # the cut model's experts, numbered as they now are
             expert_record["routing"]["training"] = routing.record(before.top_k)
         if trained.distill:
-            trained.distill |= {"teacher": "source", "teacher_model_bytes": teacher_bytes}
+            trained.distill |= {"teacher": "source (its top-k cached)" if distill.cache else "source"} | held
         record_training = {"training": trained.record(recovery)}
         del teacher
         model = trained.model

@@ -66,7 +66,8 @@ class DistillSettings:
     alpha: float | None = None
     teacher: str = "base"  # LoRAPrune: base (adapters off) or tuned (adapters on)
     # A second model's top-k next tokens cached in this directory (built once, then reused) instead of
-    # the model itself in memory (teacher_cache.py): full-parameter shearing and continued training
+    # the model itself in memory (teacher_cache.py): wherever the teacher is another model (full-parameter
+    # shearing, continued training, a one-shot method's recovery, LoRAM's alignment)
     cache: str | None = None
     top_k: int = DEFAULT_TOP_K
 
@@ -264,15 +265,18 @@ def source_teacher(model_spec: str, *, dtype: str, device: str, quant: str | Non
 
 
 def model_teacher(spec: str, settings: DistillSettings, blocks: torch.Tensor, *, dtype: str, accelerator,
-                  seq_len: int, batch_size: int, log) -> tuple[ModelTeacher | CachedTeacher, dict]:
-    """The teacher `spec` for full-parameter training on `blocks`: its cache when settings.cache names
-    one (built first if need be), else the model loaded a second time; and what the record says of it."""
+                  seq_len: int, batch_size: int, log, quant: str | None = None
+                  ) -> tuple[ModelTeacher | CachedTeacher, dict]:
+    """The teacher `spec` for training on `blocks` against a model other than the one trained: its
+    cache when settings.cache names one (built first if need be), else the model loaded a second time;
+    and what the record says of it."""
     if settings.cache:
-        key = CacheKey(teacher=spec, top_k=settings.top_k, temperature=settings.temperature, seq_len=seq_len)
+        key = CacheKey(teacher=spec, top_k=settings.top_k, temperature=settings.temperature, seq_len=seq_len,
+                       quant=quant)
         teacher, info = cached_source_teacher(spec, Path(settings.cache), blocks, key, dtype=dtype,
                                               accelerator=accelerator, batch_size=batch_size, log=log)
         return teacher, {"teacher_model_bytes": None, "teacher_cache": info}
-    teacher, held = source_teacher(spec, dtype=dtype, device=str(accelerator.device))
+    teacher, held = source_teacher(spec, dtype=dtype, device=str(accelerator.device), quant=quant)
     log(f"distilling from {spec} (a second model: {held / 2**20:,.0f} MiB)")
     return teacher, {"teacher_model_bytes": held}
 

@@ -46,6 +46,7 @@ class CacheKey:
     top_k: int
     temperature: float
     seq_len: int
+    quant: str | None = None  # how the teacher was loaded (an 8-bit teacher gives other distributions)
 
 
 def row_hashes(blocks: torch.Tensor) -> torch.Tensor:
@@ -172,7 +173,7 @@ def cached_source_teacher(teacher_spec: str, directory: Path, blocks: torch.Tens
     info: dict = {}
     if accelerator.is_main_process:
         log(f"building the teacher cache {path} ({why}): {key.teacher}'s top {key.top_k} over {len(blocks)} rows")
-        teacher, _ = load_model(key.teacher, dtype=dtype, device=str(accelerator.device))
+        teacher, _ = load_model(key.teacher, dtype=dtype, device=str(accelerator.device), quant=key.quant)
         info = build_cache(teacher, blocks, path, key, batch_size, accelerator.device)
         info["teacher_model_bytes"] = sum(t.numel() * t.element_size() for t in (*teacher.parameters(),
                                                                                   *teacher.buffers()))

@@ -14,6 +14,7 @@ from prunetune.methods.loram.pipeline import (
 from prunetune.runs.settings import RunOptions
 from prunetune.report import read_record
 from prunetune.structure.units import Structure, count_parameters
+from prunetune.training.distill import DistillSettings
 from prunetune.training.loop import TrainSettings
 
 
@@ -70,6 +71,18 @@ def test_align_trains_every_weight_and_carries_the_kept_units(full, pruned, tmp_
     assert stored["alignment"]["objective"] == "distillation"
     assert record["training"]["distill"]["teacher"] == str(full)
     assert record["training"]["distill"]["alpha"] == 1.0 and record["training"]["distill"]["teacher_model_bytes"] > 0
+
+
+def test_distilled_alignment_from_a_teacher_cache_builds_it_once(full, pruned, tmp_path):
+    """--teacher-cache: the full model's top-k is built on the first alignment and reused by the next,
+    which trains to the same losses without loading the full model."""
+    distill = DistillSettings(cache=str(tmp_path / "cache"), top_k=8)
+    records = [align(pruned, tmp_path / name, training(), StepOptions(progress=False), log=quiet, distill=distill)
+               for name in ("built", "reused")]
+    first, second = (r["training"]["distill"] for r in records)
+    assert first["teacher"] == str(full) and first["teacher_cache"]["built"] and first["teacher_model_bytes"] is None
+    assert not second["teacher_cache"]["built"]
+    assert [e["loss"] for e in records[0]["training"]["history"]] == [e["loss"] for e in records[1]["training"]["history"]]
 
 
 def test_distilled_alignment_brings_the_pruned_model_closer_to_the_full_one(tiny_model_dir, tmp_path):

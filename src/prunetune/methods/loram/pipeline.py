@@ -29,7 +29,7 @@ from ...models import resolve_model_spec
 from ...report import read_record
 from .sparsity import reduction_ratio
 from ...structure.units import count_parameters
-from ...training.distill import DistillSettings, source_teacher
+from ...training.distill import DistillSettings, model_teacher
 from ...training.loop import TrainSettings
 from ...runs.lifecycle import Run
 from ...runs.settings import EvalSettings, RunOptions
@@ -202,13 +202,13 @@ def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
         from .sparsity import KeepZeros
 
         hooks = KeepZeros.from_zeros(model)  # full training must not revive the pruned weights
-    teacher = teacher_bytes = None
-    if distill.enabled:
-        teacher, teacher_bytes = source_teacher(teacher_spec, dtype=step.dtype, device=str(run.accelerator.device))
-        run.log(f"aligning by distillation from {teacher_spec} (a second model: {teacher_bytes / 2**20:,.0f} MiB)")
+    teacher, held = None, {}
+    if distill.enabled:  # the full model, loaded a second time or cached (DistillSettings.cache)
+        teacher, held = model_teacher(teacher_spec, distill, blocks, dtype=step.dtype, accelerator=run.accelerator,
+                                      seq_len=training.seq_len, batch_size=training.batch_size, log=run.log)
     trained = run.train(model, blocks, mask, hooks=hooks, teacher=teacher, distill=distill)
     if trained.distill:
-        trained.distill |= {"teacher": teacher_spec, "teacher_model_bytes": teacher_bytes}
+        trained.distill |= {"teacher": teacher_spec} | held
     del teacher
     model = trained.model
     if model is None:  # FSDP: the main process holds the gathered model, evaluates and saves it
