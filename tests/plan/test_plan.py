@@ -7,6 +7,7 @@ import json
 
 import pytest
 from helpers import assert_user_error, run_cli
+from tiny import MOE_FAMILIES, tiny_config
 
 from prunetune.bench.shapes import shape_config
 from prunetune.plan import PlanSettings, parse_memory, plan_method
@@ -32,6 +33,36 @@ def test_plan_matches_the_measured_peak(shape, method, checkpointing):
     assert set(measured) == set(plan["steps"])
     for step, value in measured.items():
         assert plan["steps"][step]["peak"] == pytest.approx(value, rel=BOUND), step
+
+
+# Every family routes through the same experts kernel: Taylor (scoring, then recovery) on each, LoRA
+# and full training on one each.
+MIXTURE_CASES = [(arch, "taylor") for arch in MOE_FAMILIES] + [("qwen3_moe", "lora"), ("granitemoe", "train")]
+
+
+@pytest.mark.parametrize("arch,method", MIXTURE_CASES)
+def test_plan_of_a_mixture_of_experts_matches_the_measured_peak(arch, method):
+    """The experts' grouped product planned on the meta device (any dtype) keeps what it keeps on the
+    CPU; Taylor's recovery is the largest of the shapes prune's expert budget may choose, on both sides."""
+    settings = PlanSettings(method=method, ratio=0.5, batch_size=2, seq_len=48, dtype="float32",
+                            gradient_checkpointing=method == "train")
+    plan = plan_method(tiny_config(arch), settings)
+    measured = measure_method(tiny_config(arch), settings)
+    assert set(measured) == set(plan["steps"])
+    for step, value in measured.items():
+        assert plan["steps"][step]["peak"] == pytest.approx(value, rel=BOUND), step
+    if method == "taylor":
+        assert "the largest of the" in plan["steps"]["recovery"]["notes"][-1]
+
+
+def test_planning_a_mixture_by_a_method_that_refuses_it_is_one_line(tmp_path, no_model_load):
+    tiny_config("qwen3_moe").save_pretrained(tmp_path / "moe")
+    assert_user_error(run_cli("plan", str(tmp_path / "moe"), "--method", "loraprune", cwd=tmp_path),
+                      "mixture of experts", "lora, taylor, train")
+    done = run_cli("plan", str(tmp_path / "moe"), "--method", "taylor", "--batch-size", "2", "--seq-len", "32",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "the largest of the" in done.stdout
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])

@@ -21,16 +21,19 @@ from .planner import PlanSettings
 BLOCKS = 16  # random training blocks: enough for two steps at any planned batch
 
 
-def _model(config, settings: PlanSettings, device: torch.device, pruned: bool, quant: str | None,
+def _model(config, settings: PlanSettings, device: torch.device, pruned: bool | dict, quant: str | None,
            tmp: Path) -> nn.Module:
+    """`pruned`: to the planner's pruned shape (True), or to one of a mixture's `expert_shapes` (a dict)."""
     from ..bench.shapes import placeholder_tokenizer, random_model
     from ..families import family_of
     from ..models import load_model
-    from .planner import pruned_shape
+    from .planner import cut_experts, pruned_shape
 
     dtype = getattr(torch, settings.dtype)
     model = random_model(copy.deepcopy(config), device, dtype)  # a copy: cutting the model changes its config
-    if pruned:
+    if isinstance(pruned, dict):
+        cut_experts(model, pruned)
+    elif pruned:
         pruned_shape(model, settings.ratio, settings.layer_spec)
     if not quant:
         return model
@@ -50,6 +53,9 @@ def measure_method(config, settings: PlanSettings, device: str = "cpu") -> dict:
     from ..structure.units import Structure
     from ..training.loop import TrainSettings, train
 
+    from ..families import family_of
+    from .planner import expert_shapes
+
     settings.check()
     device = torch.device(device)
     training = TrainSettings(steps=2, batch_size=settings.batch_size, seq_len=settings.seq_len,
@@ -65,6 +71,12 @@ def measure_method(config, settings: PlanSettings, device: str = "cpu") -> dict:
             measured["scoring"] = _taylor_scoring_peak(_model(config, settings, device, False, None, Path(tmp)),
                                                        blocks[: settings.batch_size].to(device))
         pruned = method in ("loram", "qloram", "taylor")
+        if pruned and family_of(config).moe is not None:  # the largest of the shapes prune chooses among
+            shapes = expert_shapes(_model(config, settings, torch.device("meta"), False, None, Path(tmp)),
+                                   settings.ratio)
+            measured["recovery"] = max(_recovery_peak(config, settings, device, shape, blocks, mask, lora, training,
+                                                      Path(tmp)) for shape in shapes)
+            return measured
         model = _model(config, settings, device, pruned, settings.base_quant, Path(tmp))
         hooks = teacher = None
         if method in ("train", "shear"):
@@ -84,6 +96,16 @@ def measure_method(config, settings: PlanSettings, device: str = "cpu") -> dict:
         run = train(model, blocks, mask, training, hooks=hooks, progress=False, teacher=teacher, distill=distill)
         measured["recovery" if method == "taylor" else "training"] = run.peak_memory_bytes
     return measured
+
+
+def _recovery_peak(config, settings: PlanSettings, device: torch.device, shape: dict, blocks, mask, lora, training,
+                   tmp: Path) -> int:
+    from ..training.lora import add_lora
+    from ..training.loop import train
+
+    model = _model(config, settings, device, shape, None, tmp)
+    torch.manual_seed(0)
+    return train(add_lora(model, lora), blocks, mask, training, progress=False).peak_memory_bytes
 
 
 def _taylor_scoring_peak(model: nn.Module, batch: torch.Tensor) -> int:

@@ -5,7 +5,7 @@ the meta device every operator computes its output's shape and dtype and allocat
 project's own step (PEFT's LoRA, the chunked loss or the distillation loss, gradient checkpointing,
 AdamW, LoRAPrune's criterion) runs on a 70B-shaped model in seconds. `TensorMemory(device="meta")`
 counts each storage it creates and frees exactly as it does on the CPU, where the two agree to the
-byte (tests/plan/test_plan.py). Three things are adjusted while a step is planned (`planning()`):
+byte (tests/plan/test_plan.py). Four things are adjusted while a step is planned (`planning()`):
 
 - transformers asks whether the positions are packed sequences, which reads values; training
   blocks never are, so the answer is fixed to "no".
@@ -13,6 +13,8 @@ byte (tests/plan/test_plan.py). Three things are adjusted while a step is planne
   attention matrix; the CPU and GPU both run a flash kernel, which keeps the output and the
   log-sum-exp only (and handles grouped key/value heads without repeating them). The planned step
   calls that kernel's meta function.
+- A mixture's experts run through torch's grouped product, whose meta function takes bf16 only; at
+  other dtypes a stand-in gives the same output and keeps the same tensors for the backward.
 - bitsandbytes weights (8-bit, NF4) do not run on the meta device. A quantized projection is
   planned as its packed weight and quantization constants, plus a dequantized copy of the weight
   that exists only while that projection computes, forward and backward, as bitsandbytes does.
@@ -46,13 +48,44 @@ def planning() -> Iterator[None]:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
 
+    import transformers.integrations.moe as moe
+
+    original_grouped = moe._grouped_mm
+
+    def grouped_mm(input, weight, offs):
+        if weight.device.type != "meta" or weight.dtype == torch.bfloat16:
+            return original_grouped(input, weight, offs)
+        return _MetaGroupedMM.apply(input.to(weight.dtype), weight, offs)
+
     F.scaled_dot_product_attention = flash_sdpa
     masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    moe._grouped_mm = grouped_mm
     try:
         yield
     finally:
         F.scaled_dot_product_attention = original_sdpa
         masking_utils.find_packed_sequence_indices = original_packed
+        moe._grouped_mm = original_grouped
+
+
+class _MetaGroupedMM(torch.autograd.Function):
+    """torch's grouped product (a mixture's experts) on the meta device at any dtype: its meta function
+    takes bf16 only. Same output, and the same saved tensors as its autograd formula: the input only
+    when the weight needs a gradient, as for any product (a frozen expert's input is not kept)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, offs):
+        needs_input, needs_weight = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
+        ctx.shapes = input.shape, weight.shape
+        return input.new_empty(input.shape[0], weight.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        input_shape, weight_shape = ctx.shapes
+        needs_input, needs_weight = ctx.needs_input_grad[:2]
+        return (grad.new_empty(input_shape) if needs_input else None,
+                grad.new_empty(weight_shape) if needs_weight else None, None)
 
 
 def meta_memory(tensors) -> TensorMemory:

@@ -30,6 +30,9 @@ from ..training.loss import CHUNK_ELEMENTS, MIN_CHUNK
 from .meta_step import META, meta_memory, planning, quant_state_bytes, quantize_projections
 
 METHODS = ("lora", "loraprune", "taylor", "loram", "qloram", "shear", "train")
+# On a mixture of experts: a LoRA (on attention), a one-shot prune by expert with its recovery, and
+# continued training; LoRAPrune, LoRAM and the shear refuse mixtures.
+MIXTURE_METHODS = ("lora", "taylor", "train")
 SHAPE_PREFIX = "shape:"
 PLANNED_STEPS = 2  # the first creates AdamW's state, the second runs with all of it (train.MEMORY_STEPS)
 
@@ -135,6 +138,48 @@ def pruned_shape(model: nn.Module, ratio: float, layer_spec: str) -> nn.Module:
     equal = [LayerScores(torch.ones(s.num_heads), torch.ones(s.num_kv_heads), torch.ones(s.intermediate))
              for s in structure.layers]
     cut(model, masks_from_counts(structure, equal, counts))
+    return model
+
+
+def expert_units(model: nn.Module) -> tuple[str, ...]:
+    """The units a mixture of experts is planned with: heads (where its family cuts them), experts and
+    expert channels, the units `prune` shares a budget between."""
+    from ..families import family_of
+
+    return ("experts", "expert-channels") if family_of(model).no_head_cut else ("heads", "experts", "expert-channels")
+
+
+def expert_shapes(model: nn.Module, ratio: float) -> list[dict]:
+    """The shapes `prune` chooses among on a mixture of experts at `ratio` (every layer, uniform): one
+    per number of experts removed per layer, the rest of the budget from heads and expert channels, at
+    prune's default rounding (methods/expert_budget.py). Which one wins depends on the calibration loss, so a plan takes the
+    largest; each is {"masks", "experts_removed_per_layer", "expert_width", "head_fraction"}."""
+    from ..methods.expert_budget import expert_counts, width_masks
+    from ..structure.allocate import DEFAULT_ROUND_TO, DEFAULT_SPLIT
+    from ..structure.scores import LayerScores
+    from ..structure.units import Structure
+
+    structure = Structure.of(model)
+    layers, units = list(range(structure.num_layers)), expert_units(model)
+    equal = [LayerScores(torch.ones(s.num_heads), torch.ones(s.num_kv_heads), torch.zeros(0), torch.ones(s.experts),
+                         torch.ones(s.experts, s.intermediate)) for s in structure.layers]
+    shapes = []
+    for removed in expert_counts(structure, ratio, layers, units):
+        found = width_masks(structure, equal, None, ratio, layers, units, removed, "kv-group", DEFAULT_ROUND_TO,
+                            "uniform", DEFAULT_SPLIT)
+        if found is not None:
+            shapes.append(found[1] | {"masks": found[0]})
+    if not shapes:
+        raise SettingError("PlanSettings.ratio", f"no share of a {ratio} cut keeps every layer its router's top-k "
+                           "experts and every expert a channel; lower PlanSettings.ratio")
+    return shapes
+
+
+def cut_experts(model: nn.Module, shape: dict) -> nn.Module:
+    """Cut `model` (a mixture of experts) to one of `expert_shapes`."""
+    from ..structure.surgery import cut
+
+    cut(model, shape["masks"])
     return model
 
 
@@ -271,15 +316,17 @@ def plan_method(config, settings: PlanSettings) -> dict:
 
     settings.check()
     family = BY_MODEL_TYPE.get(getattr(config, "model_type", None))
-    if family is not None and family.moe is not None:
-        # How many tokens each expert computes is decided by the router on real data; on the meta device
-        # there is none, and transformers' grouped expert kernels take bf16 only there.
-        raise UserError(f"the memory planner does not model a mixture of experts ({family.name}) yet: its "
-                        "experts' memory depends on the routing of real tokens; measure a few steps instead")
+    experts = family is not None and family.moe is not None
+    if experts and settings.method not in MIXTURE_METHODS:
+        raise UserError(f"{family.name} is a mixture of experts, which {settings.method} does not prune or train; "
+                        f"plan {', '.join(MIXTURE_METHODS)} on it")
     dtype = getattr(torch, settings.dtype)
     steps: dict[str, StepPlan] = {}
     method = settings.method
-    if method in ("train", "shear"):
+    if method == "taylor" and experts:
+        steps["scoring"] = plan_taylor_scoring(_meta_model(config, dtype), settings)
+        steps["recovery"] = _largest_expert_recovery(config, settings, dtype)
+    elif method in ("train", "shear"):
         model = _meta_model(config, dtype)
         model.requires_grad_(True)
         steps["training"] = plan_training_step(model, settings)
@@ -302,6 +349,19 @@ def plan_method(config, settings: PlanSettings) -> dict:
     return {"method": method, "settings": asdict(settings), "steps": {n: asdict(s) for n, s in steps.items()},
             "per_process": per_process, "peak": per_process[peak_step]["peak"], "peak_step": peak_step,
             "parameters": _parameter_count(config)}
+
+
+def _largest_expert_recovery(config, settings: PlanSettings, dtype: torch.dtype) -> StepPlan:
+    """The recovery of a pruned mixture of experts, planned on every shape prune may choose; the largest."""
+    plans = []
+    for shape in expert_shapes(_meta_model(config, dtype), settings.ratio):
+        model = _with_lora(cut_experts(_meta_model(config, dtype), shape), settings)
+        plans.append((plan_training_step(model, settings), shape))
+    plan, shape = max(plans, key=lambda found: found[0].peak)
+    plan.notes.append(f"the largest of the {len(plans)} shapes prune's expert budget chooses among (by calibration "
+                      f"loss): experts removed per layer {shape['experts_removed_per_layer']}, expert width "
+                      f"{shape['expert_width']}, share of the heads cut {shape['head_fraction']:.3f}")
+    return plan
 
 
 def _parameter_count(config) -> int:
