@@ -59,6 +59,8 @@ def test_planning_a_mixture_by_a_method_that_refuses_it_is_one_line(tmp_path, no
     tiny_config("qwen3_moe").save_pretrained(tmp_path / "moe")
     assert_user_error(run_cli("plan", str(tmp_path / "moe"), "--method", "loraprune", cwd=tmp_path),
                       "mixture of experts", "lora, taylor, train")
+    assert_user_error(run_cli("plan", str(tmp_path / "moe"), "--method", "taylor", "--layers", "1-2", cwd=tmp_path),
+                      "--layers")
     done = run_cli("plan", str(tmp_path / "moe"), "--method", "taylor", "--batch-size", "2", "--seq-len", "32",
                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr

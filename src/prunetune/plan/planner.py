@@ -33,6 +33,7 @@ METHODS = ("lora", "loraprune", "taylor", "loram", "qloram", "shear", "train")
 # On a mixture of experts: a LoRA (on attention), a one-shot prune by expert with its recovery, and
 # continued training; LoRAPrune, LoRAM and the shear refuse mixtures.
 MIXTURE_METHODS = ("lora", "taylor", "train")
+UNIFORM_WHY = "its config holds one expert count and width for every layer"
 SHAPE_PREFIX = "shape:"
 PLANNED_STEPS = 2  # the first creates AdamW's state, the second runs with all of it (train.MEMORY_STEPS)
 
@@ -320,6 +321,9 @@ def plan_method(config, settings: PlanSettings) -> dict:
     if experts and settings.method not in MIXTURE_METHODS:
         raise UserError(f"{family.name} is a mixture of experts, which {settings.method} does not prune or train; "
                         f"plan {', '.join(MIXTURE_METHODS)} on it")
+    if experts and settings.layers not in (None, "all"):
+        raise SettingError("PlanSettings.layers", f"{family.name} is pruned in every layer alike ({UNIFORM_WHY}): "
+                           "leave PlanSettings.layers at all")
     dtype = getattr(torch, settings.dtype)
     steps: dict[str, StepPlan] = {}
     method = settings.method
