@@ -73,7 +73,7 @@ def measure_method(config, settings: PlanSettings, device: str = "cpu") -> dict:
         pruned = method in ("loram", "qloram", "taylor")
         if pruned and family_of(config).moe is not None:  # the largest of the shapes prune chooses among
             shapes = expert_shapes(_model(config, settings, torch.device("meta"), False, None, Path(tmp)),
-                                   settings.ratio)
+                                   settings.ratio)  # (the tiny models measured have at most PLANNED_SHAPES)
             measured["recovery"] = max(_recovery_peak(config, settings, device, shape, blocks, mask, lora, training,
                                                       Path(tmp)) for shape in shapes)
             return measured

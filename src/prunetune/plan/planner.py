@@ -33,6 +33,7 @@ METHODS = ("lora", "loraprune", "taylor", "loram", "qloram", "shear", "train")
 # On a mixture of experts: a LoRA (on attention), a one-shot prune by expert with its recovery, and
 # continued training; LoRAPrune, LoRAM and the shear refuse mixtures.
 MIXTURE_METHODS = ("lora", "taylor", "train")
+PLANNED_SHAPES = 5  # a mixture's pruned shapes planned for Taylor's recovery (each is a meta step)
 UNIFORM_WHY = "its config holds one expert count and width for every layer"
 SHAPE_PREFIX = "shape:"
 PLANNED_STEPS = 2  # the first creates AdamW's state, the second runs with all of it (train.MEMORY_STEPS)
@@ -356,14 +357,19 @@ def plan_method(config, settings: PlanSettings) -> dict:
 
 
 def _largest_expert_recovery(config, settings: PlanSettings, dtype: torch.dtype) -> StepPlan:
-    """The recovery of a pruned mixture of experts, planned on every shape prune may choose; the largest."""
+    """The recovery of a pruned mixture of experts, planned on the shapes prune may choose; the largest.
+    A model with many experts has dozens of shapes (one per number removed), so at most
+    PLANNED_SHAPES of them, spread evenly from the fewest experts removed to the most, are planned."""
+    shapes = expert_shapes(_meta_model(config, dtype), settings.ratio)
+    picked = sorted({round(i * (len(shapes) - 1) / max(PLANNED_SHAPES - 1, 1)) for i in range(PLANNED_SHAPES)})
     plans = []
-    for shape in expert_shapes(_meta_model(config, dtype), settings.ratio):
+    for shape in (shapes[i] for i in picked):
         model = _with_lora(cut_experts(_meta_model(config, dtype), shape), settings)
         plans.append((plan_training_step(model, settings), shape))
     plan, shape = max(plans, key=lambda found: found[0].peak)
-    plan.notes.append(f"the largest of the {len(plans)} shapes prune's expert budget chooses among (by calibration "
-                      f"loss): experts removed per layer {shape['experts_removed_per_layer']}, expert width "
+    among = f"{len(plans)} shapes" if len(plans) == len(shapes) else f"{len(plans)} of the {len(shapes)} shapes"
+    plan.notes.append(f"the largest of the {among} prune's expert budget chooses among (by calibration loss): "
+                      f"experts removed per layer {shape['experts_removed_per_layer']}, expert width "
                       f"{shape['expert_width']}, share of the heads cut {shape['head_fraction']:.3f}")
     return plan
 
