@@ -213,8 +213,6 @@ def run_cell(args, ratio: float, alignment: str) -> dict:
         "ratio": ratio, "alignment": alignment, "alignment_settings": how,
         "reduction_ratio": record["parameters"]["reduction_ratio"],
         "peak_memory_bytes": record["training"]["peak_memory_bytes"], "train_seconds": record["training"]["seconds"],
-        # a resumed adapter run's seconds count from where it resumed
-        "train_resumed_from_step": record["training"].get("resumed_from_step", 0),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"}
 

@@ -138,7 +138,7 @@ class ComposedHooks(TrainHooks):
 @dataclass
 class TrainResult:
     history: list[dict] = field(default_factory=list)  # one entry per step: step, loss, lr
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time, the steps before a resume included
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
     peak_rss_bytes: int | None = None  # CPU: the process's resident set, beside the tensor peak
@@ -329,6 +329,7 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
         objective = ChunkedLoss(model)
     model.train()
     started = time.perf_counter()
+    earlier = result.seconds  # a resumed run's time before its checkpoint
     end = settings.steps if stop_after is None else min(settings.steps, stop_after)
     steps = range(start_step, end)
     counting = tensor_memory is not None and len(steps) > 0
@@ -367,6 +368,7 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
             if log and accelerator.is_main_process and ((step + 1) % 10 == 0 or step + 1 == settings.steps):
                 log(f"step {step + 1}/{settings.steps}: loss {mean_loss:.4f}")
             if checkpoint and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0:
+                result.seconds = earlier + time.perf_counter() - started
                 _save_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, hooks, step + 1, result)
             if counting and memory_steps is not None and step + 1 - start_step >= memory_steps:
                 tensor_memory.__exit__(None, None, None)
@@ -375,7 +377,7 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
     finally:
         if counting:
             tensor_memory.__exit__(None, None, None)
-    result.seconds = time.perf_counter() - started
+    result.seconds = earlier + time.perf_counter() - started
     if teacher is not None:
         result.distill = objective.record(len(steps))
     result.peak_memory_bytes, result.peak_memory_kind = peak_memory(measuring)
@@ -427,6 +429,7 @@ def _save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, hooks
             "scheduler": scheduler.state_dict(),
             "hooks": hooks_state,
             "history": result.history,
+            "seconds": result.seconds,
             "rng": _rng_state(),
         }, tmp / "state.pt")
         old = path.parent / f".{path.name}.old"
@@ -456,5 +459,6 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, hooks, result, sha
     scheduler.load_state_dict(state["scheduler"])
     hooks.load_state_dict(state["hooks"])
     result.history = list(state["history"])
+    result.seconds = float(state.get("seconds", 0.0))  # a checkpoint written before this was kept counts 0
     _set_rng_state(state["rng"])
     return int(state["step"])

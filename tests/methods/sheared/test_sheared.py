@@ -143,9 +143,11 @@ def test_resumed_shear_ends_where_an_uninterrupted_one_does(tmp_path):
     train(model, blocks, mask, settings, hooks=hooks, sampler=sampler, checkpoint_dir=tmp_path, stop_after=5,
           progress=False)
     model, masks, _, hooks, sampler, blocks, mask, settings = _shear_setup()  # a fresh process, as after a kill
+    before_kill = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["seconds"]
     resumed = train(model, blocks, mask, settings, hooks=hooks, sampler=sampler, checkpoint_dir=tmp_path,
                     resume=True, progress=False)
     assert resumed.resumed_from_step == 5
+    assert 0 < before_kill < resumed.seconds  # the record's time counts the steps before the kill too
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], abs=1e-5)
     assert [h["domain_weights"] for h in resumed.history] == [h["domain_weights"] for h in whole.history]
     for key, value in masks.state_dict().items():
