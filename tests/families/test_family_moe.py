@@ -220,13 +220,14 @@ def test_settings_a_model_cannot_take_are_refused_before_loading(arch, method, u
         _check_family(tiny_model(arch).config, PruneSettings(method=method, units=units))
 
 
-def test_the_planner_refuses_a_mixture_in_one_line():
+def test_the_planner_refuses_a_mixture_for_a_method_that_refuses_it():
+    """lora, taylor and train plan a mixture (tests/plan/test_plan.py); LoRAPrune does not prune one."""
     from tiny import tiny_config
 
     from prunetune.plan import PlanSettings, plan_method
 
-    with pytest.raises(UserError, match="does not model a mixture of experts"):
-        plan_method(tiny_config("mixtral"), PlanSettings(method="lora"))
+    with pytest.raises(UserError, match="mixture of experts, which loraprune does not prune or train"):
+        plan_method(tiny_config("mixtral"), PlanSettings(method="loraprune"))
 
 
 def test_shear_refuses_a_mixture_in_one_line_and_writes_nothing(mixtral_dir, tmp_path):
