@@ -37,6 +37,7 @@ from ..errors import SettingError, UserError
 from ..modeling import eval_mode
 from .loss import CHUNK_ELEMENTS, FinalHidden
 from .teacher_cache import DEFAULT_TOP_K, CacheKey, CachedTeacher, cached_source_teacher
+from .tensor_memory import module_tensors
 
 TEACHERS = ("base", "tuned")
 # Positions per chunk: half the plain loss's (a distillation chunk holds the student's and the
@@ -113,6 +114,10 @@ class SelfTeacher:
         self.final_hidden = FinalHidden(model)
         self.head = self.final_hidden.head
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """What this teacher holds beyond the trained model: nothing, it is that model."""
+        return []
+
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         adapters_off = contextlib.nullcontext() if self.adapters else self.model.disable_adapter()
         with self.masks_off(), adapters_off, eval_mode(self.model), torch.no_grad():
@@ -128,6 +133,10 @@ class ModelTeacher:
             p.requires_grad_(False)
         self.final_hidden = FinalHidden(model)
         self.head = self.final_hidden.head
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The second model's weights, held through the whole run."""
+        return module_tensors(self.model)
 
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         with eval_mode(self.model), torch.no_grad():

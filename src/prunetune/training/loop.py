@@ -317,8 +317,7 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
         result.resumed_from_step = start_step
     measuring = reset_peak_memory()
     # a second model as teacher holds its weights through the whole run: they count, as on a GPU
-    teacher_model = getattr(teacher, "model", None)
-    teacher_tensors = module_tensors(teacher_model) if teacher_model is not None else []
+    teacher_tensors = teacher.held_tensors() if teacher is not None else []
     tensor_memory = None if torch.cuda.is_available() or memory_steps == 0 else TensorMemory(
         module_tensors(accelerator.unwrap_model(model)) + optimizer_tensors(optimizer) + teacher_tensors)
     if teacher is not None:

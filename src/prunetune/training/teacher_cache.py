@@ -125,6 +125,10 @@ class CachedTeacher:
         self._rest = self._file.get_slice("rest")
         self.index = {h: i for i, h in enumerate(self._file.get_tensor("row_hash").tolist())}
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Nothing in tensor memory: the file is memory-mapped, and each batch's rows are read as it comes."""
+        return []
+
     def missing(self, blocks: torch.Tensor) -> int:
         """How many rows of `blocks` the cache lacks."""
         return sum(h not in self.index for h in row_hashes(blocks).tolist())
