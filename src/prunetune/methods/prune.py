@@ -176,8 +176,9 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     options = options or RunOptions()
     training = options.training
     trains = settings.method == "loraprune" or settings.recover_steps > 0
-    experts = any(kind in EXPERT_KINDS for kind in parse_units(settings.units))  # also counts routing
-    calibrates = trains or settings.method in NEEDS_CALIBRATION or LAYER_UNIT in parse_units(settings.units) or experts
+    kinds = parse_units(settings.units)
+    experts = any(kind in EXPERT_KINDS for kind in kinds)  # also counts routing
+    calibrates = trains or settings.method in NEEDS_CALIBRATION or LAYER_UNIT in kinds or experts
     settings.distill = settings.distill.resolved(settings.method)
     distill = settings.distill
     run = Run(command, out, options, evaluation, log=log, model=model_spec,
@@ -189,13 +190,12 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     if is_fsdp(run.accelerator) and run.config is not None and family_of(run.config).moe is not None:
         raise SettingError("PruneSettings.units", "a mixture of experts is pruned in one process; run it without "
                            "FSDP (one-shot pruning needs no sharding to fit: it trains nothing)")
-    if LAYER_UNIT in parse_units(settings.units) and is_fsdp(run.accelerator):
+    if LAYER_UNIT in kinds and is_fsdp(run.accelerator):
         raise SettingError("PruneSettings.units", "PruneSettings.units layers chooses whole layers in one process; "
                            "run it without FSDP, or prune heads and channels only under FSDP")
     model, tokenizer = run.load(model_spec, quant=options.quant, seq_lens=[training.seq_len] if calibrates else [])
     before = Structure.of(model)
     layers = parse_layers(settings.layer_spec, before.num_layers)
-    kinds = parse_units(settings.units)
     units, width = counted_units(kinds), width_units(kinds)  # a whole layer counts every projection
     params_before = count_parameters(model) | {"prunable": before.prunable_params(layers, units)}
     run.perplexity(model, tokenizer, "before")
