@@ -436,8 +436,8 @@ def write_report(results: dict, source: Path, out_dir: Path) -> None:
         f"{s['seq_len']} tokens for every row. Perplexity over at most {s['eval_windows']} non-overlapping "
         f"{s['eval_seq_len']}-token windows of each domain, the same windows for every row. Mean ± sample standard "
         "deviation over the seeds; s/step and minutes are means, the peak tensor memory the largest over seeds "
-        "(training only; neither a baseline's prune step nor its recovery's teacher, a second copy of the "
-        "unpruned model of 513 MiB that the LoRAPrune rows do not hold, is included). The cells ran two at a "
+        "(training only, not a baseline's prune step; a baseline's recovery includes its teacher, a second copy "
+        "of the unpruned model of 513 MiB that the LoRAPrune rows do not hold). The cells ran two at a "
         "time, one thread "
         "each, beside other work: compare times between rows, not with other pages.", results_table(results))]
     if selection_table(results).count("\n") > 1:
