@@ -27,12 +27,12 @@ def _model(config, settings: PlanSettings, device: torch.device, pruned: bool | 
     from ..bench.shapes import placeholder_tokenizer, random_model
     from ..families import family_of
     from ..models import load_model
-    from .planner import cut_experts, pruned_shape
+    from .planner import cut_to_expert_shape, pruned_shape
 
     dtype = getattr(torch, settings.dtype)
     model = random_model(copy.deepcopy(config), device, dtype)  # a copy: cutting the model changes its config
     if isinstance(pruned, dict):
-        cut_experts(model, pruned)
+        cut_to_expert_shape(model, pruned)
     elif pruned:
         pruned_shape(model, settings.ratio, settings.layer_spec)
     if not quant:
@@ -52,7 +52,6 @@ def measure_method(config, settings: PlanSettings, device: str = "cpu") -> dict:
     from ..structure.allocate import parse_layers
     from ..structure.units import Structure
     from ..training.loop import TrainSettings, train
-
     from ..families import family_of
     from .planner import expert_shapes
 

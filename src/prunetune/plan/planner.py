@@ -154,8 +154,9 @@ def expert_units(model: nn.Module) -> tuple[str, ...]:
 def expert_shapes(model: nn.Module, ratio: float) -> list[dict]:
     """The shapes `prune` chooses among on a mixture of experts at `ratio` (every layer, uniform): one
     per number of experts removed per layer, the rest of the budget from heads and expert channels, at
-    prune's default rounding (methods/expert_budget.py). Which one wins depends on the calibration loss, so a plan takes the
-    largest; each is {"masks", "experts_removed_per_layer", "expert_width", "head_fraction"}."""
+    prune's default rounding (methods/expert_budget.py). Which one wins depends on the calibration
+    loss, so a plan takes the largest; each is {"masks", "experts_removed_per_layer", "expert_width",
+    "head_fraction"}."""
     from ..methods.expert_budget import expert_counts, width_masks
     from ..structure.allocate import DEFAULT_ROUND_TO, DEFAULT_SPLIT
     from ..structure.scores import LayerScores
@@ -177,7 +178,7 @@ def expert_shapes(model: nn.Module, ratio: float) -> list[dict]:
     return shapes
 
 
-def cut_experts(model: nn.Module, shape: dict) -> nn.Module:
+def cut_to_expert_shape(model: nn.Module, shape: dict) -> nn.Module:
     """Cut `model` (a mixture of experts) to one of `expert_shapes`."""
     from ..structure.surgery import cut
 
@@ -364,7 +365,7 @@ def _largest_expert_recovery(config, settings: PlanSettings, dtype: torch.dtype)
     picked = sorted({round(i * (len(shapes) - 1) / max(PLANNED_SHAPES - 1, 1)) for i in range(PLANNED_SHAPES)})
     plans = []
     for shape in (shapes[i] for i in picked):
-        model = _with_lora(cut_experts(_meta_model(config, dtype), shape), settings)
+        model = _with_lora(cut_to_expert_shape(_meta_model(config, dtype), shape), settings)
         plans.append((plan_training_step(model, settings), shape))
     plan, shape = max(plans, key=lambda found: found[0].peak)
     among = f"{len(plans)} shapes" if len(plans) == len(shapes) else f"{len(plans)} of the {len(shapes)} shapes"
