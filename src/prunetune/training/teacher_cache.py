@@ -13,8 +13,9 @@ outcomes, the teacher's k tokens and one bucket for the rest of the vocabulary:
     KL_k = Σ_{i ∈ top-k} p_i log(p_i / q_i) + p_rest log(p_rest / q_rest)
 
 It is never negative, zero when the student matches the teacher on those k + 1 outcomes, and equal
-to the full KL when k is the vocabulary (distill.chunked_topk_distillation computes it). Rows are found by a hash of their token ids, so the sampler's
-order (fixed mixture or dynamic batch loading) does not matter; a row the cache lacks is an error.
+to the full KL when k is the vocabulary (distill.chunked_topk_distillation computes it). Rows are
+found by a hash of their token ids, so the sampler's order (fixed mixture or dynamic batch loading)
+does not matter; a row the cache lacks is an error.
 """
 
 from __future__ import annotations
