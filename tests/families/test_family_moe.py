@@ -207,7 +207,7 @@ def test_prune_a_mixture_end_to_end_records_routing_and_loads_in_stock_transform
 
 
 @pytest.mark.parametrize("arch, method, units, message", [
-    ("mixtral", "loraprune", "heads,experts", "does not prune Mixtral's experts as it trains"),
+    ("phimoe", "loraprune", "heads,channels", "not channels"),
     ("qwen3_moe", "taylor", "heads,channels", "not channels"),
     ("mixtral", "taylor", "layers,experts", "layers prunes a mixture of experts alone"),
     ("olmoe", "taylor", "heads,experts", "heads cannot be pruned"),
@@ -221,13 +221,13 @@ def test_settings_a_model_cannot_take_are_refused_before_loading(arch, method, u
 
 
 def test_the_planner_refuses_a_mixture_for_a_method_that_refuses_it():
-    """lora, taylor and train plan a mixture (tests/plan/test_plan.py); LoRAPrune does not prune one."""
+    """lora, loraprune, taylor and train plan a mixture (tests/plan/test_plan.py); LoRAM does not prune one."""
     from tiny import tiny_config
 
     from prunetune.plan import PlanSettings, plan_method
 
-    with pytest.raises(UserError, match="mixture of experts, which loraprune does not prune or train"):
-        plan_method(tiny_config("mixtral"), PlanSettings(method="loraprune"))
+    with pytest.raises(UserError, match="mixture of experts, which loram does not prune or train"):
+        plan_method(tiny_config("mixtral"), PlanSettings(method="loram"))
 
 
 def test_shear_refuses_a_mixture_in_one_line_and_writes_nothing(mixtral_dir, tmp_path):

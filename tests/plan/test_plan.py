@@ -37,7 +37,8 @@ def test_plan_matches_the_measured_peak(shape, method, checkpointing):
 
 # Every family routes through the same experts kernel: Taylor (scoring, then recovery) on each, LoRA
 # and full training on one each.
-MIXTURE_CASES = [(arch, "taylor") for arch in MOE_FAMILIES] + [("qwen3_moe", "lora"), ("granitemoe", "train")]
+MIXTURE_CASES = [(arch, "taylor") for arch in MOE_FAMILIES] + [("qwen3_moe", "lora"), ("granitemoe", "train"),
+                                                                ("mixtral", "loraprune"), ("olmoe", "loraprune")]
 
 
 @pytest.mark.parametrize("arch,method", MIXTURE_CASES)
@@ -57,8 +58,8 @@ def test_plan_of_a_mixture_of_experts_matches_the_measured_peak(arch, method):
 
 def test_planning_a_mixture_by_a_method_that_refuses_it_is_one_line(tmp_path, no_model_load):
     tiny_config("qwen3_moe").save_pretrained(tmp_path / "moe")
-    assert_user_error(run_cli("plan", str(tmp_path / "moe"), "--method", "loraprune", cwd=tmp_path),
-                      "mixture of experts", "lora, taylor, train")
+    assert_user_error(run_cli("plan", str(tmp_path / "moe"), "--method", "shear", cwd=tmp_path),
+                      "mixture of experts", "lora, loraprune, taylor, train")
     assert_user_error(run_cli("plan", str(tmp_path / "moe"), "--method", "taylor", "--layers", "1-2", cwd=tmp_path),
                       "--layers")
     done = run_cli("plan", str(tmp_path / "moe"), "--method", "taylor", "--batch-size", "2", "--seq-len", "32",

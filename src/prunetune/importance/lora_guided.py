@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..training.lora import expert_adapters, lora_matrices
-from ..structure.units import decoder_layers, dense_weight, layer_projections, moe_parts, unit_sums
+from ..training.lora import lora_matrices
+from ..structure.units import decoder_layers, dense_weight, expert_adapters, layer_projections, moe_parts, unit_sums
 from ..training.sharding import is_sharded, row_slice, sum_across_processes
 from ..structure.scores import LayerScores
 from .sharded import local_unit_sums
@@ -123,7 +123,7 @@ def expert_channel_scores(wrapper: nn.Module, score: str = "abs") -> torch.Tenso
             channels.append(rows[: len(rows) // 2] + rows[len(rows) // 2:])
         else:  # down_proj [hidden, width]
             channels.append(per_weight.sum(dim=0))
-    return torch.stack(channels).cpu()
+    return torch.stack(channels)
 
 
 def _with_expert_scores(layer_scores: LayerScores, layer: nn.Module, score: str) -> LayerScores:
@@ -131,7 +131,7 @@ def _with_expert_scores(layer_scores: LayerScores, layer: nn.Module, score: str)
     if set(adapters) != {"gate_up_proj", "down_proj"}:
         raise ValueError("LoRA-guided scores of experts need LoRA on both fused expert parameters "
                          "(add_lora(..., experts=True))")
-    channels = sum(expert_channel_scores(wrapper, score) for wrapper in adapters.values())
+    channels = sum(expert_channel_scores(wrapper, score) for wrapper in adapters.values()).cpu()
     return LayerScores(layer_scores.q_heads, layer_scores.kv_heads, layer_scores.channels, channels.sum(dim=1),
                        channels)
 

@@ -76,11 +76,11 @@ def width_masks(structure: Structure, scores: list[LayerScores], routing: Routin
                    "head_fraction": round(fraction if heads_total else 0.0, 4)}
 
 
-def select_with_experts(model: nn.Module, structure: Structure, scores: list[LayerScores], routing: Routing | None,
-                        batches: list[torch.Tensor], ratio: float, layers: list[int], units: tuple[str, ...],
-                        head_unit: str, round_to: int | str, allocation: str, split: str,
-                        log: Callable[[str], None] = print) -> tuple[Masks, dict]:
-    """The masks, and what the record says of the choice: every candidate and its calibration loss."""
+def expert_candidates(structure: Structure, scores: list[LayerScores], routing: Routing | None, ratio: float,
+                      layers: list[int], units: tuple[str, ...], head_unit: str, round_to: int | str, allocation: str,
+                      split: str) -> list[dict]:
+    """One candidate per number of experts removed per layer: its masks, its achieved ratio and the
+    fields the record keeps; a one-line error when the ratio leaves none."""
     candidates = []
     for removed in expert_counts(structure, ratio, layers, units):
         found = width_masks(structure, scores, routing, ratio, layers, units, removed, head_unit, round_to, allocation,
@@ -93,8 +93,22 @@ def select_with_experts(model: nn.Module, structure: Structure, scores: list[Lay
         raise SettingError("PruneSettings.ratio", f"no share of a {ratio} cut between {', '.join(units)} keeps every "
                            f"layer {structure.top_k} experts (its router's top-k) and every expert a channel; lower "
                            "PruneSettings.ratio or add unit kinds to PruneSettings.units")
+    return candidates
+
+
+def budget_record(rule: str, candidates: list[dict], best: dict) -> dict:
+    """What prunetune.json keeps of the choice: the rule, every candidate (without its masks), the winner."""
+    return {"rule": rule, "candidates": [{k: v for k, v in c.items() if k != "masks"} for c in candidates],
+            "experts_removed_per_layer": best["experts_removed_per_layer"], "expert_width": best["expert_width"]}
+
+
+def select_with_experts(model: nn.Module, structure: Structure, scores: list[LayerScores], routing: Routing | None,
+                        batches: list[torch.Tensor], ratio: float, layers: list[int], units: tuple[str, ...],
+                        head_unit: str, round_to: int | str, allocation: str, split: str,
+                        log: Callable[[str], None] = print) -> tuple[Masks, dict]:
+    """The masks, and what the record says of the choice: every candidate and its calibration loss."""
+    candidates = expert_candidates(structure, scores, routing, ratio, layers, units, head_unit, round_to, allocation,
+                                   split)
     best = lowest_loss(model, batches, candidates, lambda c: f"{c['experts_removed_per_layer']} experts per layer "
                        f"removed, experts {c['expert_width']} wide, {c['head_fraction']:.3f} of the heads", log)
-    record = {"rule": RULE, "candidates": [{k: v for k, v in c.items() if k != "masks"} for c in candidates],
-              "experts_removed_per_layer": best["experts_removed_per_layer"], "expert_width": best["expert_width"]}
-    return best["masks"], record
+    return best["masks"], budget_record(RULE, candidates, best)

@@ -26,7 +26,7 @@ from ..training.distill import DistillSettings, model_teacher, self_teacher_for
 from ..errors import SettingError
 from ..families import family_of, refuse_experts
 from ..importance import CRITERIA
-from ..training.lora import add_lora
+from ..training.lora import LoraSettings, add_lora
 from ..structure.scores import SCORES_FILE, save_scores
 from ..importance.sharded import SHARDED_CRITERIA
 from ..training.sharding import is_fsdp
@@ -129,17 +129,12 @@ def _check_before_loading(settings: PruneSettings, calibrates: bool) -> None:
 def _check_family(config, settings: PruneSettings, command: str = "prune") -> None:
     """A family whose layers must keep one shape (Phi-3, the mixtures of experts) prunes every layer alike:
     its default layers are all of them, and settings that would leave layers of different shapes are
-    refused before loading. A mixture of experts prunes experts, not MLP channels, with the one-shot
-    criteria that score them."""
+    refused before loading. A mixture of experts prunes experts and their channels, not MLP channels."""
     family = family_of(config)
     kinds = parse_units(settings.units)
     if family.moe is not None:
         if command != "prune":
             refuse_experts(config, command)
-        if settings.method == "loraprune":
-            raise SettingError("PruneSettings.method", f"loraprune does not prune {family.name}'s experts as it "
-                               "trains yet; score them once with PruneSettings.method lora-guided (LoRA on the "
-                               "experts, as LoRAPrune scores), taylor, wanda-sp, magnitude or random")
         if "channels" in kinds:
             raise SettingError("PruneSettings.units", f"{family.name}'s MLP is a mixture of experts: its units are "
                                "experts and expert-channels, not channels (e.g. heads,experts,expert-channels)")
@@ -160,6 +155,12 @@ def _check_family(config, settings: PruneSettings, command: str = "prune") -> No
         setting = "PruneSettings.layers" if settings.layer_spec != "all" else "PruneSettings.allocation"
         raise SettingError(setting, f"{family.name} needs every layer pruned alike ({family.uniform_only}): set "
                            "PruneSettings.layers to all and PruneSettings.allocation to uniform")
+
+
+def _lora_for(config, settings: PruneSettings, options: RunOptions) -> LoraSettings:
+    """The adapter's settings, dropout decided: LoRAPrune's adapter on a mixture covers the experts too
+    (its scores of experts and their channels come from it), where PEFT applies no dropout."""
+    return options.lora.resolved(experts=family_of(config).moe is not None and settings.method == "loraprune")
 
 
 def _without_method_groups(items) -> dict:
@@ -185,6 +186,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
               seq_lens={"TrainSettings.seq_len": training.seq_len} if calibrates else {},
               checks=[lambda: _check_before_loading(settings, calibrates)],
               config_checks=[lambda config: _check_family(config, settings, command),
+                             lambda config: _lora_for(config, settings, options),
                              lambda config: parse_layers(settings.layer_spec, int(config.num_hidden_layers),
                                                          "PruneSettings.layers")])
     if is_fsdp(run.accelerator) and run.config is not None and family_of(run.config).moe is not None:
@@ -194,6 +196,8 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         raise SettingError("PruneSettings.units", "PruneSettings.units layers chooses whole layers in one process; "
                            "run it without FSDP, or prune heads and channels only under FSDP")
     model, tokenizer = run.load(model_spec, quant=options.quant, seq_lens=[training.seq_len] if calibrates else [])
+    mixture = family_of(model).moe is not None
+    lora = _lora_for(model.config, settings, options)
     before = Structure.of(model)
     layers = parse_layers(settings.layer_spec, before.num_layers)
     units, width = counted_units(kinds), width_units(kinds)  # a whole layer counts every projection
@@ -207,18 +211,22 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
 
     if settings.method == "loraprune":
         torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
-        model = add_lora(model, options.lora)
+        model = add_lora(model, lora, experts=mixture)
         pruner = LoRAPruner(model, before, ratio=settings.ratio, layers=layers, units=kinds,
                             head_unit=settings.head_unit, round_to=settings.round_to,
                             allocation=settings.allocation, settings=settings.loraprune, total_steps=training.steps,
                             split=settings.split)
         teacher = self_teacher_for(model, pruner.masks_off, distill) if distill.enabled else None
-        trained = run.train(model, blocks, mask, hooks=pruner, teacher=teacher, distill=distill)
+        with count_routing(model, with_grad_only=True) as routing:  # not the self-teacher's passes
+            trained = run.train(model, blocks, mask, hooks=pruner, teacher=teacher, distill=distill)
         if trained.distill:
             trained.distill |= {"teacher": distill.teacher, "teacher_model_bytes": 0}  # the trained model itself
         model = trained.model  # under FSDP: gathered on the main process, None on the others
         masks = pruner.finish()
         scores, depth = pruner.average, pruner.depth
+        if mixture:  # numbered as in the source model; a removed expert stops being picked
+            expert_record = {"routing": {"pruning": routing.record(before.top_k)},
+                             **({"budget": pruner.experts} if pruner.experts else {})}
         record_training = {"training": trained.record(training) | {"schedule": pruner.history}}
     else:
         batches = None
@@ -255,7 +263,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
                                           accelerator=run.accelerator, seq_len=training.seq_len,
                                           batch_size=training.batch_size, log=run.log)
         torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
-        model = add_lora(model, options.lora)
+        model = add_lora(model, lora)
         recovery = TrainSettings(**{**asdict(training), "steps": settings.recover_steps})
         with count_routing(model) as routing:
             trained = run.train(model, blocks, mask, recovery, teacher=teacher, distill=distill)
@@ -278,7 +286,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         method=settings.method,
         settings=asdict(settings, dict_factory=_without_method_groups)
         | {"layers": layers, "dtype": options.dtype, "quant": options.quant}
-        | ({"lora": asdict(options.lora)} if trains else {})
+        | ({"lora": asdict(lora)} if trains else {})
         | ({"loraprune": asdict(settings.loraprune)} if settings.method == "loraprune" else {})
         | ({"distill": asdict(distill)} if trains else {}),
         prunable=describe_prunable(before, layers, units),

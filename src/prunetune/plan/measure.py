@@ -62,15 +62,16 @@ def measure_method(config, settings: PlanSettings, device: str = "cpu") -> dict:
     blocks = torch.randint(0, config.vocab_size, (BLOCKS * settings.batch_size, settings.seq_len),
                            generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(blocks, dtype=torch.bool)
-    lora = LoraSettings(r=settings.lora_r, alpha=2 * settings.lora_r, dropout=0.05, dtype=settings.lora_dtype)
+    lora = LoraSettings(r=settings.lora_r, alpha=2 * settings.lora_r, dtype=settings.lora_dtype)
     method = settings.method
+    mixture = family_of(config).moe is not None
     measured = {}
     with tempfile.TemporaryDirectory() as tmp:
         if method == "taylor":
             measured["scoring"] = _taylor_scoring_peak(_model(config, settings, device, False, None, Path(tmp)),
                                                        blocks[: settings.batch_size].to(device))
         pruned = method in ("loram", "qloram", "taylor")
-        if pruned and family_of(config).moe is not None:  # the largest of the shapes prune chooses among
+        if pruned and mixture:  # the largest of the shapes prune chooses among
             shapes = expert_shapes(_model(config, settings, torch.device("meta"), False, None, Path(tmp)),
                                    settings.ratio)  # (the tiny models measured have at most PLANNED_SHAPES)
             measured["recovery"] = max(_recovery_peak(config, settings, device, shape, blocks, mask, lora, training,
@@ -82,12 +83,13 @@ def measure_method(config, settings: PlanSettings, device: str = "cpu") -> dict:
             model.requires_grad_(True)
         else:
             torch.manual_seed(0)
-            model = add_lora(model, lora)
+            model = add_lora(model, lora, experts=mixture and method == "loraprune")
         distill = DistillSettings(enabled=settings.distilled)
         if method == "loraprune":
             structure = Structure.of(model)
+            units = ("heads", "experts", "expert-channels") if mixture else ("heads", "channels")
             hooks = LoRAPruner(model, structure, ratio=settings.ratio,
-                               layers=parse_layers("paper", structure.num_layers), units=("heads", "channels"),
+                               layers=parse_layers("all" if mixture else "paper", structure.num_layers), units=units,
                                head_unit="kv-group", round_to=1, allocation="uniform",
                                settings=LoRAPruneSettings(), total_steps=100)
             if settings.distilled:

@@ -5,7 +5,7 @@ the meta device every operator computes its output's shape and dtype and allocat
 project's own step (PEFT's LoRA, the chunked loss or the distillation loss, gradient checkpointing,
 AdamW, LoRAPrune's criterion) runs on a 70B-shaped model in seconds. `TensorMemory(device="meta")`
 counts each storage it creates and frees exactly as it does on the CPU, where the two agree to the
-byte (tests/plan/test_plan.py). Four things are adjusted while a step is planned (`planning()`):
+byte (tests/plan/test_plan.py). Five things are adjusted while a step is planned (`planning()`):
 
 - transformers asks whether the positions are packed sequences, which reads values; training
   blocks never are, so the answer is fixed to "no".
@@ -15,6 +15,8 @@ byte (tests/plan/test_plan.py). Four things are adjusted while a step is planned
   calls that kernel's meta function.
 - A mixture's experts run through torch's grouped product, whose meta function takes bf16 only; at
   other dtypes a stand-in gives the same output and keeps the same tensors for the backward.
+- PEFT folds a LoRA on a mixture's experts into their weight inside `torch.autocast(enabled=False)`,
+  which has no meta device; on meta the same `baddbmm` runs without that guard.
 - bitsandbytes weights (8-bit, NF4) do not run on the meta device. A quantized projection is
   planned as its packed weight and quantization constants, plus a dequantized copy of the weight
   that exists only while that projection computes, forward and backward, as bitsandbytes does.
@@ -57,15 +59,26 @@ def planning() -> Iterator[None]:
             return original_grouped(input, weight, offs)
         return _MetaGroupedMM.apply(input.to(weight.dtype), weight, offs)
 
+    from peft.tuners.lora.layer import _LoraFactorsProxy
+
+    original_fold = _LoraFactorsProxy.forward
+
+    def fold(proxy, W):
+        if W.device.type != "meta":
+            return original_fold(proxy, W)
+        return torch.baddbmm(W, proxy.lhs, proxy.rhs, alpha=proxy.scaling)
+
     F.scaled_dot_product_attention = flash_sdpa
     masking_utils.find_packed_sequence_indices = lambda position_ids: None
     moe._grouped_mm = grouped_mm
+    _LoraFactorsProxy.forward = fold
     try:
         yield
     finally:
         F.scaled_dot_product_attention = original_sdpa
         masking_utils.find_packed_sequence_indices = original_packed
         moe._grouped_mm = original_grouped
+        _LoraFactorsProxy.forward = original_fold
 
 
 class _MetaGroupedMM(torch.autograd.Function):

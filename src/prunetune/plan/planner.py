@@ -32,7 +32,7 @@ from .meta_step import META, meta_memory, planning, quant_state_bytes, quantize_
 METHODS = ("lora", "loraprune", "taylor", "loram", "qloram", "shear", "train")
 # On a mixture of experts: a LoRA (on attention), a one-shot prune by expert with its recovery, and
 # continued training; LoRAPrune, LoRAM and the shear refuse mixtures.
-MIXTURE_METHODS = ("lora", "taylor", "train")
+MIXTURE_METHODS = ("lora", "loraprune", "taylor", "train")
 PLANNED_SHAPES = 5  # a mixture's pruned shapes planned for Taylor's recovery (each is a meta step)
 UNIFORM_WHY = "its config holds one expert count and width for every layer"
 SHAPE_PREFIX = "shape:"
@@ -186,12 +186,13 @@ def cut_to_expert_shape(model: nn.Module, shape: dict) -> nn.Module:
     return model
 
 
-def _with_lora(model: nn.Module, settings: PlanSettings) -> nn.Module:
+def _with_lora(model: nn.Module, settings: PlanSettings, experts: bool = False) -> nn.Module:
+    """The adapter prunetune's commands add; with `experts`, LoRAPrune's, on a mixture's experts too."""
     from ..training.lora import LoraSettings, add_lora
 
     with torch.device(META):
-        return add_lora(model, LoraSettings(r=settings.lora_r, alpha=2 * settings.lora_r, dropout=0.05,
-                                            dtype=settings.lora_dtype))
+        return add_lora(model, LoraSettings(r=settings.lora_r, alpha=2 * settings.lora_r, dtype=settings.lora_dtype),
+                        experts=experts)
 
 
 def _bytes(tensors) -> int:
@@ -272,9 +273,11 @@ def plan_training_step(model: nn.Module, settings: PlanSettings, loraprune: bool
 
 def _criterion_temporaries(model: nn.Module) -> None:
     """LoRAPrune's criterion as `lora_guided_scores` runs it, projection by projection (a quantized
-    weight de-quantized for it), keeping the per-unit scores on the meta device."""
-    from ..importance.lora_guided import projection_unit_scores
+    weight de-quantized for it) and expert parameter by expert parameter, keeping the per-unit scores
+    on the meta device."""
+    from ..importance.lora_guided import expert_channel_scores, projection_unit_scores
     from ..training.lora import lora_matrices
+    from ..structure.units import expert_adapters
     from ..structure.units import decoder_layers
     from .meta_step import planned_dense_weight
 
@@ -285,6 +288,8 @@ def _criterion_temporaries(model: nn.Module) -> None:
                 projection_unit_scores(lora.name, W, lora.A, lora.B, lora.A.grad, lora.B.grad, lora.scaling,
                                        layer.self_attn.head_dim)
                 del W
+            for wrapper in expert_adapters(layer).values():
+                expert_channel_scores(wrapper)
 
 
 def plan_taylor_scoring(model: nn.Module, settings: PlanSettings) -> StepPlan:
@@ -348,7 +353,7 @@ def plan_method(config, settings: PlanSettings) -> dict:
             pruned_shape(model, settings.ratio, settings.layer_spec)
         if settings.base_quant:
             quantize_projections(model, settings.base_quant, dtype)
-        model = _with_lora(model, settings)
+        model = _with_lora(model, settings, experts=experts and method == "loraprune")
         steps["training"] = plan_training_step(model, settings, loraprune=method == "loraprune")
     per_process = {name: _per_process(step, settings, config) for name, step in steps.items()}
     peak_step = max(per_process, key=lambda name: per_process[name]["peak"])

@@ -224,17 +224,20 @@ def _kept_units(record: dict, plot_dir: Path) -> list[str]:
 
 
 def _experts(record: dict, plot_dir: Path) -> list[str]:
-    """A mixture of experts' routing (calibration, and recovery training if any) and the budget's split."""
+    """A mixture of experts' routing (calibration or LoRAPrune's training, and recovery training if any)
+    and the budget's split."""
     experts = record.get("experts")
     if not experts:
         return []
     lines = ["## Experts", ""]
-    calibration = experts["routing"]["calibration"]
+    chose = experts["routing"].get("calibration") or experts["routing"]["pruning"]
+    during = "Calibration" if "calibration" in experts["routing"] else "LoRAPrune's training"
     kept = record.get("kept", {}).get("layers")
-    lines += _image(plots.plot_routing(calibration, plot_dir / "routing.png", kept), "routing per expert")
-    never = calibration["never_routed"]
-    lines.append(f"Calibration routed {calibration['tokens']} tokens to {calibration['top_k']} experts each. "
-                 + (f"Never routed to, so removed first: {', '.join(f'layer {i} expert {e}' for i, e in never)}."
+    lines += _image(plots.plot_routing(chose, plot_dir / "routing.png", kept), "routing per expert")
+    never = chose["never_routed"]
+    first = "so removed first" if during == "Calibration" else "so they scored nothing and went first"
+    lines.append(f"{during} routed {chose['tokens']} tokens to {chose['top_k']} experts each. "
+                 + (f"Never routed to, {first}: {', '.join(f'layer {i} expert {e}' for i, e in never)}."
                     if never else "Every expert was routed to at least once."))
     training = experts["routing"].get("training")
     if training:
@@ -245,11 +248,13 @@ def _experts(record: dict, plot_dir: Path) -> list[str]:
                         else "."))
     budget = experts.get("budget")
     if budget:
+        by_score = any("pruned_score" in c for c in budget["candidates"])
+        measure = "pruned_score" if by_score else "calibration_loss"
         rows = [[c["experts_removed_per_layer"], c["expert_width"], c["head_fraction"], c["ratio"],
-                 f"{c['calibration_loss']:.4f}" if "calibration_loss" in c else "–"] for c in budget["candidates"]]
+                 f"{c[measure]:.4f}" if measure in c else "–"] for c in budget["candidates"]]
         lines += ["", f"How the budget was shared ({budget['rule']}):", "",
                   markdown_table(["experts removed per layer", "expert width", "share of heads", "ratio",
-                                  "calibration loss"], rows)]
+                                  "score removed" if by_score else "calibration loss"], rows)]
     return lines + [""]
 
 

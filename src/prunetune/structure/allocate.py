@@ -146,16 +146,21 @@ def round_count(count: float, multiple: int | str, total: int) -> int:
 
 @dataclass(frozen=True)
 class KeepCounts:
-    """What one layer keeps: attention units (kv groups, or query heads per group) and MLP channels."""
+    """What one layer keeps: attention units (kv groups, or query heads per group) and MLP channels; in
+    a mixture of experts, `channels` is each expert's width and `experts` how many experts stay (None:
+    all of them, and in a dense layer)."""
 
     head_units: int
     channels: int
+    experts: int | None = None
 
 
 def full_counts(structure: Structure, layers, head_unit: str) -> dict[int, KeepCounts]:
     def heads(shape):
         return shape.num_kv_heads if head_unit == "kv-group" else shape.group_size
-    return {i: KeepCounts(heads(structure.layers[i]), structure.layers[i].intermediate) for i in layers}
+    return {i: KeepCounts(heads(structure.layers[i]), structure.layers[i].intermediate,
+                          structure.layers[i].experts or None)
+            for i in layers}
 
 
 def _check(ratio: float, head_unit: str, round_to: int | str) -> None:
@@ -353,9 +358,13 @@ def interpolate_counts(full: dict[int, KeepCounts], final: dict[int, KeepCounts]
         heads = max(t.head_units, round(f.head_units - fraction * (f.head_units - t.head_units)))
         channels = max(t.channels, min(f.channels, round_count(f.channels - fraction * (f.channels - t.channels),
                                                                round_to, intermediate[i])))
+        experts = (None if t.experts is None
+                   else max(t.experts, round(f.experts - fraction * (f.experts - t.experts))))
         if previous is not None:
             heads, channels = min(heads, previous[i].head_units), min(channels, previous[i].channels)
-        counts[i] = KeepCounts(heads, channels)
+            if experts is not None and previous[i].experts is not None:
+                experts = min(experts, previous[i].experts)
+        counts[i] = KeepCounts(heads, channels, experts)
     return counts
 
 
@@ -376,10 +385,26 @@ def masks_from_counts(structure: Structure, scores: list[LayerScores], counts: d
             heads = torch.cat([_top(g, count.head_units, a) for g, a in zip(grouped, allowed)])
         if not heads.all():
             masks.heads[i] = heads
-        if count.channels < shape.intermediate:
+        if shape.experts:
+            _expert_masks_from_counts(masks, i, shape, layer_scores, count, current)
+        elif count.channels < shape.intermediate:
             allowed = current.channels.get(i) if current is not None else None
             masks.channels[i] = _top(layer_scores.channels, count.channels, allowed)
     return masks
+
+
+def _expert_masks_from_counts(masks: Masks, i: int, shape, scores: LayerScores, count: KeepCounts,
+                              current: Masks | None) -> None:
+    """A mixture-of-experts layer's best `count.experts` experts, each keeping its best `count.channels`
+    channels (every expert, kept or not, the same number: the masks' invariant)."""
+    if count.experts is not None and count.experts < shape.experts:
+        allowed = current.experts.get(i) if current is not None else None
+        masks.experts[i] = _top(scores.experts, count.experts, allowed)
+    if count.channels < shape.intermediate:
+        allowed = current.expert_channels.get(i) if current is not None else None
+        masks.expert_channels[i] = torch.stack([
+            _top(scores.expert_channels[e], count.channels, allowed[e] if allowed is not None else None)
+            for e in range(shape.experts)])
 
 
 def select_masks(

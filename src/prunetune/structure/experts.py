@@ -45,8 +45,10 @@ class Routing:
 
 
 @contextlib.contextmanager
-def count_routing(model: nn.Module):
-    """Count, while the block runs, which experts every router picks (in every forward pass)."""
+def count_routing(model: nn.Module, with_grad_only: bool = False):
+    """Count, while the block runs, which experts every router picks: in every forward pass, or with
+    `with_grad_only` in the passes that build a gradient (training's, not a self-teacher's or an
+    evaluation's, which run without)."""
     routing = Routing()
     handles = []
     for layer in decoder_layers(model):
@@ -57,6 +59,8 @@ def count_routing(model: nn.Module):
         routing.counts.append(counts)
 
         def hook(module, args, output, counts=counts, first=len(handles) == 0):
+            if with_grad_only and not torch.is_grad_enabled():
+                return
             indices = output[2].detach()
             counts += torch.bincount(indices.flatten().cpu(), minlength=len(counts))[: len(counts)]
             if first:
@@ -122,13 +126,35 @@ class _ZeroGateRows(nn.Module):
         return weight * self.scale.to(device=weight.device, dtype=weight.dtype)[:, :, None]
 
 
-class _Unparametrize:
-    def __init__(self, module: nn.Module, name: str):
-        self.module, self.name = module, name
+class _GateRowsWhileRunning:
+    """Zero the removed channels' gate rows for the experts' forward pass only: the parametrization is
+    registered just before the experts run and removed just after. Under LoRA, PEFT registers its own
+    parametrization of the same parameter (the adapter's delta) for that same pass, around this module;
+    registered after it, the zeroing applies to the adapted weight, W + s·B·A, as the cut will."""
+
+    def __init__(self, experts: nn.Module, mask: _ZeroGateRows):
+        self.experts, self.mask = experts, mask
+        self.handles = [experts.register_forward_pre_hook(self._register),
+                        experts.register_forward_hook(self._unregister, always_call=True)]
+
+    def _register(self, module, args) -> None:
+        parametrize.register_parametrization(module, "gate_up_proj", self.mask, unsafe=True)
+
+    def _unregister(self, module, args, output) -> None:
+        if not parametrize.is_parametrized(module, "gate_up_proj"):
+            return
+        chain = module.parametrizations["gate_up_proj"]
+        if len(chain) == 1:
+            parametrize.remove_parametrizations(module, "gate_up_proj", leave_parametrized=False)
+            return
+        for i in reversed(range(len(chain))):  # PEFT's own stays until PEFT removes it
+            if chain[i] is self.mask:
+                del chain[i]
+                break
 
     def remove(self) -> None:
-        if parametrize.is_parametrized(self.module, self.name):
-            parametrize.remove_parametrizations(self.module, self.name, leave_parametrized=False)
+        for handle in self.handles:
+            handle.remove()
 
 
 def expert_hooks(layer: nn.Module, keep_experts: torch.Tensor | None, keep_channels: torch.Tensor | None,
@@ -139,9 +165,7 @@ def expert_hooks(layer: nn.Module, keep_experts: torch.Tensor | None, keep_chann
     if keep_experts is not None and not keep_experts.all():
         handles.append(router.register_forward_hook(_routed_among(keep_experts, switch)))
     if keep_channels is not None and not keep_channels.all():
-        parametrize.register_parametrization(experts, "gate_up_proj", _ZeroGateRows(keep_channels, switch),
-                                             unsafe=True)
-        handles.append(_Unparametrize(experts, "gate_up_proj"))
+        handles.append(_GateRowsWhileRunning(experts, _ZeroGateRows(keep_channels, switch)))
     return handles
 
 

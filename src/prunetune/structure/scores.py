@@ -22,6 +22,11 @@ class LayerScores:
     experts: torch.Tensor | None = None  # [experts]: each expert's weights and router row
     expert_channels: torch.Tensor | None = None  # [experts, width]: one expert's gate and up rows, down column
 
+    def total(self) -> float:
+        """The layer's whole score: heads, channels and experts (an expert through its channels)."""
+        experts = float(self.expert_channels.sum()) if self.expert_channels is not None else 0.0
+        return float(self.q_heads.sum() + self.kv_heads.sum() + self.channels.sum()) + experts
+
     def head_unit_scores(self, head_unit: str) -> torch.Tensor:
         """Scores of the pruned attention unit: [num_kv_heads] for kv-group, [num_heads] for q-head."""
         if head_unit == "kv-group":

@@ -4,6 +4,8 @@
 bitsandbytes-quantized base is de-quantized first (a cut model is a dense model). LoRA matrices
 follow their base weight: rows cut from W are cut from B, columns cut from W are cut from A, so
 W' + s·B'·A' is exactly the kept block of W + s·B·A and merging before or after the cut agree.
+The one exception is LoRA on a mixture's fused expert parameters (one adapter per expert, inside
+PEFT's ParamWrapper): `cut` folds those into the experts' weights first, then cuts the weights.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from ..layer_shapes import LAYER_SHAPES_KEY
 from ..modeling import unwrap
 from .experts import cut_experts, sync_expert_config
 from .masks import Masks
-from .units import Structure, base_linear, dense_weight, layer_projections, linear_shape, moe_parts, projection
+from .units import (Structure, base_linear, dense_weight, expert_adapters, layer_projections, linear_shape, moe_parts,
+                    projection)
 
 
 def _replace_param(owner: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -96,6 +99,7 @@ def cut(model: nn.Module, masks: Masks) -> nn.Module:
     if family.no_head_cut and any(not keep.all() for keep in masks.heads.values()):
         raise ValueError(f"{family.name}'s attention heads cannot be cut: {family.no_head_cut}")
     dequantize(model)
+    merge_expert_lora(model)
     layers = hf.model.layers
 
     for i, layer in enumerate(layers):
@@ -202,6 +206,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if not hasattr(model, "get_base_model"):
         return model
     dequantize(model)
+    merge_expert_lora(model)
     hf = model.get_base_model()
     family = family_of(hf)
     for layer in hf.model.layers:
@@ -215,3 +220,23 @@ def merge_lora(model: nn.Module) -> nn.Module:
                     base.weight += module.get_delta_weight(adapter).to(base.weight.dtype)
             setattr(*family.projection_owner(layer, name), base)
     return hf
+
+
+def merge_expert_lora(model: nn.Module) -> None:
+    """Fold the adapters of a mixture's fused expert parameters into them (W += s·B·A, expert by expert)
+    and put transformers' experts module back in place of PEFT's wrappers."""
+    layout = family_of(unwrap(model)).moe
+    if layout is None:
+        return
+    for layer in unwrap(model).model.layers:
+        wrappers = expert_adapters(layer)
+        if not wrappers:
+            continue
+        experts = moe_parts(layer)[1]
+        with torch.no_grad():
+            for name, wrapper in wrappers.items():
+                param = getattr(experts, name)
+                for adapter in wrapper.active_adapters:
+                    param += wrapper.get_delta_weight(adapter).to(param.dtype)
+        owner_path, _, attribute = layout.experts_path.rpartition(".")
+        setattr(layer.get_submodule(owner_path), attribute, experts)

@@ -39,9 +39,26 @@ def layer_projections(layer: nn.Module) -> tuple[str, ...]:
 
 
 def moe_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """A mixture-of-experts layer's router and experts modules, or None for a dense MLP."""
+    """A mixture-of-experts layer's router and experts modules, or None for a dense MLP. The experts
+    module is transformers' own even under LoRA (PEFT nests one wrapper per adapted parameter around it)."""
     layout = family_of(layer).moe
-    return None if layout is None else (layout.router(layer), layout.experts(layer))
+    if layout is None:
+        return None
+    experts = layout.experts(layer)
+    while hasattr(experts, "parameter_name") and hasattr(experts, "base_layer"):  # PEFT's ParamWrapper
+        experts = experts.base_layer
+    return layout.router(layer), experts
+
+
+def expert_adapters(layer: nn.Module) -> dict[str, nn.Module]:
+    """A mixture-of-experts layer's LoRA wrappers of its fused expert parameters, by parameter name
+    (`gate_up_proj`, `down_proj`; PEFT nests one wrapper per parameter around the experts module)."""
+    layout = family_of(layer).moe
+    found, module = {}, layout.experts(layer) if layout is not None else None
+    while module is not None and hasattr(module, "parameter_name") and hasattr(module, "lora_A"):
+        found[module.parameter_name] = module
+        module = module.base_layer
+    return found
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

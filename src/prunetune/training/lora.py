@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -15,7 +15,9 @@ from ..modeling import unwrap
 class LoraSettings:
     r: int = 8
     alpha: int = 16
-    dropout: float = 0.05
+    # None: DEFAULT_DROPOUT, or 0 where the adapter also covers a mixture's fused expert parameters
+    # (PEFT applies no dropout there, and one config holds one dropout for every module).
+    dropout: float | None = None
     targets: tuple[str, ...] = PROJECTIONS
     # "float32": PEFT's default, adapters in fp32 and activations cast for every LoRA call;
     # "base": adapters in the base model's dtype (bf16 on a GPU), no casts, so faster on a GPU.
@@ -28,7 +30,7 @@ class LoraSettings:
             if getattr(self, name) < 1:
                 raise SettingError(f"LoraSettings.{name}",
                                    f"LoraSettings.{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.dropout < 1:
+        if self.dropout is not None and not 0 <= self.dropout < 1:
             raise SettingError("LoraSettings.dropout", f"LoraSettings.dropout is a probability in [0, 1), "
                                f"got {self.dropout}")
         if self.dtype not in LORA_DTYPES:
@@ -36,27 +38,39 @@ class LoraSettings:
                                f"{' or '.join(LORA_DTYPES)}")
 
 
+    def resolved(self, experts: bool = False) -> "LoraSettings":
+        """These settings with the dropout decided: for an adapter on the experts too if `experts`."""
+        from ..errors import SettingError
+
+        if self.dropout is None:
+            return replace(self, dropout=0.0 if experts else DEFAULT_DROPOUT)
+        if experts and self.dropout:
+            raise SettingError("LoraSettings.dropout", "LoRA on a mixture's experts takes no dropout (PEFT applies "
+                               f"none to a fused expert parameter), got {self.dropout}: leave LoraSettings.dropout "
+                               "unset or 0")
+        return self
+
+
 LORA_DTYPES = ("float32", "base")
+DEFAULT_DROPOUT = 0.05
 
 
 def add_lora(model: nn.Module, settings: LoraSettings | None = None, *, experts: bool = False) -> nn.Module:
     """Wrap `model` with a fresh LoRA adapter; only the adapter trains. With `experts`, a mixture of
     experts' fused expert parameters get one too (PEFT's `target_parameters`: a rank-r adapter per
-    expert; PEFT allows no dropout there)."""
+    expert; PEFT allows no dropout there, so the dropout left unset is 0)."""
     from peft import LoraConfig, get_peft_model
 
     from ..families import family_of
 
-    settings = settings or LoraSettings()
-    settings.check()
     # A mixture of experts has no gate/up/down modules: PEFT would match those names against the experts'
     # fused parameters instead, so the adapter stays on the projections the family has.
     present = family_of(model).projection_names
     layout = family_of(model).moe
     parameters = ([f"{layout.experts_path}.gate_up_proj", f"{layout.experts_path}.down_proj"]
                   if experts and layout is not None else None)
-    if parameters and settings.dropout:
-        raise ValueError("LoRA on a mixture's expert parameters takes no dropout (PEFT's ParamWrapper)")
+    settings = (settings or LoraSettings()).resolved(experts=bool(parameters))
+    settings.check()
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=[t for t in settings.targets if t in present], bias="none",
                         task_type="CAUSAL_LM", target_parameters=parameters)
@@ -78,19 +92,6 @@ class LoraMatrices:
     A: nn.Parameter  # [r, in]
     B: nn.Parameter  # [out, r]
     scaling: float
-
-
-def expert_adapters(layer: nn.Module) -> dict[str, nn.Module]:
-    """A mixture-of-experts layer's LoRA wrappers of its fused expert parameters, by parameter name
-    (`gate_up_proj`, `down_proj`; PEFT nests one wrapper per parameter around the experts module)."""
-    from ..structure.units import moe_parts
-
-    parts = moe_parts(layer)
-    found, module = {}, parts[1] if parts is not None else None
-    while module is not None and hasattr(module, "parameter_name") and hasattr(module, "lora_A"):
-        found[module.parameter_name] = module
-        module = module.base_layer
-    return found
 
 
 def lora_matrices(layer: nn.Module) -> Iterator[LoraMatrices]:

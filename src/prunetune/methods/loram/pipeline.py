@@ -255,7 +255,7 @@ def train_adapter(model_spec: str, out: Path, training: TrainSettings, lora: Lor
     return run.finish(
         model, tokenizer, as_adapter=True,
         base_model=model_spec, **carried, data=step.data, quant=quant,
-        lora=asdict(lora), training=trained.record(training), results=step.evaluate(run, model, tokenizer),
+        lora=asdict(lora.resolved()), training=trained.record(training), results=step.evaluate(run, model, tokenizer),
         parameters={"base": params, "original": original,
                     "reduction_ratio": reduction_ratio(original, params.get("nonzero", params["total"]),
                                                        QUANT_BITS[quant])},

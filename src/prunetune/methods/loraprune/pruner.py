@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ...importance.lora_guided import SCORE_KINDS, lora_guided_scores
-from ...structure.scores import LayerScores
+from ...structure.scores import SCORE_FIELDS, LayerScores
 from ...structure.allocate import (
     DEFAULT_SPLIT,
     KeepCounts,
@@ -38,11 +38,12 @@ from ...structure.allocate import (
     needs_scores,
     target_counts,
 )
-from ...structure.allocate import LAYER_UNIT
+from ...structure.allocate import EXPERT_KINDS, LAYER_UNIT
 from ...structure.depth import combine, counted_units, depth_plans, removal_order, width_units
 from ...structure.masks import Masks, apply_masks
 from ...structure.units import Structure
 from ...training.loop import TrainHooks
+from .expert_choice import choose_experts, dropped_score
 
 
 @dataclass
@@ -114,22 +115,11 @@ def cubic_fraction(step: int, total: int, warmup: float, cooldown: float) -> flo
 
 def scale_to_unit_total(scores: list[LayerScores]) -> list[LayerScores]:
     """Divide every unit score by one constant, the step's total over all units: each step weighs the
-    same in the moving average, and heads and channels keep their relative scale."""
-    total = sum(float(s.q_heads.sum() + s.kv_heads.sum() + s.channels.sum()) for s in scores)
+    same in the moving average, and heads, channels and experts keep their relative scale."""
+    total = sum(s.total() for s in scores)
     scale = 1.0 / total if total > 0 else 1.0
-    return [LayerScores(s.q_heads * scale, s.kv_heads * scale, s.channels * scale) for s in scores]
-
-
-def _dropped_score(scores: list[LayerScores], masks: Masks, structure: Structure, head_unit: str) -> float:
-    """The total score of the heads (as pruned units) and channels that `masks` drop."""
-    total = 0.0
-    for i, keep in masks.heads.items():
-        units = scores[i].head_unit_scores(head_unit)
-        kept = masks.kv_heads(i, structure) if head_unit == "kv-group" else keep
-        total += float(units[~kept].sum())
-    for i, keep in masks.channels.items():
-        total += float(scores[i].channels[~keep].sum())
-    return total
+    return [LayerScores(*(getattr(s, name) * scale if getattr(s, name) is not None else None
+                          for name in SCORE_FIELDS)) for s in scores]
 
 
 class LoRAPruner(TrainHooks):
@@ -144,6 +134,8 @@ class LoRAPruner(TrainHooks):
         # `units` may hold `layers`: the width kinds prune inside the layers that stay, and a removed
         # layer counts every projection (structure/depth.py)
         self.depth_wanted = LAYER_UNIT in units
+        self.experts_wanted = any(kind in EXPERT_KINDS for kind in units)
+        self.experts: dict | None = None  # the budget rule's record, on a mixture of experts
         self.ratio, self.layers, self.units = ratio, layers, width_units(units)
         self.counted = counted_units(units)
         self.removed_layers: list[int] = []  # chosen at the first update, removed along the schedule
@@ -156,7 +148,7 @@ class LoRAPruner(TrainHooks):
         # Counts that depend on the scores (global allocation, the cost split) are fixed once, from the
         # moving average at the first mask update; the others follow from the shapes alone.
         self.final: dict[int, KeepCounts] | None = (
-            None if needs_scores(allocation, split, self.units) or self.depth_wanted
+            None if needs_scores(allocation, split, self.units) or self.depth_wanted or self.experts_wanted
             else target_counts(structure, ratio, layers, self.units, head_unit, round_to))
         self.average: list[LayerScores] | None = None
         self.counts = dict(self.full)
@@ -168,11 +160,12 @@ class LoRAPruner(TrainHooks):
     def _update_average(self, scores: list[LayerScores]) -> None:
         lam = self.settings.ema
         if self.average is None:
-            self.average = [LayerScores(torch.zeros_like(s.q_heads), torch.zeros_like(s.kv_heads),
-                                        torch.zeros_like(s.channels)) for s in scores]
+            self.average = [LayerScores(*(torch.zeros_like(getattr(s, name)) if getattr(s, name) is not None else None
+                                          for name in SCORE_FIELDS)) for s in scores]
         for avg, new in zip(self.average, scores):
-            for field in ("q_heads", "kv_heads", "channels"):
-                setattr(avg, field, lam * getattr(avg, field) + (1.0 - lam) * getattr(new, field))
+            for field in SCORE_FIELDS:
+                if getattr(new, field) is not None:
+                    setattr(avg, field, lam * getattr(avg, field) + (1.0 - lam) * getattr(new, field))
 
     # -- the schedule -------------------------------------------------------------------------
     def _due(self, step_done: int) -> bool:
@@ -189,8 +182,7 @@ class LoRAPruner(TrainHooks):
 
     def _choose_depth(self) -> None:
         """Which layers go and what width the rest gives, from the moving average (see the module doc)."""
-        layer_scores = torch.tensor([float(s.q_heads.sum() + s.kv_heads.sum() + s.channels.sum())
-                                     for s in self.average])
+        layer_scores = torch.tensor([s.total() for s in self.average])
         order = removal_order(layer_scores, self.layers)
         candidates = []
         for removed, rest in depth_plans(self.structure, layer_scores, self.ratio, self.layers, self.units):
@@ -199,8 +191,7 @@ class LoRAPruner(TrainHooks):
                                   self.allocation, self.split) if rest > 1e-9 else full_counts(self.structure, left,
                                                                                                self.head_unit))
             width = masks_from_counts(self.structure, self.average, final, self.head_unit)
-            lost = float(layer_scores[removed].sum()) + _dropped_score(self.average, width, self.structure,
-                                                                       self.head_unit)
+            lost = float(layer_scores[removed].sum()) + dropped_score(self.average, width, self.structure, self.head_unit)
             candidates.append({"layers_removed": removed, "width_ratio": round(rest, 4), "pruned_score": lost,
                                "final": final, "left": left})
         if not candidates:
@@ -223,6 +214,10 @@ class LoRAPruner(TrainHooks):
         if self.final is None:  # fixed once, from the scores at the first update
             if self.depth_wanted:
                 self._choose_depth()
+            elif self.experts_wanted:
+                self.final, self.experts = choose_experts(self.structure, self.average, self.ratio, self.layers,
+                                                          self.units, self.head_unit, self.round_to, self.allocation,
+                                                          self.split)
             else:
                 self.final = final_counts(self.structure, self.average, self.ratio, self.layers, self.units,
                                           self.head_unit, self.round_to, self.allocation, self.split)
@@ -277,6 +272,7 @@ class LoRAPruner(TrainHooks):
             "masks": self.masks.kept_summary(self.structure),
             "history": self.history,
             "depth": self.depth,
+            "experts": self.experts,
             "layers": self.layers,
         }
 
@@ -286,6 +282,7 @@ class LoRAPruner(TrainHooks):
         self.final = {int(i): KeepCounts(**c) for i, c in state["final"].items()} if state["final"] else None
         self.history = list(state["history"])
         self.depth = state.get("depth")
+        self.experts = state.get("experts")
         if self.depth is not None:
             self.removed_layers = list(self.depth["layers_removed"])
             self.layers = list(state["layers"])

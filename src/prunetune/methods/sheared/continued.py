@@ -153,7 +153,7 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
     return run.finish(
         model, tokenizer, model=model_spec, method="continued pre-training", **carried,
         settings=asdict(settings) | {"distill": asdict(distill), "dtype": options.dtype}
-        | ({"lora": asdict(options.lora)} if settings.lora else {}),
+        | ({"lora": asdict(options.lora.resolved())} if settings.lora else {}),
         parameters={"total": params["total"], "non_embedding": params["non_embedding"]},
         data=asdict(domain_settings) | run_domains.record(),
         training=trained.record(training),

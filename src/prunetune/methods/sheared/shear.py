@@ -263,7 +263,7 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
         source_model=model_spec,
         method="sheared",
         settings=asdict(settings) | {"distill": asdict(distill), "dtype": options.dtype}
-        | ({"lora": asdict(options.lora)} if settings.lora else {}),
+        | ({"lora": asdict(options.lora.resolved())} if settings.lora else {}),
         target=asdict(target) | {"spec": target.describe()},
         parameters={"before": params_before, "after": params_after, "target": goal,
                     "expected_by_masks": round(expected),
