@@ -202,3 +202,27 @@ def test_a_dropout_lora_on_experts_cannot_take_is_refused_in_one_line(mixtral_di
                    "--steps", "2", "--out", out, cwd=tmp_path)
     assert_user_error(done, "--lora-dropout", "no dropout")
     assert not out.exists()
+
+
+def test_loraprune_removes_whole_layers_of_a_mixture_scored_with_their_experts():
+    model = tiny_model("qwen3_moe")
+    structure = Structure.of(model)
+    torch.manual_seed(0)
+    model = add_lora(model, LoraSettings(), experts=True)
+    pruner = LoRAPruner(model, structure, ratio=0.5, layers=list(range(structure.num_layers)), units=("layers",),
+                        head_unit="kv-group", round_to=4, allocation="uniform",
+                        settings=LoRAPruneSettings(prune_every=2), total_steps=8)
+    blocks, mask = _blocks()
+    train(model, blocks, mask, TrainSettings(steps=8, batch_size=4, seq_len=16, lr=5e-3), hooks=pruner,
+          progress=False)
+    masks = pruner.finish()
+    assert int((~masks.layers).sum()) == 2
+    # a layer's score counts its experts (through their channels), not its attention alone
+    layer = pruner.average[0]
+    assert layer.total() > float(layer.q_heads.sum() + layer.kv_heads.sum())
+    x = tokens()
+    with torch.no_grad():
+        with apply_masks(model, masks):
+            masked = model(x).logits
+        after = merge_lora(cut(model, masks))(x).logits
+    torch.testing.assert_close(after, masked, atol=TOL, rtol=0)
