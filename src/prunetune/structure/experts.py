@@ -26,9 +26,6 @@ from ..families import family_of
 from ..modeling import eval_mode, unwrap
 from .units import Structure, decoder_layers, moe_parts
 
-EXPERT_UNITS = ("experts", "expert-channels")
-
-
 # -- routing ---------------------------------------------------------------------------------------
 
 @dataclass

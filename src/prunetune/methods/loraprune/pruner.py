@@ -1,4 +1,4 @@
-"""LoRAPrune: prune heads and MLP channels progressively while LoRA fine-tunes.
+"""LoRAPrune: prune heads and MLP channels (or experts) progressively while LoRA fine-tunes.
 
 After every optimizer step the LoRA-guided scores (see importance/lora_guided.py) update a moving
 average, I <- λ·I + (1 − λ)·score (λ = 0.9). Every `prune_every` steps the kept counts move along
@@ -16,6 +16,10 @@ additive over the weights), the least important go first, and every number of re
 ratio allows is a candidate, its rest cut from the remaining layers' heads and channels; the
 candidate that removes the least total importance wins. The chosen layers then go one by one along
 the same cubic schedule as the width.
+
+On a mixture of experts the adapter covers the experts too, and whole experts and the channels inside
+them are units: their budget is fixed at the first update as well (expert_choice.py), and they follow
+the same schedule, experts one at a time per layer.
 """
 
 from __future__ import annotations
