@@ -26,6 +26,7 @@ from ..families import family_of
 from ..modeling import eval_mode, unwrap
 from .units import Structure, decoder_layers, moe_parts
 
+
 # -- routing ---------------------------------------------------------------------------------------
 
 @dataclass
