@@ -91,10 +91,13 @@ def run(args) -> None:
                       "--max-windows", "40", "--out", trained, "--overwrite")
         model = trained
     pruned = args.out / "pruned"
+    command = _report.invocation("moe_example")
     if not (pruned / "prunetune.json").exists() or args.model:
         prunetune("prune", model, *PRUNE, "--out", pruned, "--overwrite")
     else:
         prunetune("report", pruned)  # redraw the plots from the record (a finished run is kept)
+        if RESULTS.exists():  # ... and the command that made it
+            command = json.loads(RESULTS.read_text())["command"]
 
     record = json.loads((pruned / "prunetune.json").read_text())
     runs = [record] + ([json.loads((args.out / "trained" / "prunetune.json").read_text())] if not args.model else [])
@@ -103,7 +106,7 @@ def run(args) -> None:
         shutil.copy(pruned / "run" / "plots" / f"{plot}.png", DOCS / f"moe_{plot}.png")
     results = record["results"]
     summary = {
-        "command": _report.invocation("moe_example"), "machine": _report.machine(), "date": time.strftime("%Y-%m-%d"),
+        "command": command, "machine": _report.machine(), "date": record["created"][:10],
         "torch": record.get("torch"), "minutes": round(sum(r.get("elapsed_seconds", 0) for r in runs) / 60, 1),
         "source": args.model or "a small Mixtral (8 experts, top-2, 6 layers, hidden 192, experts 192 wide) trained "
                                 f"here from scratch for {args.train_steps} steps on builtin:pydoc and builtin:stdlib-code",
