@@ -259,7 +259,9 @@ def plan() -> list[tuple]:
                 cells.append((f"{r}/{row}/{seed}", "row", r, row, seed, needs))
     cells += [(f"{r}/loraprune-paper/0", "row", r, "loraprune-paper", 0, [f"{r}/{DEFAULT}/0"]) for r in RATIOS]
     cells.append(("dense-lora/0", "row", None, "dense-lora", 0, []))
-    cells += [(f"{r}/{row}/0", "row", r, row, 0, [f"{r}/{DEFAULT}/0"]) for r in RATIOS for row in DEPTH_ROWS]
+    # depth against width: seed 0 first, then the others (the mix's lead rests on them)
+    cells += [(f"{r}/{row}/{seed}", "row", r, row, seed, [f"{r}/{DEFAULT}/0"])
+              for seed in SEEDS for r in RATIOS for row in DEPTH_ROWS]
     cells += [(f"sweep/{r}/{name}/0", "sweep", r, name, 0, [f"{r}/{DEFAULT}/0"]
                + ([f"select/{r}/{n}" for n in SELECTION] if SWEEP[name][1] == "one-shot" else []))
               for r in SWEEP_RATIOS for name in SWEEP_AT.get(r, SWEEP)]
