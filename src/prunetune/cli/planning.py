@@ -27,7 +27,7 @@ def plan_command(
                                           "(llama2-7b, llama2-13b, llama2-70b, llama3.1-8b, llama3.1-70b, "
                                           "qwen2.5-7b, llama-7b, llama-65b, smollm2-135m, ...)."),
     method: str = typer.Option("lora", help="lora, loraprune, taylor, loram, qloram, shear or train (a mixture "
-                               "of experts: lora, taylor or train)."),
+                               "of experts: lora, loraprune, taylor or train)."),
     ratio: float = options.ratio(0.5, "loram/qloram: the pruned model's structured ratio (as `loram prune`'s "
                                  "default); taylor: its recovery's."),
     layers: Optional[str] = options.layers(why="loram/qloram/taylor's. Default: as those commands prune, paper "
