@@ -120,8 +120,8 @@ def lora_alpha() -> Any:
 
 
 def lora_dropout() -> Any:
-    return _option(None, "--lora-dropout", "LoRA dropout [default: 0.05; 0 where LoRA also covers a mixture's experts, "
-                   "which PEFT gives no dropout].", show_default=False)
+    return _option(None, "--lora-dropout", "LoRA dropout: 0.05 unless set, 0 where LoRA also covers a mixture's "
+                   "experts (PEFT gives those no dropout).", show_default=False)
 
 
 def lora_dtype() -> Any:
