@@ -67,7 +67,13 @@ ROWS = {
     "depth": ("whole layers by block influence (the nearest whole-layer count), then the recovery", None),
     "mix": ("heads, channels and layers, the depth/width split with the lowest calibration loss, then the "
             "recovery", None),
+    "sheared": ("Sheared-LLaMA: `shear` to LoRAPrune's size with every head kept and the MLPs narrowed (the "
+                "shape `make demo` shears to), then `train`; half the steps each, every weight trained (its "
+                "learning rate, 1e-4), distilled from the source as the other rows", None),
 }
+# Sheared-LLaMA's row: the masks start from Taylor scores at the target, as `make demo`'s shear does.
+SHEAR = ("--mask-init taylor --init-samples 16 --mask-lr 0.1 --lambda-lr 1.0 --lambda2-init 5000 --warmup-share 0 "
+         "--distill --distill-alpha 0.5 --no-lora --lr 1e-4")
 # Depth against width: one-shot prunes of every layer cut to LoRAPrune's size, Taylor scoring the
 # heads and channels, the same recovery. Whole layers cannot hit a size within 1% (a SmolLM2 layer is
 # 2.6% of the model), so `depth` is the nearest whole-layer count and its size is in the table.
@@ -128,13 +134,14 @@ def common(args, seed: int) -> list[str]:
 
 
 def structure(model: str) -> dict:
-    """The source's parameter count and prunable parameters per layer choice (heads and channels)."""
+    """The source's parameter count, prunable parameters per layer choice (heads and channels) and shape."""
     code = ("import json,sys; from prunetune.models import load_model; from prunetune.structure.units import "
             "Structure; from prunetune.structure.allocate import parse_layers, parse_units\n"
             "m,_=load_model(sys.argv[1], dtype='float32', device='cpu'); s=Structure.of(m)\n"
             "u=parse_units('heads,channels')\n"
             "print(json.dumps({'total': sum(p.numel() for p in m.parameters()), 'prunable': "
-            "{l: s.prunable_params(parse_layers(l, s.num_layers), u) for l in ('paper','all')}}))")
+            "{l: s.prunable_params(parse_layers(l, s.num_layers), u) for l in ('paper','all')}, "
+            "'hidden': s.hidden, 'layers': s.num_layers, 'intermediate': s.layers[0].intermediate}))")
     out = subprocess.run([sys.executable, "-c", code, model], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -143,6 +150,13 @@ def ratio_for(args, target: int, layers: str) -> float:
     """The --ratio that removes what a model of `target` parameters lacks, over `layers`' prunable parameters."""
     source = args.structure
     return round((source["total"] - target) / source["prunable"][layers], 5)
+
+
+def sheared_width(args, target: int) -> int:
+    """The MLP width that, in every layer with every head kept, leaves a model of `target` parameters."""
+    source = args.structure
+    per_channel = 3 * source["hidden"] * source["layers"]  # a gate row, an up row and a down column per layer
+    return round(source["intermediate"] - (source["total"] - target) / per_channel)
 
 
 def target(results: dict, ratio: float) -> int | None:
@@ -195,7 +209,17 @@ def run_row(args, ratio: float | None, row: str, seed: int, results: dict, varia
     started = time.time()
     commands = []
     changed = SWEEP[variant][2].split() if variant else []
-    if row in ("loraprune", "loraprune-paper"):
+    if row == "sheared":
+        sheared = args.runs / f"{ratio}-sheared-pruned"
+        half = args.steps // 2
+        each = ["--data", f"train={args.data}", "--fixed-mixture", "--batch-size", str(args.batch_size), "--seq-len",
+                str(args.seq_len), "--seed", str(seed), "--no-eval", "--overwrite"]
+        prunetune("shear", args.model, "--target", f"intermediate={sheared_width(args, target(results, ratio))}",
+                  *SHEAR.split(), "--steps", str(half), *each, "--out", str(sheared))
+        prunetune("train", str(sheared), "--no-lora", "--lr", "1e-4", "--distill", "--distill-alpha", "0.5", "--steps",
+                  str(args.steps - half), *each, "--out", str(out))
+        final = out
+    elif row in ("loraprune", "loraprune-paper"):
         extra = ROWS[row][1].format(steps=args.steps).split() + changed
         r = ratio if row == DEFAULT else ratio_for(args, target(results, ratio), "paper")
         prunetune("prune", args.model, "--ratio", str(r), *common(args, seed), *extra, "--no-eval", "--out", str(out),
@@ -241,6 +265,10 @@ def run_row(args, ratio: float | None, row: str, seed: int, results: dict, varia
         cell["layer_shape"] = shape["architecture"]["layer_shapes"][0]
     if ratio is not None and target(results, ratio):
         cell["size_vs_default"] = cell["parameters"] / target(results, ratio)
+    if row == "sheared":
+        sheared = record(args.runs / f"{ratio}-sheared-pruned")
+        cell["layer_shape"] = sheared["architecture"]["layer_shapes"][0]
+        cell |= {f"shear_{k}": v for k, v in training_summary(sheared).items()}
     for leftover in (args.runs / f"{ratio}-{row}-pruned",):
         shutil.rmtree(leftover, ignore_errors=True)
     return cell
@@ -259,6 +287,7 @@ def plan() -> list[tuple]:
                 cells.append((f"{r}/{row}/{seed}", "row", r, row, seed, needs))
     cells += [(f"{r}/loraprune-paper/0", "row", r, "loraprune-paper", 0, [f"{r}/{DEFAULT}/0"]) for r in RATIOS]
     cells.append(("dense-lora/0", "row", None, "dense-lora", 0, []))
+    cells += [(f"0.5/sheared/{seed}", "row", 0.5, "sheared", seed, ["0.5/" + DEFAULT + "/0"]) for seed in SEEDS]
     # depth against width: seed 0 first, then the others (the mix's lead rests on them)
     cells += [(f"{r}/{row}/{seed}", "row", r, row, seed, [f"{r}/{DEFAULT}/0"])
               for seed in SEEDS for r in RATIOS for row in DEPTH_ROWS]
@@ -326,6 +355,9 @@ def ppl(group: list[dict], domain: str) -> list[float]:
 def _row_detail(row: str, cell: dict) -> str:
     if row == "one-shot":
         return f" ({cell['candidate']})"
+    if row == "sheared":
+        shape = cell["layer_shape"]
+        return f" (every layer {shape['num_heads']} / {shape['num_kv_heads']} heads, {shape['intermediate']} channels)"
     if row in DEPTH_ROWS:
         shape = cell["layer_shape"]
         return (f" ({len(cell['layers_removed'])} layers removed; each left keeps {shape['num_heads']} / "
@@ -412,6 +444,13 @@ def targets_table(results: dict) -> str:
                 parts.append(f"{d} {stat(a)} against {stat(b)} ({margin:+.1f} SD)")
             rows.append([f"at {ratio:.0%}, the default below `{baseline}` by more than 2 SD on every domain",
                          f"{'; '.join(parts)} ({len(ours)} and {len(theirs)} seeds)", "met" if met else "missed"])
+        sheared = rows_by.get((ratio, "sheared"), [])
+        if sheared and ours:
+            parts = [f"{d} {stat(ppl(sheared, d))} against {stat(ppl(ours, d))}" for d in HELD_OUT]
+            met = all(statistics.mean(ppl(sheared, d)) <= statistics.mean(ppl(ours, d)) for d in HELD_OUT)
+            rows.append([f"at {ratio:.0%}, `sheared` (shear + train, the same total steps) matches or beats the "
+                         "default on every held-out domain",
+                         f"{'; '.join(parts)} ({len(sheared)} and {len(ours)} seeds)", "met" if met else "missed"])
         if ratio == 0.2 and ours and dense:
             gaps = {d: statistics.mean(ppl(ours, d)) / dense["perplexity"][d]["perplexity"] - 1 for d in DOMAINS}
             rows.append(["at 20%, within 10% of the dense model's perplexity on every domain",
