@@ -106,6 +106,23 @@ def test_a_never_routed_expert_goes_first_whatever_its_score():
     assert removal_order(scores, None) == [0, 2, 3, 1]
 
 
+def test_routing_counts_a_checkpointed_training_pass_once():
+    """A checkpointed layer runs its router again during the backward; that is not another pass."""
+    from prunetune.training.loop import enable_checkpointing
+
+    model = tiny_model("qwen3_moe")
+    enable_checkpointing(model)
+    model.train()
+    x = tokens()
+    with count_routing(model, with_grad_only=True) as routing:
+        model(input_ids=x, labels=x, use_cache=False).loss.backward()
+        with torch.no_grad():
+            model(input_ids=x, use_cache=False)  # a teacher's or an evaluation's pass: not counted
+    assert model.model.layers[0].mlp.gate.weight.grad is not None  # the backward did run
+    assert routing.tokens == x.numel()
+    assert all(int(c.sum()) == 2 * x.numel() for c in routing.counts)  # top-2, once
+
+
 @pytest.mark.parametrize("criterion", ["taylor", "lora-guided"])
 def test_gradient_criteria_give_an_unrouted_expert_nothing(criterion):
     model = tiny_model("mixtral")

@@ -44,11 +44,16 @@ class Routing:
 
 @contextlib.contextmanager
 def count_routing(model: nn.Module, with_grad_only: bool = False):
-    """Count, while the block runs, which experts every router picks: in every forward pass, or with
-    `with_grad_only` in the passes that build a gradient (training's, not a self-teacher's or an
-    evaluation's, which run without)."""
+    """Count, while the block runs, which experts every router picks in each forward pass of the model:
+    every pass, or with `with_grad_only` the passes that build a gradient (training's, not a
+    self-teacher's or an evaluation's, which run without). A checkpointed layer's recomputation during
+    the backward is not a pass of the model and is not counted again."""
     routing = Routing()
-    handles = []
+    in_pass = [False]  # set while the decoder stack's own forward runs
+    stack = unwrap(model).model
+    handles = [stack.register_forward_pre_hook(lambda module, args: in_pass.__setitem__(0, True)),
+               stack.register_forward_hook(lambda module, args, output: in_pass.__setitem__(0, False),
+                                           always_call=True)]
     for layer in decoder_layers(model):
         parts = moe_parts(layer)
         if parts is None:
@@ -56,8 +61,8 @@ def count_routing(model: nn.Module, with_grad_only: bool = False):
         counts = torch.zeros(parts[1].down_proj.shape[0], dtype=torch.long)
         routing.counts.append(counts)
 
-        def hook(module, args, output, counts=counts, first=len(handles) == 0):
-            if with_grad_only and not torch.is_grad_enabled():
+        def hook(module, args, output, counts=counts, first=not routing.counts[:-1]):
+            if not in_pass[0] or (with_grad_only and not torch.is_grad_enabled()):
                 return
             indices = output[2].detach()
             counts += torch.bincount(indices.flatten().cpu(), minlength=len(counts))[: len(counts)]
