@@ -184,6 +184,19 @@ def training_summary(rec: dict) -> dict:
             "peak_memory_bytes": t["peak_memory_bytes"], "peak_rss_bytes": t.get("peak_rss_bytes")}
 
 
+def both_phases(cell: dict, shear: dict) -> dict:
+    """The sheared row's time and memory over its two runs (shear, then train): the table's s/step is
+    their total over all the steps, its peak the larger; each phase's own figures kept beside."""
+    steps = cell["steps"]
+    return {f"shear_{k}": v for k, v in shear.items()} | {
+        "train_seconds": cell["train_seconds"] + shear["train_seconds"],
+        "seconds_per_step": (cell["train_seconds"] + shear["train_seconds"]) / steps,
+        "peak_memory_bytes": max(cell["peak_memory_bytes"], shear["peak_memory_bytes"]),
+        "peak_rss_bytes": max(cell["peak_rss_bytes"] or 0, shear["peak_rss_bytes"] or 0),
+        "train_phase": {k: cell[k] for k in ("train_seconds", "seconds_per_step", "peak_memory_bytes",
+                                             "peak_rss_bytes")}}
+
+
 def run_selection(args, ratio: float, name: str, results: dict) -> dict:
     out = args.runs / f"select-{ratio}-{name.replace('/', '-')}"
     layers = layers_of(SELECTION[name])
@@ -268,7 +281,7 @@ def run_row(args, ratio: float | None, row: str, seed: int, results: dict, varia
     if row == "sheared":
         sheared = record(args.runs / f"{ratio}-sheared-pruned")
         cell["layer_shape"] = sheared["architecture"]["layer_shapes"][0]
-        cell |= {f"shear_{k}": v for k, v in training_summary(sheared).items()}
+        cell |= both_phases(cell, training_summary(sheared))
     for leftover in (args.runs / f"{ratio}-{row}-pruned",):
         shutil.rmtree(leftover, ignore_errors=True)
     return cell
