@@ -89,3 +89,32 @@ def snapshot(directory: Path) -> dict[str, tuple[str, int]]:
     """Every file under `directory` by relative path: (sha256, mtime in ns)."""
     return {str(p.relative_to(directory)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
             for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_resume_matches(fresh, blocks, mask, settings, checkpoint_dir: Path, stop_after: int, resumed_from: int):
+    """A LoRAPrune run stopped after `stop_after` steps and resumed in a "new process" (`fresh()` builds
+    the model, its structure and its pruner again; nothing but the checkpoint survives) ends with the
+    uninterrupted run's masks, adapter weights and losses. Returns the resumed run's pruner."""
+    import pytest
+    import torch
+
+    from prunetune.training.loop import train
+
+    model, structure, pruner = fresh()
+    whole = train(model, blocks, mask, settings, hooks=pruner, progress=False)
+    expected_masks = pruner.finish().kept_summary(structure)
+    expected_lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    model, structure, pruner = fresh()
+    train(model, blocks, mask, settings, hooks=pruner, checkpoint_dir=checkpoint_dir, stop_after=stop_after,
+          progress=False)
+    model, structure, pruner = fresh()
+    resumed = train(model, blocks, mask, settings, hooks=pruner, checkpoint_dir=checkpoint_dir, resume=True,
+                    progress=False)
+    assert resumed.resumed_from_step == resumed_from
+    assert pruner.finish().kept_summary(structure) == expected_masks
+    for name, value in model.named_parameters():
+        if "lora_" in name:
+            assert torch.allclose(value, expected_lora[name], atol=1e-6), name
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], abs=1e-6)
+    return pruner

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from helpers import TESTS
+from helpers import TESTS, assert_resume_matches
 from loraprune_run import run
 from tiny import tiny_model, tokens
 
@@ -109,21 +109,7 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     mask = torch.ones_like(blocks, dtype=torch.bool)
     settings = TrainSettings(steps=18, batch_size=2, grad_accum=2, seq_len=16, checkpoint_every=4, lr=5e-3)
 
-    model, structure, pruner = fresh()
-    whole = train(model, blocks, mask, settings, hooks=pruner, progress=False)
-    expected_masks = pruner.finish().kept_summary(structure)
-    expected_lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-
-    model, structure, pruner = fresh()
-    train(model, blocks, mask, settings, hooks=pruner, checkpoint_dir=tmp_path, stop_after=10, progress=False)
-    model, structure, pruner = fresh()  # a new process: nothing but the checkpoint survives
-    resumed = train(model, blocks, mask, settings, hooks=pruner, checkpoint_dir=tmp_path, resume=True, progress=False)
-    assert resumed.resumed_from_step == 8
-    assert pruner.finish().kept_summary(structure) == expected_masks
-    for name, value in model.named_parameters():
-        if "lora_" in name:
-            assert torch.allclose(value, expected_lora[name], atol=1e-6), name
-    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], abs=1e-6)
+    assert_resume_matches(fresh, blocks, mask, settings, tmp_path, stop_after=10, resumed_from=8)
 
 
 @pytest.mark.parametrize("distill", [False, True], ids=["plain", "distilled"])

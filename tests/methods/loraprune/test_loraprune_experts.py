@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers import assert_resume_matches
 from tiny import MOE_FAMILIES, moe_masks, save_tiny_model_dir, tiny_model, tokens
 
 from prunetune.importance.lora_guided import lora_guided_scores
@@ -140,22 +141,8 @@ def test_a_resumed_run_on_a_mixture_ends_where_an_uninterrupted_one_does(tmp_pat
 
     blocks, mask = _blocks()
     settings = TrainSettings(steps=12, batch_size=2, grad_accum=2, seq_len=16, checkpoint_every=4, lr=5e-3)
-    model, structure, pruner = fresh()
-    whole = train(model, blocks, mask, settings, hooks=pruner, progress=False)
-    expected_masks = pruner.finish().kept_summary(structure)
-    expected_lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-
-    model, structure, pruner = fresh()
-    train(model, blocks, mask, settings, hooks=pruner, checkpoint_dir=tmp_path, stop_after=10, progress=False)
-    model, structure, pruner = fresh()  # a new process: nothing but the checkpoint survives
-    resumed = train(model, blocks, mask, settings, hooks=pruner, checkpoint_dir=tmp_path, resume=True, progress=False)
-    assert resumed.resumed_from_step == 8
+    pruner = assert_resume_matches(fresh, blocks, mask, settings, tmp_path, stop_after=10, resumed_from=8)
     assert pruner.experts is not None
-    assert pruner.finish().kept_summary(structure) == expected_masks
-    for name, value in model.named_parameters():
-        if "lora_" in name:
-            assert torch.allclose(value, expected_lora[name], atol=1e-6), name
-    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], abs=1e-6)
 
 
 @pytest.fixture(scope="module")
