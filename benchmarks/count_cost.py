@@ -29,9 +29,11 @@ def one_run(memory_steps: int | None, args) -> dict:
     from distill_cost import loraprune_setup  # the same LoRAPrune set-up (benchmarks/ is the script's directory)
 
     from prunetune.training.loop import TrainSettings, train
+    from prunetune.training.rates import LORA_LR
 
     model, pruner, blocks, mask = loraprune_setup(args.model, args.seq_len, args.steps)
-    run = train(model, blocks, mask, TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len),
+    run = train(model, blocks, mask, TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                                                   lr=LORA_LR),
                 hooks=pruner, progress=False, memory_steps=memory_steps)
     return {"seconds": run.seconds, "peak_memory_bytes": run.peak_memory_bytes, "kind": run.peak_memory_kind}
 

@@ -25,6 +25,7 @@ from prunetune.methods.loraprune.pruner import LoRAPruneSettings, LoRAPruner
 from prunetune.structure.allocate import parse_layers
 from prunetune.structure.units import Structure
 from prunetune.training.loop import TrainSettings, train
+from prunetune.training.rates import LORA_LR
 
 
 def loraprune_setup(model_spec: str, seq_len: int, steps: int):
@@ -46,7 +47,7 @@ def one_run(distill: bool, args) -> dict:
     settings = DistillSettings(enabled=True)
     teacher = self_teacher_for(model, pruner.masks_off, settings) if distill else None
     run = train(model, blocks, mask, TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                                                   gradient_checkpointing=args.gradient_checkpointing),
+                                                   lr=LORA_LR, gradient_checkpointing=args.gradient_checkpointing),
                 hooks=pruner, progress=False, teacher=teacher, distill=settings)
     return {"distill": distill, "seconds_per_step": run.seconds / args.steps, "peak_memory_bytes": run.peak_memory_bytes,
             "peak_memory_kind": run.peak_memory_kind, "teacher": run.distill}

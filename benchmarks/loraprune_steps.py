@@ -20,6 +20,7 @@ from prunetune.methods.loraprune.pruner import LoRAPruneSettings, LoRAPruner
 from prunetune.structure.allocate import parse_layers
 from prunetune.structure.units import Structure
 from prunetune.training.loop import TrainSettings, train
+from prunetune.training.rates import LORA_LR
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
     distill = DistillSettings(enabled=True)
     blocks = torch.randint(0, config.vocab_size, (4 * args.steps * args.batch_size, args.seq_len),
                            generator=torch.Generator().manual_seed(0))
-    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=LORA_LR,
                              gradient_checkpointing=args.gradient_checkpointing)
     run = train(model, blocks, torch.ones_like(blocks, dtype=torch.bool), settings, hooks=pruner, progress=False,
                 teacher=self_teacher_for(model, pruner.masks_off, distill), distill=distill)

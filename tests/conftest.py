@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 pytest.register_assert_rewrite("helpers")  # their asserts explain themselves too
 
 from helpers import REFUSE_ENV, snapshot  # noqa: E402
-from tiny import save_tiny_model_dir  # noqa: E402
+from tiny import WIDE, save_tiny_model_dir  # noqa: E402
 
 # The hub is out of reach in CI; fail fast instead of retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,9 +21,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # starts: two workers with two threads each would fight over the two cores.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-# The tiny Llama at hidden size 128, where NF4's CPU kernels apply (`wide_model_dir`).
-WIDE = dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, intermediate_size=128)
 
 
 @pytest.fixture

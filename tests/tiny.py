@@ -37,6 +37,8 @@ MOE_OVERRIDES = {
 }
 MOE_FAMILIES = tuple(MOE_OVERRIDES)
 
+# Wide enough for NF4's CPU kernels, which need whole 64-wide blocks per row
+WIDE = dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, intermediate_size=128)
 COMMON = dict(
     vocab_size=96,
     hidden_size=96,

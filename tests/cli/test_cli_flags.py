@@ -296,6 +296,66 @@ def test_prune_defaults_to_loraprune_at_the_measured_learning_rate(capsys):
             assert param.default == 5e-4, command
 
 
+# The settings classes a command builds from its flags, and the learning rate its run trains at when
+# TrainSettings.lr is unset (training/rates.py)
+COMMAND_SETTINGS = {
+    "prune": ("TrainSettings LoraSettings DistillSettings EvalSettings PruneSettings LoRAPruneSettings RunOptions",
+              "LORA_LR"),
+    "shear": ("TrainSettings LoraSettings DistillSettings EvalSettings ShearSettings DomainSettings RunOptions",
+              "FULL_LR"),
+    "train": ("TrainSettings LoraSettings DistillSettings EvalSettings ContinueSettings DomainSettings RunOptions",
+              "FULL_LR"),
+    "loram align": ("TrainSettings DistillSettings RunOptions", "ALIGN_LR"),
+    "loram train": ("TrainSettings LoraSettings RunOptions", "LORA_LR"),
+    "loram run": ("LoramRunSettings", None),
+    "masks-agree": ("AgreeSettings", None),
+    "plan": ("PlanSettings", None),
+}
+
+
+@pytest.mark.parametrize("command", COMMAND_SETTINGS)
+def test_a_commands_defaults_are_the_librarys(command):
+    """The same run from Python and from the command line: every flag's default is its setting's (an
+    unset flag, None, leaves the library to decide), and an unset learning rate is the method's."""
+    import dataclasses
+
+    from prunetune.training import rates
+
+    classes, rate = COMMAND_SETTINGS[command]
+    defaults = {}
+    for module, name in SETTINGS_CLASSES + [("prunetune.runs.settings", "RunOptions")]:
+        if name in classes.split():
+            for f in dataclasses.fields(getattr(__import__(module, fromlist=[name]), name)):
+                if f"{name}.{f.name}" in SETTING_FLAGS and f.default is not dataclasses.MISSING:
+                    defaults[SETTING_FLAGS[f"{name}.{f.name}"]] = f.default
+    if rate:
+        defaults["--lr"] = getattr(rates, rate)
+
+    def same(a, b) -> bool:
+        return str(a) == str(b) or (isinstance(b, tuple) and a == ",".join(map(str, b)))
+
+    for flag, uses in options_by_flag().items():
+        for where, param in uses:
+            if where == command and flag in defaults and param.default is not None:
+                assert same(param.default, defaults[flag]), (f"{command} {flag} defaults to {param.default!r}, "
+                                                             f"the library to {defaults[flag]!r}")
+
+
+def test_an_unset_learning_rate_is_the_methods():
+    from prunetune.runs.lifecycle import Run
+    from prunetune.runs.settings import RunOptions
+    from prunetune.training.loop import TrainSettings, train
+    from prunetune.training.rates import LORA_LR
+
+    run = Run("prune", Path("unused"), RunOptions(), accelerate=False, lr=LORA_LR)
+    assert run.options.training.lr == LORA_LR
+    named = Run("prune", Path("unused"), RunOptions(training=TrainSettings(lr=1e-3)), accelerate=False, lr=LORA_LR)
+    assert named.options.training.lr == 1e-3
+    assert TrainSettings().lr is None  # decided by the run, never a third default of its own
+    with pytest.raises(SettingError, match="TrainSettings.lr is unset"):
+        train(None, None, None, TrainSettings())
+
+
 # ---------------------------------------------------------------------------------------------
 # A shear target the source cannot have fails from the GGUF header
 

@@ -201,13 +201,14 @@ def test_prune_a_mixture_end_to_end_records_routing_and_loads_in_stock_transform
     from transformers import AutoModelForCausalLM
 
     source = mixtral_dir if arch == "mixtral" else save_tiny_model_dir(tmp_path / arch, arch)
-    units = "experts,expert-channels" if arch == "olmoe" else "heads,experts,expert-channels"
     out = tmp_path / "pruned"
-    done = run_cli("prune", source, "--method", "taylor", "--units", units, "--ratio",
+    done = run_cli("prune", source, "--method", "taylor", "--ratio",  # the units unset: the family's
                    "0.4", "--round-to", "4", "--batch-size", "2", "--seq-len", "32", "--eval-seq-len", "64",
                    "--max-windows", "2", "--calib-samples", "4", "--recover-steps", "2", "--out", out, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     record = json.loads((out / "prunetune.json").read_text())
+    assert record["settings"]["units"] == ("experts,expert-channels" if arch == "olmoe"
+                                           else "heads,experts,expert-channels")
     routing = record["experts"]["routing"]
     assert sum(routing["calibration"]["counts"][0]) == 2 * routing["calibration"]["tokens"]
     kept = record["kept"]["layers"][0]["num_experts"]
@@ -235,6 +236,18 @@ def test_settings_a_model_cannot_take_are_refused_before_loading(arch, method, u
 
     with pytest.raises(SettingError, match=message):
         _check_family(tiny_model(arch).config, PruneSettings(method=method, units=units))
+
+
+@pytest.mark.parametrize("arch, units", [
+    ("llama", "heads,channels"), ("mixtral", "heads,experts,expert-channels"), ("olmoe", "experts,expert-channels")])
+def test_unset_units_are_the_familys(arch, units):
+    """A user who brings a mixture of experts and names no units prunes what that model has."""
+    from prunetune.methods.prune import PruneSettings, _check_family
+
+    settings = PruneSettings(method="taylor")
+    settings.check()
+    _check_family(tiny_model(arch).config, settings)
+    assert settings.units == units
 
 
 def test_the_planner_refuses_a_mixture_for_a_method_that_refuses_it():

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
+from ..training.rates import ALIGN_LR
 from . import options
 from .common import log, out
 from .exporting import ExportOption, check_export_shape, parse_export
@@ -19,7 +20,6 @@ RATIO_WHY = ("0.5, the README's LoRAM benchmark: on SmolLM2-135M the adapter rec
              "full-model LoRA's gain after distilled alignment (27% without), from 20% 88% without; the paper's "
              "7-70B models lose less to pruning.")
 LAYERS_WHY = "Default: paper for stru and rand (LLM-Pruner's choice), all for semi and unst (as Wanda)."
-ALIGN_LR = 1e-4
 ALIGN_LR_WHY = ("1e-4: on SmolLM2-135M at 50%, distilled alignment at 1e-4 let the recovered adapter keep 63% of a "
                 "full-model LoRA's gain (27% unaligned); next-token alignment (--align-next-token) wants 1e-5 or "
                 "less: at 1e-4 it hurt the transfer (10%), at 1e-5 less (docs/methods/loram.md).")

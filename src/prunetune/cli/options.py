@@ -13,10 +13,11 @@ from typing import Any, Optional
 
 import typer
 
+from ..training.rates import LORA_LR
+
 MODEL_HELP = "Hub id, local model directory, .gguf file, or the built-in 'smollm2-135m'."
 
 # The measured defaults, each with the measurement behind it (README).
-LORA_LR = 5e-4  # LoRA training: README's LoRAPrune quality table and LoRAM benchmark, SmolLM2-135M
 LR_BY_SIZE = ("5e-4 was measured on SmolLM2-135M (the README's LoRAPrune quality table and LoRAM benchmark); "
               "LoRA on 7B-class models usually wants less (LLM-Pruner tuned LLaMA-7B at 1e-4).")
 
@@ -169,12 +170,14 @@ def ratio(default: float, why: str | None = None) -> Any:
     return _option(default, "--ratio", "Fraction of the prunable parameters to remove, in (0, 1).", why)
 
 
-def units() -> Any:
-    return _option("heads,channels", "--units", "Unit kinds to prune, comma-separated: heads, channels, layers "
+def units(default: str | None = None) -> Any:
+    unset = ("" if default else " Unset: heads,channels, or on a mixture of experts heads,experts,expert-channels "
+             "(experts,expert-channels on OLMoE, whose heads stay).")
+    return _option(default, "--units", "Unit kinds to prune, comma-separated: heads, channels, layers "
                    "(whole decoder layers, by block influence; with heads or channels the split between depth and "
                    "width is the one with the lowest calibration loss); on a mixture of experts (Mixtral, "
                    "Qwen3-MoE, OLMoE, PhiMoE, GraniteMoE) heads, experts and expert-channels instead of channels "
-                   "(the split between them is measured the same way).")
+                   "(the split between them is measured the same way)." + unset, show_default=default is not None)
 
 
 def head_unit() -> Any:

@@ -29,7 +29,7 @@ def prune(
     ratio: float = options.ratio(0.2),
     layers: Optional[str] = options.layers(why="Default: paper for loraprune (the official code's), all for the "
                                            "one-shot methods."),
-    units: str = options.units(),
+    units: Optional[str] = options.units(),
     head_unit: str = options.head_unit(),
     round_to: str = options.round_to(),
     allocation: str = typer.Option("uniform", help="uniform (same ratio in every pruned layer) or global (rank units across layers)."),
@@ -157,7 +157,7 @@ def masks_agree_command(
     seq_len: int = options.seq_len(128, why="128 here: calibration sequences, as LLM-Pruner's."),
     data: str = typer.Option("builtin:pydoc", help="Calibration (and LoRA training) data; its train split."),
     layers: str = options.layers("all", why="All here: the agreement is measured in every layer."),
-    units: str = options.units(),
+    units: str = options.units("heads,channels"),
     head_unit: str = options.head_unit(),
     round_to: str = options.round_to("1", why="1 here, so that rounding does not decide the agreement."),
     steps: int = options.steps(0, why="Here the LoRA's training before scoring (0: an untrained LoRA with a "

@@ -11,13 +11,11 @@ from rich.table import Table
 from . import options
 from .common import log, out
 from .exporting import ExportOption, check_export_shape, parse_export
+from ..training.rates import FULL_LR
 from .options import MODEL_HELP
 
 commands = typer.Typer()
 
-# The official Sheared-LLaMA code's learning rate for full-parameter training, which the README's
-# shear and train runs used.
-SHEARED_LR = 1e-4
 SHEARED_LR_WHY = ("1e-4: the official Sheared-LLaMA code's for training every weight, and the README's runs'; "
                   "LoRA training (prune, loram train) starts from 5e-4.")
 
@@ -59,7 +57,7 @@ def shear(
     clamp: bool = options.clamp(),
     steps: int = options.steps(), batch_size: int = options.batch_size(), grad_accum: int = options.grad_accum(),
     seq_len: int = options.seq_len(),
-    lr: float = options.lr(SHEARED_LR, "Of the model's weights. " + SHEARED_LR_WHY),
+    lr: float = options.lr(FULL_LR, "Of the model's weights. " + SHEARED_LR_WHY),
     mask_lr: Optional[float] = typer.Option(None, show_default=False, help="Learning rate of the mask logits "
                                             "(default: 0.1 from an importance start; 1.0, the official code's, "
                                             "from --mask-init uniform)."),
@@ -142,7 +140,7 @@ def train(
     teacher_cache: Optional[Path] = options.teacher_cache(), teacher_top_k: int = options.teacher_top_k(),
     steps: int = options.steps(), batch_size: int = options.batch_size(), grad_accum: int = options.grad_accum(),
     seq_len: int = options.seq_len(),
-    lr: float = options.lr(SHEARED_LR, SHEARED_LR_WHY),
+    lr: float = options.lr(FULL_LR, SHEARED_LR_WHY),
     warmup: float = options.warmup(), lora: bool = options.train_lora(), lora_r: int = options.lora_r(),
     lora_alpha: int = options.lora_alpha(), lora_dropout: float = options.lora_dropout(),
     gradient_checkpointing: bool = options.gradient_checkpointing(),

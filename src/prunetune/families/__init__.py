@@ -63,8 +63,8 @@ def refuse_experts(config, what: str) -> None:
     family = BY_MODEL_TYPE.get(getattr(config, "model_type", None))
     if family is not None and family.moe is not None:
         raise UserError(f"{family.name} is a mixture of experts, which {what} does not prune; prune it with "
-                        "`prunetune prune --method taylor --units heads,experts,expert-channels` (or wanda-sp, "
-                        "magnitude, random)")
+                        "`prunetune prune` (LoRAPrune, or --method taylor, wanda-sp, magnitude, random), which "
+                        "removes experts and their channels")
 
 
 def prepare(model: nn.Module) -> nn.Module:

@@ -57,6 +57,15 @@ class Family:
     moe: "MoeLayout | None" = None  # where a mixture of experts keeps its router and experts (moe.py)
 
     @property
+    def default_units(self) -> str:
+        """What `prune` removes when its units are not named: attention heads and MLP channels, or on a
+        mixture of experts heads (where this family cuts them), whole experts and expert channels, the
+        budget shared between them by measurement."""
+        if self.moe is None:
+            return "heads,channels"
+        return "experts,expert-channels" if self.no_head_cut else "heads,experts,expert-channels"
+
+    @property
     def projection_names(self) -> tuple[str, ...]:
         """The projections every decoder layer has: all seven, or attention's four where the MLP is a
         mixture of experts (whose units are experts and their channels, not projections)."""

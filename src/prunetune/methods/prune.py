@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..data import load_blocks, load_examples
+from ..models import check_positions
 from ..training.distill import DistillSettings, model_teacher, self_teacher_for
 from ..errors import SettingError
 from ..families import family_of, refuse_experts
@@ -54,6 +55,7 @@ from ..structure.units import HEAD_UNITS, Structure, count_parameters
 from ..runs.lifecycle import Run
 from ..runs.settings import EvalSettings, RunOptions
 from ..training.loop import TrainSettings
+from ..training.rates import LORA_LR
 from .loraprune.pruner import LoRAPruneSettings, LoRAPruner
 
 METHODS = ("loraprune", *CRITERIA)
@@ -65,7 +67,7 @@ class PruneSettings:
     method: str = "loraprune"  # prunetune's best method (README's quality table)
     ratio: float = 0.2
     layers: str | None = None  # None: 'paper' for loraprune (the official choice), 'all' otherwise
-    units: str = "heads,channels"
+    units: str | None = None  # None: the family's (Family.default_units), decided when the config is read
     head_unit: str = "kv-group"
     round_to: int | str = DEFAULT_ROUND_TO  # 'auto': 128 on wide MLPs, 64 on narrow ones (allocate.py)
     allocation: str = "uniform"
@@ -87,7 +89,8 @@ class PruneSettings:
             raise SettingError("PruneSettings.method", f"unknown PruneSettings.method '{self.method}'; available: "
                                f"{', '.join(METHODS)}")
         check_ratio(self.ratio)
-        parse_units(self.units)
+        if self.units is not None:
+            parse_units(self.units)
         for name, choices in (("head_unit", HEAD_UNITS), ("allocation", ALLOCATIONS), ("split", SPLITS)):
             if getattr(self, name) not in choices:
                 raise SettingError(f"PruneSettings.{name}", f"unknown PruneSettings.{name} '{getattr(self, name)}'; "
@@ -119,11 +122,20 @@ class PruneSettings:
                                    "source model: leave DistillSettings.teacher at base")
 
 
-def _check_before_loading(settings: PruneSettings, calibrates: bool) -> None:
-    """What a prune can get wrong without the weights: a mistake costs seconds, not a model load."""
-    settings.check()
-    if calibrates:
+def _calibrates(settings: PruneSettings) -> bool:
+    """Whether the prune reads its data: to train, to calibrate a criterion, to score whole layers or to
+    count which experts are routed to (its units decided)."""
+    kinds = parse_units(settings.units)
+    return (settings.method == "loraprune" or settings.recover_steps > 0 or settings.method in NEEDS_CALIBRATION
+            or LAYER_UNIT in kinds or any(kind in EXPERT_KINDS for kind in kinds))
+
+
+def _check_data(config, settings: PruneSettings, seq_len: int) -> None:
+    """The data a calibrating prune reads, and its sequence length against the model's positions:
+    before the weights load, so a mistake costs seconds."""
+    if _calibrates(settings):
         load_examples(settings.data, default_split="train")
+        check_positions(config, {"TrainSettings.seq_len": seq_len})
 
 
 def _check_family(config, settings: PruneSettings, command: str = "prune") -> None:
@@ -131,6 +143,8 @@ def _check_family(config, settings: PruneSettings, command: str = "prune") -> No
     its default layers are all of them, and settings that would leave layers of different shapes are
     refused before loading. A mixture of experts prunes experts and their channels, not MLP channels."""
     family = family_of(config)
+    if settings.units is None:
+        settings.units = family.default_units
     kinds = parse_units(settings.units)
     if family.moe is not None:
         if command != "prune":
@@ -177,18 +191,18 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     options = options or RunOptions()
     training = options.training
     trains = settings.method == "loraprune" or settings.recover_steps > 0
-    kinds = parse_units(settings.units)
-    experts = any(kind in EXPERT_KINDS for kind in kinds)  # also counts routing
-    calibrates = trains or settings.method in NEEDS_CALIBRATION or LAYER_UNIT in kinds or experts
     settings.distill = settings.distill.resolved(settings.method)
     distill = settings.distill
-    run = Run(command, out, options, evaluation, log=log, model=model_spec,
-              seq_lens={"TrainSettings.seq_len": training.seq_len} if calibrates else {},
-              checks=[lambda: _check_before_loading(settings, calibrates)],
-              config_checks=[lambda config: _check_family(config, settings, command),
+    run = Run(command, out, options, evaluation, log=log, model=model_spec, checks=[settings.check], lr=LORA_LR,
+              config_checks=[lambda config: _check_family(config, settings, command),  # decides the units
                              lambda config: _lora_for(config, settings, options),
                              lambda config: parse_layers(settings.layer_spec, int(config.num_hidden_layers),
-                                                         "PruneSettings.layers")])
+                                                         "PruneSettings.layers"),
+                             lambda config: _check_data(config, settings, training.seq_len)])
+    training = run.options.training  # its learning rate decided
+    kinds = parse_units(settings.units)
+    experts = any(kind in EXPERT_KINDS for kind in kinds)  # also counts routing
+    calibrates = _calibrates(settings)
     if is_fsdp(run.accelerator) and run.config is not None and family_of(run.config).moe is not None:
         raise SettingError("PruneSettings.units", "a mixture of experts is pruned in one process; run it without "
                            "FSDP (one-shot pruning needs no sharding to fit: it trains nothing)")

@@ -49,7 +49,7 @@ def measure_method(config, settings: PlanSettings, device: str = "cpu") -> dict:
     from ..training.distill import DistillSettings, self_teacher_for
     from ..training.lora import LoraSettings, add_lora
     from ..methods.loraprune.pruner import LoRAPruneSettings, LoRAPruner
-    from ..structure.allocate import parse_layers
+    from ..structure.allocate import parse_layers, parse_units
     from ..structure.units import Structure
     from ..training.loop import TrainSettings, train
     from ..families import family_of
@@ -57,7 +57,7 @@ def measure_method(config, settings: PlanSettings, device: str = "cpu") -> dict:
 
     settings.check()
     device = torch.device(device)
-    training = TrainSettings(steps=2, batch_size=settings.batch_size, seq_len=settings.seq_len,
+    training = TrainSettings(steps=2, batch_size=settings.batch_size, seq_len=settings.seq_len, lr=1e-4,  # any
                              gradient_checkpointing=settings.gradient_checkpointing)
     blocks = torch.randint(0, config.vocab_size, (BLOCKS * settings.batch_size, settings.seq_len),
                            generator=torch.Generator().manual_seed(0))
@@ -87,7 +87,7 @@ def measure_method(config, settings: PlanSettings, device: str = "cpu") -> dict:
         distill = DistillSettings(enabled=settings.distilled)
         if method == "loraprune":
             structure = Structure.of(model)
-            units = ("heads", "experts", "expert-channels") if mixture else ("heads", "channels")
+            units = parse_units(family_of(model).default_units)  # what `prune` removes by default
             hooks = LoRAPruner(model, structure, ratio=settings.ratio,
                                layers=parse_layers("all" if mixture else "paper", structure.num_layers), units=units,
                                head_unit="kv-group", round_to=1, allocation="uniform",

@@ -144,11 +144,10 @@ def pruned_shape(model: nn.Module, ratio: float, layer_spec: str) -> nn.Module:
 
 
 def expert_units(model: nn.Module) -> tuple[str, ...]:
-    """The units a mixture of experts is planned with: heads (where its family cuts them), experts and
-    expert channels, the units `prune` shares a budget between."""
+    """The units a mixture of experts is planned with: those `prune` shares a budget between by default."""
     from ..families import family_of
 
-    return ("experts", "expert-channels") if family_of(model).no_head_cut else ("heads", "experts", "expert-channels")
+    return tuple(family_of(model).default_units.split(","))
 
 
 def expert_shapes(model: nn.Module, ratio: float) -> list[dict]:

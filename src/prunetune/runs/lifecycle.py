@@ -20,6 +20,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from ..evaluate.perplexity import check_seq_len
@@ -43,15 +44,18 @@ class Run:
                  model: str | None = None, seq_lens: dict[str, int] | None = None,
                  checks: Iterable[Callable[[], object]] = (),
                  config_checks: Iterable[Callable[[object], object]] = (), log: Callable[[str], None] = print,
-                 accelerate: bool = True):
+                 accelerate: bool = True, lr: float | None = None):
         """Check everything that can be checked without the weights, in the order a user meets it: the
         method's `checks`, the evaluation, the `model` spec (its config: it exists, its architecture is
         supported, its files are whole; kept as `self.config`), the method's `config_checks` (each given
         the config: a target shape, the layers to prune), every length in `seq_lens` against the model's
-        positions, the load options and the output; then make the accelerator."""
+        positions, the load options and the output; then make the accelerator. A run that trains names
+        its method's measured learning rate `lr` (training/rates.py): `options.training.lr` unset means it."""
         self.started = time.perf_counter()
         self.command = command
         self.out = Path(out)
+        if lr is not None and options.training.lr is None:
+            options = replace(options, training=replace(options.training, lr=lr))
         self.options = options
         self.evaluation = evaluation
         for check in checks:  # the method's own: its settings, its data, its model and shapes

@@ -52,7 +52,7 @@ class TrainSettings:
     batch_size: int = 4  # sequences per process per micro-batch
     grad_accum: int = 1
     seq_len: int = 256
-    lr: float = 2e-4
+    lr: float | None = None  # None: the method's measured rate (training/rates.py), decided by its Run
     warmup: float = 0.05  # fraction of the steps
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -65,7 +65,7 @@ class TrainSettings:
             if getattr(self, name) < least:
                 raise SettingError(f"TrainSettings.{name}",
                                    f"TrainSettings.{name} must be at least {least}, got {getattr(self, name)}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise SettingError("TrainSettings.lr", f"TrainSettings.lr must be positive, got {self.lr}")
         if not 0 <= self.warmup < 1:
             raise SettingError("TrainSettings.warmup",
@@ -287,6 +287,10 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
     from transformers import get_cosine_schedule_with_warmup
 
     settings.check()
+    if settings.lr is None:
+        raise SettingError("TrainSettings.lr", "TrainSettings.lr is unset: name a learning rate (training/rates.py: "
+                           "LORA_LR for an adapter, FULL_LR for every weight), or train through a Run, which sets "
+                           "its method's")
     hooks = hooks or TrainHooks()
     accelerator = accelerator or make_accelerator(settings)
     if len(blocks) < settings.batch_size * accelerator.num_processes:

@@ -2,14 +2,14 @@
 pruned progressively as the adapter trains. The masked adapted model computes what the merged, cut
 one does; pruned experts and channels never come back; an expert no token reaches scores nothing and
 goes first; a resumed run ends where an uninterrupted one does; the CLI's run loads in stock
-transformers; a dropout PEFT cannot apply is refused in one line."""
+transformers, from a quantized base too; a dropout PEFT cannot apply is refused in one line."""
 
 import json
 
 import pytest
 import torch
 from helpers import assert_resume_matches
-from tiny import MOE_FAMILIES, moe_masks, save_tiny_model_dir, tiny_model, tokens
+from tiny import MOE_FAMILIES, WIDE, moe_masks, save_tiny_model_dir, tiny_model, tokens
 
 from prunetune.importance.lora_guided import lora_guided_scores
 from prunetune.methods.loraprune.pruner import LoRAPruner, LoRAPruneSettings
@@ -178,6 +178,33 @@ def test_loraprune_on_a_mixture_end_to_end_records_its_choice_and_loads_in_stock
     stock = AutoModelForCausalLM.from_pretrained(out)
     layout = family_of(stock).moe
     assert getattr(stock.config, layout.count_key) == kept
+    assert layout.experts(stock.model.layers[0]).down_proj.shape[2] == budget["expert_width"]
+
+
+@pytest.mark.parametrize("quant", ["8bit", "nf4"])
+def test_loraprune_on_a_quantized_mixture_saves_a_dense_model(quant, tiny_model_dir, tmp_path):
+    """A quantized base (its attention projections: bitsandbytes leaves the experts' fused parameters,
+    which are not Linear layers), the units unset (the family's): the saved model is dense, cut to the
+    chosen expert count and width, and loads in stock transformers. Hidden 128, so that NF4's CPU
+    kernels apply (they need whole 64-wide blocks per row)."""
+    from transformers import AutoModelForCausalLM
+
+    from prunetune.families import family_of
+    from prunetune.methods.prune import PruneSettings, prune
+    from prunetune.runs.settings import EvalSettings, RunOptions
+
+    out = tmp_path / quant
+    wide = {k: v for k, v in WIDE.items() if k != "intermediate_size"}  # the experts stay 32 wide
+    record = prune(str(tiny_model_dir("mixtral", **wide)), out, PruneSettings(ratio=0.4, round_to=4),
+                   EvalSettings(data=None), RunOptions(training=TrainSettings(steps=4, batch_size=2, seq_len=32),
+                                                       quant=quant, progress=False), log=lambda _: None)
+    assert record["settings"]["units"] == ",".join(UNITS) and record["settings"]["quant"] == quant
+    assert record["training"]["settings"]["lr"] == 5e-4  # unset: LoRA's measured rate
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    stock = AutoModelForCausalLM.from_pretrained(out)
+    layout = family_of(stock).moe
+    budget = record["experts"]["budget"]
+    assert getattr(stock.config, layout.count_key) == 6 - budget["experts_removed_per_layer"]
     assert layout.experts(stock.model.layers[0]).down_proj.shape[2] == budget["expert_width"]
 
 

@@ -31,6 +31,7 @@ from .sparsity import reduction_ratio
 from ...structure.units import count_parameters
 from ...training.distill import DistillSettings, model_teacher
 from ...training.loop import TrainSettings
+from ...training.rates import ALIGN_LR, LORA_LR
 from ...runs.lifecycle import Run
 from ...runs.settings import EvalSettings, RunOptions
 from ..prune import PruneSettings, prune
@@ -157,14 +158,14 @@ class StepOptions:
             load_examples(spec, default_split="eval")
 
     def run(self, command: str, out: Path, training: TrainSettings, model_spec: str, *, lora: LoraSettings | None = None,
-            quant: str | None = None, checks=(), log: Callable[[str], None] = print) -> Run:
-        """The lifecycle of a LoRAM step that trains on `model_spec`."""
+            quant: str | None = None, checks=(), log: Callable[[str], None] = print, lr: float) -> Run:
+        """The lifecycle of a LoRAM step that trains on `model_spec`, at `lr` unless `training` names one."""
         options = RunOptions(training=training, lora=lora or LoraSettings(), dtype=self.dtype, device=self.device,
                              quant=quant, overwrite=self.overwrite, resume=self.resume, progress=self.progress)
         seq_lens = {"TrainSettings.seq_len": training.seq_len} | (
             {"EvalSettings.seq_len": self.eval_seq_len} if self.eval_data else {})
         return Run(command, out, options, log=log, model=model_spec, seq_lens=seq_lens,
-                   checks=[*checks, self.check])
+                   checks=[*checks, self.check], lr=lr)
 
     def evaluate(self, run: Run, model, tokenizer) -> dict:
         """Held-out perplexity on every --eval-data after training."""
@@ -192,7 +193,8 @@ def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
             raise SettingError("DistillSettings.enabled", f"'{pruned}' does not record the model it was pruned "
                                "from, the teacher of distilled alignment; align with DistillSettings.enabled off")
 
-    run = step.run("loram align", out, training, str(pruned), checks=[check_teacher], log=log)
+    run = step.run("loram align", out, training, str(pruned), checks=[check_teacher], log=log, lr=ALIGN_LR)
+    training = run.options.training  # its learning rate decided
     model, tokenizer = run.load(str(pruned), seq_lens=[training.seq_len])
     blocks, mask = load_blocks(step.data, tokenizer, training.seq_len, default_split="train")
     for param in model.parameters():
@@ -231,7 +233,9 @@ def train_adapter(model_spec: str, out: Path, training: TrainSettings, lora: Lor
         if quant not in QUANT_BITS:
             raise UserError(f"unknown --quant '{quant}'; use {' or '.join(q for q in QUANT_BITS if q)}")
 
-    run = step.run("loram train", out, training, model_spec, lora=lora, quant=quant, checks=[check_quant], log=log)
+    run = step.run("loram train", out, training, model_spec, lora=lora, quant=quant, checks=[check_quant], log=log,
+                   lr=LORA_LR)
+    training = run.options.training  # its learning rate decided
     carried = _source_fields(Path(model_spec)) if (Path(model_spec) / "prunetune.json").is_file() else {}
     if "architecture" in carried:  # an adapter directory is not a model: keep only what the report draws from
         shapes = carried.pop("architecture").get("source_layer_shapes")

@@ -40,6 +40,7 @@ from ...report import (
 from ...structure.allocate import parse_layers
 from ...runs.settings import EvalSettings, RunOptions
 from ...training.loop import TrainSettings
+from ...training.rates import ALIGN_LR, LORA_LR
 from ...training.lora import LoraSettings
 from ...training.distill import DistillSettings
 from .pipeline import (QUANT_BITS, LoramPruneSettings, StepOptions, align, prune_for_loram, recover, train_adapter)
@@ -53,12 +54,12 @@ class LoramRunSettings:
     layers: str | None = None  # see LoramPruneSettings
     align_data: str = "builtin:pydoc"
     align_steps: int = 100
-    align_lr: float = 1e-4  # distilled alignment, measured (cli/loram.py ALIGN_LR_WHY)
+    align_lr: float = ALIGN_LR  # distilled alignment, measured (training/rates.py)
     align_distill: bool = True  # align by distillation from the full model; False: next-token loss (the paper)
     data: str = "builtin:stdlib-code"
     ood_data: str | None = None  # default: the other built-in domain
     steps: int = 100
-    lr: float = 2e-4
+    lr: float = LORA_LR
     batch_size: int = 4
     seq_len: int = 256
     quant: str | None = None

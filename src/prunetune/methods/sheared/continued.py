@@ -24,6 +24,7 @@ from ...models import check_model, load_model
 from ...report import is_run_directory, read_record
 from ...structure.units import count_parameters
 from ...training.distill import DistillSettings, model_teacher
+from ...training.rates import FULL_LR
 from .domains import DomainSet
 from .domain_training import DomainSettings, domain_perplexities, prepare_domains, trainable
 from .dynamic_loading import domain_losses
@@ -110,8 +111,9 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
             check_model(settings.reference_model)  # it loads after the model; a bad spec fails now
 
     # every domain's held-out perplexity is measured at the end, at the evaluation's length
-    run = Run("train", out, options, evaluation, log=log, checks=[check_settings], model=model_spec,
+    run = Run("train", out, options, evaluation, log=log, checks=[check_settings], model=model_spec, lr=FULL_LR,
               seq_lens={"TrainSettings.seq_len": training.seq_len, "EvalSettings.seq_len": evaluation.seq_len})
+    training = run.options.training  # its learning rate decided
     model, tokenizer = run.load(model_spec, seq_lens=[training.seq_len, evaluation.seq_len])
     params = count_parameters(model)
     run.perplexity(model, tokenizer, "before")

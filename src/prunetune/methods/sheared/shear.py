@@ -29,6 +29,7 @@ from .target import Target, parse_target, quick_source, target_parameters
 from ...structure.units import Structure, count_parameters
 from ...training.distill import DistillSettings, SelfTeacher, model_teacher
 from ...training.loop import ComposedHooks, TrainHooks
+from ...training.rates import FULL_LR
 from .mask_init import MASK_INITS, mask_priorities
 from .domain_training import DomainSettings, domain_perplexities, model_losses, prepare_domains, trainable
 from ...runs.lifecycle import Run
@@ -193,8 +194,9 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
                                f"{family.no_hidden_cut}")
 
     run = Run("shear", out, options, evaluation, log=log, checks=[check_settings], config_checks=[check_target],
-              model=model_spec,
+              model=model_spec, lr=FULL_LR,
               seq_lens={"TrainSettings.seq_len": training.seq_len, "EvalSettings.seq_len": evaluation.seq_len})
+    training = run.options.training  # its learning rate decided
     model, tokenizer = run.load(model_spec, seq_lens=[training.seq_len, evaluation.seq_len])
     params_before = count_parameters(model)
     goal = target_parameters(target, before)
