@@ -139,7 +139,8 @@ def test_distilled_loraprune_records_the_teacher_and_resumes_to_the_same_masks(w
                   log=lambda _: None)
     training = whole["training"]
     assert all("distill_loss" in entry for entry in training["history"])
-    assert training["distill"]["teacher"] == "base" and training["distill"]["teacher_model_bytes"] == 0
+    assert training["distill"]["teacher"] == str(wide_model_dir) and training["distill"]["teacher_model_bytes"] == 0
+    assert training["distill"]["held_as"] == "the trained model, its masks off and its adapters off"
     assert training["distill"]["teacher_seconds"] > 0
     assert whole["settings"]["distill"]["enabled"]
 
@@ -172,7 +173,8 @@ def test_distilled_recovery_loads_the_source_as_teacher_and_says_what_it_costs(w
     settings = _settings(method="magnitude", ratio=0.5, round_to=8, recover_steps=3)
     record = prune(str(wide_model_dir), tmp_path / "t", settings, EVAL, _options(), log=lambda _: None)
     info = record["training"]["distill"]
-    assert info["teacher"] == "source" and info["teacher_model_bytes"] > 0
+    assert info["teacher"] == str(wide_model_dir) and info["held_as"] == "a second copy"
+    assert info["teacher_model_bytes"] > 0
     # the second model's weights are live through training: the peak counts them (as a GPU's would)
     plain = prune(str(wide_model_dir), tmp_path / "plain", _settings(distill=False, method="magnitude", ratio=0.5,
                                                                      round_to=8, recover_steps=3),
@@ -198,7 +200,7 @@ def test_distilled_recovery_from_a_teacher_cache_holds_no_second_model_and_reuse
     copy.distill.cache = None
     second_copy = prune(str(wide_model_dir), tmp_path / "copy", copy, EVAL, _options(), log=lambda _: None)
     first, second = (r["training"]["distill"] for r in (built, reused))
-    assert first["teacher"] == "source (its top-k cached)" and first["teacher_model_bytes"] is None
+    assert first["held_as"] == "its top-k cached" and first["teacher_model_bytes"] is None
     assert first["teacher_cache"]["built"] and first["teacher_cache"]["teacher_model_bytes"] > 0
     assert not second["teacher_cache"]["built"]
     assert [e["loss"] for e in built["training"]["history"]] == [e["loss"] for e in reused["training"]["history"]]
@@ -215,7 +217,7 @@ def test_distilled_loraprune_on_a_quantized_base(wide_model_dir, tmp_path, quant
     record = prune(str(wide_model_dir), tmp_path / quant, _settings(method="loraprune", ratio=0.5, round_to=8), EVAL,
                    _options(steps=4, quant=quant, gradient_checkpointing=True), log=lambda _: None)
     training = record["training"]
-    assert training["distill"]["teacher"] == "base" and training["distill"]["teacher_model_bytes"] == 0
+    assert training["distill"]["teacher_model_bytes"] == 0 and "masks off" in training["distill"]["held_as"]
     assert [(s["step"], s["fraction"]) for s in training["schedule"]] == [(2, 1.0), (4, 1.0)]
     kl = [e["distill_loss"] for e in training["history"]]
     assert all(abs(value) < 2e-5 for value in kl[:2]), kl  # unmasked: the student is the teacher

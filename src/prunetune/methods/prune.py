@@ -23,7 +23,7 @@ import torch
 
 from ..data import load_blocks, load_examples
 from ..models import check_positions
-from ..training.distill import DistillSettings, model_teacher, self_teacher_for
+from ..training.distill import DistillSettings, model_teacher, self_held, self_teacher_for
 from ..errors import SettingError
 from ..families import family_of, refuse_experts
 from ..importance import CRITERIA
@@ -234,7 +234,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         with count_routing(model, with_grad_only=True) as routing:  # not the self-teacher's passes
             trained = run.train(model, blocks, mask, hooks=pruner, teacher=teacher, distill=distill)
         if trained.distill:
-            trained.distill |= {"teacher": distill.teacher, "teacher_model_bytes": 0}  # the trained model itself
+            trained.distill |= self_held(model_spec, adapters=distill.teacher == "tuned")
         model = trained.model  # under FSDP: gathered on the main process, None on the others
         masks = pruner.finish()
         scores, depth = pruner.average, pruner.depth
@@ -284,7 +284,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         if expert_record is not None:  # the cut model's experts, numbered as they now are
             expert_record["routing"]["training"] = routing.record(before.top_k)
         if trained.distill:
-            trained.distill |= {"teacher": "source (its top-k cached)" if distill.cache else "source"} | held
+            trained.distill |= held
         record_training = {"training": trained.record(recovery)}
         del teacher
         model = trained.model

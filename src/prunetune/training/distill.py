@@ -278,16 +278,24 @@ def model_teacher(spec: str, settings: DistillSettings, blocks: torch.Tensor, *,
                   ) -> tuple[ModelTeacher | CachedTeacher, dict]:
     """The teacher `spec` for training on `blocks` against a model other than the one trained: its
     cache when settings.cache names one (built first if need be), else the model loaded a second time;
-    and what the record says of it."""
+    and what the record says of it (`training.distill`: the teacher, how it was held, its bytes)."""
     if settings.cache:
         key = CacheKey(teacher=spec, top_k=settings.top_k, temperature=settings.temperature, seq_len=seq_len,
                        quant=quant)
         teacher, info = cached_source_teacher(spec, Path(settings.cache), blocks, key, dtype=dtype,
                                               accelerator=accelerator, batch_size=batch_size, log=log)
-        return teacher, {"teacher_model_bytes": None, "teacher_cache": info}
+        return teacher, {"teacher": spec, "held_as": "its top-k cached", "teacher_model_bytes": None,
+                         "teacher_cache": info}
     teacher, held = source_teacher(spec, dtype=dtype, device=str(accelerator.device), quant=quant)
     log(f"distilling from {spec} (a second model: {held / 2**20:,.0f} MiB)")
-    return teacher, {"teacher_model_bytes": held}
+    return teacher, {"teacher": spec, "held_as": "a second copy", "teacher_model_bytes": held}
+
+
+def self_held(spec: str, adapters: bool) -> dict:
+    """What the record says of a teacher that is the trained model itself (`training.distill`, as
+    `model_teacher`'s): the source it was loaded from, how it was held, and no memory of its own."""
+    how = "the trained model, its masks off" + (" (adapters on)" if adapters else " and its adapters off")
+    return {"teacher": spec, "held_as": how, "teacher_model_bytes": 0}
 
 
 def self_teacher_for(model: nn.Module, masks_off, settings: DistillSettings) -> SelfTeacher:

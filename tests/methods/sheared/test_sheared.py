@@ -45,7 +45,7 @@ def test_shear_then_train_end_to_end(model_dir, tmp_path):
     assert "## Domains" in (sheared / "report.md").read_text()
     # the defaults: masks start from Taylor scores, and the source model (a second copy) is the teacher
     assert record["settings"]["mask_init"] == "taylor" and record["settings"]["distill"]["enabled"]
-    assert record["training"]["distill"]["teacher"] == "source (a second copy)"
+    assert record["training"]["distill"]["held_as"] == "a second copy"
 
     trained = tmp_path / "trained"
     done = run_cli("train", str(sheared), "--data", DOMAINS, "--dynamic-loading", "--steps", "4", *SMALL,
@@ -243,7 +243,7 @@ def test_shear_reads_a_teacher_cache_and_refuses_one_with_lora(tiny_model_dir, t
     record = shear(str(source), tmp_path / "out", ShearSettings(target="heads=3,kv-heads=3", distill=cached),
                    domains, evaluation, options, log=lambda _: None)
     distill = record["training"]["distill"]
-    assert distill["teacher"] == "source (its top-k cached)" and distill["teacher_cache"]["built"]
+    assert distill["held_as"] == "its top-k cached" and distill["teacher_cache"]["built"]
     assert distill["teacher_model_bytes"] is None
     with pytest.raises(SettingError, match="DistillSettings.cache"):
         shear(str(source), tmp_path / "lora", ShearSettings(target="heads=3,kv-heads=3", lora=True, distill=cached),

@@ -210,7 +210,7 @@ def align(pruned: Path, out: Path, training: TrainSettings, step: StepOptions,
                                       seq_len=training.seq_len, batch_size=training.batch_size, log=run.log)
     trained = run.train(model, blocks, mask, hooks=hooks, teacher=teacher, distill=distill)
     if trained.distill:
-        trained.distill |= {"teacher": teacher_spec} | held
+        trained.distill |= held
     del teacher
     model = trained.model
     if model is None:  # FSDP: the main process holds the gathered model, evaluates and saves it

@@ -139,7 +139,7 @@ def continue_training(model_spec: str, out: Path, settings: ContinueSettings, do
     trained = run.train(model, run_domains.blocks, run_domains.loss_mask, hooks=run_domains.hook,
                         sampler=run_domains.sampler, teacher=teacher, distill=distill)
     if trained.distill:
-        trained.distill |= {"teacher": teacher_spec} | held
+        trained.distill |= held
     del teacher
     model = trained.model  # under FSDP: the gathered model on the main process, None on the others
     if model is None:

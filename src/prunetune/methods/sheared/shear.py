@@ -27,7 +27,7 @@ from .l0_masks import ShearMasks
 from ...structure.surgery import cut, merge_lora
 from .target import Target, parse_target, quick_source, target_parameters
 from ...structure.units import Structure, count_parameters
-from ...training.distill import DistillSettings, SelfTeacher, model_teacher
+from ...training.distill import DistillSettings, SelfTeacher, model_teacher, self_held
 from ...training.loop import ComposedHooks, TrainHooks
 from ...training.rates import FULL_LR
 from .mask_init import MASK_INITS, mask_priorities
@@ -221,7 +221,7 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
     distill = settings.distill.resolved("sheared")
     teacher, held = None, {}
     if distill.enabled and settings.lora:  # the source itself: masks suspended, adapters off
-        teacher, held = SelfTeacher(model, handle.suspended, adapters=False), {"teacher_model_bytes": 0}
+        teacher, held = SelfTeacher(model, handle.suspended, adapters=False), self_held(model_spec, adapters=False)
     elif distill.enabled:
         teacher, held = model_teacher(model_spec, distill, run_domains.blocks, dtype=options.dtype,
                                       accelerator=run.accelerator, seq_len=training.seq_len,
@@ -230,9 +230,7 @@ def shear(model_spec: str, out: Path, settings: ShearSettings, domain_settings: 
                         hooks=ComposedHooks(ShearHooks(masks, settings), run_domains.hook), sampler=run_domains.sampler,
                         teacher=teacher, distill=distill)
     if trained.distill:
-        whose = ("masks and adapters off" if settings.lora else
-                 "its top-k cached" if distill.cache else "a second copy")
-        trained.distill |= {"teacher": f"source ({whose})"} | held
+        trained.distill |= held
     del teacher
 
     # A probe sequence checks that the cut model computes what the masked one did (eval mode: the
