@@ -80,6 +80,11 @@ class PruneSettings:
     distill: DistillSettings = field(default_factory=DistillSettings)  # loraprune, or a recovery's teacher
 
     @property
+    def trains(self) -> bool:
+        """LoRAPrune trains while it prunes; a one-shot method only with recovery steps."""
+        return self.method == "loraprune" or self.recover_steps > 0
+
+    @property
     def layer_spec(self) -> str:
         return self.layers or ("paper" if self.method == "loraprune" else "all")
 
@@ -126,8 +131,8 @@ def _calibrates(settings: PruneSettings) -> bool:
     """Whether the prune reads its data: to train, to calibrate a criterion, to score whole layers or to
     count which experts are routed to (its units decided)."""
     kinds = parse_units(settings.units)
-    return (settings.method == "loraprune" or settings.recover_steps > 0 or settings.method in NEEDS_CALIBRATION
-            or LAYER_UNIT in kinds or any(kind in EXPERT_KINDS for kind in kinds))
+    return (settings.trains or settings.method in NEEDS_CALIBRATION or LAYER_UNIT in kinds
+            or any(kind in EXPERT_KINDS for kind in kinds))
 
 
 def _check_data(config, settings: PruneSettings, seq_len: int) -> None:
@@ -190,7 +195,6 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
     with `annotate(fields) -> more fields`."""
     options = options or RunOptions()
     training = options.training
-    trains = settings.method == "loraprune" or settings.recover_steps > 0
     settings.distill = settings.distill.resolved(settings.method)
     distill = settings.distill
     run = Run(command, out, options, evaluation, log=log, model=model_spec, checks=[settings.check], lr=LORA_LR,
@@ -300,9 +304,9 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         method=settings.method,
         settings=asdict(settings, dict_factory=_without_method_groups)
         | {"layers": layers, "dtype": options.dtype, "quant": options.quant}
-        | ({"lora": asdict(lora)} if trains else {})
+        | ({"lora": asdict(lora)} if settings.trains else {})
         | ({"loraprune": asdict(settings.loraprune)} if settings.method == "loraprune" else {})
-        | ({"distill": asdict(distill)} if trains else {}),
+        | ({"distill": asdict(distill)} if settings.trains else {}),
         prunable=describe_prunable(before, layers, units),
         parameters={"before": params_before, "after": params_after,
                     "ratio_target": settings.ratio, "ratio_achieved": ratio},

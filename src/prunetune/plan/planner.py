@@ -146,8 +146,9 @@ def pruned_shape(model: nn.Module, ratio: float, layer_spec: str) -> nn.Module:
 def expert_units(model: nn.Module) -> tuple[str, ...]:
     """The units a mixture of experts is planned with: those `prune` shares a budget between by default."""
     from ..families import family_of
+    from ..structure.allocate import parse_units
 
-    return tuple(family_of(model).default_units.split(","))
+    return parse_units(family_of(model).default_units)
 
 
 def expert_shapes(model: nn.Module, ratio: float) -> list[dict]:
