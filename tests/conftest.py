@@ -61,3 +61,15 @@ def wide_model_dir(tiny_model_dir):
     """`model_dir` at hidden 128 with 8 heads in 4 key/value groups and 128 MLP channels, so NF4's CPU
     kernels apply."""
     return tiny_model_dir("llama", **WIDE)
+
+
+@pytest.fixture(scope="session")
+def short_text(tmp_path_factory):
+    """A .txt file of pydoc's first documents, about 6,000 characters (some sixty 32-token training
+    rows): for tests whose cost grows with the corpus, such as building a teacher cache over every row."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[name] for name in sorted(topics))[:6000]
+    path = tmp_path_factory.mktemp("data") / "short.txt"
+    path.write_text(text, encoding="utf-8")
+    return str(path)

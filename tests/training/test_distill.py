@@ -184,13 +184,13 @@ def test_distilled_recovery_loads_the_source_as_teacher_and_says_what_it_costs(w
     assert json.loads((tmp_path / "t" / "prunetune.json").read_text())["training"]["distill"] == info
 
 
-def test_distilled_recovery_from_a_teacher_cache_holds_no_second_model_and_reuses_it(wide_model_dir, tmp_path):
+def test_distilled_recovery_from_a_teacher_cache_holds_no_second_model_and_reuses_it(wide_model_dir, tmp_path, short_text):
     """--teacher-cache: the first recovery builds the source's top-k and frees the source before training;
     a second one on the same blocks reuses the file and trains to the same losses."""
     cache = tmp_path / "cache"
 
     def settings():
-        chosen = _settings(method="magnitude", ratio=0.5, round_to=8, recover_steps=3)
+        chosen = _settings(method="magnitude", ratio=0.5, round_to=8, recover_steps=3, data=short_text)
         chosen.distill.cache, chosen.distill.top_k = str(cache), 8
         return chosen
 

@@ -73,11 +73,12 @@ def test_align_trains_every_weight_and_carries_the_kept_units(full, pruned, tmp_
     assert record["training"]["distill"]["alpha"] == 1.0 and record["training"]["distill"]["teacher_model_bytes"] > 0
 
 
-def test_distilled_alignment_from_a_teacher_cache_builds_it_once(full, pruned, tmp_path):
+def test_distilled_alignment_from_a_teacher_cache_builds_it_once(full, pruned, tmp_path, short_text):
     """--teacher-cache: the full model's top-k is built on the first alignment and reused by the next,
     which trains to the same losses without loading the full model."""
     distill = DistillSettings(cache=str(tmp_path / "cache"), top_k=8)
-    records = [align(pruned, tmp_path / name, training(), StepOptions(progress=False), log=quiet, distill=distill)
+    records = [align(pruned, tmp_path / name, training(), StepOptions(data=short_text, progress=False), log=quiet,
+                     distill=distill)
                for name in ("built", "reused")]
     first, second = (r["training"]["distill"] for r in records)
     assert first["teacher"] == str(full) and first["teacher_cache"]["built"] and first["teacher_model_bytes"] is None

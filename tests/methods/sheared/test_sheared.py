@@ -194,7 +194,7 @@ def test_a_stiff_lambda2_start_keeps_the_masks_on_the_warming_target():
     assert stiff < 0.3 * official, errors
 
 
-def test_train_distils_from_a_teacher_cache_built_once_and_reused(model_dir, tmp_path):
+def test_train_distils_from_a_teacher_cache_built_once_and_reused(model_dir, tmp_path, short_text):
     from prunetune.methods.sheared.continued import ContinueSettings, continue_training
     from prunetune.methods.sheared.domain_training import DomainSettings
     from prunetune.runs.settings import EvalSettings, RunOptions
@@ -208,7 +208,7 @@ def test_train_distils_from_a_teacher_cache_built_once_and_reused(model_dir, tmp
         records.append(continue_training(
             str(model_dir), tmp_path / f"out{seed}", ContinueSettings(
                 teacher=str(model_dir), distill=DistillSettings(cache=str(cache), top_k=8)),
-            DomainSettings(data="prose=builtin:pydoc", references="prose=3"),
+            DomainSettings(data=f"prose={short_text}", references="prose=3"),
             EvalSettings(data=None, seq_len=32, max_windows=2),
             options, log=lambda _: None))
     first, second = (r["training"]["distill"]["teacher_cache"] for r in records)
@@ -228,7 +228,7 @@ def test_a_teacher_cache_without_distillation_is_one_line(model_dir, tmp_path, n
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
-def test_shear_reads_a_teacher_cache_and_refuses_one_with_lora(tiny_model_dir, tmp_path):
+def test_shear_reads_a_teacher_cache_and_refuses_one_with_lora(tiny_model_dir, tmp_path, short_text):
     from prunetune.errors import SettingError
     from prunetune.methods.sheared.domain_training import DomainSettings
     from prunetune.methods.sheared.shear import shear
@@ -237,7 +237,7 @@ def test_shear_reads_a_teacher_cache_and_refuses_one_with_lora(tiny_model_dir, t
 
     source = tiny_model_dir("llama")
     options = RunOptions(training=TrainSettings(steps=3, batch_size=2, seq_len=32, lr=1e-3), progress=False)
-    domains = DomainSettings(data="prose=builtin:pydoc", eval_every=2, eval_blocks=2)
+    domains = DomainSettings(data=f"prose={short_text}", eval_every=2, eval_blocks=2)
     evaluation = EvalSettings(data=None, seq_len=32, max_windows=2)
     cached = DistillSettings(cache=str(tmp_path / "cache"), top_k=8)
     record = shear(str(source), tmp_path / "out", ShearSettings(target="heads=3,kv-heads=3", distill=cached),
