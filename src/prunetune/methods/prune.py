@@ -243,7 +243,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         masks = pruner.finish()
         scores, depth = pruner.average, pruner.depth
         if mixture:  # numbered as in the source model; a removed expert stops being picked
-            expert_record = {"routing": {"pruning": routing.record(before.top_k)},
+            expert_record = {"routing": {"pruning": routing.summed(run.accelerator).record(before.top_k)},
                              **({"budget": pruner.experts} if pruner.experts else {})}
         record_training = {"training": trained.record(training) | {"schedule": pruner.history}}
     else:
@@ -286,7 +286,7 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         with count_routing(model) as routing:
             trained = run.train(model, blocks, mask, recovery, teacher=teacher, distill=distill)
         if expert_record is not None:  # the cut model's experts, numbered as they now are
-            expert_record["routing"]["training"] = routing.record(before.top_k)
+            expert_record["routing"]["training"] = routing.summed(run.accelerator).record(before.top_k)
         if trained.distill:
             trained.distill |= held
         record_training = {"training": trained.record(recovery)}

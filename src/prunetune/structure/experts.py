@@ -36,6 +36,16 @@ class Routing:
     counts: list[torch.Tensor] = field(default_factory=list)  # per layer: [experts], int64
     tokens: int = 0  # tokens routed through each layer
 
+    def summed(self, accelerator) -> "Routing":
+        """Every process's counts added: under data parallelism each process routes its own share of the
+        batch, so one process's counts alone would call an expert another process used never routed.
+        Every process must call it (a collective)."""
+        if accelerator.num_processes == 1 or not self.counts:
+            return self
+        counts = accelerator.reduce(torch.stack(self.counts).to(accelerator.device), reduction="sum").cpu()
+        tokens = accelerator.reduce(torch.tensor([self.tokens], device=accelerator.device), reduction="sum")
+        return Routing(counts=list(counts.unbind()), tokens=int(tokens.item()))
+
     def record(self, top_k: int) -> dict:
         never = [[i, e] for i, c in enumerate(self.counts) for e in (c == 0).nonzero().flatten().tolist()]
         return {"tokens": self.tokens, "top_k": top_k, "counts": [c.tolist() for c in self.counts],

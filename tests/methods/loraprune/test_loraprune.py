@@ -112,16 +112,19 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     assert_resume_matches(fresh, blocks, mask, settings, tmp_path, stop_after=10, resumed_from=8)
 
 
-@pytest.mark.parametrize("distill", [False, True], ids=["plain", "distilled"])
-def test_two_processes_prune_like_one_with_the_same_global_batch(tmp_path, distill):
+@pytest.mark.parametrize("distill, moe", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "distilled", "mixture"])
+def test_two_processes_prune_like_one_with_the_same_global_batch(tmp_path, distill, moe):
     """`accelerate launch` with two CPU processes (gloo DDP), batch 2 each, against one process with batch 4;
-    distilled, each process runs the teacher (the unpruned base) on its own half of the batch."""
-    _, model, structure, masks, _, _ = run(batch_size=4, distill=distill)
+    distilled, each process runs the teacher (the unpruned base) on its own half of the batch. On a
+    mixture of experts (a tiny Mixtral by heads, experts and expert channels) the routing counts are
+    both processes' together: each routed only its half of the batch."""
+    _, model, structure, masks, _, result = run(batch_size=4, distill=distill, moe=moe)
     out = tmp_path / "two.json"
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         str(TESTS / "loraprune_run.py"), str(out), "2", *(["distill"] if distill else [])],
+         str(TESTS / "loraprune_run.py"), str(out), "2", *(["distill"] if distill else []), *(["moe"] if moe else [])],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads(out.read_text())
@@ -130,6 +133,8 @@ def test_two_processes_prune_like_one_with_the_same_global_batch(tmp_path, disti
     for name, value in model.named_parameters():
         if "lora_" in name:
             assert two["lora"][name] == pytest.approx(value.detach().double().sum().item(), abs=1e-3)
+    one = result.routing.record(structure.top_k)
+    assert two["routing"] == one and (one["tokens"] > 0) == moe
 
 
 @pytest.mark.parametrize("dtype, expected", [("float32", torch.float32), ("base", torch.bfloat16)])
