@@ -78,6 +78,7 @@ def test_fsdp_lora_training_matches_one_process(tmp_path):
     assert two["held"]["parameters"] <= 0.55 * one["held"]["parameters"]  # the frozen base is sharded too
 
 
+@pytest.mark.slow  # the plain FSDP training above is the first path
 def test_fsdp_with_checkpointing_and_accumulation_follows_one_process(tmp_path):
     """Activation checkpointing and two micro-batches per step under FSDP: the same loss curve and weights
     as one process with the same global batch."""
@@ -105,7 +106,8 @@ def test_fsdp_train_command_saves_a_stock_loadable_model(model_dir, tmp_path):
     assert sum(p.numel() for p in model.parameters()) == record["parameters"]["total"]
 
 
-@pytest.mark.parametrize("distill", [False, True], ids=["plain", "distilled"])
+# the distilled case is a second path (make test-slow): the teacher is one more forward per micro-batch
+@pytest.mark.parametrize("distill", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["plain", "distilled"])
 def test_fsdp_loraprune_scores_and_keeps_like_one_process(tmp_path, distill):
     """Each process scores the rows it holds (LoRA's A gathered, partial unit sums added across
     processes): the moving average of the scores, the masks and the adapter match one process with the
@@ -148,7 +150,8 @@ def test_fsdp_one_shot_criteria_score_their_shards_like_one_process(tmp_path):
         assert two[name]["requires_grad"] == sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("method", [["loraprune", "--steps", "4"], ["taylor", "--recover-steps", "2"]],
+@pytest.mark.parametrize("method", [["loraprune", "--steps", "4"],  # the recovery is a second path: make test-slow
+                                    pytest.param(["taylor", "--recover-steps", "2"], marks=pytest.mark.slow)],
                          ids=["loraprune", "taylor-recovered"])
 def test_fsdp_prune_command_saves_the_cut_model(model_dir, tmp_path, method):
     from transformers import AutoModelForCausalLM

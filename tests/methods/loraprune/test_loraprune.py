@@ -112,8 +112,9 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     assert_resume_matches(fresh, blocks, mask, settings, tmp_path, stop_after=10, resumed_from=8)
 
 
-@pytest.mark.parametrize("distill, moe", [(False, False), (True, False), (False, True)],
-                         ids=["plain", "distilled", "mixture"])
+@pytest.mark.parametrize("distill, moe", [(False, False), (False, True),
+                                         pytest.param(True, False, marks=pytest.mark.slow)],  # a second path
+                         ids=["plain", "mixture", "distilled"])
 def test_two_processes_prune_like_one_with_the_same_global_batch(tmp_path, distill, moe):
     """`accelerate launch` with two CPU processes (gloo DDP), batch 2 each, against one process with batch 4;
     distilled, each process runs the teacher (the unpruned base) on its own half of the batch. On a

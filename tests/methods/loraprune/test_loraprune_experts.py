@@ -144,7 +144,7 @@ def test_a_resumed_run_on_a_mixture_ends_where_an_uninterrupted_one_does(tmp_pat
         return model, structure, _pruner(model, structure, 12, prune_every=3)
 
     blocks, mask = _blocks()
-    settings = TrainSettings(steps=12, batch_size=2, grad_accum=2, seq_len=16, checkpoint_every=4, lr=5e-3)
+    settings = TrainSettings(steps=12, batch_size=2, seq_len=16, checkpoint_every=4, lr=5e-3)
     pruner = assert_resume_matches(fresh, blocks, mask, settings, tmp_path, stop_after=10, resumed_from=8)
     assert pruner.experts is not None
 
