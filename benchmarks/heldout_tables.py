@@ -9,8 +9,8 @@ from pathlib import Path
 import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
 from _cells import stat
 from heldout_plan import (
-    BASELINES, DEFAULT, DEPTH_ROWS, DOMAINS, HELD_OUT, RATIOS, ROWS, SELECTION, SOURCE_HEADS, SWEEP, SWEEP_PAIRS,
-    SWEEP_RATIOS, best_candidate, plan,
+    BASELINES, DEFAULT, DEPTH_ROWS, DOMAINS, HELD_OUT, RATIOS, ROWS, SAME_MODEL_AS, SELECTION, SOURCE_HEADS, SWEEP,
+    SWEEP_PAIRS, SWEEP_RATIOS, best_candidate, plan,
 )
 
 
@@ -73,6 +73,11 @@ def same_models(results: dict) -> list[str]:
             notes.append(f"At {ratio:.0%}, " + ", ".join(named[:-1]) + f" and {named[-1]} are one model: at every "
                          f"seed they share ({seeds}) they score the same to the digit" +
                          (f" ({'; '.join(why)})" if why else "") + ".")
+            stopped = [m for m in members if (ratio, m) in SAME_MODEL_AS]
+            if stopped:
+                peer = SAME_MODEL_AS[(ratio, stopped[0])]
+                notes[-1] += (f" The plan runs no more seeds of {' and '.join(f'`{m}`' for m in stopped)} at this "
+                              f"ratio: they would repeat `{peer}`'s.")
     return notes
 
 
