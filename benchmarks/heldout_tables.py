@@ -134,6 +134,13 @@ def sweep_table(results: dict) -> str:
                           "why try it"], rows) if rows else ""
 
 
+def sweep_missing(results: dict) -> str:
+    """The planned changes' cells not run yet, after the sweep table."""
+    missing = [key for key, kind, *_ in plan() if kind == "sweep" and key not in results["cells"]]
+    return (f"\n\nNot run yet ({len(missing)} cells of the plan): " + ", ".join(f"`{key}`" for key in missing)
+            + ".") if missing else ""
+
+
 def selection_table(results: dict) -> str:
     rows = []
     for ratio in RATIOS:
@@ -225,8 +232,8 @@ def write_report(results: dict, source: Path, out_dir: Path) -> None:
         sections.append(_report.section(
             "What was tried to put LoRAPrune ahead", provenance,
             "A row with one change at a time, the same steps, tokens and evaluation as the rows above; a "
-            "baseline's change is to its recovery. One seed each, three for a change that one seed put ahead "
-            "(rank 32 at 20%, for both rows).", sweep_table(results)))
+            "baseline's change is to its recovery. One seed each, three planned for rank 32 on both rows at "
+            "both ratios (what a new default rank needs).", sweep_table(results) + sweep_missing(results)))
     if targets_table(results):
         sections.append(_report.section("The default against the targets", provenance, targets_table(results)))
     _report.write_page("heldout", [_report.relative(source)], sections, out_dir)
