@@ -61,7 +61,8 @@ if __name__ == "__main__":
         with open(out, "w") as f:
             json.dump({"masks": masks.kept_summary(structure), "lora": lora,
                        "losses": [h["loss"] for h in result.history], "processes": accelerator.num_processes,
-                       "average": [{k: v.tolist() for k, v in vars(s).items() if v is not None} for s in pruner.average],
+                       "average": [{k: v.tolist() for k, v in vars(s).items() if v is not None}
+                                   for s in pruner.average],
                        "distributed": str(accelerator.distributed_type),
                        "routing": result.routing.record(structure.top_k)}, f)
     accelerator.end_training()  # closes the process group: left to teardown it can abort the process

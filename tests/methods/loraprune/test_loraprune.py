@@ -76,8 +76,8 @@ def test_progressive_masks_never_revive_and_reach_the_target_exactly():
     apply = pruner._apply
     pruner._apply = lambda masks: (seen.append(masks), apply(masks))
     blocks = torch.randint(0, 96, (32, 16), generator=torch.Generator().manual_seed(0))
-    train(model, blocks, torch.ones_like(blocks, dtype=torch.bool), TrainSettings(steps=20, batch_size=4, seq_len=16, lr=5e-4),
-          hooks=pruner, progress=False)
+    settings = TrainSettings(steps=20, batch_size=4, seq_len=16, lr=5e-4)
+    train(model, blocks, torch.ones_like(blocks, dtype=torch.bool), settings, hooks=pruner, progress=False)
     final = pruner.finish()
     assert len(seen) >= 5
     for earlier, later in zip(seen, seen[1:]):
