@@ -100,12 +100,17 @@ def results_table(results: dict) -> str:
                               "size / default's", "s/step", "peak tensor MiB", "minutes per run"], rows))
     out.append("Rows:\n\n" + "\n".join(f"- `{name}`: {text}" for name, (text, _) in ROWS.items()))
     out += same_models(results)
-    done = {key for key in results["cells"]}
-    missing = [key for key, kind, *_ in plan() if kind == "row" and key not in done]
-    if missing:
-        out.append(f"Not run yet ({len(missing)} cells of the plan, ratio/row/seed): "
-                   + ", ".join(f"`{key}`" for key in missing) + ".")
+    if not_run(results, "row"):
+        out.append(not_run(results, "row", ", ratio/row/seed"))
     return "\n\n".join(out)
+
+
+def not_run(results: dict, kind: str, form: str = "") -> str:
+    """The plan's cells of one kind (row, sweep) that have no result yet, as a sentence ("" if none);
+    `form` says how to read their keys."""
+    missing = [key for key, cell_kind, *_ in plan() if cell_kind == kind and key not in results["cells"]]
+    return (f"Not run yet ({len(missing)} cells of the plan{form}): " + ", ".join(f"`{key}`" for key in missing) + "."
+            if missing else "")
 
 
 def sweep_cells(results: dict, ratio: float, name: str) -> list[dict]:
@@ -132,13 +137,6 @@ def sweep_table(results: dict) -> str:
                              *(stat(ppl(group, d)) for d in DOMAINS), f"{group[0]['parameters']:,}", why])
     return _report.table(["ratio", "run", "seeds", "pydoc (trained on)", "stdlib-code", "handbook", "parameters",
                           "why try it"], rows) if rows else ""
-
-
-def sweep_missing(results: dict) -> str:
-    """The planned changes' cells not run yet, after the sweep table."""
-    missing = [key for key, kind, *_ in plan() if kind == "sweep" and key not in results["cells"]]
-    return (f"\n\nNot run yet ({len(missing)} cells of the plan): " + ", ".join(f"`{key}`" for key in missing)
-            + ".") if missing else ""
 
 
 def selection_table(results: dict) -> str:
@@ -233,7 +231,7 @@ def write_report(results: dict, source: Path, out_dir: Path) -> None:
             "What was tried to put LoRAPrune ahead", provenance,
             "A row with one change at a time, the same steps, tokens and evaluation as the rows above; a "
             "baseline's change is to its recovery. One seed each, three planned for rank 32 on both rows at "
-            "both ratios (what a new default rank needs).", sweep_table(results) + sweep_missing(results)))
+            "both ratios (what a new default rank needs).", "\n\n".join(filter(None, [sweep_table(results), not_run(results, "sweep")]))))
     if targets_table(results):
         sections.append(_report.section("The default against the targets", provenance, targets_table(results)))
     _report.write_page("heldout", [_report.relative(source)], sections, out_dir)

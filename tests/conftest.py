@@ -65,11 +65,12 @@ def wide_model_dir(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def short_text(tmp_path_factory):
-    """A .txt file of pydoc's first documents, about 6,000 characters (some sixty 32-token training
-    rows): for tests whose cost grows with the corpus, such as building a teacher cache over every row."""
-    from pydoc_data.topics import topics
+    """A .txt file of builtin:pydoc's first training documents, about 6,000 characters (some sixty
+    32-token training rows): for tests whose cost grows with the corpus, such as building a teacher
+    cache over every row."""
+    from prunetune.data import load_examples
 
-    text = "\n\n".join(topics[name] for name in sorted(topics))[:6000]
+    text = "\n\n".join(example.response for example in load_examples("builtin:pydoc"))[:6000]
     path = tmp_path_factory.mktemp("data") / "short.txt"
     path.write_text(text, encoding="utf-8")
     return str(path)
