@@ -6,21 +6,25 @@ import sys
 
 import pytest
 
+# The hub is out of reach in CI; fail fast instead of retrying the network. These are read when the
+# libraries are first imported, so they come first. The last two are what the CLI sets for the libraries
+# (prunetune.cli._quiet_libraries), and helpers.run_cli runs it in this process.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Under pytest-xdist (`make test`) every worker gets one thread, and so do the CLI processes it
+# starts: two workers with two threads each would fight over the two cores.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # tiny.py, helpers.py and the *_run.py scripts that tests start in a process of their own.
 sys.path.insert(0, os.path.dirname(__file__))
 pytest.register_assert_rewrite("helpers")  # their asserts explain themselves too
 
 from helpers import REFUSE_ENV, snapshot  # noqa: E402
 from tiny import WIDE, save_tiny_model_dir  # noqa: E402
-
-# The hub is out of reach in CI; fail fast instead of retrying the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Under pytest-xdist (`make test`) every worker gets one thread, and so do the CLI processes it
-# starts: two workers with two threads each would fight over the two cores.
-if "PYTEST_XDIST_WORKER" in os.environ:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

@@ -1,16 +1,24 @@
 """The `prunetune` command as the tests run it, and the checks of what a user's mistake must look like.
 
-`run_cli` starts the command in a fresh process. Under the `no_model_load` fixture (conftest.py) it
-starts it through REFUSING_CLI, where any model load fails loudly: a bad input must be reported
-before a model is loaded.
+`run_cli` runs the command as the console script does (`prunetune.cli.main`), in the test's own
+process, with the command's own argv, working directory, environment, stdout and stderr: a fresh
+interpreter would spend seconds importing torch for every command, and the suite runs hundreds. What
+only a fresh process shows (an import-time effect, a warning printed once per interpreter, an
+environment variable read at start-up such as PYTHONPATH) is checked with `fresh_process=True`; the
+tests that do so say why. Under the `no_model_load` fixture (conftest.py) any model load fails loudly
+in either form: a bad input must be reported before a model is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
+import io
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent  # tests/: tiny.py, the *_run.py scripts, tasks/
@@ -56,13 +64,71 @@ main()
 """
 
 
-def run_cli(*args, cwd: Path, timeout: int = TIMEOUT, **env: str) -> subprocess.CompletedProcess:
-    """`prunetune ARGS...` in a fresh process, offline, in `cwd`, with `env` added to the environment."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               COLUMNS="120", **env)
-    entry = ["-c", REFUSING_CLI] if env.get(REFUSE_ENV) else ["-m", "prunetune.cli"]
-    return subprocess.run([sys.executable, *entry, *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(*args, cwd: Path, timeout: int = TIMEOUT, fresh_process: bool = False,
+            **env: str) -> subprocess.CompletedProcess:
+    """`prunetune ARGS...`, offline, in `cwd`, with `env` added to the environment: its exit code, stdout
+    and stderr. In this process unless `fresh_process` (see the module's docstring); `timeout` holds for
+    a fresh process only."""
+    env = dict(CLI_ENV, **env)
+    args = [str(a) for a in args]
+    if fresh_process:
+        env = dict(os.environ, **env)
+        entry = ["-c", REFUSING_CLI] if env.get(REFUSE_ENV) else ["-m", "prunetune.cli"]
+        return subprocess.run([sys.executable, *entry, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    started_only = sorted(name for name in env if name.startswith("PYTHON"))
+    if started_only:
+        raise TypeError(f"{started_only} take effect when an interpreter starts: pass fresh_process=True")
+    return _run_in_this_process(args, cwd, env)
+
+
+# What every command sees, in either form. The libraries are imported before any command runs here, so
+# what the CLI sets for them through the environment (prunetune.cli._quiet_libraries) conftest.py sets
+# before they are imported.
+CLI_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "120"}
+
+
+def _run_in_this_process(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`main()` as the console script calls it; what it changes of the process (argv, working directory,
+    environment, a refused model load) is put back after."""
+    from unittest import mock
+
+    from prunetune import models
+    from prunetune.cli import main
+
+    def refuse(source, *args, **kwargs):
+        raise AssertionError(f"{source.describe()} was loaded before the mistake was reported")
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.dict(os.environ, env))
+        stack.enter_context(mock.patch.object(sys, "argv", ["prunetune", *args]))
+        stack.enter_context(_working_directory(cwd))
+        if env.get(REFUSE_ENV) or os.environ.get(REFUSE_ENV):
+            stack.enter_context(mock.patch.object(models, "_load_weights", refuse))
+        stack.enter_context(contextlib.redirect_stdout(stdout))
+        stack.enter_context(contextlib.redirect_stderr(stderr))
+        try:
+            main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+        except Exception:  # what the interpreter prints for an uncaught exception, and its exit code
+            traceback.print_exc(file=stderr)
+            code = 1
+    gc.collect()  # the command's model, before the next test builds its own
+    return subprocess.CompletedProcess(["prunetune", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    """contextlib.chdir, which Python 3.10 lacks."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def assert_user_error(done: subprocess.CompletedProcess, *fragments: str) -> str:

@@ -53,8 +53,9 @@ def edited_config(good_model: Path, **changes) -> str:
     return json.dumps(json.loads((good_model / "config.json").read_text()) | changes)
 
 
-def prune(model, out: Path, *extra, cwd: Path):
-    return run_cli("prune", model, "--method", "magnitude", "--ratio", "0.5", "--out", out, "--no-eval", *extra, cwd=cwd)
+def prune(model, out: Path, *extra, cwd: Path, fresh_process: bool = False):
+    return run_cli("prune", model, "--method", "magnitude", "--ratio", "0.5", "--out", out, "--no-eval", *extra, cwd=cwd,
+                   fresh_process=fresh_process)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +66,8 @@ def test_weights_cut_short(good_model, damaged, tmp_path, no_model_load):
     weights = (good_model / "model.safetensors").read_bytes()
     model = damaged(model__safetensors=weights[: len(weights) // 2])
     out = tmp_path / "out"
-    done = prune(model, out, cwd=tmp_path)
+    # A fresh process, as a user runs it: nothing but the one line reaches stderr, with torch imported.
+    done = prune(model, out, cwd=tmp_path, fresh_process=True)
     assert_user_error(done, "model.safetensors is cut short", f"{len(weights) // 2:,} of the {len(weights):,} bytes",
                       "download it again")
     assert_no_output(out)

@@ -283,7 +283,7 @@ def test_prune_then_refuse_to_overwrite(model_dir, tmp_path):
     out = tmp_path / "out"
     args = ("prune", model_dir, "--method", "magnitude", "--ratio", "0.5", "--round-to", "8", "--out", out,
             "--max-windows", "2", "--eval-seq-len", "32")
-    done = run_cli(*args, cwd=tmp_path)
+    done = run_cli(*args, cwd=tmp_path, fresh_process=True)  # a whole run in a process of its own, as a user's
     assert done.returncode == 0, f"stdout: {done.stdout}\nstderr: {done.stderr}"
     assert "Traceback" not in done.stderr
     for name in ("prunetune.json", "config.json", "report.md"):

@@ -185,8 +185,10 @@ def test_missing_adapter_directory(model_dir, tmp_path):
 
 
 def test_lm_eval_not_installed(model_dir, tmp_path):
+    # A fresh process: in this one lm_eval may be imported already, and PYTHONPATH is read at start-up.
     (tmp_path / "lm_eval.py").write_text("raise ImportError('pretend lm-eval is missing')\n")
-    done = run_cli("eval", model_dir, "--tasks", "tiny_task", cwd=tmp_path, PYTHONPATH=str(tmp_path))
+    done = run_cli("eval", model_dir, "--tasks", "tiny_task", cwd=tmp_path, fresh_process=True,
+                   PYTHONPATH=str(tmp_path))
     assert_user_error(done, "lm-eval is not installed; pip install 'prunetune[eval]'")
 
 
