@@ -59,6 +59,12 @@ SWEEP = {
                      "loraprune", "--prune-cooldown 0.8"),
     "distill-1": ("distillation only (alpha 1): nothing of the loss pulls towards the training text",
                   "loraprune", "--distill-alpha 1.0"),
+    # On top of rank 32, the schedule of the scores: while B is zero the estimate sees the gradient only
+    # through A's random input directions; as B trains it adds the output directions B has learnt.
+    "rank-32-warmup-0.2": ("rank 32, pruning from step 20 instead of 5: the first scores come from an adapter "
+                           "that has trained", "loraprune", "--lora-r 32 --lora-alpha 64 --prune-warmup 0.2"),
+    "rank-32-ema-0.5": ("rank 32, the moving average at 0.5 instead of 0.9: later scores, from a trained B, "
+                        "weigh more", "loraprune", "--lora-r 32 --lora-alpha 64 --ema 0.5"),
 }
 SWEEP_RATIOS = (0.5, 0.2)
 SWEEP_AT = {0.2: ("rank-32", "one-shot-rank-32")}  # the changes tried at a ratio; every one where not listed
