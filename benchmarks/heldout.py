@@ -174,7 +174,8 @@ def run_row(args, ratio: float | None, row: str, seed: int, results: dict, varia
         final = out
     elif row in ("loraprune", "loraprune-paper"):
         extra = ROWS[row][1].format(steps=args.steps).split() + changed
-        r = ratio if row == DEFAULT else ratio_for(args, target(results, ratio), "paper")
+        layers = layers_of(" ".join(changed))  # a change of layers prunes another share of them to the same size
+        r = ratio if row == DEFAULT and layers == "paper" else ratio_for(args, target(results, ratio), layers)
         prunetune("prune", args.model, "--ratio", str(r), *common(args, seed), *extra, "--no-eval", "--out", str(out),
                   "--overwrite")
         final = out

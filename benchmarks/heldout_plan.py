@@ -65,9 +65,14 @@ SWEEP = {
                            "that has trained", "loraprune", "--lora-r 32 --lora-alpha 64 --prune-warmup 0.2"),
     "rank-32-ema-0.5": ("rank 32, the moving average at 0.5 instead of 0.9: later scores, from a trained B, "
                         "weigh more", "loraprune", "--lora-r 32 --lora-alpha 64 --ema 0.5"),
+    # Which layers, and how the budget is shared by them: the best one-shot configuration at 20% ranks
+    # units of every layer globally.
+    "rank-32-global": ("rank 32, every layer with units ranked across layers (the one-shot row's choice at 20%), "
+                       "at the same size", "loraprune", "--lora-r 32 --lora-alpha 64 --layers all --allocation global"),
 }
 SWEEP_RATIOS = (0.5, 0.2)
-SWEEP_AT = {0.2: ("rank-32", "one-shot-rank-32")}  # the changes tried at a ratio; every one where not listed
+# The changes tried at a ratio; every one where not listed.
+SWEEP_AT = {0.2: ("rank-32", "one-shot-rank-32", "rank-32-global")}
 # Changes measured on three seeds: a target at that ratio is then checked for them too. Rank 32 for both
 # rows, at 20% (where one seed put LoRAPrune ahead) and at 50% (what a new default rank needs: it is
 # every method's adapter rank, so it must hold at both ratios).
