@@ -104,15 +104,15 @@ def _run_in_this_process(args: list[str], cwd: Path, env: dict[str, str]) -> sub
         stack.enter_context(mock.patch.dict(os.environ, env))
         stack.enter_context(mock.patch.object(sys, "argv", ["prunetune", *args]))
         stack.enter_context(_working_directory(cwd))
-        if env.get(REFUSE_ENV) or os.environ.get(REFUSE_ENV):
+        if os.environ.get(REFUSE_ENV):  # set by the no_model_load fixture or by `env`
             stack.enter_context(mock.patch.object(models, "_load_weights", refuse))
         stack.enter_context(contextlib.redirect_stdout(stdout))
         stack.enter_context(contextlib.redirect_stderr(stderr))
         try:
             main()
             code = 0
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
         except Exception:  # what the interpreter prints for an uncaught exception, and its exit code
             traceback.print_exc(file=stderr)
             code = 1
