@@ -31,7 +31,8 @@ REFUSE_ENV = "PRUNETUNE_TEST_REFUSE_MODEL_LOADS"
 # imported, the function every load_model call ends in (the tokenizer and the weights, after the checks
 # of the spec and the config) is replaced by one that fails with a traceback and exit code 1. The hook
 # waits for that import, so commands that never import torch still do not.
-REFUSING_CLI = """
+REFUSAL = "{} was loaded before the mistake was reported"  # what either form's refused load raises
+REFUSING_CLI = f"""
 import importlib.machinery
 import sys
 
@@ -48,7 +49,7 @@ class RefuseModelLoads:
             run(module)
 
             def refuse(source, *args, **kwargs):
-                raise AssertionError(f"{source.describe()} was loaded before the mistake was reported")
+                raise AssertionError({REFUSAL!r}.format(source.describe()))
 
             module._load_weights = refuse
 
@@ -97,7 +98,7 @@ def _run_in_this_process(args: list[str], cwd: Path, env: dict[str, str]) -> sub
     from prunetune.cli import main
 
     def refuse(source, *args, **kwargs):
-        raise AssertionError(f"{source.describe()} was loaded before the mistake was reported")
+        raise AssertionError(REFUSAL.format(source.describe()))
 
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.ExitStack() as stack:
