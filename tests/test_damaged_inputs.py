@@ -12,16 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REFUSE_ENV, assert_no_output, assert_user_error, run_cli  # noqa: E402
+from helpers import assert_no_output, assert_user_error, run_cli  # noqa: E402
 from tiny import ARCHITECTURES, GGUF_FILE, save_tiny_model_dir, tiny_model  # noqa: E402
 
 from prunetune.errors import UserError  # noqa: E402
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """A run that loads a model fails loudly: every damage here is reported before any load."""
-    monkeypatch.setenv(REFUSE_ENV, "1")
 
 
 @pytest.fixture(scope="module")
