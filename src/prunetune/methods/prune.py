@@ -47,6 +47,7 @@ from ..structure.allocate import (
     select_masks,
 )
 from ..structure.depth import counted_units, width_units
+from ..structure.masks import Masks
 from ..structure.experts import count_routing, routing_on
 from .depth_width import select_with_depth
 from .expert_budget import select_with_experts
@@ -187,6 +188,119 @@ def _without_method_groups(items) -> dict:
     return {k: v for k, v in items if k not in ("loraprune", "distill")}
 
 
+def _check_sharding(run: Run, kinds) -> None:
+    """What FSDP cannot do: choose experts or whole layers, which needs every layer in one process."""
+    if is_fsdp(run.accelerator) and run.config is not None and family_of(run.config).moe is not None:
+        raise SettingError("PruneSettings.units", "a mixture of experts is pruned in one process; run it without "
+                           "FSDP (one-shot pruning needs no sharding to fit: it trains nothing)")
+    if LAYER_UNIT in kinds and is_fsdp(run.accelerator):
+        raise SettingError("PruneSettings.units", "PruneSettings.units layers chooses whole layers in one process; "
+                           "run it without FSDP, or prune heads and channels only under FSDP")
+
+
+@dataclass
+class _Inputs:
+    """What every stage of a prune reads: the source, the settings, its structure, the layers and units
+    pruned, the adapter's settings and the (training or calibration) blocks with their mask."""
+    model_spec: str
+    settings: PruneSettings
+    before: Structure
+    layers: list[int]
+    kinds: tuple
+    lora: LoraSettings
+    blocks: torch.Tensor | None
+    mask: torch.Tensor | None
+
+
+@dataclass
+class _Chosen:
+    """What a method chose: the masks, the scores behind them, and what its record adds."""
+    model: object  # None on an FSDP process other than the main one
+    masks: Masks | None
+    scores: object
+    depth: dict | None = None
+    experts: dict | None = None  # routing counts and the budget among experts
+    training: dict = field(default_factory=dict)  # {"training": ...} where the model trained
+
+
+def _prune_while_training(run: Run, model, given: _Inputs) -> _Chosen:
+    """LoRAPrune: train the adapter, scoring units from it and masking progressively."""
+    settings, distill, before = given.settings, given.settings.distill, given.before
+    torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
+    mixture = family_of(model).moe is not None
+    model = add_lora(model, given.lora, experts=mixture)
+    pruner = LoRAPruner(model, before, ratio=settings.ratio, layers=given.layers, units=given.kinds,
+                        head_unit=settings.head_unit, round_to=settings.round_to, allocation=settings.allocation,
+                        settings=settings.loraprune, total_steps=run.options.training.steps, split=settings.split)
+    teacher = self_teacher_for(model, pruner.masks_off, distill) if distill.enabled else None
+    with count_routing(model, with_grad_only=True) as routing:  # not the self-teacher's passes
+        trained = run.train(model, given.blocks, given.mask, hooks=pruner, teacher=teacher, distill=distill)
+    if trained.distill:
+        trained.distill |= self_held(given.model_spec, adapters=distill.teacher == "tuned")
+    masks = pruner.finish()
+    experts = None
+    if mixture:  # numbered as in the source model; a removed expert stops being picked
+        experts = {"routing": {"pruning": routing.summed(run.accelerator).record(before.top_k)},
+                   **({"budget": pruner.experts} if pruner.experts else {})}
+    # under FSDP the trained model is gathered on the main process, None on the others
+    return _Chosen(trained.model, masks, pruner.average, pruner.depth, experts,
+                   {"training": trained.record(run.options.training) | {"schedule": pruner.history}})
+
+
+def _score_once(run: Run, model, given: _Inputs) -> _Chosen:
+    """A one-shot criterion: score every unit once (from calibration batches where it needs them), then
+    choose the masks, sharing the budget with experts or whole layers where those are units."""
+    settings, before, kinds = given.settings, given.before, given.kinds
+    experts = any(kind in EXPERT_KINDS for kind in kinds)
+    batches = None
+    if settings.method in NEEDS_CALIBRATION or LAYER_UNIT in kinds or experts:
+        calib = given.blocks[: settings.calib_samples].to(run.accelerator.device)
+        batches = list(calib.split(run.options.training.batch_size))
+    if is_fsdp(run.accelerator) and settings.method in SHARDED_CRITERIA:  # each process scores its own rows
+        scores, model = SHARDED_CRITERIA[settings.method](model, batches)
+    else:
+        scores = CRITERIA[settings.method](model, batches, seed=settings.seed)
+    choice = (settings.ratio, given.layers)
+    if experts:
+        routing = routing_on(model, batches)
+        masks, budget = select_with_experts(model, before, scores, routing, batches, *choice, kinds,
+                                            settings.head_unit, settings.round_to, settings.allocation,
+                                            settings.split, log=run.log)
+        return _Chosen(model, masks, scores,
+                       experts={"routing": {"calibration": routing.record(before.top_k)}, "budget": budget})
+    if LAYER_UNIT in kinds:
+        masks, depth = select_with_depth(model, before, scores, batches, *choice, width_units(kinds),
+                                         settings.head_unit, settings.round_to, settings.allocation, settings.split,
+                                         log=run.log)
+        return _Chosen(model, masks, scores, depth=depth)
+    masks = select_masks(before, scores, *choice, counted_units(kinds), settings.head_unit, settings.round_to,
+                         settings.allocation, settings.split)
+    return _Chosen(model, masks, scores)
+
+
+def _recover(run: Run, model, given: _Inputs, chosen: _Chosen, options: RunOptions):
+    """A one-shot prune's recovery: a LoRA trained on the cut model, distilled from the source where
+    asked. Adds the training (and the cut model's routing) to `chosen`; returns the trained model."""
+    settings, distill = given.settings, given.settings.distill
+    training = run.options.training
+    teacher, held = None, {}
+    if distill.enabled:  # the unpruned source, loaded a second time or cached: what LoRAPrune's teacher saves
+        teacher, held = model_teacher(given.model_spec, distill, given.blocks, dtype=options.dtype,
+                                      quant=options.quant, accelerator=run.accelerator, seq_len=training.seq_len,
+                                      batch_size=training.batch_size, log=run.log)
+    torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
+    model = add_lora(model, given.lora)
+    recovery = TrainSettings(**{**asdict(training), "steps": settings.recover_steps})
+    with count_routing(model) as routing:
+        trained = run.train(model, given.blocks, given.mask, recovery, teacher=teacher, distill=distill)
+    if chosen.experts is not None:  # the cut model's experts, numbered as they now are
+        chosen.experts["routing"]["training"] = routing.summed(run.accelerator).record(given.before.top_k)
+    if trained.distill:
+        trained.distill |= held
+    chosen.training = {"training": trained.record(recovery)}
+    return trained.model
+
+
 def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalSettings,
           options: RunOptions | None = None, log: Callable[[str], None] = print, *, command: str = "prune",
           annotate: Callable[[dict], dict] | None = None) -> dict:
@@ -205,93 +319,30 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
                              lambda config: _check_data(config, settings, training.seq_len)])
     training = run.options.training  # its learning rate decided
     kinds = parse_units(settings.units)
-    experts = any(kind in EXPERT_KINDS for kind in kinds)  # also counts routing
     calibrates = _calibrates(settings)
-    if is_fsdp(run.accelerator) and run.config is not None and family_of(run.config).moe is not None:
-        raise SettingError("PruneSettings.units", "a mixture of experts is pruned in one process; run it without "
-                           "FSDP (one-shot pruning needs no sharding to fit: it trains nothing)")
-    if LAYER_UNIT in kinds and is_fsdp(run.accelerator):
-        raise SettingError("PruneSettings.units", "PruneSettings.units layers chooses whole layers in one process; "
-                           "run it without FSDP, or prune heads and channels only under FSDP")
+    _check_sharding(run, kinds)
     model, tokenizer = run.load(model_spec, quant=options.quant, seq_lens=[training.seq_len] if calibrates else [])
-    mixture = family_of(model).moe is not None
     lora = _lora_for(model.config, settings, options)
     before = Structure.of(model)
     layers = parse_layers(settings.layer_spec, before.num_layers)
-    units, width = counted_units(kinds), width_units(kinds)  # a whole layer counts every projection
+    units = counted_units(kinds)  # a whole layer counts every projection
     params_before = count_parameters(model) | {"prunable": before.prunable_params(layers, units)}
     run.perplexity(model, tokenizer, "before")
 
     blocks = mask = None
     if calibrates:
         blocks, mask = load_blocks(settings.data, tokenizer, training.seq_len, default_split="train")
-    record_training, depth, expert_record = {}, None, None
-
-    if settings.method == "loraprune":
-        torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
-        model = add_lora(model, lora, experts=mixture)
-        pruner = LoRAPruner(model, before, ratio=settings.ratio, layers=layers, units=kinds,
-                            head_unit=settings.head_unit, round_to=settings.round_to,
-                            allocation=settings.allocation, settings=settings.loraprune, total_steps=training.steps,
-                            split=settings.split)
-        teacher = self_teacher_for(model, pruner.masks_off, distill) if distill.enabled else None
-        with count_routing(model, with_grad_only=True) as routing:  # not the self-teacher's passes
-            trained = run.train(model, blocks, mask, hooks=pruner, teacher=teacher, distill=distill)
-        if trained.distill:
-            trained.distill |= self_held(model_spec, adapters=distill.teacher == "tuned")
-        model = trained.model  # under FSDP: gathered on the main process, None on the others
-        masks = pruner.finish()
-        scores, depth = pruner.average, pruner.depth
-        if mixture:  # numbered as in the source model; a removed expert stops being picked
-            expert_record = {"routing": {"pruning": routing.summed(run.accelerator).record(before.top_k)},
-                             **({"budget": pruner.experts} if pruner.experts else {})}
-        record_training = {"training": trained.record(training) | {"schedule": pruner.history}}
-    else:
-        batches = None
-        if settings.method in NEEDS_CALIBRATION or LAYER_UNIT in kinds or experts:
-            calib = blocks[: settings.calib_samples].to(run.accelerator.device)
-            batches = list(calib.split(training.batch_size))
-        if is_fsdp(run.accelerator) and settings.method in SHARDED_CRITERIA:  # each process scores its own rows
-            scores, model = SHARDED_CRITERIA[settings.method](model, batches)
-        else:
-            scores = CRITERIA[settings.method](model, batches, seed=settings.seed)
-        if experts:
-            routing = routing_on(model, batches)
-            masks, expert_record = select_with_experts(model, before, scores, routing, batches, settings.ratio, layers,
-                                                       kinds, settings.head_unit, settings.round_to,
-                                                       settings.allocation, settings.split, log=run.log)
-            expert_record = {"routing": {"calibration": routing.record(before.top_k)}, "budget": expert_record}
-        elif LAYER_UNIT in kinds:
-            masks, depth = select_with_depth(model, before, scores, batches, settings.ratio, layers, width,
-                                             settings.head_unit, settings.round_to, settings.allocation,
-                                             settings.split, log=run.log)
-        else:
-            masks = select_masks(before, scores, settings.ratio, layers, units, settings.head_unit,
-                                 settings.round_to, settings.allocation, settings.split)
-
+    given = _Inputs(model_spec, settings, before, layers, kinds, lora, blocks, mask)
+    chosen = (_prune_while_training if settings.method == "loraprune" else _score_once)(run, model, given)
+    model = chosen.model
     if model is None:  # FSDP: the main process holds the trained model and writes the run
         return run.leave()
+    masks = chosen.masks
     kept = masks.kept_summary(before)
     ratio = achieved_ratio(before, masks, layers, units)
     cut(model, masks)
     if settings.recover_steps:
-        teacher, held = None, {}
-        if distill.enabled:  # the unpruned source, loaded a second time or cached: what LoRAPrune's teacher saves
-            teacher, held = model_teacher(model_spec, distill, blocks, dtype=options.dtype, quant=options.quant,
-                                          accelerator=run.accelerator, seq_len=training.seq_len,
-                                          batch_size=training.batch_size, log=run.log)
-        torch.manual_seed(settings.seed)  # the adapter's initialisation depends on the seed alone
-        model = add_lora(model, lora)
-        recovery = TrainSettings(**{**asdict(training), "steps": settings.recover_steps})
-        with count_routing(model) as routing:
-            trained = run.train(model, blocks, mask, recovery, teacher=teacher, distill=distill)
-        if expert_record is not None:  # the cut model's experts, numbered as they now are
-            expert_record["routing"]["training"] = routing.summed(run.accelerator).record(before.top_k)
-        if trained.distill:
-            trained.distill |= held
-        record_training = {"training": trained.record(recovery)}
-        del teacher
-        model = trained.model
+        model = _recover(run, model, given, chosen, options)
         if model is None:
             return run.leave()
     after = Structure.of(model)
@@ -311,11 +362,11 @@ def prune(model_spec: str, out: Path, settings: PruneSettings, evaluation: EvalS
         parameters={"before": params_before, "after": params_after,
                     "ratio_target": settings.ratio, "ratio_achieved": ratio},
         kept=kept,
-        **record_training,
-        **({"depth": depth} if depth is not None else {}),
-        **({"experts": expert_record} if expert_record is not None else {}),
+        **chosen.training,
+        **({"depth": chosen.depth} if chosen.depth is not None else {}),
+        **({"experts": chosen.experts} if chosen.experts is not None else {}),
     )
     if annotate is not None:
         fields |= annotate(fields)
-    return run.finish(model, tokenizer, source_structure=before, extras={SCORES_FILE: lambda path: save_scores(path, scores)},
-                      **fields)
+    return run.finish(model, tokenizer, source_structure=before,
+                      extras={SCORES_FILE: lambda path: save_scores(path, chosen.scores)}, **fields)
