@@ -59,9 +59,11 @@ def planning() -> Iterator[None]:
             return original_grouped(input, weight, offs)
         return _MetaGroupedMM.apply(input.to(weight.dtype), weight, offs)
 
-    from peft.tuners.lora.layer import _LoraFactorsProxy
-
-    original_fold = _LoraFactorsProxy.forward
+    try:  # PEFT 0.21 and later fold a LoRA on a whole parameter (a mixture's experts) into one baddbmm
+        from peft.tuners.lora.layer import _LoraFactorsProxy  # under autocast, which the meta device lacks
+    except ImportError:  # earlier PEFT adds the update as a tensor of its own, which runs on the meta device
+        _LoraFactorsProxy = None
+    original_fold = _LoraFactorsProxy.forward if _LoraFactorsProxy is not None else None
 
     def fold(proxy, W):
         if W.device.type != "meta":
@@ -71,14 +73,16 @@ def planning() -> Iterator[None]:
     F.scaled_dot_product_attention = flash_sdpa
     masking_utils.find_packed_sequence_indices = lambda position_ids: None
     moe._grouped_mm = grouped_mm
-    _LoraFactorsProxy.forward = fold
+    if _LoraFactorsProxy is not None:
+        _LoraFactorsProxy.forward = fold
     try:
         yield
     finally:
         F.scaled_dot_product_attention = original_sdpa
         masking_utils.find_packed_sequence_indices = original_packed
         moe._grouped_mm = original_grouped
-        _LoraFactorsProxy.forward = original_fold
+        if _LoraFactorsProxy is not None:
+            _LoraFactorsProxy.forward = original_fold
 
 
 class _MetaGroupedMM(torch.autograd.Function):
