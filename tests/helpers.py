@@ -16,8 +16,10 @@ import gc
 import hashlib
 import io
 import os
+import signal
 import subprocess
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -68,8 +70,8 @@ main()
 def run_cli(*args, cwd: Path, timeout: int = TIMEOUT, fresh_process: bool = False,
             **env: str) -> subprocess.CompletedProcess:
     """`prunetune ARGS...`, offline, in `cwd`, with `env` added to the environment: its exit code, stdout
-    and stderr. In this process unless `fresh_process` (see the module's docstring); `timeout` holds for
-    a fresh process only."""
+    and stderr. In this process unless `fresh_process` (see the module's docstring). Past `timeout`
+    seconds either form raises subprocess.TimeoutExpired."""
     env = dict(CLI_ENV, **env)
     args = [str(a) for a in args]
     if fresh_process:
@@ -80,7 +82,7 @@ def run_cli(*args, cwd: Path, timeout: int = TIMEOUT, fresh_process: bool = Fals
     started_only = sorted(name for name in env if name.startswith("PYTHON"))
     if started_only:
         raise TypeError(f"{started_only} take effect when an interpreter starts: pass fresh_process=True")
-    return _run_in_this_process(args, cwd, env)
+    return _run_in_this_process(args, cwd, env, timeout)
 
 
 # What every command sees, in either form. The libraries are imported before any command runs here, so
@@ -89,7 +91,8 @@ def run_cli(*args, cwd: Path, timeout: int = TIMEOUT, fresh_process: bool = Fals
 CLI_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "120"}
 
 
-def _run_in_this_process(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+def _run_in_this_process(args: list[str], cwd: Path, env: dict[str, str],
+                         timeout: float) -> subprocess.CompletedProcess:
     """`main()` as the console script calls it; what it changes of the process (argv, working directory,
     environment, a refused model load) is put back after."""
     from unittest import mock
@@ -109,6 +112,7 @@ def _run_in_this_process(args: list[str], cwd: Path, env: dict[str, str]) -> sub
             stack.enter_context(mock.patch.object(models, "_load_weights", refuse))
         stack.enter_context(contextlib.redirect_stdout(stdout))
         stack.enter_context(contextlib.redirect_stderr(stderr))
+        stack.enter_context(_time_limit(timeout, ["prunetune", *args]))
         try:
             main()
             code = 0
@@ -119,6 +123,35 @@ def _run_in_this_process(args: list[str], cwd: Path, env: dict[str, str]) -> sub
             code = 1
     gc.collect()  # the command's model, before the next test builds its own
     return subprocess.CompletedProcess(["prunetune", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+class _TimedOut(BaseException):
+    """The alarm of `_time_limit`: not an Exception, so neither the command nor run_cli's own handler of
+    uncaught exceptions takes it for the command's error."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, command: list[str]):
+    """subprocess.run's timeout for a command run in this process: SIGALRM interrupts it (between Python
+    bytecodes: a call into torch that never returns is not interrupted) and the test fails with
+    TimeoutExpired instead of hanging the suite. Only the main thread receives signals; pytest runs tests
+    there, and elsewhere the command runs without a limit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _TimedOut
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _TimedOut:
+        raise subprocess.TimeoutExpired(command, seconds) from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @contextlib.contextmanager

@@ -275,6 +275,27 @@ def test_help_and_argument_errors_import_no_torch(args, tmp_path):
     assert done.returncode in (0, 2)
 
 
+def test_a_command_past_its_timeout_fails_the_test(tmp_path, monkeypatch):
+    """run_cli's timeout holds in this process as it does for a fresh one: a command that does not
+    finish raises TimeoutExpired instead of hanging the suite, and the alarm is off afterwards."""
+    import signal
+    import time
+
+    import prunetune.cli
+
+    def hang(**kwargs):
+        while True:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(prunetune.cli, "app", hang)
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_cli("info", "model", cwd=tmp_path, timeout=0.5)
+    assert time.monotonic() - started < 30
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+
+
 # ---------------------------------------------------------------------------------------------
 # A small prune that works, and a second run that must not overwrite it
 
