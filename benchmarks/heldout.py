@@ -167,10 +167,11 @@ def run_row(args, ratio: float | None, row: str, seed: int, results: dict, varia
         half = args.steps // 2
         each = ["--data", f"train={args.data}", "--fixed-mixture", "--batch-size", str(args.batch_size), "--seq-len",
                 str(args.seq_len), "--seed", str(seed), "--no-eval", "--overwrite"]
+        # A change goes to both runs, after the row's own flags: the last of a repeated flag wins.
         prunetune("shear", args.model, "--target", f"intermediate={sheared_width(args, target(results, ratio))}",
-                  *SHEAR.split(), "--steps", str(half), *each, "--out", str(sheared))
+                  *SHEAR.split(), "--steps", str(half), *each, *changed, "--out", str(sheared))
         prunetune("train", str(sheared), "--no-lora", "--lr", "1e-4", "--distill", "--distill-alpha", "0.5", "--steps",
-                  str(args.steps - half), *each, "--out", str(out))
+                  str(args.steps - half), *each, *changed, "--out", str(out))
         final = out
     elif row in ("loraprune", "loraprune-paper"):
         extra = ROWS[row][1].format(steps=args.steps).split() + changed

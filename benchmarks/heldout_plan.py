@@ -69,6 +69,10 @@ SWEEP = {
     # units of every layer globally.
     "rank-32-global": ("rank 32, every layer with units ranked across layers (the one-shot row's choice at 20%), "
                        "at the same size", "loraprune", "--lora-r 32 --lora-alpha 64 --layers all --allocation global"),
+    # Sheared-LLaMA with a LoRA (the masks learnt beside it in `shear`, then `train --lora`, merged when
+    # saved) instead of every weight: trained on one domain, every weight moved towards it.
+    "sheared-lora": ("Sheared-LLaMA training a LoRA at the adapter rate (5e-4) instead of every weight at 1e-4: "
+                     "LoRA moves the model less towards the one domain it trains on", "sheared", "--lora --lr 5e-4"),
 }
 SWEEP_RATIOS = (0.5, 0.2)
 # The changes tried at a ratio; every one where not listed.

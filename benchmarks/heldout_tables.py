@@ -109,8 +109,10 @@ def not_run(results: dict, kind: str, form: str = "") -> str:
     """The plan's cells of one kind (row, sweep) that have no result yet, as a sentence ("" if none);
     `form` says how to read their keys."""
     missing = [key for key, cell_kind, *_ in plan() if cell_kind == kind and key not in results["cells"]]
-    return (f"Not run yet ({len(missing)} cells of the plan{form}): " + ", ".join(f"`{key}`" for key in missing) + "."
-            if missing else "")
+    if not missing:
+        return ""
+    cells = f"{len(missing)} cell" + ("s" if len(missing) > 1 else "")
+    return f"Not run yet ({cells} of the plan{form}): " + ", ".join(f"`{key}`" for key in missing) + "."
 
 
 def sweep_cells(results: dict, ratio: float, name: str) -> list[dict]:
