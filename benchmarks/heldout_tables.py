@@ -126,7 +126,8 @@ def sweep_table(results: dict) -> str:
     for ratio in SWEEP_RATIOS:
         if not any(key.startswith(f"sweep/{ratio}/") for key in results["cells"]):
             continue
-        for row in (DEFAULT, *BASELINES):
+        changed = [row for name, (_, row, _) in SWEEP.items() if sweep_cells(results, ratio, name)]
+        for row in dict.fromkeys((DEFAULT, *BASELINES, *changed)):  # the rows the changes start from
             group = rows_by.get((ratio, row), [])
             if group:
                 rows.append([f"{ratio:.0%}", f"`{row}`", len(group), *(stat(ppl(group, d)) for d in DOMAINS),
@@ -230,10 +231,11 @@ def write_report(results: dict, source: Path, out_dir: Path) -> None:
             "never sees the two domains the rows are judged on.", selection_table(results)))
     if any(key.startswith("sweep/") for key in results["cells"]):
         sections.append(_report.section(
-            "What was tried to put LoRAPrune ahead", provenance,
+            "What was tried to meet the targets", provenance,
             "A row with one change at a time, the same steps, tokens and evaluation as the rows above; a "
-            "baseline's change is to its recovery. One seed each, three planned for rank 32 on both rows at "
-            "both ratios (what a new default rank needs).", "\n\n".join(filter(None, [sweep_table(results), not_run(results, "sweep")]))))
+            "baseline's change is to its recovery, the sheared row's to both its runs (`shear` and `train`). "
+            "One seed each, three planned for rank 32 on both rows at both ratios (what a new default rank "
+            "needs).", "\n\n".join(filter(None, [sweep_table(results), not_run(results, "sweep")]))))
     if targets_table(results):
         sections.append(_report.section("The default against the targets", provenance, targets_table(results)))
     _report.write_page("heldout", [_report.relative(source)], sections, out_dir)
