@@ -90,7 +90,7 @@ def results_table(results: dict) -> str:
     rows = []
     order = list(ROWS)
     for (ratio, row), group in sorted(rows_of(results).items(), key=lambda g: (-(g[0][0] or 0), order.index(g[0][1]))):
-        rows.append([f"{ratio:.0%}" if ratio else "none", f"`{row}`" + _row_detail(row, group[0]),
+        rows.append([f"{ratio:.0%}" if ratio else "0% (unpruned)", f"`{row}`" + _row_detail(row, group[0]),
                      len(group), *(stat(ppl(group, d)) for d in DOMAINS), f"{group[0]['parameters']:,}",
                      f"{group[0]['size_vs_default']:.3f}" if "size_vs_default" in group[0] else "",
                      f"{statistics.mean(c['seconds_per_step'] for c in group):.2f}",
