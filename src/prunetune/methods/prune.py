@@ -260,20 +260,20 @@ def _score_once(run: Run, model, given: _Inputs) -> _Chosen:
         scores, model = SHARDED_CRITERIA[settings.method](model, batches)
     else:
         scores = CRITERIA[settings.method](model, batches, seed=settings.seed)
-    choice = (settings.ratio, given.layers)
+    ratio, layers = settings.ratio, given.layers
     if experts:
         routing = routing_on(model, batches)
-        masks, budget = select_with_experts(model, before, scores, routing, batches, *choice, kinds,
+        masks, budget = select_with_experts(model, before, scores, routing, batches, ratio, layers, kinds,
                                             settings.head_unit, settings.round_to, settings.allocation,
                                             settings.split, log=run.log)
         return _Chosen(model, masks, scores,
                        experts={"routing": {"calibration": routing.record(before.top_k)}, "budget": budget})
     if LAYER_UNIT in kinds:
-        masks, depth = select_with_depth(model, before, scores, batches, *choice, width_units(kinds),
+        masks, depth = select_with_depth(model, before, scores, batches, ratio, layers, width_units(kinds),
                                          settings.head_unit, settings.round_to, settings.allocation, settings.split,
                                          log=run.log)
         return _Chosen(model, masks, scores, depth=depth)
-    masks = select_masks(before, scores, *choice, counted_units(kinds), settings.head_unit, settings.round_to,
+    masks = select_masks(before, scores, ratio, layers, counted_units(kinds), settings.head_unit, settings.round_to,
                          settings.allocation, settings.split)
     return _Chosen(model, masks, scores)
 

@@ -15,7 +15,7 @@ byte (tests/plan/test_plan.py). Five things are adjusted while a step is planned
   calls that kernel's meta function.
 - A mixture's experts run through torch's grouped product, whose meta function takes bf16 only; at
   other dtypes a stand-in gives the same output and keeps the same tensors for the backward.
-- PEFT folds a LoRA on a mixture's experts into their weight inside `torch.autocast(enabled=False)`,
+- PEFT (0.21 and later) folds a LoRA on a mixture's experts into their weight inside `torch.autocast(enabled=False)`,
   which has no meta device; on meta the same `baddbmm` runs without that guard.
 - bitsandbytes weights (8-bit, NF4) do not run on the meta device. A quantized projection is
   planned as its packed weight and quantization constants, plus a dequantized copy of the weight
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ def planning() -> Iterator[None]:
     """The adjustments above, undone on exit."""
     import transformers.masking_utils as masking_utils
 
-    original_sdpa, original_packed = F.scaled_dot_product_attention, masking_utils.find_packed_sequence_indices
+    original_sdpa = F.scaled_dot_product_attention
 
     def flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if query.device.type != "meta":
@@ -63,26 +64,22 @@ def planning() -> Iterator[None]:
         from peft.tuners.lora.layer import _LoraFactorsProxy  # under autocast, which the meta device lacks
     except ImportError:  # earlier PEFT adds the update as a tensor of its own, which runs on the meta device
         _LoraFactorsProxy = None
-    original_fold = _LoraFactorsProxy.forward if _LoraFactorsProxy is not None else None
+
+    original_fold = getattr(_LoraFactorsProxy, "forward", None)
 
     def fold(proxy, W):
         if W.device.type != "meta":
             return original_fold(proxy, W)
         return torch.baddbmm(W, proxy.lhs, proxy.rhs, alpha=proxy.scaling)
 
-    F.scaled_dot_product_attention = flash_sdpa
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
-    moe._grouped_mm = grouped_mm
-    if _LoraFactorsProxy is not None:
-        _LoraFactorsProxy.forward = fold
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original_sdpa
-        masking_utils.find_packed_sequence_indices = original_packed
-        moe._grouped_mm = original_grouped
+    with contextlib.ExitStack() as replaced:  # each one put back on exit
+        replaced.enter_context(mock.patch.object(F, "scaled_dot_product_attention", flash_sdpa))
+        replaced.enter_context(mock.patch.object(masking_utils, "find_packed_sequence_indices",
+                                                 lambda position_ids: None))
+        replaced.enter_context(mock.patch.object(moe, "_grouped_mm", grouped_mm))
         if _LoraFactorsProxy is not None:
-            _LoraFactorsProxy.forward = original_fold
+            replaced.enter_context(mock.patch.object(_LoraFactorsProxy, "forward", fold))
+        yield
 
 
 class _MetaGroupedMM(torch.autograd.Function):
