@@ -42,7 +42,7 @@ from pathlib import Path
 import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
 from _cells import check_settings, claim, load_results, release, save_cell
 from handbook import handbook_spec
-from heldout_plan import DEFAULT, DEPTH_ROWS, DOMAINS, ROWS, SELECTION, SHEAR, SWEEP, best_candidate, plan
+from heldout_plan import DEFAULT, DEPTH_ROWS, DOMAINS, ROWS, SELECTION, SHEAR, SHEAR_STEPS, SWEEP, best_candidate, plan
 from heldout_tables import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -164,7 +164,7 @@ def run_row(args, ratio: float | None, row: str, seed: int, results: dict, varia
     changed = SWEEP[variant][2].split() if variant else []
     if row == "sheared":
         sheared = pruned_dir(args, ratio, row, seed, variant)
-        half = args.steps // 2
+        half = SHEAR_STEPS.get(variant, args.steps // 2)
         each = ["--data", f"train={args.data}", "--fixed-mixture", "--batch-size", str(args.batch_size), "--seq-len",
                 str(args.seq_len), "--seed", str(seed), "--no-eval", "--overwrite"]
         # A change goes to both runs, after the row's own flags: the last of a repeated flag wins.

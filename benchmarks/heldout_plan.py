@@ -73,7 +73,19 @@ SWEEP = {
     # saved) instead of every weight: trained on one domain, every weight moved towards it.
     "sheared-lora": ("Sheared-LLaMA training a LoRA at the adapter rate (5e-4) instead of every weight at 1e-4: "
                      "LoRA moves the model less towards the one domain it trains on", "sheared", "--lora --lr 5e-4"),
+    # What costs Sheared-LLaMA at 50%. `width` is the sheared row's shape from a one-shot Taylor prune (the
+    # masks `shear` starts from) with the recovery, so shape and learnt masks are measured apart; these
+    # ask whether it is the steps trained under the masks' noise, by giving `shear` fewer of them.
+    "sheared-lora-shear-10": ("Sheared-LLaMA with a LoRA, 10 steps of `shear` and 90 of `train`: fewer steps trained "
+                              "under the masks' noise", "sheared", "--lora --lr 5e-4"),
+    "sheared-shear-10": ("Sheared-LLaMA as the row, every weight trained, 10 steps of `shear` and 90 of `train`",
+                         "sheared", ""),
+    # The paper's score (the official code squares nothing: it takes the absolute value)
+    "score-square": ("the paper's score, the squared estimate, instead of the official code's absolute value",
+                     "loraprune", "--score square"),
 }
+# A sheared change's steps of `shear` (the rest go to `train`); half of them where not listed.
+SHEAR_STEPS = {"sheared-lora-shear-10": 10, "sheared-shear-10": 10}
 SWEEP_RATIOS = (0.5, 0.2)
 # The changes tried at a ratio; every one where not listed.
 SWEEP_AT = {0.2: ("rank-32", "one-shot-rank-32", "rank-32-global")}

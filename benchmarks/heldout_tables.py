@@ -9,8 +9,8 @@ from pathlib import Path
 import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
 from _cells import stat
 from heldout_plan import (
-    BASELINES, DEFAULT, DEPTH_ROWS, DOMAINS, HELD_OUT, RATIOS, ROWS, SAME_MODEL_AS, SELECTION, SOURCE_HEADS, SWEEP,
-    SWEEP_PAIRS, SWEEP_RATIOS, best_candidate, plan,
+    BASELINES, DEFAULT, DEPTH_ROWS, DOMAINS, HELD_OUT, RATIOS, ROWS, SAME_MODEL_AS, SELECTION, SHEAR_STEPS,
+    SOURCE_HEADS, SWEEP, SWEEP_PAIRS, SWEEP_RATIOS, best_candidate, plan,
 )
 
 
@@ -136,7 +136,8 @@ def sweep_table(results: dict) -> str:
             group = sweep_cells(results, ratio, name)
             if group:
                 where = " (recovery)" if row in BASELINES else ""
-                rows.append([f"{ratio:.0%}", f"`{row}`{where} {extra}", len(group),
+                split = f" ({SHEAR_STEPS[name]} + {group[0]['steps'] - SHEAR_STEPS[name]} steps)" if name in SHEAR_STEPS else ""
+                rows.append([f"{ratio:.0%}", f"`{row}`{where} {extra}{split}".replace("  ", " "), len(group),
                              *(stat(ppl(group, d)) for d in DOMAINS), f"{group[0]['parameters']:,}", why])
     return _report.table(["ratio", "run", "seeds", "pydoc (trained on)", "stdlib-code", "handbook", "parameters",
                           "why try it"], rows) if rows else ""
