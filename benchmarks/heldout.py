@@ -42,7 +42,9 @@ from pathlib import Path
 import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
 from _cells import check_settings, claim, load_results, release, save_cell
 from handbook import handbook_spec
-from heldout_plan import DEFAULT, DEPTH_ROWS, DOMAINS, ROWS, SELECTION, SHEAR, SHEAR_STEPS, SWEEP, best_candidate, plan
+from heldout_plan import (
+    DEFAULT, DEPTH_ROWS, DOMAINS, ROWS, SELECTION, SHEAR, SHEAR_STEPS, SHEARED_TRAINING, SWEEP, best_candidate, plan,
+)
 from heldout_tables import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -169,9 +171,10 @@ def run_row(args, ratio: float | None, row: str, seed: int, results: dict, varia
                 str(args.seq_len), "--seed", str(seed), "--no-eval", "--overwrite"]
         # A change goes to both runs, after the row's own flags: the last of a repeated flag wins.
         prunetune("shear", args.model, "--target", f"intermediate={sheared_width(args, target(results, ratio))}",
-                  *SHEAR.split(), "--steps", str(half), *each, *changed, "--out", str(sheared))
-        prunetune("train", str(sheared), "--no-lora", "--lr", "1e-4", "--distill", "--distill-alpha", "0.5", "--steps",
-                  str(args.steps - half), *each, *changed, "--out", str(out))
+                  *SHEAR.split(), *SHEARED_TRAINING.split(), "--steps", str(half), *each, *changed, "--out",
+                  str(sheared))
+        prunetune("train", str(sheared), *SHEARED_TRAINING.split(), "--steps", str(args.steps - half), *each, *changed,
+                  "--out", str(out))
         final = out
     elif row in ("loraprune", "loraprune-paper"):
         extra = ROWS[row][1].format(steps=args.steps).split() + changed

@@ -28,9 +28,10 @@ ROWS = {
                 "shape `make demo` shears to), then `train`; half the steps each, every weight trained (its "
                 "learning rate, 1e-4), distilled from the source as the other rows", None),
 }
-# Sheared-LLaMA's row: the masks start from Taylor scores at the target, as `make demo`'s shear does.
-SHEAR = ("--mask-init taylor --init-samples 16 --mask-lr 0.1 --lambda-lr 1.0 --lambda2-init 5000 --warmup-share 0 "
-         "--distill --distill-alpha 0.5 --no-lora --lr 1e-4")
+# Sheared-LLaMA's row: the masks start from Taylor scores at the target, as `make demo`'s shear does;
+# both runs (`shear`, then `train`) train every weight at its learning rate, distilled from the source.
+SHEARED_TRAINING = "--distill --distill-alpha 0.5 --no-lora --lr 1e-4"
+SHEAR = "--mask-init taylor --init-samples 16 --mask-lr 0.1 --lambda-lr 1.0 --lambda2-init 5000 --warmup-share 0"
 # Depth against width: one-shot prunes of every layer cut to LoRAPrune's size, Taylor scoring the
 # heads and channels, the same recovery. Whole layers cannot hit a size within 1% (a SmolLM2 layer is
 # 2.6% of the model), so `depth` is the nearest whole-layer count and its size is in the table.
