@@ -84,6 +84,8 @@ SWEEP = {
     # The paper's score (the official code squares nothing: it takes the absolute value)
     "score-square": ("the paper's score, the squared estimate, instead of the official code's absolute value",
                      "loraprune", "--score square"),
+    "prune-every-5": ("the masks updated every 5 steps instead of 10: each update removes half as much, and the "
+                      "adapter has fewer units to make up for at once", "loraprune", "--prune-every 5"),
 }
 # A sheared change's steps of `shear` (the rest go to `train`); half of them where not listed.
 SHEAR_STEPS = {"sheared-lora-shear-10": 10, "sheared-shear-10": 10}
