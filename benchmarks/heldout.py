@@ -43,7 +43,8 @@ import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
 from _cells import check_settings, claim, load_results, release, save_cell
 from handbook import handbook_spec
 from heldout_plan import (
-    DEFAULT, DEPTH_ROWS, DOMAINS, ROWS, SELECTION, SHEAR, SHEAR_STEPS, SHEARED_TRAINING, SWEEP, best_candidate, plan,
+    AT_LORAPRUNE_SHAPE, DEFAULT, DEPTH_ROWS, DOMAINS, ROWS, SELECTION, SHEAR, SHEAR_STEPS, SHEARED_TRAINING, SWEEP,
+    best_candidate, plan,
 )
 from heldout_tables import write_report
 
@@ -99,6 +100,20 @@ def sheared_width(args, target: int) -> int:
     source = args.structure
     per_channel = 3 * source["hidden"] * source["layers"]  # a gate row, an up row and a down column per layer
     return round(source["intermediate"] - (source["total"] - target) / per_channel)
+
+
+def loraprune_shape(args, ratio: float) -> Path:
+    """A per-layer `shear` target: the config.json of a LoRAPrune result at this ratio on the default's
+    layers (the row's or a change of its score or schedule, whose run directory holds the model).
+    Uniform allocation fixes each layer's counts at a size, so every such result has one shape (checked
+    here); the scores choose only which units."""
+    runs = [name for name, (_, row, extra) in SWEEP.items() if row == DEFAULT and layers_of(extra) == "paper"]
+    configs = [c for name in (DEFAULT, *runs) for c in sorted(args.runs.glob(f"{ratio}-{name}-[0-9]/config.json"))]
+    shapes = {json.dumps(json.loads(c.read_text())["prunetune_layer_shapes"]) for c in configs}
+    if len(shapes) != 1:
+        raise SystemExit(f"{len(configs)} LoRAPrune results at {ratio} with {len(shapes)} shapes in {args.runs}; "
+                         f"run {ratio}/{DEFAULT}/0 first")
+    return configs[0]
 
 
 def target(results: dict, ratio: float) -> int | None:
@@ -170,7 +185,9 @@ def run_row(args, ratio: float | None, row: str, seed: int, results: dict, varia
         each = ["--data", f"train={args.data}", "--fixed-mixture", "--batch-size", str(args.batch_size), "--seq-len",
                 str(args.seq_len), "--seed", str(seed), "--no-eval", "--overwrite"]
         # A change goes to both runs, after the row's own flags: the last of a repeated flag wins.
-        prunetune("shear", args.model, "--target", f"intermediate={sheared_width(args, target(results, ratio))}",
+        target_spec = (str(loraprune_shape(args, ratio)) if variant in AT_LORAPRUNE_SHAPE
+                       else f"intermediate={sheared_width(args, target(results, ratio))}")
+        prunetune("shear", args.model, "--target", target_spec,
                   *SHEAR.split(), *SHEARED_TRAINING.split(), "--steps", str(half), *each, *changed, "--out",
                   str(sheared))
         prunetune("train", str(sheared), *SHEARED_TRAINING.split(), "--steps", str(args.steps - half), *each, *changed,
@@ -226,6 +243,8 @@ def run_row(args, ratio: float | None, row: str, seed: int, results: dict, varia
     if row == "sheared":
         sheared = record(pruned_dir(args, ratio, row, seed, variant))
         cell["layer_shape"] = sheared["architecture"]["layer_shapes"][0]
+        if variant in AT_LORAPRUNE_SHAPE:
+            cell["layer_shapes"] = sheared["architecture"]["layer_shapes"]
         cell |= both_phases(cell, training_summary(sheared))
     shutil.rmtree(pruned_dir(args, ratio, row, seed, variant), ignore_errors=True)
     return cell

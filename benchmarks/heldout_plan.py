@@ -86,9 +86,19 @@ SWEEP = {
                      "loraprune", "--score square"),
     "prune-every-5": ("the masks updated every 5 steps instead of 10: each update removes half as much, and the "
                       "adapter has fewer units to make up for at once", "loraprune", "--prune-every 5"),
+    # The target's own terms: `shear` to the shape LoRAPrune's default reaches (its first three layers
+    # and the last whole, the others narrowed), a per-layer target, instead of a uniform one of its size.
+    "sheared-lora-loraprune-shape": ("Sheared-LLaMA with a LoRA, 10 + 90 steps, at the very shape LoRAPrune's "
+                                     "default reaches (a per-layer target) instead of every layer narrowed alike",
+                                     "sheared", "--lora --lr 5e-4"),
+    "sheared-loraprune-shape": ("Sheared-LLaMA as the row, every weight trained, 10 + 90 steps, at the very shape "
+                                "LoRAPrune's default reaches", "sheared", ""),
 }
 # A sheared change's steps of `shear` (the rest go to `train`); half of them where not listed.
-SHEAR_STEPS = {"sheared-lora-shear-10": 10, "sheared-shear-10": 10}
+SHEAR_STEPS = {"sheared-lora-shear-10": 10, "sheared-shear-10": 10, "sheared-lora-loraprune-shape": 10,
+               "sheared-loraprune-shape": 10}
+# Sheared changes whose `shear` targets LoRAPrune's shape, not the uniform one of its size.
+AT_LORAPRUNE_SHAPE = ("sheared-lora-loraprune-shape", "sheared-loraprune-shape")
 SWEEP_RATIOS = (0.5, 0.2)
 # The changes tried at a ratio; every one where not listed.
 SWEEP_AT = {0.2: ("rank-32", "one-shot-rank-32", "rank-32-global")}

@@ -50,7 +50,8 @@ def shear(
     out_dir: Path = options.out(),
     target: str = typer.Option(..., help="The shape to prune to: layers=,hidden=,heads=,kv-heads=,intermediate= "
                                "(omitted keys keep the source's), or the config.json (or directory) of a smaller "
-                               "model."),
+                               "model; one pruned layer by layer (its layers differ, e.g. LoRAPrune's result) gives "
+                               "each layer its own shape."),
     data: str = options.domains(), weights: Optional[str] = options.weights(),
     references: Optional[str] = options.references(), dynamic: bool = options.dynamic(),
     eval_every: int = options.eval_every(), eval_blocks: int = options.eval_blocks(), eta: float = options.eta(),

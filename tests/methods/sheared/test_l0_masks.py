@@ -247,9 +247,9 @@ def test_target_warms_up_linearly_and_state_round_trips():
     target = parse_target(TARGETS["q-head"], structure)
     masks = ShearMasks(structure, target, warmup_steps=10)
     assert set(masks.distributions) == {"layer", "head", "intermediate", "hidden"}
-    assert masks.target_fraction("hidden", 0) == 1.0
-    assert masks.target_fraction("hidden", 5) == pytest.approx(1 - 0.5 * 16 / 96)
-    assert masks.target_fraction("hidden", 50) == pytest.approx(80 / 96)
+    assert masks.target_fraction("hidden", 0).item() == 1.0
+    assert masks.target_fraction("hidden", 5).item() == pytest.approx(1 - 0.5 * 16 / 96)
+    assert masks.target_fraction("hidden", 50).item() == pytest.approx(80 / 96)
     _, info = masks.lagrangian(10)
     assert info["target_head"] == pytest.approx(3) and info["target_layer"] == pytest.approx(3)
     assert info["expected_head"] > 5.9 and "lambda_2_intermediate" in info

@@ -24,6 +24,7 @@ end of a short shear, so the rule matters. Without a priority the rule is the in
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -46,17 +47,26 @@ _ZERO_LOGIT = math.log(-LIMIT_LEFT / LIMIT_RIGHT)
 
 
 class HardConcrete(nn.Module):
-    """Gates over `rows` independent rows of `size` units; the final gate keeps `keep` units per row.
+    """Gates over `rows` independent rows of `size` units; the final gate keeps `keep` units per row,
+    one count for every row or one per row (a per-layer target).
 
     `groups` splits every row into that many equal blocks that must keep equal numbers of units
-    (query heads inside key/value groups); `keep` must then be a multiple of `groups`.
+    (query heads inside key/value groups); `keep` must then be a multiple of `groups`. A row that
+    keeps all its units is not gated: its gates are exactly 1, in training and at the end.
     """
 
-    def __init__(self, rows: int, size: int, keep: int, groups: int = 1, generator: torch.Generator | None = None):
+    def __init__(self, rows: int, size: int, keep: int | Sequence[int], groups: int = 1,
+                 generator: torch.Generator | None = None):
         super().__init__()
-        if size % groups or keep % groups or not 0 < keep <= size:
-            raise ValueError(f"cannot keep {keep} of {size} units in {groups} equal groups")
-        self.size, self.keep, self.groups = size, keep, groups
+        keeps = [keep] * rows if isinstance(keep, int) else list(keep)
+        if len(keeps) != rows:
+            raise ValueError(f"{len(keeps)} kept counts for {rows} rows")
+        for count in keeps:
+            if size % groups or count % groups or not 0 < count <= size:
+                raise ValueError(f"cannot keep {count} of {size} units in {groups} equal groups")
+        self.size, self.groups = size, groups
+        self.keep = torch.tensor(keeps)  # [rows], on the CPU
+        self.full = self.keep == size  # [rows]: rows the target leaves whole
         # Initial values and sample noise; None: torch's global generator (not reproducible by itself).
         self.generator = generator
         self.log_alpha = nn.Parameter(torch.empty(rows, size).normal_(INIT_MEAN, INIT_STD, generator=generator))
@@ -99,13 +109,19 @@ class HardConcrete(nn.Module):
         u = torch.empty(self.log_alpha.shape).uniform_(EPSILON, 1 - EPSILON, generator=self.generator)
         u = u.to(self.log_alpha.device)
         s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + self.log_alpha) / TEMPERATURE)
-        return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
+        return self._whole_rows_open((s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0))
 
     def keep_probability(self) -> torch.Tensor:
         """P(z > 0) = 1 - Q(0) per unit, the L0 "expected score"; differentiable."""
         self.constrain()
         closed = torch.sigmoid(_ZERO_LOGIT * TEMPERATURE - self.log_alpha).clamp(EPSILON, 1 - EPSILON)
-        return 1 - closed
+        return self._whole_rows_open(1 - closed)
+
+    def _whole_rows_open(self, gates: torch.Tensor) -> torch.Tensor:
+        """`gates` with the rows the target leaves whole set to exactly 1 (no noise, no gradient)."""
+        if not self.full.any():
+            return gates
+        return torch.where(self.full.to(gates.device).reshape(-1, 1), torch.ones_like(gates), gates)
 
     def keep_mask(self) -> torch.Tensor:
         """Boolean final mask: the `keep` units of each row with the largest log_alpha, equal per group;
@@ -117,16 +133,19 @@ class HardConcrete(nn.Module):
         blocks = self.log_alpha.detach().reshape(shape)
         by_priority = self.priority.reshape(shape).to(blocks.device).argsort(dim=-1, descending=True, stable=True)
         order = blocks.gather(-1, by_priority).argsort(dim=-1, descending=True, stable=True)
-        top = by_priority.gather(-1, order)[..., : self.keep // self.groups]
-        mask = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, top, True)
+        ranked = by_priority.gather(-1, order)  # each block's units, best first
+        per_block = (self.keep // self.groups).to(blocks.device).reshape(rows, 1, 1)
+        chosen = torch.arange(shape[-1], device=blocks.device).expand(shape) < per_block
+        mask = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, ranked, chosen)
         return mask.reshape(rows, self.size)
 
     def deterministic(self) -> torch.Tensor:
         """The eval/final gate: soft kept values on `keep_mask()`, zero elsewhere (no gradient)."""
         keep = self.keep_mask()  # clamps log_alpha first
         with torch.no_grad():
-            return torch.sigmoid(self.log_alpha / TEMPERATURE * MAGICAL_NUMBER) * keep
+            return self._whole_rows_open(torch.sigmoid(self.log_alpha / TEMPERATURE * MAGICAL_NUMBER) * keep)
 
     def extra_repr(self) -> str:
         rows, size = self.log_alpha.shape
-        return f"rows={rows}, size={size}, keep={self.keep}, groups={self.groups}"
+        keep = self.keep.tolist()
+        return f"rows={rows}, size={size}, keep={keep[0] if len(set(keep)) == 1 else keep}, groups={self.groups}"

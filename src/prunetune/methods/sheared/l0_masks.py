@@ -206,25 +206,27 @@ class ShearMasks(nn.Module):
         """P(z > 0) of every unit, by mask type, as [rows, units]; differentiable."""
         return {kind: d.keep_probability() for kind, d in self.distributions.items()}
 
-    def target_fraction(self, kind: str, step: int) -> float:
-        """Kept fraction the Lagrangian aims at: 1 at step 0, the target's after the warm-up."""
+    def target_fraction(self, kind: str, step: int) -> torch.Tensor:
+        """Kept fraction the Lagrangian aims at, per row: 1 at step 0, the target's after the warm-up."""
         d = self.distributions[kind]
         progress = min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else 1.0
-        return 1.0 - (1.0 - d.keep / d.size) * progress
+        return 1.0 - (1.0 - d.keep.double() / d.size) * progress
 
     def lagrangian(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sum over mask types of mean over rows of λ1·(ŝ−t) + λ2·(ŝ−t)², ŝ the expected kept fraction."""
+        """Sum over mask types of mean over rows of λ1·(ŝ−t) + λ2·(ŝ−t)², ŝ the expected kept fraction.
+        Rows a per-layer target leaves whole are not gated and not averaged over."""
         probabilities = self.keep_probabilities()
         loss = torch.zeros((), device=self._device)
         info: dict[str, float] = {}
         for kind, p in probabilities.items():
-            size = self.distributions[kind].size
-            target = self.target_fraction(kind, step)
-            gap = p.sum(dim=-1) / size - target
+            d = self.distributions[kind]
+            gated = ~d.full.to(self._device)
+            target = self.target_fraction(kind, step).to(device=self._device, dtype=p.dtype)
+            gap = (p.sum(dim=-1) / d.size - target)[gated]
             l1, l2 = self.lambdas[f"lambda_1_{kind}"], self.lambdas[f"lambda_2_{kind}"]
             loss = loss + (l1 * gap + l2 * gap.pow(2)).mean()
-            info[f"expected_{kind}"] = p.sum(dim=-1).mean().item()
-            info[f"target_{kind}"] = target * size
+            info[f"expected_{kind}"] = p.sum(dim=-1)[gated].mean().item()
+            info[f"target_{kind}"] = (target * d.size)[gated].mean().item()
             info[f"lambda_1_{kind}"], info[f"lambda_2_{kind}"] = l1.item(), l2.item()
         info["expected_parameters"] = self.expected_parameters(probabilities).item()
         return loss, info
@@ -314,18 +316,23 @@ def _mask_seed(seed: int) -> int:
 
 
 def _distributions(structure: Structure, target: Target, generator: torch.Generator) -> dict[str, HardConcrete]:
-    """The gate sets in MASK_TYPES order, initialised from `generator` in that order."""
+    """The gate sets in MASK_TYPES order, initialised from `generator` in that order. Head and channel
+    gates are per layer, each layer keeping its own count where the target is per layer."""
     shape, n = structure.layers[0], structure.num_layers
     made = {}
     if target.layers < n:
         made["layer"] = HardConcrete(1, n, target.layers, generator=generator)
-    if target.heads < shape.num_heads:
-        made["head"] = (HardConcrete(n, shape.num_kv_heads, target.kv_heads, generator=generator)
+    # per row: each source layer's kept heads, kv heads and channels (a uniform target's layer pruning
+    # removes whole rows after the fact, so every row then aims at the one shape)
+    per_layer = target.per_layer or [(target.heads, target.kv_heads, target.intermediate)] * n
+    heads, kv_heads, intermediate = (list(column) for column in zip(*per_layer))
+    if min(heads) < shape.num_heads:
+        made["head"] = (HardConcrete(n, shape.num_kv_heads, kv_heads, generator=generator)
                         if target.head_unit == "kv-group"
-                        else HardConcrete(n, shape.num_heads, target.heads, groups=shape.num_kv_heads,
+                        else HardConcrete(n, shape.num_heads, heads, groups=shape.num_kv_heads,
                                           generator=generator))
-    if target.intermediate < shape.intermediate:
-        made["intermediate"] = HardConcrete(n, shape.intermediate, target.intermediate, generator=generator)
+    if min(intermediate) < shape.intermediate:
+        made["intermediate"] = HardConcrete(n, shape.intermediate, intermediate, generator=generator)
     if target.hidden < structure.hidden:
         made["hidden"] = HardConcrete(1, structure.hidden, target.hidden, generator=generator)
     return {kind: made[kind] for kind in MASK_TYPES if kind in made}

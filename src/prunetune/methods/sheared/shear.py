@@ -153,10 +153,9 @@ class ShearHooks(TrainHooks):
 
 def _check_shape(model: nn.Module, target: Target) -> Structure:
     after = Structure.of(model)
-    shape = after.layers[0] if after.layers else None
-    got = (after.num_layers, after.hidden, shape.num_heads, shape.num_kv_heads, shape.intermediate)
-    want = (target.layers, target.hidden, target.heads, target.kv_heads, target.intermediate)
-    if not after.uniform or got != want:  # a bug, not a user error: the masks must keep exact counts
+    got = (after.hidden, [(s.num_heads, s.num_kv_heads, s.intermediate) for s in after.layers])
+    want = (target.hidden, target.layer_shapes())
+    if got != want:  # a bug, not a user error: the masks must keep exact counts
         raise RuntimeError(f"the cut model has shape {got}, not the target {want}")
     return after
 

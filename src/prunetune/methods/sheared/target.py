@@ -5,6 +5,11 @@ narrower residual stream, fewer heads and MLP channels, the same head_dim and vo
 target is written either as `key=value` pairs (`layers=24,hidden=2560,heads=20`; a missing key
 keeps the source's value) or as the path of a `config.json` (or of a model directory holding one).
 
+A config.json that lists a shape per layer (`prunetune_layer_shapes`, as prunetune writes for a model
+pruned layer by layer, LoRAPrune's result for one) is a per-layer target: every layer and the residual
+width stay, and each layer keeps its own heads and MLP channels. Sheared-LLaMA's targets are uniform;
+this lets its masks aim at the shape another method reached, to compare the two at one shape.
+
 The parameter count is written once, as polynomials in the unit counts (`layer_parameters`,
 `outer_parameters`), so that the exact count of a target and the expected count of a set of learned
 masks (prunetune.methods.sheared.l0_masks) come from the same formula and cannot drift apart.
@@ -18,6 +23,7 @@ from pathlib import Path
 
 from ...errors import UserError
 from ...families import BY_MODEL_TYPE
+from ...layer_shapes import LAYER_SHAPES_KEY
 from ...structure.units import Structure, family_fields
 
 KEYS = ("layers", "hidden", "heads", "kv-heads", "intermediate")
@@ -33,10 +39,26 @@ class Target:
     # "kv-group": whole key/value groups are pruned with their query heads;
     # "q-head": every kv head is kept and equal numbers of query heads are pruned inside every group.
     head_unit: str
+    # A per-layer target: each layer's (heads, kv-heads, intermediate); `heads`, `kv_heads` and
+    # `intermediate` then hold the widest layer's. None: every layer has the one shape above.
+    per_layer: tuple[tuple[int, int, int], ...] | None = None
+
+    def layer_shapes(self) -> list[tuple[int, int, int]]:
+        """(heads, kv-heads, intermediate) of each layer of the pruned model."""
+        return list(self.per_layer or [(self.heads, self.kv_heads, self.intermediate)] * self.layers)
 
     def describe(self) -> str:
-        return (f"layers={self.layers},hidden={self.hidden},heads={self.heads},"
-                f"kv-heads={self.kv_heads},intermediate={self.intermediate}")
+        if self.per_layer is None:
+            return (f"layers={self.layers},hidden={self.hidden},heads={self.heads},"
+                    f"kv-heads={self.kv_heads},intermediate={self.intermediate}")
+        runs: list[list] = []  # consecutive layers of one shape, as [count, shape]
+        for shape in self.per_layer:
+            if runs and runs[-1][1] == shape:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, shape])
+        return f"hidden={self.hidden}, per layer: " + "; ".join(
+            f"{count} x heads={h},kv-heads={kv},intermediate={i}" for count, (h, kv, i) in runs)
 
 
 def parse_target(spec: str, source: Structure) -> Target:
@@ -45,6 +67,8 @@ def parse_target(spec: str, source: Structure) -> Target:
         raise UserError("targeted pruning needs a source whose layers all have the same shape; "
                         "start from the unpruned model")
     values = _read_spec(spec, source)
+    if "per_layer" in values:
+        return _validate_per_layer(values, source)
     return _validate(values, source)
 
 
@@ -133,6 +157,19 @@ def _read_config(path: Path, source: Structure) -> dict[str, int]:
     if head_dim != source.head_dim:
         raise UserError(f"'{file}' has head_dim {head_dim} but the source has {source.head_dim}; pruning keeps "
                         "head_dim, so give the target as key=value pairs instead")
+    shapes = config.get(LAYER_SHAPES_KEY)
+    if shapes:
+        if not len(shapes) == values["layers"] == source.num_layers or values["hidden"] != source.hidden:
+            raise UserError(f"'{file}' lists a shape per layer; such a target keeps every layer and the residual "
+                            f"width, but it has {len(shapes)} layer shapes, {values['layers']} layers and hidden "
+                            f"{values['hidden']} where the source has {source.num_layers} and {source.hidden}")
+        try:
+            values["per_layer"] = [tuple(_positive_int(key, shape[name]) for key, name in
+                                         (("heads", "num_attention_heads"), ("kv-heads", "num_key_value_heads"),
+                                          ("intermediate", "intermediate_size"))) for shape in shapes]
+        except (KeyError, TypeError):
+            raise UserError(f"'{file}' has a {LAYER_SHAPES_KEY} entry without num_attention_heads, "
+                            "num_key_value_heads and intermediate_size") from None
     return values
 
 
@@ -160,6 +197,32 @@ def _validate(values: dict[str, int], source: Structure) -> Target:
         unit = "q-head"
     return Target(layers=values["layers"], hidden=values["hidden"], heads=heads, kv_heads=kv,
                   intermediate=values["intermediate"], head_unit=unit)
+
+
+def _validate_per_layer(values: dict, source: Structure) -> Target:
+    """A per-layer target: each layer's heads checked as a uniform target's are, one head unit for all."""
+    units, whole = set(), 0
+    for i, (heads, kv, intermediate) in enumerate(values["per_layer"]):
+        layer = {"layers": source.num_layers, "hidden": source.hidden, "heads": heads, "kv-heads": kv,
+                 "intermediate": intermediate}
+        if layer == _source_values(source):
+            whole += 1  # a layer left whole
+            continue
+        try:
+            unit = _validate(layer, source).head_unit
+        except UserError as error:
+            raise UserError(f"layer {i}: {error}") from None
+        if heads < source.layers[0].num_heads:  # a layer that keeps every head gates none
+            units.add(unit)
+    if whole == source.num_layers:
+        raise UserError("the target is the source's own shape; make at least one layer smaller")
+    if len(units) > 1:
+        raise UserError("the target removes key/value groups in some layers and query heads inside groups in "
+                        "others; Sheared-LLaMA's head masks do one or the other, so give every layer one kind")
+    per_layer = tuple(values["per_layer"])
+    return Target(layers=source.num_layers, hidden=source.hidden, heads=max(s[0] for s in per_layer),
+                  kv_heads=max(s[1] for s in per_layer), intermediate=max(s[2] for s in per_layer),
+                  head_unit=units.pop() if units else "q-head", per_layer=per_layer)
 
 
 def _describe(values: dict[str, int]) -> str:
@@ -191,5 +254,6 @@ def outer_parameters(source: Structure, hidden):
 
 def target_parameters(target: Target, source: Structure) -> int:
     """Exact parameter count of a model of the target's shape (vocab, biases, head_dim as the source)."""
-    per_layer = layer_parameters(source, target.hidden, target.heads, target.kv_heads, target.intermediate)
-    return int(outer_parameters(source, target.hidden) + target.layers * per_layer)
+    layers = sum(layer_parameters(source, target.hidden, heads, kv, intermediate)
+                 for heads, kv, intermediate in target.layer_shapes())
+    return int(outer_parameters(source, target.hidden) + layers)
