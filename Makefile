@@ -64,6 +64,7 @@ demo-loraprune: $(STAMP)
 # Typer app as the site builds (docs/hooks/cli_reference.py), so a command that cannot load fails too.
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -n 2 --dist loadfile --ignore=tests/serving -m "not slow"
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d site
 

@@ -93,7 +93,8 @@ def run(args) -> None:
                            "layer_shape": {
                                "q_heads": structure.layers[0].num_heads if heads is None else int(heads.sum()),
                                "kv_heads": structure.layers[0].num_kv_heads if kv is None else int(kv.sum()),
-                               "channels": structure.layers[0].intermediate if channels is None else int(channels.sum())},
+                               "channels": (structure.layers[0].intermediate if channels is None
+                                            else int(channels.sum()))},
                            "perplexity": result}
                     rows.append(row)
                     print(json.dumps(row), flush=True)

@@ -71,7 +71,8 @@ def main() -> None:
         summary[mode] = {"median_seconds": statistics.median(seconds), "median_ratio_to_off": statistics.median(ratios),
                          "peak_memory_bytes": mode_runs[0]["peak_memory_bytes"],
                          "peak_memory_kind": mode_runs[0]["kind"]}
-        print(f"{mode:>26}: median {summary[mode]['median_seconds']:.1f} s, {summary[mode]['median_ratio_to_off']:.2f}x "
+        print(f"{mode:>26}: median {summary[mode]['median_seconds']:.1f} s, "
+              f"{summary[mode]['median_ratio_to_off']:.2f}x "
               f"the uncounted run; peak {mode_runs[0]['peak_memory_bytes'] / 2**20:.0f} MiB ({mode_runs[0]['kind']})")
     if args.json:
         with open(args.json, "w") as f:

@@ -49,7 +49,8 @@ def one_run(distill: bool, args) -> dict:
     run = train(model, blocks, mask, TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                                    lr=LORA_LR, gradient_checkpointing=args.gradient_checkpointing),
                 hooks=pruner, progress=False, teacher=teacher, distill=settings)
-    return {"distill": distill, "seconds_per_step": run.seconds / args.steps, "peak_memory_bytes": run.peak_memory_bytes,
+    return {"distill": distill, "seconds_per_step": run.seconds / args.steps,
+            "peak_memory_bytes": run.peak_memory_bytes,
             "peak_memory_kind": run.peak_memory_kind, "teacher": run.distill}
 
 

@@ -205,7 +205,8 @@ def run_row(args, ratio: float | None, row: str, seed: int, results: dict, varia
         if row == "one-shot":
             chosen = best_candidate(results, ratio)
             prune_args = SELECTION[chosen].split()
-            prunetune("prune", args.model, "--ratio", str(ratio_for(args, target(results, ratio), layers_of(SELECTION[chosen]))),
+            prunetune("prune", args.model, "--ratio",
+                      str(ratio_for(args, target(results, ratio), layers_of(SELECTION[chosen]))),
                       *common(args, seed), *prune_args, "--calib-samples", "10", "--no-eval", "--out", str(pruned),
                       "--overwrite")
         elif row in DEPTH_ROWS:

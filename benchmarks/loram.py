@@ -134,7 +134,8 @@ def memory_only(args, run: Path) -> None:
     print("|---|---|---|---|---|---|")
     for name, (peak, kind, parameters, rss) in peaks.items():
         rss_cells = f"{rss / 2**30:.2f} | {rss / base_rss:.0%}" if rss and base_rss else "– | –"
-        print(f"| {name} | {parameters['reduction_ratio']:.2f}x | {peak / 2**30:.2f} | {peak / base:.0%} | {rss_cells} |")
+        print(f"| {name} | {parameters['reduction_ratio']:.2f}x | {peak / 2**30:.2f} | "
+              f"{peak / base:.0%} | {rss_cells} |")
     print(f"\nmemory: {next(iter(peaks.values()))[1]}")
     for name, limit in (("pruned model, LoRA (LoRAM)", 0.60), ("pruned model, NF4 + LoRA (QLoRAM)", 0.35)):
         print(f"{'PASS' if peaks[name][0] <= limit * base else 'FAIL'} {name}: training peak <= {limit:.0%} of the "

@@ -87,7 +87,8 @@ def run(args) -> None:
         trained = args.out / "trained"
         if not (trained / "prunetune.json").exists():
             prunetune("train", source, "--data", "prose=builtin:pydoc,code=builtin:stdlib-code", "--steps",
-                      args.train_steps, "--lr", "1e-3", "--batch-size", "8", "--seq-len", "128", "--eval-seq-len", "128",
+                      args.train_steps, "--lr", "1e-3", "--batch-size", "8",
+                      "--seq-len", "128", "--eval-seq-len", "128",
                       "--max-windows", "40", "--out", trained, "--overwrite")
         model = trained
     pruned = args.out / "pruned"
@@ -109,7 +110,8 @@ def run(args) -> None:
         "command": command, "machine": _report.machine(), "date": record["created"][:10],
         "torch": record.get("torch"), "minutes": round(sum(r.get("elapsed_seconds", 0) for r in runs) / 60, 1),
         "source": args.model or "a small Mixtral (8 experts, top-2, 6 layers, hidden 192, experts 192 wide) trained "
-                                f"here from scratch for {args.train_steps} steps on builtin:pydoc and builtin:stdlib-code",
+                                f"here from scratch for {args.train_steps} steps on builtin:pydoc "
+                                "and builtin:stdlib-code",
         "prune": "prunetune prune MODEL " + " ".join(PRUNE),
         "parameters": {k: record["parameters"][k] for k in ("ratio_target", "ratio_achieved")}
         | {"before": record["parameters"]["before"]["total"], "after": record["parameters"]["after"]["total"]},
@@ -183,7 +185,8 @@ def write_report(results_path: Path, out_dir: Path) -> None:
     rows = [[i, ", ".join(map(str, kept)), ", ".join(f"{c / max(1, sum(counts)):.3f}" for c in counts)]
             for i, (kept, counts) in enumerate(zip(s["kept_experts"], calibration["counts"]))]
     candidates = [[c["experts_removed_per_layer"], c["expert_width"], c["head_fraction"], c["ratio"],
-                   f"{c['calibration_loss']:.4f}" if "calibration_loss" in c else "–"] for c in s["budget"]["candidates"]]
+                   f"{c['calibration_loss']:.4f}" if "calibration_loss" in c else "–"]
+                  for c in s["budget"]["candidates"]]
     p = s["parameters"]
     body = [
         f"Source: {s['source']}. Pruned with `{s['prune']}`; training and pruning took {s['minutes']:.0f} minutes.",

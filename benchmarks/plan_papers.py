@@ -34,7 +34,8 @@ RUNS = [
      dict(method="qloram", ratio=0.85, layers="4-77", batch_size=4, seq_len=512, gradient_checkpointing=True)),
     ("LLaMA-7B vanilla Taylor scoring", "llama-7b", dict(method="taylor", batch_size=1, seq_len=512)),
     ("LLaMA-7B LoRAPrune step", "llama-7b", dict(method="loraprune", batch_size=1, seq_len=512)),
-    ("LLaMA-7B LoRAPrune step, 8-bit base", "llama-7b", dict(method="loraprune", quant="8bit", batch_size=1, seq_len=512)),
+    ("LLaMA-7B LoRAPrune step, 8-bit base", "llama-7b",
+     dict(method="loraprune", quant="8bit", batch_size=1, seq_len=512)),
     ("LLaMA-65B LoRAPrune step, 8-bit base", "llama-65b",
      dict(method="loraprune", quant="8bit", batch_size=1, seq_len=512, gradient_checkpointing=True)),
 ]

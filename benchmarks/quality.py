@@ -118,7 +118,8 @@ def evaluate(model: str, args, out_json: Path) -> dict:
 def run_cell(ratio: float, config: str, seed: int, multiplier: int, args) -> dict:
     steps = args.steps * multiplier
     out = args.runs / cell_key(ratio, config, seed, multiplier).replace("/", "_")
-    command = [sys.executable, "-m", "prunetune.cli", "prune", args.model, "--ratio", str(ratio), "--layers", args.layers,
+    command = [sys.executable, "-m", "prunetune.cli", "prune", args.model,
+               "--ratio", str(ratio), "--layers", args.layers,
                "--data", args.data, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                "--lr", str(args.lr), "--seed", str(seed), "--no-eval", "--out", str(out), "--overwrite",
                *CONFIGS[config][1].format(steps=steps).split()]
@@ -179,10 +180,12 @@ def report(results: dict) -> str:
     dense = cells.get("dense")
     lines = []
     if dense:
-        lines.append("Unpruned: " + ", ".join(f"{name} {v['perplexity']:.2f}" for name, v in dense["perplexity"].items()))
+        lines.append("Unpruned: " + ", ".join(f"{name} {v['perplexity']:.2f}"
+                                              for name, v in dense["perplexity"].items()))
         lines.append("")
     lines += ["| ratio | method | steps | seeds | perplexity pydoc (trained domain) | perplexity stdlib-code "
-              "(other domain) | parameters | s/step | peak tensor memory MiB |", "|---|---|---|---|---|---|---|---|---|"]
+              "(other domain) | parameters | s/step | peak tensor memory MiB |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for (ratio, config, multiplier), group in sorted(groups(results).items(),
                                                      key=lambda g: (-g[0][0], g[0][2], g[0][1])):
         ppl = {name: [c["perplexity"][name]["perplexity"] for c in group] for name in EVAL_SETS}

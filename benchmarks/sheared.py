@@ -109,10 +109,12 @@ def main() -> None:
         (s["num_heads"], s["num_kv_heads"], s["intermediate"]) == (sh["target"]["heads"], sh["target"]["kv_heads"],
                                                                   sh["target"]["intermediate"]) for s in got))
     print(f"\ntarget {sh['target']['spec']}: {params['after']['total']:,} parameters "
-          f"({params['after']['non_embedding']:,} non-embedding, {params['after']['non_embedding'] / params['before']['non_embedding']:.1%} "
+          f"({params['after']['non_embedding']:,} non-embedding, "
+          f"{params['after']['non_embedding'] / params['before']['non_embedding']:.1%} "
           f"of the source's); masks expected {params['expected_by_masks']:,} ({params['expected_error']:+.2%})")
     if official is not None:
-        print(f"from the official start (--lambda2-init 0): masks expected {official['parameters']['expected_by_masks']:,} "
+        print("from the official start (--lambda2-init 0): masks expected "
+              f"{official['parameters']['expected_by_masks']:,} "
               f"({official['parameters']['expected_error']:+.2%})")
 
     def ppl(rec: dict, key: str = "perplexity_after") -> float:
@@ -126,7 +128,8 @@ def main() -> None:
           f"{lp['parameters']['after']['non_embedding']:,} | {ppl(lp):.2f} | {lp['training']['seconds']:.0f} |")
     print(f"| Sheared: shear only | {args.shear_steps} | {params['after']['non_embedding']:,} | {ppl(sh):.2f} | "
           f"{sh['training']['seconds']:.0f} |")
-    print(f"| Sheared: shear + continued training | {args.shear_steps} + {rest} | {trained['parameters']['non_embedding']:,} | "
+    print(f"| Sheared: shear + continued training | {args.shear_steps} + {rest} | "
+          f"{trained['parameters']['non_embedding']:,} | "
           f"{ppl(trained):.2f} | {sh['training']['seconds'] + trained['training']['seconds']:.0f} |")
 
     references = dynamic["data"]["reference_losses"]
@@ -148,8 +151,9 @@ def main() -> None:
     ]
     if settle is not None:
         error = settle["parameters"]["expected_error"]
-        print(f"\nshear from the official start for {args.settle_steps} steps (batch 2 x 64, warm-up 20%): masks expected "
-              f"{settle['parameters']['expected_by_masks']:,} of {settle['parameters']['after']['total']:,} ({error:+.2%}), "
+        print(f"\nshear from the official start for {args.settle_steps} steps (batch 2 x 64, warm-up 20%): "
+              f"masks expected {settle['parameters']['expected_by_masks']:,} of "
+              f"{settle['parameters']['after']['total']:,} ({error:+.2%}), "
               f"{settle['training']['seconds']:.0f} s")
         checks.append((f"official start: masks' expected count within 1% after {args.settle_steps} steps",
                        abs(error) <= 0.01))

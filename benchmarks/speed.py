@@ -10,7 +10,8 @@ rounding of MLP widths and without it.
   3. Save a LoRA adapter (PEFT, r 8 on q,k,v,o,gate,up,down, random A and B) for the 20% model.
   4. Measure [dense, 20%, 20% unrounded, 50%] with the speed benchmark (what `prunetune bench`
      prints), plus the 20% model with the adapter unmerged and merged (LoRAPrune's Table 3: an
-     unmerged LoRA on a 20%-pruned model was slower than the merged dense model), and check: every default-rounded model's prefill latency is at most the dense one's;
+     unmerged LoRA on a 20%-pruned model was slower than the merged dense model), and check: every
+     default-rounded model's prefill latency is at most the dense one's;
      at 50% the prefill latency ratio is at most 1.1 x the FLOPs ratio.
 
 On a GPU (the table in docs/guides/evaluation.md; about 45 GB of disk for the four bf16 models, 2-3 minutes to

@@ -48,7 +48,8 @@ def edited_config(good_model: Path, **changes) -> str:
 
 
 def prune(model, out: Path, *extra, cwd: Path, fresh_process: bool = False):
-    return run_cli("prune", model, "--method", "magnitude", "--ratio", "0.5", "--out", out, "--no-eval", *extra, cwd=cwd,
+    return run_cli("prune", model, "--method", "magnitude", "--ratio", "0.5", "--out", out,
+                   "--no-eval", *extra, cwd=cwd,
                    fresh_process=fresh_process)
 
 

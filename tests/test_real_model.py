@@ -28,7 +28,8 @@ def test_default_model_is_the_real_smollm2(smollm):
     model, tokenizer = smollm
     s = Structure.of(model)
     assert (s.model_type, s.num_layers, s.hidden, s.head_dim, s.vocab) == ("llama", 30, 576, 64, 49152)
-    assert set(s.layers) == {s.layers[0]} and (s.layers[0].num_heads, s.layers[0].num_kv_heads, s.layers[0].intermediate) == (9, 3, 1536)
+    assert (set(s.layers) == {s.layers[0]}
+            and (s.layers[0].num_heads, s.layers[0].num_kv_heads, s.layers[0].intermediate) == (9, 3, 1536))
     assert s.tied_embeddings
     assert count_parameters(model)["total"] == 134_515_008
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids

@@ -208,7 +208,8 @@ def _hub_examples(source: str, split: str) -> list[Example]:
                               split="validation" if split == "eval" else "train")
             return [Example(response=t) for t in ds["sentence"]]
         if source == "c4":
-            files = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+            files = {"train": "en/c4-train.00000-of-01024.json.gz",
+                     "validation": "en/c4-validation.00000-of-00008.json.gz"}
             name = "validation" if split == "eval" else "train"
             ds = load_dataset("allenai/c4", data_files={name: files[name]}, split=name)
             return [Example(response=t) for t in ds["text"]]
@@ -362,7 +363,8 @@ def pack(stream: TokenStream, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]
     """Non-overlapping blocks of `seq_len` tokens; the tail that does not fill a block is dropped."""
     n = len(stream) // seq_len
     if n == 0:
-        raise UserError(f"the text has {len(stream)} tokens, fewer than one block of {seq_len}; use a shorter --seq-len or more data")
+        raise UserError(f"the text has {len(stream)} tokens, fewer than one block of {seq_len}; "
+                        "use a shorter --seq-len or more data")
     ids = stream.ids[: n * seq_len].view(n, seq_len)
     mask = stream.loss_mask[: n * seq_len].view(n, seq_len)
     return ids, mask

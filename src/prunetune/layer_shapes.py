@@ -81,7 +81,8 @@ def load_nonuniform(path: str, config, dtype: torch.dtype) -> nn.Module:
     tied = getattr(config, "tie_word_embeddings", False)
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
-        raise UserError(f"weights in '{path}' do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(f"weights in '{path}' do not match its config (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model

@@ -67,7 +67,8 @@ def resolve_model_spec(spec: str) -> ModelSource:
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource("gguf", str(path.parent), path.name)
     if path.is_file():
-        raise UserError(f"'{spec}' is a file but not a .gguf model; pass a model directory, a .gguf file, a hub id or 'smollm2-135m'")
+        raise UserError(f"'{spec}' is a file but not a .gguf model; pass a model directory, a .gguf file, a hub id "
+                        "or 'smollm2-135m'")
     if path.is_dir():
         if not (path / "config.json").exists():
             raise UserError(f"'{spec}' is a directory without config.json; it is not a Hugging Face model directory")
@@ -136,7 +137,8 @@ def load_config(source: ModelSource):
         if source.kind == "hub":
             raise _hub_error(source.path, exc) from None
         if "model type" in str(exc) or "model_type" in str(exc) or "is not supported yet" in str(exc):
-            raise UserError(f"unsupported architecture in '{source.describe()}': {str(exc).splitlines()[0][:200]}") from None
+            raise UserError(f"unsupported architecture in '{source.describe()}': "
+                            f"{str(exc).splitlines()[0][:200]}") from None
         if source.kind == "gguf":
             raise _damaged_gguf(source, exc) from None
         raise
@@ -201,7 +203,8 @@ def _lfs_pointer_message(file: Path) -> str:
             f"'git lfs pull' in {file.parent}, or download the model again")
 def gguf_scalars(path: str | os.PathLike) -> dict[str, object] | None:
     """A GGUF file's scalar metadata (numbers and strings; an array, such as the vocabulary, is skipped
-    and its key maps to None), read from its header in milliseconds. transformers' GGUF config takes seconds, because it parses
+    and its key maps to None), read from its header in milliseconds. transformers' GGUF config takes
+    seconds, because it parses
     the whole vocabulary, and a check that needs only the model's sizes should not wait for that.
     None for a file this reader does not understand (the caller falls back to load_config)."""
     import mmap
@@ -324,7 +327,8 @@ def check_model_files(source: ModelSource, config, complete: bool = False) -> No
         shapes.update({name: (shape, file.name) for name, shape in tensor_shapes(file).items()})
     # Shapes are compared where the headers hold them all (a .bin file's need unpickling), and not for
     # packed quantized tensors, whose shapes are not the config's.
-    if files and all(f.suffix == ".safetensors" for f in files) and getattr(config, "quantization_config", None) is None:
+    if (files and all(f.suffix == ".safetensors" for f in files)
+            and getattr(config, "quantization_config", None) is None):
         _compare_with_config(directory, config, shapes)
 
 
@@ -587,11 +591,13 @@ def quantize_linear_layers(model: nn.Module, quant: str, compute_dtype: torch.dt
             if quant == "8bit":
                 q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias is not None,
                                         has_fp16_weights=False, threshold=6.0)
-                q.weight = bnb.nn.Int8Params(weight.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
+                q.weight = bnb.nn.Int8Params(weight.to(torch.float16).cpu(), requires_grad=False,
+                                             has_fp16_weights=False)
             else:
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias is not None,
                                       compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
-                q.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
             if bias is not None:
                 q.bias = nn.Parameter(bias.data.to(compute_dtype).cpu(), requires_grad=False)
             setattr(parent, name, q.to(device))  # moving to the device is what quantizes

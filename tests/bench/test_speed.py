@@ -137,7 +137,8 @@ def test_cli_bench_pruned_against_dense_with_lora(work):
     (dict(models=("./no-such-dir",)), "no such model"),
     (dict(models=("shape:gpt-5",)), "unknown shape 'gpt-5'"),
     (dict(prompt_len=120, decode_tokens=16), "has 128 positions, fewer than SpeedSettings.prompt_len 120 + "
-                                             "SpeedSettings.decode_tokens 16; use SpeedSettings.prompt_len 112 or less"),
+                                             "SpeedSettings.decode_tokens 16; use SpeedSettings.prompt_len 112 "
+                                             "or less"),
     (dict(decode_tokens=200), "keep SpeedSettings.prompt_len + SpeedSettings.decode_tokens at 128 or less"),
     (dict(repeats=0), "SpeedSettings.repeats must be at least 1"),
     (dict(models=()), "at least one model"),

@@ -257,7 +257,8 @@ def test_importing_the_cli_imports_no_torch():
     """`prunetune --help` and argument errors answer at once: torch and the libraries above it are
     imported by the commands that need them."""
     code = ("import sys, prunetune, prunetune.cli\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'accelerate', 'datasets') if m in sys.modules)\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'accelerate', 'datasets') "
+            "if m in sys.modules)\n"
             "assert not heavy, heavy\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr

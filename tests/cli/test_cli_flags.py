@@ -144,7 +144,8 @@ def test_bench_criterion_warmup_runs(monkeypatch, capsys):
     new, err = run_in_process(monkeypatch, capsys, "prunetune.bench.criterion:bench_criterion",
                               argv + ["--warmup-runs", "0"])
     assert new["args"][0].warmup == 0 and not err
-    old, err = run_in_process(monkeypatch, capsys, "prunetune.bench.criterion:bench_criterion", argv + ["--warmup", "0"])
+    old, err = run_in_process(monkeypatch, capsys, "prunetune.bench.criterion:bench_criterion",
+                              argv + ["--warmup", "0"])
     assert old["args"] == new["args"] and err == "warning: --warmup is deprecated; use --warmup-runs\n"
 
 
@@ -275,7 +276,8 @@ def test_every_flag_the_table_names_exists():
 def test_a_plain_user_error_naming_a_setting_is_worded_too():
     assert as_flags("no reference loss; give DomainSettings.references NAME=LOSS") == \
         "no reference loss; give --references NAME=LOSS"
-    assert as_flags("PeftModel.from_pretrained and Unknown.field stay") == "PeftModel.from_pretrained and Unknown.field stay"
+    assert as_flags("PeftModel.from_pretrained and Unknown.field stay") == \
+        "PeftModel.from_pretrained and Unknown.field stay"
     assert issubclass(SettingError, UserError)
 
 

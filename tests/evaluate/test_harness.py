@@ -179,7 +179,8 @@ def test_unknown_task(model_dir, tmp_path):
 
 
 def test_missing_adapter_directory(model_dir, tmp_path):
-    done = run_cli("eval", model_dir, "--adapter", tmp_path / "nowhere", "--tasks", "tiny_task", "--include-path", TASKS,
+    done = run_cli("eval", model_dir, "--adapter", tmp_path / "nowhere", "--tasks", "tiny_task",
+                   "--include-path", TASKS,
                    cwd=tmp_path)
     assert_user_error(done, "adapter", "no such directory")
 

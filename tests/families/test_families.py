@@ -36,7 +36,8 @@ def _masks(kind: str, structure: Structure, uniform: bool, seed: int = 0) -> Mas
             masks.heads[i] = torch.cat([torch.arange(shape.group_size) < per_group] * shape.num_kv_heads)
         if kind in ("channels", "mixture"):
             keep = torch.zeros(first.intermediate, dtype=torch.bool)
-            keep[torch.randperm(first.intermediate, generator=g)[: first.intermediate // 2 + (0 if uniform else i)]] = True
+            keep[torch.randperm(first.intermediate, generator=g)[: first.intermediate // 2
+                                                                 + (0 if uniform else i)]] = True
             masks.channels[i] = keep
     if kind in ("hidden", "mixture-hidden"):
         masks.hidden = torch.rand(structure.hidden, generator=g) > 0.3
@@ -71,7 +72,8 @@ def test_the_adapter_finds_every_projection(arch):
     assert s.num_layers == 4 and s.hidden == 96 and s.head_dim == 16
     assert all((shape.num_heads, shape.num_kv_heads, shape.intermediate) == (6, 3, 48) for shape in s.layers)
     layer = model.model.layers[0]
-    assert linear_shape(projection(layer, "o_proj")) == (96, 96) and linear_shape(projection(layer, "down_proj")) == (96, 48)
+    assert (linear_shape(projection(layer, "o_proj")) == (96, 96)
+            and linear_shape(projection(layer, "down_proj")) == (96, 48))
     assert sum(p.numel() for p in model.parameters()) == count_parameters(model)["total"]
 
 

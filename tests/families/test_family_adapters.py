@@ -103,7 +103,8 @@ def test_loram_on_phi3_end_to_end_writes_adapters_stock_peft_loads(tmp_path):
     from helpers import run_cli
     from tiny import save_tiny_model_dir
 
-    from prunetune.methods.loram.pipeline import LoramPruneSettings, StepOptions, prune_for_loram, recover, train_adapter
+    from prunetune.methods.loram.pipeline import (LoramPruneSettings, StepOptions, prune_for_loram, recover,
+                                                  train_adapter)
     from prunetune.runs.settings import RunOptions
     from prunetune.training.loop import TrainSettings
 

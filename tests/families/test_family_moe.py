@@ -135,7 +135,8 @@ def test_gradient_criteria_give_an_unrouted_expert_nothing(criterion):
         assert (layer.expert_channels[counts == 0] == 0).all() and (layer.experts[counts > 0] > 0).any()
 
 
-@pytest.mark.parametrize("units", [("experts",), ("experts", "expert-channels"), ("heads", "experts", "expert-channels"),
+@pytest.mark.parametrize("units", [("experts",), ("experts", "expert-channels"),
+                                   ("heads", "experts", "expert-channels"),
                                    ("heads", "expert-channels")])
 def test_every_budget_candidate_lands_near_the_ratio_and_keeps_top_k(units):
     model = tiny_model("qwen3_moe", moe_intermediate_size=64)

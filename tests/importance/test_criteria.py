@@ -127,7 +127,8 @@ def test_wanda_sp_matches_its_formula(arch):
     data = batches()
     norms = input_norms_by_hooks(model, data)
     expected = [
-        reference_units(layer, {n: projection(layer, n).weight.detach().abs() * norms[i, n][None, :] for n in PROJECTIONS})
+        reference_units(layer, {n: projection(layer, n).weight.detach().abs() * norms[i, n][None, :]
+                                for n in PROJECTIONS})
         for i, layer in enumerate(model.model.layers)
     ]
     scores = wanda_sp_scores(model, data)

@@ -185,7 +185,8 @@ def test_unit_selection_keeps_the_lower_index_among_equal_scores():
     assert later.channels[0].nonzero().flatten().tolist() == list(range(1, 9))
     # a strictly better score wins over a lower index
     scores[0].channels[40] = 2.0
-    assert masks_from_counts(structure, scores, {0: KeepCounts(3, 2)}, "kv-group").channels[0].nonzero().flatten().tolist() == [0, 40]
+    assert masks_from_counts(structure, scores, {0: KeepCounts(3, 2)},
+                             "kv-group").channels[0].nonzero().flatten().tolist() == [0, 40]
 
 
 def test_global_ranking_keeps_the_lower_layer_among_equal_scores():

@@ -111,7 +111,8 @@ def test_report_redraws_a_run_in_place(runs, tmp_path):
     assert done.returncode == 0, done.stderr
     assert (run / "report.md").read_text() == (runs / "taylor" / "report.md").read_text().replace(
         str(runs / "taylor"), str(run))
-    assert sorted(p.name for p in (run / "run" / "plots").iterdir()) == ["kept_units.png", "training.png", "unit_scores.png"]
+    assert sorted(p.name for p in (run / "run" / "plots").iterdir()) == ["kept_units.png", "training.png",
+                                                                         "unit_scores.png"]
 
 
 def test_every_output_has_a_model_card_that_agrees_with_its_record(runs):
@@ -129,7 +130,8 @@ def test_every_output_has_a_model_card_that_agrees_with_its_record(runs):
 def test_output_top_level_holds_only_what_engines_read(runs):
     """vLLM loads every *.safetensors at the top of a model directory: scores and plots live in run/."""
     engine_files = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                    "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt"}
+                    "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "vocab.json",
+                    "merges.txt"}
     for name in ("lp", "taylor"):
         top = {p.name for p in (runs / name).iterdir()}
         assert top - engine_files == {"prunetune.json", "report.md", "README.md", "run"}, top
@@ -187,7 +189,8 @@ def test_report_errors_are_one_line_and_write_nothing(runs, tmp_path, args, frag
 
 def test_report_of_a_record_without_masks_or_training(tmp_path):
     """Reports also cover records of other commands: sections without data are left out."""
-    (tmp_path / "prunetune.json").write_text(json.dumps({"command": "train", "source_model": "m", "settings": {"a": 1}}))
+    (tmp_path / "prunetune.json").write_text(json.dumps({"command": "train", "source_model": "m",
+                                                         "settings": {"a": 1}}))
     report = write_report(tmp_path).read_text()
     assert report.startswith("# prunetune train m") and "## Settings" in report and "![" not in report
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

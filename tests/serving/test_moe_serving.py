@@ -105,7 +105,8 @@ def test_pruned_mixtures_in_stock_vllm_match_transformers(pruned_dirs, tmp_path)
     (tmp_path / f"{OFFLINE}.py").write_text(SCRIPT)
     job, out = tmp_path / "job.json", tmp_path / "out.json"
     job.write_text(json.dumps({"models": [str(pruned_dirs[a][1]) for a in VLLM_FAMILIES], "prompts": [IDS],
-                               "new_tokens": VLLM_TOKENS, "ignore_eos": True, "engine": {**ENGINE, "max_model_len": 128}}))
+                               "new_tokens": VLLM_TOKENS, "ignore_eos": True,
+                               "engine": {**ENGINE, "max_model_len": 128}}))
     subprocess.run([sys.executable, str(tmp_path / f"{OFFLINE}.py"), str(job), str(out)], check=True, cwd=tmp_path,
                    env=vllm_env("", VLLM_ALLOW_INSECURE_SERIALIZATION="1"), timeout=1500)
     results = json.loads(out.read_text())

@@ -27,7 +27,8 @@ def _random_masks(kind: str, structure: Structure, seed: int = 0) -> Masks:
             shape = structure.layers[i]
             per_group = 1 + i % (shape.group_size - 1) if shape.group_size > 1 else 1
             masks.heads[i] = torch.cat([
-                torch.zeros(shape.group_size, dtype=torch.bool).index_fill_(0, torch.randperm(shape.group_size, generator=g)[:per_group], True)
+                torch.zeros(shape.group_size, dtype=torch.bool).index_fill_(
+                    0, torch.randperm(shape.group_size, generator=g)[:per_group], True)
                 for _ in range(shape.num_kv_heads)
             ])
     if kind in ("channels", "mixture"):
@@ -83,7 +84,8 @@ def test_all_keep_mask_is_identity(arch):
 
 def _lora(model, seed=0):
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = LoraConfig(r=4, lora_alpha=8,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     peft_model = get_peft_model(model, config)
     with torch.no_grad():  # PEFT starts B at zero; a trained adapter does not
         for name, p in peft_model.named_parameters():

@@ -116,7 +116,8 @@ def test_distill_loss_records_both_terms_and_alpha_mixes_them():
 
 def test_a_teacher_of_another_vocabulary_is_refused():
     with pytest.raises(UserError, match="vocabulary"):
-        DistillLoss(tiny_model("llama"), ModelTeacher(tiny_model("llama", vocab_size=120)), DistillSettings(enabled=True))
+        DistillLoss(tiny_model("llama"), ModelTeacher(tiny_model("llama", vocab_size=120)),
+                    DistillSettings(enabled=True))
 
 
 # -- end to end through `prune` ----------------------------------------------------------------------
@@ -184,7 +185,8 @@ def test_distilled_recovery_loads_the_source_as_teacher_and_says_what_it_costs(w
     assert json.loads((tmp_path / "t" / "prunetune.json").read_text())["training"]["distill"] == info
 
 
-def test_distilled_recovery_from_a_teacher_cache_holds_no_second_model_and_reuses_it(wide_model_dir, tmp_path, short_text):
+def test_distilled_recovery_from_a_teacher_cache_holds_no_second_model_and_reuses_it(wide_model_dir, tmp_path,
+                                                                                     short_text):
     """--teacher-cache: the first recovery builds the source's top-k and frees the source before training;
     a second one on the same blocks reuses the file and trains to the same losses."""
     cache = tmp_path / "cache"

@@ -172,8 +172,8 @@ def _preload(variant: str) -> None:
     from peft.tuners.lora import layer  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    from ..importance import lora_guided
-    from ..structure import scores
+    from ..importance import lora_guided  # noqa: F401
+    from ..structure import scores  # noqa: F401
 
     if variant == "lora-guided-8bit":
         import bitsandbytes  # noqa: F401

@@ -197,7 +197,8 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
 @commands.command(cls=deprecating_command("bench"), epilog="Examples:\n\n"
              "prunetune bench runs/dense runs/mag20 runs/mag50 --prompt-len 2048 --json speed.json\n\n"
              "prunetune bench runs/mag20 --adapter runs/mag20-lora   (a PEFT adapter saved with save_pretrained)\n\n"
-             "prunetune bench shape:llama-7b --prompt-len 1024 --decode-tokens 64   (random weights, nothing downloaded)\n\n"
+             "prunetune bench shape:llama-7b --prompt-len 1024 --decode-tokens 64   "
+             "(random weights, nothing downloaded)\n\n"
              "Benchmark script: python benchmarks/speed.py (LLaMA-7B shape: dense, pruned 20% and 50%)")
 def bench(
     models: list[str] = typer.Argument(..., help="Models to compare; the first is the reference of every ratio. "
@@ -250,7 +251,8 @@ def bench_criterion_command(
                                    "step, where the criteria's costs differ most."),
     warmup_runs: int = options.warmup_runs("steps"),
     repeats: int = options.repeats("steps"),
-    variants: str = typer.Option("taylor,lora-guided,lora-guided-8bit", help="Which variants to run (comma-separated)."),
+    variants: str = typer.Option("taylor,lora-guided,lora-guided-8bit", help="Which variants to run "
+                                 "(comma-separated)."),
     dtype: str = options.dtype(),
     device: str = options.device(),
     gradient_checkpointing: bool = options.gradient_checkpointing(),

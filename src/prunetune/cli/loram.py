@@ -31,7 +31,8 @@ commands = typer.Typer(no_args_is_help=True, help="LoRAM: train a LoRA on a prun
                         "recover it to the full model's shapes, serve it on the full model.")
 
 
-@commands.command("prune", epilog="Example: prunetune loram prune smollm2-135m --ratio 0.5 --method stru --out runs/loram/pruned")
+@commands.command("prune", epilog="Example: prunetune loram prune smollm2-135m --ratio 0.5 --method stru "
+                                  "--out runs/loram/pruned")
 def loram_prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out_dir: Path = options.out("Output directory for the pruned model."),
@@ -62,7 +63,8 @@ def loram_prune(
               f"(original parameters / pruned parameters, 16-bit); saved to {out_dir}")
 
 
-@commands.command("align", epilog="Example: prunetune loram align runs/loram/pruned --data builtin:pydoc --steps 100 --out runs/loram/aligned")
+@commands.command("align", epilog="Example: prunetune loram align runs/loram/pruned --data builtin:pydoc --steps 100 "
+                                  "--out runs/loram/aligned")
 def loram_align(
     pruned: Path = typer.Argument(..., help="A directory from `prunetune loram prune`."),
     out_dir: Path = options.out("Output directory for the aligned pruned model."),
@@ -108,9 +110,11 @@ def loram_align(
         _print_step(record, out_dir)
 
 
-@commands.command("train", epilog="Example: prunetune loram train runs/loram/aligned --data builtin:stdlib-code --steps 200 --quant nf4 --out runs/loram/adapter")
+@commands.command("train", epilog="Example: prunetune loram train runs/loram/aligned --data builtin:stdlib-code "
+                                  "--steps 200 --quant nf4 --out runs/loram/adapter")
 def loram_train(
-    model: str = typer.Argument(..., help="The (aligned) pruned model; or any model, e.g. the full one for a baseline."),
+    model: str = typer.Argument(..., help="The (aligned) pruned model; or any model, e.g. the full one for a "
+                                "baseline."),
     out_dir: Path = options.out("Output directory for the PEFT adapter."),
     data: str = typer.Option("builtin:pydoc", help="Training data (instruction data: loss on responses only)."),
     steps: int = options.steps(),
@@ -202,7 +206,8 @@ def loram_run_command(
                                        "pre-training)."),
     data: str = typer.Option("builtin:stdlib-code", help="The LoRA's training domain; its held-out split is the "
                              "in-domain evaluation."),
-    ood_data: Optional[str] = typer.Option(None, help="Out-of-domain evaluation data (default: the other built-in domain)."),
+    ood_data: Optional[str] = typer.Option(None, help="Out-of-domain evaluation data (default: the other built-in "
+                                           "domain)."),
     steps: int = options.steps(why="The LoRA's (the baseline trains as many)."),
     lr: float = options.lr(),
     batch_size: int = options.batch_size(),
@@ -220,7 +225,8 @@ def loram_run_command(
     from ..methods.loram.run import LoramRunSettings, loram_run
 
     settings = LoramRunSettings(ratio=ratio, method=method, criterion=criterion, layers=layers, align_data=align_data,
-                                align_steps=align_steps, align_lr=align_lr, align_distill=align_distill, data=data, ood_data=ood_data, steps=steps,
+                                align_steps=align_steps, align_lr=align_lr, align_distill=align_distill,
+                                data=data, ood_data=ood_data, steps=steps,
                                 lr=lr, batch_size=batch_size, seq_len=seq_len, quant=quant,
                                 gradient_checkpointing=gradient_checkpointing, baseline=baseline, ablation=ablation,
                                 eval_seq_len=eval_seq_len, max_windows=max_windows, seed=seed)
@@ -240,7 +246,8 @@ def _eval_specs(eval_data: str | None) -> list[str]:
 
 def _print_step(record: dict, out_dir: Path) -> None:
     training = record["training"]
-    out.print(f"{record['command']}: {len(training['history'])} steps, final loss {training['history'][-1]['loss']:.4f}, "
+    out.print(f"{record['command']}: {len(training['history'])} steps, "
+              f"final loss {training['history'][-1]['loss']:.4f}, "
               f"{training['seconds']:.0f}s, peak memory {training['peak_memory_bytes'] / 2**30:.2f} GiB "
               f"({training['peak_memory_kind']})")
     for p in record["results"]["perplexity"]:

@@ -97,7 +97,8 @@ def max_grad_norm() -> Any:
 
 
 def gradient_checkpointing() -> Any:
-    return _option(False, "--gradient-checkpointing/--no-gradient-checkpointing", "Trade compute for activation memory.")
+    return _option(False, "--gradient-checkpointing/--no-gradient-checkpointing",
+                   "Trade compute for activation memory.")
 
 
 def checkpoint_every() -> Any:
@@ -159,7 +160,8 @@ def max_windows() -> Any:
 # What is pruned, and how
 
 
-LAYERS_TEXT = "Layers to prune: all (stock-loadable result), paper (all but the first 10% and the last), or e.g. '3-27'."
+LAYERS_TEXT = ("Layers to prune: all (stock-loadable result), paper (all but the first 10% and the last), "
+               "or e.g. '3-27'.")
 
 
 def layers(default: Optional[str] = None, why: str = "") -> Any:

@@ -32,14 +32,17 @@ def prune(
     units: Optional[str] = options.units(),
     head_unit: str = options.head_unit(),
     round_to: str = options.round_to(),
-    allocation: str = typer.Option("uniform", help="uniform (same ratio in every pruned layer) or global (rank units across layers)."),
+    allocation: str = typer.Option("uniform", help="uniform (same ratio in every pruned layer) or global (rank units "
+                                   "across layers)."),
     split: str = typer.Option("cost", help="How a budget is shared by heads and channels: cost (rank them by "
                               "importance per parameter; a head goes only when it is worth less than the "
                               "channels it spares) or heads-first (every layer loses --ratio of its heads, "
                               "channels fill the rest: the official code and LLM-Pruner)."),
-    data: str = typer.Option("builtin:pydoc", help="Training data (loraprune, recovery) and calibration data (taylor, wanda-sp)."),
+    data: str = typer.Option("builtin:pydoc", help="Training data (loraprune, recovery) and calibration data "
+                             "(taylor, wanda-sp)."),
     steps: int = options.steps(why="loraprune: the LoRA training while pruning."),
-    recover_steps: int = typer.Option(0, help="One-shot methods: LoRA fine-tuning steps after pruning (merged before saving)."),
+    recover_steps: int = typer.Option(0, help="One-shot methods: LoRA fine-tuning steps after pruning (merged "
+                                      "before saving)."),
     calib_samples: int = options.calib_samples(),
     score: str = options.score(),
     normalize: str = options.normalize("model with --split cost, module with heads-first (loraprune)."),
@@ -109,7 +112,8 @@ def prune(
     evaluation = EvalSettings(data=None if no_eval else eval_data, seq_len=eval_seq_len, max_windows=max_windows)
     run_options = RunOptions(
         training=TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
-                               warmup=warmup, max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
+                               warmup=warmup, max_grad_norm=max_grad_norm,
+                               gradient_checkpointing=gradient_checkpointing,
                                checkpoint_every=checkpoint_every, seed=seed),
         lora=LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dtype=lora_dtype),
         dtype=dtype, device=device, quant=quant, overwrite=overwrite, resume=resume, export=gguf_outtype,
@@ -136,7 +140,8 @@ def _print_prune_summary(record: dict, out_dir: Path) -> None:
         table.add_row(f"perplexity ({b['data']})", f"{b['perplexity']:.2f}", f"{a['perplexity']:.2f}",
                       f"{(a['perplexity'] - b['perplexity']) / b['perplexity']:+.1%}")
     out.print(table)
-    out.print(f"ratio of prunable parameters removed: target {params['ratio_target']:.3f}, achieved {params['ratio_achieved']:.3f}")
+    out.print(f"ratio of prunable parameters removed: target {params['ratio_target']:.3f}, "
+              f"achieved {params['ratio_achieved']:.3f}")
     out.print(f"prunable parameters: {record['prunable']}")
     if "perplexity_before" in results:
         out.print(f"perplexity protocol: {results['perplexity_before']['protocol']}")
@@ -151,7 +156,8 @@ def _print_prune_summary(record: dict, out_dir: Path) -> None:
              "prunetune masks-agree smollm2-135m --steps 100 --batches 16 --layers paper")
 def masks_agree_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    ratios: str = typer.Option("0.1,0.2,0.3,0.5", help="Pruning ratios to compare at, comma-separated, each in (0, 1)."),
+    ratios: str = typer.Option("0.1,0.2,0.3,0.5", help="Pruning ratios to compare at, comma-separated, each in "
+                               "(0, 1)."),
     batches: int = typer.Option(8, help="Calibration batches; both criteria see the same ones."),
     batch_size: int = options.batch_size(1, why="One: each calibration batch is one sequence."),
     seq_len: int = options.seq_len(128, why="128 here: calibration sequences, as LLM-Pruner's."),

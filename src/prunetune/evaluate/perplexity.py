@@ -34,7 +34,8 @@ class PerplexityResult:
 
     @property
     def protocol(self) -> str:
-        return (f"{self.data} {self.split} split joined with blank lines; non-overlapping {self.seq_len}-token windows, "
+        return (f"{self.data} {self.split} split joined with blank lines; non-overlapping "
+                f"{self.seq_len}-token windows, "
                 f"{self.windows} windows, {self.tokens_scored:,} tokens scored (first token of each window is context)")
 
     def to_dict(self) -> dict:

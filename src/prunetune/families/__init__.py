@@ -23,8 +23,8 @@ FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, PH
 BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 SUPPORTED_MODEL_TYPES = tuple(BY_MODEL_TYPE)
 
-__all__ = ["BY_MODEL_TYPE", "FAMILIES", "PROJECTION_NAMES", "SUPPORTED_MODEL_TYPES", "Family", "Fused", "check_supported",
-           "family_of", "prepare", "refuse_experts"]
+__all__ = ["BY_MODEL_TYPE", "FAMILIES", "PROJECTION_NAMES", "SUPPORTED_MODEL_TYPES", "Family", "Fused",
+           "check_supported", "family_of", "prepare", "refuse_experts"]
 
 
 # Families of the installed transformers that were tried and do not fit an adapter yet: what is missing.

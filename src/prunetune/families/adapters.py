@@ -93,7 +93,8 @@ def widths_from_model(model: nn.Module) -> Widths:
 
 # -- the two layouts -----------------------------------------------------------------------------
 
-_SPLIT_KEY = r"^(?P<module>.*\.layers\.(?P<layer>\d+)\.{path})\.(?P<part>\w+)\.(?P<half>lora_A|lora_B)\.(?P<kind>weight|bias)$"
+_SPLIT_KEY = (r"^(?P<module>.*\.layers\.(?P<layer>\d+)\.{path})\.(?P<part>\w+)"
+              r"\.(?P<half>lora_A|lora_B)\.(?P<kind>weight|bias)$")
 _STOCK_KEY = r"^(?P<module>.*\.layers\.(?P<layer>\d+)\.{path})\.(?P<half>lora_A|lora_B)\.(?P<kind>weight|bias)$"
 
 

@@ -1,7 +1,9 @@
 """Mixture-of-experts families: Mixtral, Qwen3-MoE, OLMoE, PhiMoE, GraniteMoE.
 
-Their attention is Llama's (PhiMoE adds biases and LayerNorms, GraniteMoE Granite's multipliers) (OLMoE adds OLMo 2's q/k norms over the whole projection, sized by the
-hidden size in stock transformers, so OLMoE's heads stay; Qwen3-MoE adds Qwen3's per-head norms); their feed-forward is a router (`mlp.gate`, one weight row per expert) and
+Their attention is Llama's (PhiMoE adds biases and LayerNorms, GraniteMoE Granite's multipliers)
+(OLMoE adds OLMo 2's q/k norms over the whole projection, sized by the hidden size in stock
+transformers, so OLMoE's heads stay; Qwen3-MoE adds Qwen3's per-head norms); their feed-forward is a
+router (`mlp.gate`, one weight row per expert) and
 the experts stored as two 3-D parameters (`mlp.experts.gate_up_proj` [experts, 2 x width, hidden],
 gate rows then up rows, and `mlp.experts.down_proj` [experts, hidden, width]). Two unit kinds live
 there: a whole expert (its slices of both parameters and its router row) and a channel inside one
@@ -73,7 +75,8 @@ def _get(layer: nn.Module, path: str) -> nn.Module:
 MIXTRAL = Family("Mixtral", ("mixtral",), projections=dict(ATTENTION_ONLY), uniform_only=UNIFORM,
                  no_hidden_cut="a mixture of experts keeps its hidden size", moe=MoeLayout("num_local_experts",
                                                                                             "intermediate_size"))
-QWEN3_MOE = Family("Qwen3-MoE", ("qwen3_moe",), projections=dict(ATTENTION_ONLY), head_dim_norms=("self_attn.q_norm", "self_attn.k_norm"),
+QWEN3_MOE = Family("Qwen3-MoE", ("qwen3_moe",), projections=dict(ATTENTION_ONLY),
+                   head_dim_norms=("self_attn.q_norm", "self_attn.k_norm"),
                    uniform_only=UNIFORM, no_hidden_cut="a mixture of experts keeps its hidden size",
                    moe=MoeLayout("num_experts", "moe_intermediate_size"))
 OLMOE = Family("OLMoE", ("olmoe",), projections=dict(ATTENTION_ONLY),
@@ -84,6 +87,7 @@ OLMOE = Family("OLMoE", ("olmoe",), projections=dict(ATTENTION_ONLY),
 PHIMOE = Family("PhiMoE", ("phimoe",), projections=dict(ATTENTION_ONLY), uniform_only=UNIFORM,
                 no_hidden_cut="a mixture of experts keeps its hidden size",
                 moe=MoeLayout("num_local_experts", "intermediate_size", router_name="router"))
-GRANITEMOE = Family("GraniteMoE", ("granitemoe",), projections=dict(ATTENTION_ONLY), uniform_only=UNIFORM, no_hidden_cut="a mixture of experts keeps its hidden size",
+GRANITEMOE = Family("GraniteMoE", ("granitemoe",), projections=dict(ATTENTION_ONLY), uniform_only=UNIFORM,
+                    no_hidden_cut="a mixture of experts keeps its hidden size",
                     moe=MoeLayout("num_local_experts", "intermediate_size", block_path="block_sparse_moe",
                                   router_name="router"))

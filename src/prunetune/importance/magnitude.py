@@ -14,7 +14,8 @@ from ..structure.scores import LayerScores
 
 
 @torch.no_grad()
-def magnitude_scores(model: nn.Module, batches: list[torch.Tensor] | None = None, *, seed: int = 0) -> list[LayerScores]:
+def magnitude_scores(model: nn.Module, batches: list[torch.Tensor] | None = None, *,
+                     seed: int = 0) -> list[LayerScores]:
     """Squared weight norms per unit; `batches` and `seed` are accepted for a common signature and unused."""
     scores = []
     for layer in decoder_layers(model):

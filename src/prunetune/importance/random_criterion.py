@@ -18,6 +18,7 @@ def random_scores(model: nn.Module, batches: list[torch.Tensor] | None = None, *
             kv_heads=torch.rand(shape.num_kv_heads, generator=generator),
             channels=torch.rand(0 if shape.experts else shape.intermediate, generator=generator),
             experts=torch.rand(shape.experts, generator=generator) if shape.experts else None,
-            expert_channels=torch.rand(shape.experts, shape.intermediate, generator=generator) if shape.experts else None,
+            expert_channels=torch.rand(shape.experts, shape.intermediate,
+                                       generator=generator) if shape.experts else None,
         ))
     return scores

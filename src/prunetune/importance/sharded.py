@@ -118,7 +118,8 @@ def sharded_taylor_scores(model: nn.Module, batches: list[torch.Tensor] | None) 
     return scores, plain
 
 
-def sharded_wanda_sp_scores(model: nn.Module, batches: list[torch.Tensor] | None) -> tuple[list[LayerScores], nn.Module]:
+def sharded_wanda_sp_scores(model: nn.Module,
+                            batches: list[torch.Tensor] | None) -> tuple[list[LayerScores], nn.Module]:
     """Wanda-sp's scores with the model sharded; returns them and the plain model, on every process."""
     batches = require_batches(batches, "wanda-sp")
     twin = meta_twin(model)

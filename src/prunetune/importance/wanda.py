@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..structure.units import base_linear, decoder_layers, dense_weight, layer_projections, linear_shape, moe_parts, projection
+from ..structure.units import (base_linear, decoder_layers, dense_weight, layer_projections, linear_shape, moe_parts,
+                               projection)
 from .calibration import require_batches, run_with_hooks
 from ..structure.scores import LayerScores
 
@@ -92,8 +93,9 @@ def wanda_sp_scores(model: nn.Module, batches: list[torch.Tensor] | None = None,
             if sums is not None:
                 experts = moe_parts(layer)[1]
                 inputs, middle = sums["inputs"].sqrt(), sums["middle"].sqrt()
-                layer_scores = layer_scores.with_experts(experts.gate_up_proj.detach().float().abs() * inputs[:, None, :],
-                                                         experts.down_proj.detach().float().abs() * middle[:, None, :],
-                                                         None)
+                layer_scores = layer_scores.with_experts(
+                    experts.gate_up_proj.detach().float().abs() * inputs[:, None, :],
+                    experts.down_proj.detach().float().abs() * middle[:, None, :],
+                    None)
             scores.append(layer_scores)
     return scores

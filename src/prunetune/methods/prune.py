@@ -166,7 +166,8 @@ def _check_family(config, settings: PruneSettings, command: str = "prune") -> No
                                "combine heads, experts and expert-channels instead, or prune layers by themselves")
     elif any(kind in EXPERT_KINDS for kind in kinds):
         raise SettingError("PruneSettings.units", f"{family.name} has no experts: PruneSettings.units experts and "
-                           "expert-channels are for a mixture of experts (Mixtral, Qwen3-MoE, OLMoE, PhiMoE, GraniteMoE)")
+                           "expert-channels are for a mixture of experts "
+                           "(Mixtral, Qwen3-MoE, OLMoE, PhiMoE, GraniteMoE)")
     if not family.uniform_only:
         return
     if settings.layers is None:

@@ -12,5 +12,5 @@ from .rundir import (
     write_json,
 )
 
-__all__ = ["EXTRAS_DIR", "add_evaluation", "check_output_dir", "extra_file", "compare_runs", "is_run_directory", "markdown_table", "provenance", "read_record",
-           "replace_file", "run_directory", "write_json", "write_report"]
+__all__ = ["EXTRAS_DIR", "add_evaluation", "check_output_dir", "extra_file", "compare_runs", "is_run_directory",
+           "markdown_table", "provenance", "read_record", "replace_file", "run_directory", "write_json", "write_report"]

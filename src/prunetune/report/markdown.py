@@ -55,7 +55,8 @@ def write_report(run_dir: Path, record: dict | None = None) -> Path:
     lines += _training(record, plot_dir)
     path = run_dir / REPORT_FILE
     # images are linked relative to report.md (DIR/run/plots, or DIR/plots in an older run)
-    text = "\n".join(lines).rstrip().replace("](" + PLOTS_DIR + "/", "](" + plot_dir.relative_to(run_dir).as_posix() + "/")
+    text = "\n".join(lines).rstrip().replace("](" + PLOTS_DIR + "/",
+                                             "](" + plot_dir.relative_to(run_dir).as_posix() + "/")
     replace_file(path, text + "\n")
     for folder in (plot_dir, plot_dir.parent):  # a run with nothing to plot keeps no empty folders
         if folder != run_dir and folder.is_dir() and not any(folder.iterdir()):
@@ -326,11 +327,13 @@ def _training(record: dict, plot_dir: Path) -> list[str]:
     facts = [f"{len(training['history'])} steps"]
     if settings:
         facts.append(f"batch {settings.get('batch_size')}×{settings.get('seq_len')} tokens"
-                     + (f", {settings['grad_accum']} micro-batches per step" if settings.get("grad_accum", 1) > 1 else ""))
+                     + (f", {settings['grad_accum']} micro-batches per step" if settings.get("grad_accum", 1) > 1
+                        else ""))
     if "seconds" in training:
         facts.append(f"{training['seconds']:.0f} s")
     if training.get("peak_memory_bytes"):
-        facts.append(f"peak memory {training['peak_memory_bytes'] / 2**30:.2f} GiB ({training.get('peak_memory_kind')})")
+        facts.append(f"peak memory {training['peak_memory_bytes'] / 2**30:.2f} GiB "
+                     f"({training.get('peak_memory_kind')})")
     if training.get("resumed_from_step"):
         facts.append(f"resumed from step {training['resumed_from_step']}")
     lines += ["; ".join(facts) + ".", ""]

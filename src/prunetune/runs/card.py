@@ -218,7 +218,8 @@ def _model_usage(record: dict) -> list[str]:
                   "import prunetune", 'model, tokenizer = prunetune.load_model("PATH")']
     lines += ["```", "", "```sh"]
     if stock or model_type in VLLM_PLUGIN_MODEL_TYPES:
-        lines.append("vllm serve PATH" + ("" if stock else "   # with prunetune installed: its vLLM plugin builds the layers"))
+        lines.append("vllm serve PATH" + ("" if stock else "   # with prunetune installed: its vLLM plugin builds "
+                                                           "the layers"))
     if model_type in WRITTEN_MODEL_TYPES:
         lines.append("prunetune export PATH --format gguf --outtype f16 --out model.gguf && llama-cli -m model.gguf")
     elif stock:

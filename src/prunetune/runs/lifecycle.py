@@ -119,7 +119,8 @@ class Run:
         """Write the run directory and return its record (prunetune.json).
 
         `fields` are the method's part of the record; `results` defaults to the perplexities measured
-        through this run (when it has an evaluation). The output is the model (LoRA merged, saved where stock loaders read it), the
+        through this run (when it has an evaluation). The output is the model (LoRA merged, saved where
+        stock loaders read it), the
         PEFT adapter with `as_adapter`, or whatever `write(directory)` writes. `source_structure`: the one the
         model was cut from, recorded beside the result's. `extras`: files no engine reads, by name
         (DIR/run/NAME), each written by its function."""
@@ -138,7 +139,8 @@ class Run:
                     tokenizer.save_pretrained(tmp)
                 else:
                     model, saved_as = save_model(model, tokenizer, tmp)
-                    record["architecture"] = record.get("architecture", {}) | _architecture(model, saved_as, source_structure)
+                    record["architecture"] = record.get("architecture", {}) | _architecture(model, saved_as,
+                                                                                            source_structure)
                 for name, write_extra in (extras or {}).items():
                     write_extra(extra_file(tmp, name))
                 record["elapsed_seconds"] = round(time.perf_counter() - self.started, 1)

@@ -14,7 +14,8 @@ attention units and MLP channels is the `split` rule:
   combination that removes the least total score wins: a head goes only when it is worth less than
   the channels it would spare. Under uniform allocation the pruned layers choose together (summed
   scores), so they keep one shape and a model pruned in every layer stays stock-loadable; under
-  global allocation all units of all layers are ranked by score per parameter. This needs scores on one scale for heads and channels: first-order
+  global allocation all units of all layers are ranked by score per parameter. This needs scores on
+  one scale for heads and channels: first-order
   estimates of the loss change (taylor, and LoRAPrune's criterion without per-module normalisation)
   are, being sums over weights.
 - "heads-first" (the official code and LLM-Pruner): every layer loses `ratio` of its head units,
@@ -273,7 +274,8 @@ def cost_counts(structure: Structure, scores: list[LayerScores], ratio: float, l
         by_shape.setdefault(structure.layers[i], []).append(i)
     counts = {}
     for shape, group in by_shape.items():
-        budget = (1.0 - ratio) * structure.prunable_params([group[0]], units) - fixed_attention(structure, shape, head_unit)
+        budget = ((1.0 - ratio) * structure.prunable_params([group[0]], units)
+                  - fixed_attention(structure, shape, head_unit))
         unit_cost = head_unit_cost(structure, shape, head_unit)
         heads = [ranked_head_unit_scores(scores[i], shape, head_unit) for i in group]
         channels = [scores[i].channels.float().cpu().sort(descending=True, stable=True).values for i in group]
@@ -325,7 +327,8 @@ def _cost_counts_global(structure: Structure, scores: list[LayerScores], ratio: 
         removed += costs[index]
     full = full_counts(structure, layers, head_unit)
     return {i: KeepCounts(full[i].head_units - removed_heads[i],
-                          round_count(full[i].channels - removed_channels[i], round_to, structure.layers[i].intermediate))
+                          round_count(full[i].channels - removed_channels[i], round_to,
+                                      structure.layers[i].intermediate))
             for i in layers}
 
 
@@ -350,7 +353,8 @@ def needs_scores(allocation: str, split: str, units) -> bool:
 
 
 def interpolate_counts(full: dict[int, KeepCounts], final: dict[int, KeepCounts], fraction: float, round_to: int | str,
-                       intermediate: dict[int, int], previous: dict[int, KeepCounts] | None = None) -> dict[int, KeepCounts]:
+                       intermediate: dict[int, int],
+                       previous: dict[int, KeepCounts] | None = None) -> dict[int, KeepCounts]:
     """Counts `fraction` of the way from `full` to `final`, never above `previous` (pruned units stay pruned)."""
     counts = {}
     for i in final:
@@ -381,7 +385,8 @@ def masks_from_counts(structure: Structure, scores: list[LayerScores], counts: d
             heads = Masks.heads_from_kv(_top(unit_scores, count.head_units, allowed), shape.group_size)
         else:
             grouped = unit_scores.reshape(shape.num_kv_heads, shape.group_size)
-            allowed = allowed_heads.reshape(shape.num_kv_heads, -1) if allowed_heads is not None else [None] * len(grouped)
+            allowed = (allowed_heads.reshape(shape.num_kv_heads, -1) if allowed_heads is not None
+                       else [None] * len(grouped))
             heads = torch.cat([_top(g, count.head_units, a) for g, a in zip(grouped, allowed)])
         if not heads.all():
             masks.heads[i] = heads

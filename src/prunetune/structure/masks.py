@@ -92,7 +92,8 @@ class Masks:
         for i, keep in self.channels.items():
             shape = structure.layers[i]
             if keep.shape != (shape.intermediate,) or shape.experts:
-                raise ValueError(f"layer {i}: channel mask has shape {tuple(keep.shape)}, expected ({shape.intermediate},)"
+                raise ValueError(f"layer {i}: channel mask has shape {tuple(keep.shape)}, "
+                                 f"expected ({shape.intermediate},)"
                                  + (" and a dense MLP (this layer is a mixture of experts)" if shape.experts else ""))
             if not keep.any():
                 raise ValueError(f"layer {i}: the channel mask removes every MLP channel")
@@ -281,7 +282,8 @@ def apply_masks(model: nn.Module, masks: Masks) -> MaskHooks:
                 if norm is not None:
                     handles.append(norm.register_forward_hook(_rms_norm_over_kept(keep, hooks)))
             o_proj = projection(layer, "o_proj")
-            handles.append(o_proj.register_forward_pre_hook(_scale_input(heads.repeat_interleave(head_dim).float(), hooks)))
+            handles.append(o_proj.register_forward_pre_hook(_scale_input(heads.repeat_interleave(head_dim).float(),
+                                                                         hooks)))
         channels = masks.channels.get(i)
         if channels is not None:
             out_hook(projection(layer, "gate_proj"), channels)
@@ -296,5 +298,6 @@ def apply_masks(model: nn.Module, masks: Masks) -> MaskHooks:
             residual = residual * masks.layers[i].float()
         if hidden is not None or masks.layers is not None:
             out_hook(projection(layer, "o_proj"), residual)
-            out_hook(family.moe.block(layer) if structure.layers[i].experts else projection(layer, "down_proj"), residual)
+            out_hook(family.moe.block(layer) if structure.layers[i].experts else projection(layer, "down_proj"),
+                     residual)
     return hooks

@@ -65,7 +65,8 @@ def dequantize(model: nn.Module) -> nn.Module:
     for layer in hf.model.layers:
         for name in layer_projections(layer):
             module = projection(layer, name)
-            owner, attr = (module, "base_layer") if hasattr(module, "base_layer") else family.projection_owner(layer, name)
+            owner, attr = ((module, "base_layer") if hasattr(module, "base_layer")
+                           else family.projection_owner(layer, name))
             quantized = getattr(owner, attr)
             kind = type(quantized.weight).__name__
             if kind not in ("Int8Params", "Params4bit"):
@@ -184,7 +185,8 @@ def sync_config(model: nn.Module) -> None:
             delattr(config, LAYER_SHAPES_KEY)
     else:
         setattr(config, LAYER_SHAPES_KEY, [
-            {"num_attention_heads": s.num_heads, "num_key_value_heads": s.num_kv_heads, "intermediate_size": s.intermediate}
+            {"num_attention_heads": s.num_heads, "num_key_value_heads": s.num_kv_heads,
+             "intermediate_size": s.intermediate}
             for s in shapes
         ])
     if shapes:

@@ -153,7 +153,8 @@ class DistillLoss:
         self.teacher = teacher
         if settings.alpha is None:  # left open by a library caller: the default of the method this teacher serves
             settings = dataclasses.replace(
-                settings, alpha=settings.resolved("loraprune" if isinstance(teacher, SelfTeacher) else "recovery").alpha)
+                settings, alpha=settings.resolved("loraprune" if isinstance(teacher, SelfTeacher)
+                                                  else "recovery").alpha)
         self.settings = settings
         self.final_hidden = FinalHidden(model)
         self.cached = isinstance(teacher, CachedTeacher)
@@ -171,7 +172,8 @@ class DistillLoss:
         started = time.perf_counter()
         teacher_state = self.teacher.lookup(ids) if self.cached else (self.teacher.hidden(ids),)
         self.teacher_seconds += time.perf_counter() - started
-        self.teacher_state_bytes = max(self.teacher_state_bytes, sum(t.numel() * t.element_size() for t in teacher_state))
+        self.teacher_state_bytes = max(self.teacher_state_bytes,
+                                       sum(t.numel() * t.element_size() for t in teacher_state))
         student_hidden = self.final_hidden(ids)
         if self.cached:
             lm, kl = chunked_topk_distillation(student_hidden, *teacher_state, labels, self.final_hidden.head,

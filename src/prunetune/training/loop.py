@@ -162,7 +162,8 @@ class TrainResult:
             "peak_rss_bytes": self.peak_rss_bytes,
             "memory_counted_steps": self.memory_counted_steps,
             "resumed_from_step": self.resumed_from_step,
-        } | ({"distill": self.distill} if self.distill else {}) | ({"processes": self.processes} if self.processes else {})
+        } | ({"distill": self.distill} if self.distill else {}) | (
+            {"processes": self.processes} if self.processes else {})
 
 
 def make_accelerator(settings: TrainSettings):
@@ -279,7 +280,8 @@ def train(model: nn.Module, blocks: torch.Tensor, loss_mask: torch.Tensor, setti
     `stop_after` ends the run early after that many steps (as if killed; used by tests).
 
     On the CPU the peak tensor memory is counted over the first `memory_steps` steps of the run (None:
-    every step; 0: none, and the peak is the resident set's). Counting every tensor costs time (a LoRAPrune step took 1.44x as long), and the peak
+    every step; 0: none, and the peak is the resident set's). Counting every tensor costs time (a
+    LoRAPrune step took 1.44x as long), and the peak
     is reached by then: the first step creates AdamW's state and the second runs with all of it, and
     every later step repeats the second one's allocations (tests/training/test_train_memory.py checks that the peak
     over every step is the same).

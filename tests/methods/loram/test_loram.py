@@ -62,7 +62,8 @@ def test_align_trains_every_weight_and_carries_the_kept_units(full, pruned, tmp_
     before, _ = load_model(str(pruned))
     after, _ = load_model(str(out))
     assert Structure.of(after).layers == Structure.of(before).layers
-    changed = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)]
+    changed = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters())
+               if not torch.equal(a, b)]
     assert any("mlp.down_proj" in n for n in changed) and any("embed_tokens" in n for n in changed)
     stored = read_record(out)
     assert stored["kept"] == read_record(pruned)["kept"] and stored["loram"]["method"] == "stru"
@@ -83,7 +84,8 @@ def test_distilled_alignment_from_a_teacher_cache_builds_it_once(full, pruned, t
     first, second = (r["training"]["distill"] for r in records)
     assert first["teacher"] == str(full) and first["teacher_cache"]["built"] and first["teacher_model_bytes"] is None
     assert not second["teacher_cache"]["built"]
-    assert [e["loss"] for e in records[0]["training"]["history"]] == [e["loss"] for e in records[1]["training"]["history"]]
+    assert ([e["loss"] for e in records[0]["training"]["history"]]
+            == [e["loss"] for e in records[1]["training"]["history"]])
 
 
 def test_distilled_alignment_brings_the_pruned_model_closer_to_the_full_one(tiny_model_dir, tmp_path):
@@ -245,7 +247,8 @@ def test_loram_run_without_alignment_trains_on_the_pruned_model(full, tmp_path):
     assert Path(adapter["base_model"]).name == "pruned"
     assert "not aligned" in (out / "report.md").read_text()
     assert [r["configuration"] for r in record["comparison"]] == [
-        "full model, untouched", "full model + recovered LoRAM adapter", "pruned model + its adapter (without recovery)"]
+        "full model, untouched", "full model + recovered LoRAM adapter",
+        "pruned model + its adapter (without recovery)"]
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -253,7 +256,8 @@ def test_loram_run_without_alignment_trains_on_the_pruned_model(full, tmp_path):
     (("loram", "run", "{full}", "--align-steps", "-1", "--out", "x"), "--align-steps must be at least 0"),
     (("loram", "prune", "{full}", "--method", "bogus", "--out", "x"), "unknown --method 'bogus'"),
     (("loram", "prune", "{full}", "--method", "semi", "--ratio", "0.3", "--out", "x"), "semi"),
-    (("loram", "recover", "{full}", "--pruned", "{full}", "--full", "{full}", "--out", "x"), "not a prunetune run directory"),
+    (("loram", "recover", "{full}", "--pruned", "{full}", "--full", "{full}", "--out", "x"),
+     "not a prunetune run directory"),
 ])
 def test_loram_mistakes_are_one_line_errors(full, tmp_path, args, fragment, no_model_load):
     done = run_cli(*(str(a).format(full=full) for a in args), cwd=tmp_path)

@@ -106,7 +106,8 @@ def test_progressive_expert_masks_never_revive_and_reach_the_chosen_counts():
     assert removed >= 1 and any(len(m.experts) and int((~m.experts[0]).sum()) < removed for m in seen)  # one by one
     for i in range(structure.num_layers):
         assert int((~final.experts[i]).sum()) == removed
-        width = int(final.expert_channels[i][0].sum()) if i in final.expert_channels else structure.layers[i].intermediate
+        width = (int(final.expert_channels[i][0].sum()) if i in final.expert_channels
+                 else structure.layers[i].intermediate)
         assert width == pruner.experts["expert_width"]
     candidates = pruner.experts["candidates"]
     assert min(c["pruned_score"] for c in candidates) == next(

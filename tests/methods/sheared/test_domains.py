@@ -70,7 +70,8 @@ def test_command_line_overrides_the_yaml_file(tmp_path):
 
 
 def test_yaml_shorthand_and_default_weight(tmp_path):
-    domains = parse_domains(write_yaml(tmp_path, "domains:\n  code: builtin:stdlib-code\n  prose: {data: builtin:pydoc}\n"))
+    domains = parse_domains(write_yaml(tmp_path, "domains:\n  code: builtin:stdlib-code\n"
+                                                 "  prose: {data: builtin:pydoc}\n"))
     assert [d.weight for d in domains.domains] == [1.0, 1.0]
 
 
@@ -132,7 +133,8 @@ def test_missing_yaml_file(tmp_path):
 
 def test_a_domain_with_a_given_reference_needs_no_scaling_points(tmp_path):
     text = ("domains:\n  code: {data: builtin:pydoc, reference: 1.0}\n  prose: {data: builtin:stdlib-code}\n"
-            "scaling_law:\n" + "".join(f"  - {{parameters: {n}e9, losses: {{prose: {3 - n / 10}}}}}\n" for n in (1, 2, 4)))
+            "scaling_law:\n" + "".join(f"  - {{parameters: {n}e9, losses: {{prose: {3 - n / 10}}}}}\n"
+                                       for n in (1, 2, 4)))
     assert len(parse_domains(write_yaml(tmp_path, text)).scaling_points) == 3
 
 
@@ -269,7 +271,8 @@ def fake_hub(monkeypatch):
         calls.append((name, config))
         if name not in tables:
             raise ConnectionError("Couldn't reach 'https://huggingface.co' (offline)")
-        return datasets.DatasetDict({split: datasets.Dataset.from_dict(columns) for split, columns in tables[name].items()})
+        return datasets.DatasetDict({split: datasets.Dataset.from_dict(columns)
+                                     for split, columns in tables[name].items()})
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     return tables, calls
@@ -277,7 +280,8 @@ def fake_hub(monkeypatch):
 
 def test_hf_source_uses_its_own_validation_split(fake_hub):
     tables, calls = fake_hub
-    tables["me/set"] = {"train": {"text": [f"train {i}" for i in range(5)]}, "validation": {"text": ["held 0", "held 1"]}}
+    tables["me/set"] = {"train": {"text": [f"train {i}" for i in range(5)]},
+                        "validation": {"text": ["held 0", "held 1"]}}
     assert [e.response for e in load_examples("hf:me/set:en")] == [f"train {i}" for i in range(5)]
     assert [e.response for e in load_examples("hf:me/set:en@eval")] == ["held 0", "held 1"]
     assert calls[0] == ("me/set", "en")
@@ -293,7 +297,8 @@ def test_hf_source_without_validation_holds_out_the_last_tenth(fake_hub):
 
 def test_hf_source_with_instruction_records(fake_hub):
     tables, _ = fake_hub
-    tables["me/chat"] = {"train": {"instruction": [f"say {i}" for i in range(10)], "output": [str(i) for i in range(10)]}}
+    tables["me/chat"] = {"train": {"instruction": [f"say {i}" for i in range(10)],
+                                   "output": [str(i) for i in range(10)]}}
     examples = load_examples("hf:me/chat")
     assert examples[0].response == "0" and "say 0" in examples[0].prompt
 

@@ -22,8 +22,8 @@ from prunetune.training.loop import TrainSettings, train
 def test_a_lagging_domain_gains_weight():
     w = update_weights(torch.tensor([0.5, 0.5]), [3.0, 2.0], [2.0, 2.0])
     assert w[0] > 0.7 and math.isclose(float(w.sum()), 1.0, abs_tol=1e-12)
-    expected = torch.softmax(torch.log(torch.tensor([0.5, 0.5], dtype=torch.float64)) + torch.tensor([1.0, 0.0],
-                                                                                                     dtype=torch.float64), 0)
+    expected = torch.softmax(torch.log(torch.tensor([0.5, 0.5], dtype=torch.float64))
+                             + torch.tensor([1.0, 0.0], dtype=torch.float64), 0)
     assert torch.allclose(w, (1 - 1e-4) * expected + 1e-4 / 2)
 
 
@@ -82,7 +82,8 @@ def test_fit_scaling_law_mistakes(sizes, losses, expected):
 
 def law_domains(tmp_path):
     sizes = (1e8, 1e9, 1e10)
-    points = "".join(f"  - {{parameters: {n}, losses: {{code: {100 / n ** 0.3 + 1.0}, prose: {80 / n ** 0.25 + 2.0}}}}}\n"
+    points = "".join(f"  - {{parameters: {n}, losses: {{code: {100 / n ** 0.3 + 1.0}, "
+                     f"prose: {80 / n ** 0.25 + 2.0}}}}}\n"
                      for n in sizes)
     path = tmp_path / "d.yaml"
     path.write_text("domains:\n  code: {data: builtin:stdlib-code, reference: 0.5}\n  prose: builtin:pydoc\n"
@@ -107,7 +108,8 @@ def test_references_come_given_then_scaling_law_then_source(tmp_path):
 
     plain = parse_domains("code=builtin:stdlib-code,prose=builtin:pydoc")
     assert resolve_references(plain, 10**9, source) == ({"code": 1.1, "prose": 2.2}, "source model's loss")
-    assert resolve_references(parse_domains("code=builtin:pydoc", references="code=2"), None, None) == ({"code": 2.0}, "given")
+    assert (resolve_references(parse_domains("code=builtin:pydoc", references="code=2"), None, None)
+            == ({"code": 2.0}, "given"))
 
 
 def test_no_way_to_a_reference_is_a_user_error():
@@ -177,9 +179,11 @@ def run(dynamic: bool = True, eval_every: int = 2, steps: int = 6, checkpoint_ev
     mask = torch.ones_like(blocks, dtype=torch.bool)
     held = {"noise": (domain_blocks(2, 3, pattern=False), torch.ones(3, SEQ, dtype=torch.bool)),
             "pattern": (domain_blocks(0, 3, pattern=True), torch.ones(3, SEQ, dtype=torch.bool))}
-    s = TrainSettings(steps=steps, batch_size=2, seq_len=SEQ, lr=1e-3, warmup=0.0, seed=0, checkpoint_every=checkpoint_every)
+    s = TrainSettings(steps=steps, batch_size=2, seq_len=SEQ, lr=1e-3, warmup=0.0, seed=0,
+                      checkpoint_every=checkpoint_every)
     sampler = DomainSampler(((0, 8), (8, 16)), s, 1, 0, torch.tensor([0.5, 0.5]))
-    hooks = DynamicLoading(model, sampler, NAMES, held, REFERENCES, eval_every=eval_every, batch_size=4, dynamic=dynamic)
+    hooks = DynamicLoading(model, sampler, NAMES, held, REFERENCES, eval_every=eval_every, batch_size=4,
+                           dynamic=dynamic)
     result = train(model, blocks, mask, s, hooks=hooks, sampler=sampler, progress=False, **train_kwargs)
     return model, sampler, result
 

@@ -41,7 +41,8 @@ def test_shear_then_train_end_to_end(model_dir, tmp_path):
     assert set(record["data"]["reference_losses"]) == {"code", "prose"}
     history = record["training"]["history"]
     assert all("domain_weights" in h and "masks" in h for h in history)
-    assert (sheared / "run" / "plots" / "masks.png").exists() and (sheared / "run" / "plots" / "domain_weights.png").exists()
+    assert ((sheared / "run" / "plots" / "masks.png").exists()
+            and (sheared / "run" / "plots" / "domain_weights.png").exists())
     assert "## Domains" in (sheared / "report.md").read_text()
     # the defaults: masks start from Taylor scores, and the source model (a second copy) is the teacher
     assert record["settings"]["mask_init"] == "taylor" and record["settings"]["distill"]["enabled"]
@@ -129,7 +130,8 @@ def _shear_setup(seed: int = 0, steps: int = 8, warmup_steps: int = 4, lambda2_i
                              batch_size=2)
     masks = ShearMasks(structure, target, warmup_steps=warmup_steps, lambda2_init=lambda2_init)
     handle = masks.attach(model)
-    hooks = ComposedHooks(ShearHooks(masks, ShearSettings(target="x", lambda2_init=lambda2_init, mask_init="uniform")), dynamic)
+    hooks = ComposedHooks(ShearHooks(masks, ShearSettings(target="x", lambda2_init=lambda2_init,
+                                                          mask_init="uniform")), dynamic)
     return model, masks, handle, hooks, sampler, blocks, mask, settings
 
 

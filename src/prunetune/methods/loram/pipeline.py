@@ -157,7 +157,8 @@ class StepOptions:
         for spec in self.eval_data:
             load_examples(spec, default_split="eval")
 
-    def run(self, command: str, out: Path, training: TrainSettings, model_spec: str, *, lora: LoraSettings | None = None,
+    def run(self, command: str, out: Path, training: TrainSettings,
+            model_spec: str, *, lora: LoraSettings | None = None,
             quant: str | None = None, checks=(), log: Callable[[str], None] = print, lr: float) -> Run:
         """The lifecycle of a LoRAM step that trains on `model_spec`, at `lr` unless `training` names one."""
         options = RunOptions(training=training, lora=lora or LoraSettings(), dtype=self.dtype, device=self.device,

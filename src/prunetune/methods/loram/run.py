@@ -158,7 +158,8 @@ def loram_run(model_spec: str, out: Path, s: LoramRunSettings, *, overwrite: boo
     out = Path(out)
     s.check()
     check_output_dir(out, overwrite)
-    config = check_model(model_spec, {"LoramRunSettings.seq_len": s.seq_len, "LoramRunSettings.eval_seq_len": s.eval_seq_len})
+    config = check_model(model_spec, {"LoramRunSettings.seq_len": s.seq_len,
+                                      "LoramRunSettings.eval_seq_len": s.eval_seq_len})
     if s.layers:
         parse_layers(s.layers, config.num_hidden_layers, "LoramRunSettings.layers")
 

@@ -52,7 +52,8 @@ def require_dense(model: nn.Module) -> None:
 
     if is_quantized(model):
         raise UserError("unstructured and 2:4 pruning write zeros into the weights and need a 16/32-bit model, "
-                        "not an 8-bit or NF4 one; load it without RunOptions.quant (quantize the pruned model afterwards)")
+                        "not an 8-bit or NF4 one; load it without RunOptions.quant (quantize the pruned model "
+                        "afterwards)")
 
 
 def keep_mask(scores: torch.Tensor, pattern: str, ratio: float = 0.5, n_m: tuple[int, int] = (2, 4)) -> torch.Tensor:

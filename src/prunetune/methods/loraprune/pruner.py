@@ -4,7 +4,8 @@ After every optimizer step the LoRA-guided scores (see importance/lora_guided.py
 average, I <- λ·I + (1 − λ)·score (λ = 0.9). Every `prune_every` steps the kept counts move along
 a cubic schedule from the full model to the target: nothing is pruned during the first `warmup`
 of the steps (5%; the official code 10%), the target is reached (exactly, after rounding) at
-1 − `cooldown` (50%; the official code 90%), and the rest train at the final shape. A pruned unit never comes back. Masks act by output masking, so
+1 − `cooldown` (50%; the official code 90%), and the rest train at the final shape. A pruned unit
+never comes back. Masks act by output masking, so
 LoRA keeps training around the removed units; at the end the model is cut, LoRA merged and saved
 by the shared pipeline. Where the target counts depend on the scores (the "cost" split, global
 allocation) they are fixed at the first mask update. `masks_off()` suspends the masks: the
@@ -195,7 +196,8 @@ class LoRAPruner(TrainHooks):
                                   self.allocation, self.split) if rest > 1e-9 else full_counts(self.structure, left,
                                                                                                self.head_unit))
             width = masks_from_counts(self.structure, self.average, final, self.head_unit)
-            lost = float(layer_scores[removed].sum()) + dropped_score(self.average, width, self.structure, self.head_unit)
+            lost = float(layer_scores[removed].sum()) + dropped_score(self.average, width, self.structure,
+                                                                      self.head_unit)
             candidates.append({"layers_removed": removed, "width_ratio": round(rest, 4), "pruned_score": lost,
                                "final": final, "left": left})
         if not candidates:

@@ -164,7 +164,8 @@ def _scaling_points(raw: list, names: tuple[str, ...], given: dict[str, float]) 
         return ()
     points = []
     for n, point in enumerate(raw, 1):
-        if not isinstance(point, dict) or set(point) != {"parameters", "losses"} or not isinstance(point["losses"], dict):
+        if (not isinstance(point, dict) or set(point) != {"parameters", "losses"}
+                or not isinstance(point["losses"], dict)):
             raise UserError(f"scaling_law point {n} must be {{parameters: N, losses: {{domain: loss}}}}")
         size = _number(point["parameters"], f"scaling_law point {n}: parameters", minimum=1.0)
         losses = {}

@@ -87,7 +87,8 @@ def fit_scaling_law(parameters: list[float], losses: list[float]) -> tuple[float
     """
     n = np.asarray(parameters, dtype=np.float64)
     y = np.asarray(losses, dtype=np.float64)
-    if len(n) != len(y) or len(set(n.tolist())) < 3 or not (np.isfinite(n).all() and np.isfinite(y).all()) or (n <= 0).any():
+    if (len(n) != len(y) or len(set(n.tolist())) < 3 or not (np.isfinite(n).all() and np.isfinite(y).all())
+            or (n <= 0).any()):
         raise UserError("a scaling-law fit needs losses at 3 or more distinct positive model sizes")
     shift = float(np.log(n).mean())
     x = np.log(n) - shift

@@ -241,7 +241,8 @@ class ShearMasks(nn.Module):
         p = {k: v.double() for k, v in (probabilities or self.keep_probabilities()).items()}
         s, shape = self.structure, self.structure.layers[0]
         full = torch.ones(s.num_layers, dtype=torch.float64, device=self._device)
-        hidden = p["hidden"].sum() if "hidden" in p else torch.tensor(float(s.hidden), dtype=torch.float64, device=self._device)
+        hidden = p["hidden"].sum() if "hidden" in p else torch.tensor(float(s.hidden), dtype=torch.float64,
+                                                                      device=self._device)
         layer_keep = p["layer"].reshape(-1) if "layer" in p else full
         heads, kv_heads = full * shape.num_heads, full * shape.num_kv_heads
         if "head" in p:
