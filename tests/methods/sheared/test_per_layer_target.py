@@ -94,7 +94,8 @@ def test_shear_to_the_shape_of_a_model_pruned_layer_by_layer(model_dir, tmp_path
     source, _ = load_model(str(model_dir))
     target = _target_config(tmp_path, source)
     done = run_cli("shear", str(model_dir), "--target", target, "--data", "prose=builtin:pydoc", "--steps", "2",
-                   "--batch-size", "2", "--seq-len", "32", "--eval-seq-len", "32", "--no-eval", "--out", str(tmp_path / "out"), cwd=tmp_path)
+                   "--batch-size", "2", "--seq-len", "32", "--eval-seq-len", "32", "--no-eval",
+                   "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     record = json.loads((tmp_path / "out" / "prunetune.json").read_text())
     assert [tuple(s.values()) for s in record["architecture"]["layer_shapes"]] == SHAPES
