@@ -9,8 +9,8 @@ from pathlib import Path
 import _report  # benchmarks/_report.py (benchmarks/ is the script's directory)
 from _cells import stat
 from heldout_plan import (
-    BASELINES, DEFAULT, DEPTH_ROWS, DOMAINS, HELD_OUT, RATIOS, ROWS, SAME_MODEL_AS, SELECTION, SHEAR_STEPS,
-    SOURCE_HEADS, SWEEP, SWEEP_PAIRS, SWEEP_RATIOS, best_candidate, plan,
+    AT_LORAPRUNE_SHAPE, BASELINES, DEFAULT, DEPTH_ROWS, DOMAINS, HELD_OUT, RATIOS, ROWS, SAME_MODEL_AS, SELECTION,
+    SHEAR_STEPS, SOURCE_HEADS, SWEEP, SWEEP_PAIRS, SWEEP_RATIOS, best_candidate, plan,
 )
 
 
@@ -169,6 +169,13 @@ def ahead_by_two_sd(target: str, ours: list[dict], theirs: list[dict]) -> list[s
     return [target, f"{'; '.join(parts)} ({len(ours)} and {len(theirs)} seeds)", "met" if met else "missed"]
 
 
+def matches_or_beats(target: str, sheared: list[dict], ours: list[dict]) -> list[str]:
+    """A target row: `sheared`'s mean at or below `ours`' on every held-out domain."""
+    parts = [f"{d} {stat(ppl(sheared, d))} against {stat(ppl(ours, d))}" for d in HELD_OUT]
+    met = all(statistics.mean(ppl(sheared, d)) <= statistics.mean(ppl(ours, d)) for d in HELD_OUT)
+    return [target, f"{'; '.join(parts)} ({len(sheared)} and {len(ours)} seeds)", "met" if met else "missed"]
+
+
 def targets_table(results: dict) -> str:
     rows_by = rows_of(results)
     dense = results["cells"].get("dense")
@@ -190,11 +197,16 @@ def targets_table(results: dict) -> str:
                                             "domain", ours_changed, theirs_changed))
         sheared = rows_by.get((ratio, "sheared"), [])
         if sheared and ours:
-            parts = [f"{d} {stat(ppl(sheared, d))} against {stat(ppl(ours, d))}" for d in HELD_OUT]
-            met = all(statistics.mean(ppl(sheared, d)) <= statistics.mean(ppl(ours, d)) for d in HELD_OUT)
-            rows.append([f"at {ratio:.0%}, `sheared` (shear + train, the same total steps) matches or beats the "
-                         "default on every held-out domain",
-                         f"{'; '.join(parts)} ({len(sheared)} and {len(ours)} seeds)", "met" if met else "missed"])
+            rows.append(matches_or_beats(f"at {ratio:.0%}, `sheared` (shear + train, the same total steps) matches "
+                                         "or beats the default on every held-out domain", sheared, ours))
+        for name in AT_LORAPRUNE_SHAPE:  # the target's own terms: at LoRAPrune's shape
+            changed = sweep_cells(results, ratio, name)
+            if changed and ours:
+                extra = f" with `{SWEEP[name][2]}`" if SWEEP[name][2] else ""
+                rows.append(matches_or_beats(
+                    f"at {ratio:.0%}, `sheared` at the default's very shape{extra}, {SHEAR_STEPS[name]} + "
+                    f"{changed[0]['steps'] - SHEAR_STEPS[name]} steps (a change, not the row), matches or beats the "
+                    "default on every held-out domain", changed, ours))
         if ratio == 0.2 and ours and dense:
             gaps = {d: statistics.mean(ppl(ours, d)) / dense["perplexity"][d]["perplexity"] - 1 for d in DOMAINS}
             rows.append(["at 20%, within 10% of the dense model's perplexity on every domain",
