@@ -251,7 +251,8 @@ def write_report(results: dict, source: Path, out_dir: Path) -> None:
             "One seed each, three planned for rank 32 on both rows at both ratios (what a new default rank "
             "needs) and for Sheared-LLaMA with a LoRA at LoRAPrune's shape at 50% (a target rests on it). A "
             "sheared change with a step split gives `shear` that many steps and `train` the rest; \"LoRAPrune's "
-            "shape\" is a per-layer target, the config.json of a LoRAPrune result at that ratio.", "\n\n".join(filter(None, [sweep_table(results), not_run(results, "sweep")]))))
+            "shape\" is a per-layer target, the config.json of a LoRAPrune result at that ratio.",
+            "\n\n".join(filter(None, [sweep_table(results), not_run(results, "sweep")]))))
     if targets_table(results):
         sections.append(_report.section("The default against the targets", provenance, targets_table(results)))
     _report.write_page("heldout", [_report.relative(source)], sections, out_dir)
