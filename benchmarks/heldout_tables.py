@@ -136,7 +136,8 @@ def sweep_table(results: dict) -> str:
             group = sweep_cells(results, ratio, name)
             if group:
                 where = " (recovery)" if row in BASELINES else ""
-                split = (f" ({SHEAR_STEPS[name]} + {group[0]['steps'] - SHEAR_STEPS[name]} steps)"
+                shape = ", at LoRAPrune's shape" if name in AT_LORAPRUNE_SHAPE else ""
+                split = (f" ({SHEAR_STEPS[name]} + {group[0]['steps'] - SHEAR_STEPS[name]} steps{shape})"
                          if name in SHEAR_STEPS else "")
                 rows.append([f"{ratio:.0%}", f"`{row}`{where} {extra}{split}".replace("  ", " "), len(group),
                              *(stat(ppl(group, d)) for d in DOMAINS), f"{group[0]['parameters']:,}", why])
