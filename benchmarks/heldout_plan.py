@@ -106,8 +106,9 @@ SWEEP_AT = {0.2: ("rank-32", "one-shot-rank-32", "rank-32-global")}
 # rows, at 20% (where one seed put LoRAPrune ahead) and at 50% (what a new default rank needs: it is
 # every method's adapter rank, so it must hold at both ratios).
 SWEEP_SEEDS = {(r, name): SEEDS for r in RATIOS for name in ("rank-32", "one-shot-rank-32")}
-# Sheared-LLaMA with a LoRA at LoRAPrune's very shape: one seed met the Sheared target, which rests on it.
-SWEEP_SEEDS[(0.5, "sheared-lora-loraprune-shape")] = SEEDS
+# Sheared-LLaMA at LoRAPrune's very shape, with a LoRA and with every weight: one seed of each met the
+# Sheared target, which then rests on them.
+SWEEP_SEEDS |= {(0.5, name): SEEDS for name in ("sheared-lora-loraprune-shape", "sheared-loraprune-shape")}
 SWEEP_PAIRS = {r: ("rank-32", "one-shot-rank-32") for r in RATIOS}  # (LoRAPrune's change, the baseline's)
 # one-shot candidates: name -> `prunetune prune` arguments (--round-to 1: so every one reaches the size).
 # The two criteria that score best after recovery in the quality benchmark, each on the layers LoRAPrune

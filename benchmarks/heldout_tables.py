@@ -250,9 +250,10 @@ def write_report(results: dict, source: Path, out_dir: Path) -> None:
             "A row with one change at a time, the same steps, tokens and evaluation as the rows above; a "
             "baseline's change is to its recovery, the sheared row's to both its runs (`shear` and `train`). "
             "One seed each, three planned for rank 32 on both rows at both ratios (what a new default rank "
-            "needs) and for Sheared-LLaMA with a LoRA at LoRAPrune's shape at 50% (a target rests on it). A "
-            "sheared change with a step split gives `shear` that many steps and `train` the rest; \"LoRAPrune's "
-            "shape\" is a per-layer target, the config.json of a LoRAPrune result at that ratio.",
+            "needs) and for Sheared-LLaMA at LoRAPrune's shape at 50%, with a LoRA and with every weight (a "
+            "target rests on them). A sheared change with a step split gives `shear` that many steps and `train` "
+            "the rest; \"LoRAPrune's shape\" is a per-layer target, the config.json of a LoRAPrune result at "
+            "that ratio.",
             "\n\n".join(filter(None, [sweep_table(results), not_run(results, "sweep")]))))
     if targets_table(results):
         sections.append(_report.section("The default against the targets", provenance, targets_table(results)))
