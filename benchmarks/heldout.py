@@ -106,9 +106,10 @@ def loraprune_shape(args, ratio: float) -> Path:
     """A per-layer `shear` target: the config.json of a LoRAPrune result at this ratio on the default's
     layers (the row's or a change of its score or schedule). Uniform allocation fixes each layer's
     counts at a size, so every such result has one shape (checked here); the scores choose only which
-    units. The first one found is kept beside the results (`heldout-loraprune-shape-RATIO.json`), so
-    the changes that use it run again where the LoRAPrune runs' directories are gone."""
-    kept = args.results.parent / f"heldout-loraprune-shape-{ratio}.json"
+    units. The first one found is kept beside the results (`heldout-inputs/loraprune-shape-RATIO.json`,
+    an input, not a result with a page), so the changes that use it run again where the LoRAPrune runs'
+    directories are gone."""
+    kept = args.results.parent / "heldout-inputs" / f"loraprune-shape-{ratio}.json"
     runs = [name for name, (_, row, extra) in SWEEP.items() if row == DEFAULT and layers_of(extra) == "paper"]
     configs = [c for name in (DEFAULT, *runs) for c in sorted(args.runs.glob(f"{ratio}-{name}-[0-9]/config.json"))]
     configs += [kept] if kept.exists() else []
@@ -117,6 +118,7 @@ def loraprune_shape(args, ratio: float) -> Path:
         raise SystemExit(f"{len(configs)} LoRAPrune results at {ratio} with {len(shapes)} shapes in {args.runs} "
                          f"and {kept}; run a LoRAPrune cell at {ratio} first")
     if not kept.exists():
+        kept.parent.mkdir(exist_ok=True)
         shutil.copyfile(configs[0], kept)
     return kept
 
