@@ -218,3 +218,25 @@ def assert_resume_matches(fresh, blocks, mask, settings, checkpoint_dir: Path, s
             assert torch.allclose(value, expected_lora[name], atol=1e-6), name
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], abs=1e-6)
     return pruner
+
+
+def masked_then_cut(model, masks, x, seed: int | None = 0):
+    """Sheared-LLaMA's masks on `model`: its logits on `x` under the masks (eval gates), then the model
+    folded and cut in place, and the cut model's logits. With a `seed` the mask logits are first drawn
+    at random, spread over the clamp range, so gates of every kind (0, 1, between) occur."""
+    import torch
+
+    from prunetune.structure.surgery import cut
+
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in masks.mask_parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 2)
+    with masks.attach(model), torch.no_grad():
+        masked = model(x).logits
+    final, values = masks.final()
+    masks.fold_into(model, values)
+    cut(model, final)
+    with torch.no_grad():
+        return masked, model(x).logits

@@ -4,6 +4,7 @@ planner's count of what a cut keeps."""
 
 import pytest
 import torch
+from helpers import masked_then_cut
 from tiny import FAMILIES, NoTokenizer, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
@@ -12,7 +13,6 @@ from prunetune.families import family_of
 from prunetune.importance import CRITERIA
 from prunetune.methods.sheared.l0_masks import ShearMasks
 from prunetune.methods.sheared.target import parse_target, target_parameters
-from prunetune.structure.surgery import cut
 from prunetune.structure.units import Structure, count_parameters
 
 # kv-group heads, channels and layers everywhere; hidden channels where the family allows them
@@ -25,19 +25,8 @@ def test_sheared_masks_equal_the_folded_and_cut_model(arch, tmp_path):
     model = tiny_model(arch)
     structure = Structure.of(model)
     target = parse_target(WITHOUT_HIDDEN if family_of(model).no_hidden_cut else WITH_HIDDEN, structure)
-    masks = ShearMasks(structure, target, warmup_steps=10)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in masks.mask_parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 2)
     x = tokens()
-    with masks.attach(model), torch.no_grad():
-        masked = model(x).logits
-    final, values = masks.final()
-    masks.fold_into(model, values)
-    cut(model, final)
-    with torch.no_grad():
-        pruned = model(x).logits
+    masked, pruned = masked_then_cut(model, ShearMasks(structure, target, warmup_steps=10), x)
     assert (masked - pruned).abs().max() <= 1e-4
     assert count_parameters(model)["total"] == target_parameters(target, structure)
     save_model(model, NoTokenizer(), tmp_path)

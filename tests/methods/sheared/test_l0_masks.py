@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import masked_then_cut
 from tiny import ARCHITECTURES, NoTokenizer, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
@@ -46,13 +47,7 @@ def test_masked_eval_equals_folded_and_cut_model(arch, unit, tmp_path):
     model = tiny_model(arch)
     masks, target = _shear(model, unit)
     x = tokens()
-    with masks.attach(model), torch.no_grad():
-        masked = model(x).logits
-    final, values = masks.final()
-    masks.fold_into(model, values)
-    cut(model, final)
-    with torch.no_grad():
-        pruned = model(x).logits
+    masked, pruned = masked_then_cut(model, masks, x, seed=None)  # _shear drew the mask logits
     assert torch.allclose(masked, pruned, atol=1e-5), (masked - pruned).abs().max()
 
     shape = Structure.of(model)

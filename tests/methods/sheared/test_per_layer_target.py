@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import assert_user_error, run_cli
+from helpers import assert_user_error, masked_then_cut, run_cli
 from tiny import ARCHITECTURES, tiny_model, tokens
 
 from prunetune.errors import UserError
@@ -15,7 +15,6 @@ from prunetune.methods.sheared.hard_concrete import HardConcrete
 from prunetune.methods.sheared.l0_masks import ShearMasks
 from prunetune.methods.sheared.target import parse_target, target_parameters
 from prunetune.models import load_model
-from prunetune.structure.surgery import cut
 from prunetune.structure.units import Structure, count_parameters
 
 # The tiny sources: 4 layers, hidden 96, 6 heads over 3 kv heads, MLP 48. Layer 0 whole, layer 1 only
@@ -73,19 +72,8 @@ def test_masked_eval_equals_the_model_cut_to_each_layers_shape(arch, tmp_path):
     model = tiny_model(arch)
     structure = Structure.of(model)
     target = parse_target(_target_config(tmp_path, model), structure)
-    masks = ShearMasks(structure, target, warmup_steps=0)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in masks.mask_parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 2)
-    x = tokens()
-    with masks.attach(model), torch.no_grad():
-        masked = model(x).logits
-    final, values = masks.final()
-    masks.fold_into(model, values)
-    cut(model, final)
-    with torch.no_grad():
-        assert torch.allclose(masked, model(x).logits, atol=1e-5)
+    masked, pruned = masked_then_cut(model, ShearMasks(structure, target, warmup_steps=0), tokens())
+    assert torch.allclose(masked, pruned, atol=1e-5)
     assert [(s.num_heads, s.num_kv_heads, s.intermediate) for s in Structure.of(model).layers] == SHAPES
     assert count_parameters(model)["total"] == target_parameters(target, structure)
 
