@@ -66,7 +66,10 @@ class HardConcrete(nn.Module):
                 raise ValueError(f"cannot keep {count} of {size} units in {groups} equal groups")
         self.size, self.groups = size, groups
         self.keep = torch.tensor(keeps)  # [rows], on the CPU
-        self.full = self.keep == size  # [rows]: rows the target leaves whole
+        # [rows]: rows the target leaves whole; a buffer, so it moves with the gates and a forward
+        # pass copies nothing to the device; the flag skips the masking where no row is whole
+        self.register_buffer("full", self.keep == size, persistent=False)
+        self._has_whole_rows = bool(self.full.any())
         # Initial values and sample noise; None: torch's global generator (not reproducible by itself).
         self.generator = generator
         self.log_alpha = nn.Parameter(torch.empty(rows, size).normal_(INIT_MEAN, INIT_STD, generator=generator))
@@ -119,9 +122,9 @@ class HardConcrete(nn.Module):
 
     def _whole_rows_open(self, gates: torch.Tensor) -> torch.Tensor:
         """`gates` with the rows the target leaves whole set to exactly 1 (no noise, no gradient)."""
-        if not self.full.any():
+        if not self._has_whole_rows:
             return gates
-        return torch.where(self.full.to(gates.device).reshape(-1, 1), torch.ones_like(gates), gates)
+        return torch.where(self.full.reshape(-1, 1), torch.ones_like(gates), gates)
 
     def keep_mask(self) -> torch.Tensor:
         """Boolean final mask: the `keep` units of each row with the largest log_alpha, equal per group;
